@@ -1,0 +1,236 @@
+"""Preprocessing of SRμCT volumes as in the paper (Data section), slab by slab for volumes larger than RAM.
+
+``python -m data.prepare SRC --out DST [--voxel-size-um 5] [--clip-percentiles 0.5 99.9]``
+
+Per sample: resample to a fixed voxel size (linear for images, nearest for labels), clip the grey
+values to the 0.5 % / 99.9 % percentiles of the resampled volume, scale linearly to [0, 1], and
+write chunked HDF5 (``DST/<id>.h5`` with ``image`` float32 and the label datasets) plus a manifest.
+Peak memory is a few slabs, set by ``--slab-mb``, whatever the volume size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import sys
+import time
+import typing as tp
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from data.errors import DataError
+from data.manifest import Dataset, Sample, load_dataset, validate_volumes, write_manifest
+from data.volume import (ImageStats, VolumeRef, atomic_path, check_image, check_labels, default_chunks,
+                         open_volume, read_checked)
+
+log = logging.getLogger(__name__)
+
+PAPER_VOXEL_SIZE_UM = 5.0
+PAPER_CLIP_PERCENTILES = (0.5, 99.9)
+HIST_BINS = 1 << 16
+LABEL_FIELDS = ("label", "wf_label")
+
+
+@dataclasses.dataclass(frozen=True)
+class AxisMap:
+    """Source coordinate of every output index along one axis (voxel centres aligned)."""
+
+    lo: np.ndarray  # int64, lower source index
+    hi: np.ndarray  # int64, upper source index (lo + 1, clamped)
+    w: np.ndarray  # float32, weight of ``hi``
+    nearest: np.ndarray  # int64, nearest source index
+
+
+def output_shape(shape: tp.Sequence[int], voxel_in_um: float, voxel_out_um: float) -> tuple[int, ...]:
+    """Shape after resampling: the physical extent is kept, rounded to whole voxels (at least 1)."""
+    return tuple(max(1, int(round(n * voxel_in_um / voxel_out_um))) for n in shape)
+
+
+def axis_map(n_in: int, n_out: int, voxel_in_um: float, voxel_out_um: float) -> AxisMap:
+    """Map output voxel centres to source coordinates: x = (o + 0.5)·s_out/s_in − 0.5, clamped to the volume."""
+    x = (np.arange(n_out, dtype=np.float64) + 0.5) * (voxel_out_um / voxel_in_um) - 0.5
+    x = np.clip(x, 0.0, n_in - 1)
+    lo = np.floor(x).astype(np.int64)
+    hi = np.minimum(lo + 1, n_in - 1)
+    return AxisMap(lo, hi, (x - lo).astype(np.float32), np.clip(np.rint(x), 0, n_in - 1).astype(np.int64))
+
+
+def _linear_along(a: np.ndarray, m: AxisMap, axis: int, offset: int = 0) -> np.ndarray:
+    lo = np.take(a, m.lo - offset, axis=axis).astype(np.float32, copy=False)
+    hi = np.take(a, m.hi - offset, axis=axis).astype(np.float32, copy=False)
+    shape = [1] * a.ndim
+    shape[axis] = -1
+    w = m.w.reshape(shape)
+    return lo + (hi - lo) * w
+
+
+def resample_linear(slab: np.ndarray, maps: tp.Sequence[AxisMap], z_offset: int) -> np.ndarray:
+    """Paper: resample images by linear interpolation (separable trilinear)."""
+    out = _linear_along(slab, maps[2], 2)
+    out = _linear_along(out, maps[1], 1)
+    return _linear_along(out, maps[0], 0, offset=z_offset)
+
+
+def resample_nearest(slab: np.ndarray, maps: tp.Sequence[AxisMap], z_offset: int) -> np.ndarray:
+    """Labels are resampled by nearest neighbour so no class is invented between two others."""
+    return slab[np.ix_(maps[0].nearest - z_offset, maps[1].nearest, maps[2].nearest)]
+
+
+def resampled_slabs(vol, ref: VolumeRef, maps: tp.Sequence[AxisMap], out_depth: int, *, nearest: bool,
+                    field: str) -> tp.Iterator[tuple[slice, np.ndarray]]:
+    """Yield (output z-range, resampled block), reading only the source slices each block needs."""
+    n_out = len(maps[0].lo)
+    for o0 in range(0, n_out, out_depth):
+        o1 = min(o0 + out_depth, n_out)
+        sub = AxisMap(maps[0].lo[o0:o1], maps[0].hi[o0:o1], maps[0].w[o0:o1], maps[0].nearest[o0:o1])
+        idx = sub.nearest if nearest else np.concatenate([sub.lo, sub.hi])
+        z0, z1 = int(idx.min()), int(idx.max()) + 1
+        src = read_checked(vol, slice(z0, z1), ref=ref, field=field)
+        block = (resample_nearest if nearest else resample_linear)(src, (sub, maps[1], maps[2]), z0)
+        yield slice(o0, o1), block
+
+
+def percentiles_from_histogram(counts: np.ndarray, edges: np.ndarray, q: tp.Sequence[float]) -> list[float]:
+    """Percentiles of a histogrammed volume, linear within a bin (error below one bin width)."""
+    cum = np.cumsum(counts, dtype=np.float64)
+    total = cum[-1]
+    out = []
+    for p in q:
+        target = p / 100.0 * total
+        i = int(np.searchsorted(cum, target, side="left"))
+        i = min(i, len(counts) - 1)
+        prev = cum[i - 1] if i > 0 else 0.0
+        frac = 0.0 if counts[i] == 0 else (target - prev) / counts[i]
+        out.append(float(edges[i] + frac * (edges[i + 1] - edges[i])))
+    return out
+
+
+def clip_and_scale(block: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Paper: clip grey values to the 0.5 %/99.9 % percentiles, then scale linearly to [0, 1]."""
+    if hi <= lo:
+        return np.zeros_like(block, dtype=np.float32)
+    out = (np.clip(block, lo, hi) - lo) / (hi - lo)
+    return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
+
+
+def slab_depth_for(shape_in: tp.Sequence[int], shape_out: tp.Sequence[int], slab_bytes: int) -> int:
+    """Output slices per slab so that the source slices it reads and the float32 copies fit ``slab_bytes``."""
+    src_per_out = max(1.0, shape_in[0] / shape_out[0]) + 1.0
+    per_out = 16 * shape_in[1] * shape_in[2] * src_per_out + 12 * shape_out[1] * shape_out[2]
+    return max(1, min(int(shape_out[0]), int(slab_bytes // per_out)))
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedSample:
+    sample: Sample
+    shape_in: tuple[int, ...]
+    shape_out: tuple[int, ...]
+    clip_low: float
+    clip_high: float
+    seconds: float
+
+
+def prepare_sample(sample: Sample, stats: ImageStats, out_root: Path, *, voxel_size_um: float,
+                   clip_percentiles: tp.Sequence[float], slab_bytes: int) -> PreparedSample:
+    """Resample, clip and scale one sample; write ``out_root/<id>.h5`` atomically."""
+    t0 = time.perf_counter()
+    shape_out = output_shape(stats.shape, sample.voxel_size_um, voxel_size_um)
+    maps = [axis_map(n, m, sample.voxel_size_um, voxel_size_um) for n, m in zip(stats.shape, shape_out)]
+    depth = slab_depth_for(stats.shape, shape_out, slab_bytes)
+    lo_edge, hi_edge = stats.min, stats.max if stats.max > stats.min else stats.min + 1.0
+    edges = np.linspace(lo_edge, hi_edge, HIST_BINS + 1)
+    counts = np.zeros(HIST_BINS, np.int64)
+    with open_volume(sample.image) as vol:
+        for _, block in resampled_slabs(vol, sample.image, maps, depth, nearest=False, field="image"):
+            counts += np.histogram(block, bins=HIST_BINS, range=(lo_edge, hi_edge))[0]
+    clip_low, clip_high = percentiles_from_histogram(counts, edges, clip_percentiles)
+
+    target = out_root / f"{sample.id}.h5"
+    inputs = [r.path for r in (sample.image, sample.label, sample.wf_label) if r is not None]
+    refs: dict[str, VolumeRef] = {}
+    with atomic_path(target, inputs=inputs) as tmp:
+        with h5py.File(tmp, "w") as f:
+            chunks = default_chunks(shape_out)
+            img = f.create_dataset("image", shape=shape_out, dtype="float32", chunks=chunks)
+            with open_volume(sample.image) as vol:
+                for zs, block in resampled_slabs(vol, sample.image, maps, depth, nearest=False, field="image"):
+                    img[zs] = clip_and_scale(block, clip_low, clip_high)
+            refs["image"] = VolumeRef(target, "/image")
+            for name in LABEL_FIELDS:
+                ref = getattr(sample, name)
+                if ref is None:
+                    continue
+                ds = f.create_dataset(name, shape=shape_out, dtype="uint8", chunks=chunks, compression="lzf")
+                with open_volume(ref) as vol:
+                    for zs, block in resampled_slabs(vol, ref, maps, depth, nearest=True, field=name):
+                        ds[zs] = block.astype(np.uint8)
+                refs[name] = VolumeRef(target, f"/{name}")
+            f.attrs.update({"sample_id": sample.id, "voxel_size_um": voxel_size_um,
+                            "source_voxel_size_um": sample.voxel_size_um, "source_shape": stats.shape,
+                            "clip_low": clip_low, "clip_high": clip_high,
+                            "clip_percentiles": list(clip_percentiles)})
+    prepared = dataclasses.replace(sample, voxel_size_um=voxel_size_um, image=refs["image"],
+                                   label=refs.get("label"), wf_label=refs.get("wf_label"))
+    return PreparedSample(prepared, stats.shape, shape_out, clip_low, clip_high, time.perf_counter() - t0)
+
+
+def prepare_dataset(src: tp.Union[str, Path], out: tp.Union[str, Path], *, voxel_size_um: float = PAPER_VOXEL_SIZE_UM,
+                    clip_percentiles: tp.Sequence[float] = PAPER_CLIP_PERCENTILES, slab_mb: int = 256,
+                    overwrite: bool = False) -> list[PreparedSample]:
+    """Check every input first (so bad input writes nothing), then prepare sample by sample."""
+    if not (voxel_size_um > 0 and math.isfinite(voxel_size_um)):
+        raise DataError(None, "voxel_size_um", f"must be a positive number, got {voxel_size_um}")
+    lo, hi = clip_percentiles
+    if not 0 <= lo < hi <= 100:
+        raise DataError(None, "clip_percentiles", f"need 0 <= low < high <= 100, got {lo}, {hi}")
+    dataset: Dataset = load_dataset(src)
+    out = Path(out).resolve()
+    if out == dataset.root:
+        raise DataError(out, None, "output folder is the input dataset folder; choose another")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise DataError(out, None, "output folder is not empty (use --overwrite to replace prepared files)")
+    stats: dict[str, ImageStats] = {}
+    for s in dataset.samples:
+        stats[s.id] = check_image(s.image)
+        for name in LABEL_FIELDS:
+            ref = getattr(s, name)
+            if ref is not None:
+                check_labels(ref, field=name, expected_shape=stats[s.id].shape)
+    out.mkdir(parents=True, exist_ok=True)
+    done = []
+    for s in dataset.samples:
+        p = prepare_sample(s, stats[s.id], out, voxel_size_um=voxel_size_um, clip_percentiles=clip_percentiles,
+                           slab_bytes=slab_mb << 20)
+        log.info("%s: %s -> %s, clip [%.4g, %.4g], %.1f s", s.id, p.shape_in, p.shape_out, p.clip_low, p.clip_high, p.seconds)
+        done.append(p)
+    write_manifest(out, [p.sample for p in done],
+                   header=f"# prepared by data.prepare: {voxel_size_um} um voxels, clipped to percentiles {lo}/{hi}, scaled to [0, 1]")
+    return done
+
+
+def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n\n")[0])
+    ap.add_argument("src", help="dataset folder (or manifest file) with raw volumes")
+    ap.add_argument("--out", required=True, help="output dataset folder")
+    ap.add_argument("--voxel-size-um", type=float, default=PAPER_VOXEL_SIZE_UM, help="target voxel size (paper: 5)")
+    ap.add_argument("--clip-percentiles", type=float, nargs=2, default=PAPER_CLIP_PERCENTILES, metavar=("LOW", "HIGH"))
+    ap.add_argument("--slab-mb", type=int, default=256, help="memory per slab; peak RSS is a few slabs")
+    ap.add_argument("--overwrite", action="store_true", help="allow a non-empty output folder")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        done = prepare_dataset(args.src, args.out, voxel_size_um=args.voxel_size_um,
+                               clip_percentiles=tuple(args.clip_percentiles), slab_mb=args.slab_mb, overwrite=args.overwrite)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"prepared {len(done)} samples into {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

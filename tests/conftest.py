@@ -1,0 +1,69 @@
+"""Shared fixtures: small real datasets on disk (HDF5 and TIFF), written with the project's own writers."""
+
+from __future__ import annotations
+
+import os
+import typing as tp
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import h5py
+import numpy as np
+import pytest
+
+from data.manifest import Sample, write_manifest
+from data.volume import VolumeRef
+
+ALLOYS = ("Mg-5Gd", "Mg-10Gd")
+BEAMLINES = ("P05", "I13")
+
+
+def structured_volume(shape: tp.Sequence[int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Labels in blocks (so every plane sees all classes) and a uint16 image whose grey value encodes the class."""
+    z, y, x = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    lab = ((z // 4 + y // 5 + x // 6) % 4).astype(np.uint8)
+    img = (lab.astype(np.int64) * 1000 + 500 + rng.integers(0, 100, lab.shape)).astype(np.uint16)
+    return img, lab
+
+
+def write_raw_dataset(root: Path, n_train: int = 8, n_test: int = 2, shape=(20, 24, 28), *, voxel_sizes=(5.0,),
+                      seed: int = 0, fmt: str = "manifest.yaml") -> list[Sample]:
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    samples = []
+    for i in range(n_train + n_test):
+        sid = f"s{i:02d}"
+        img, lab = structured_volume(shape, rng)
+        with h5py.File(root / f"{sid}.h5", "w") as f:
+            f.create_dataset("image", data=img, chunks=True)
+            f.create_dataset("label", data=lab, chunks=True)
+        test = i >= n_train
+        samples.append(Sample(
+            id=sid, image=VolumeRef(root / f"{sid}.h5", "/image"), label=VolumeRef(root / f"{sid}.h5", "/label"),
+            voxel_size_um=voxel_sizes[i % len(voxel_sizes)], alloy=ALLOYS[i % 2], beamline=BEAMLINES[(i // 2) % 2],
+            implantation_days=28.0 * (1 + i % 3), label_quality="HQ" if test else "WF", split="test" if test else "train",
+            initial_volume_mm3=1.5, initial_surface_mm2=7.0))
+    write_manifest(root, samples, name=fmt)
+    return samples
+
+
+@pytest.fixture
+def raw_dataset(tmp_path: Path) -> Path:
+    root = tmp_path / "raw"
+    write_raw_dataset(root)
+    return root
+
+
+@pytest.fixture
+def prepared_dataset(tmp_path: Path, raw_dataset: Path) -> Path:
+    from data.prepare import prepare_dataset
+
+    out = tmp_path / "prepared"
+    prepare_dataset(raw_dataset, out)
+    return out
+
+
+def tree_snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``root`` with size and mtime, to assert that nothing was written."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()}
