@@ -101,7 +101,8 @@ def percentiles_from_histogram(counts: np.ndarray, edges: np.ndarray, q: tp.Sequ
     out = []
     for p in q:
         target = p / 100.0 * total
-        i = int(np.searchsorted(cum, target, side="left"))
+        # side="right" at 0 skips leading empty bins, so the 0th percentile is the data minimum.
+        i = int(np.searchsorted(cum, target, side="right" if target <= 0 else "left"))
         i = min(i, len(counts) - 1)
         prev = cum[i - 1] if i > 0 else 0.0
         frac = 0.0 if counts[i] == 0 else (target - prev) / counts[i]
