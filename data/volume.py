@@ -228,6 +228,9 @@ def atomic_path(final: tp.Union[str, Path], *, inputs: tp.Iterable[Path] = ()) -
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results should be as readable as any new file
     tmp_path = Path(tmp)
     try:
         yield tmp_path
