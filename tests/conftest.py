@@ -67,3 +67,6 @@ def prepared_dataset(tmp_path: Path, raw_dataset: Path) -> Path:
 def tree_snapshot(root: Path) -> dict[str, tuple[int, int]]:
     """Every file under ``root`` with size and mtime, to assert that nothing was written."""
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+from tests.mlflow_server import mlflow_server  # noqa: E402,F401  (a real server, started once per session)

@@ -1,0 +1,257 @@
+"""One training run: one (width, depth, input size) config on one cross-validation fold.
+
+Paper, Training section: Adam (lr 3e-4, β1 0.9, β2 0.999), cross-entropy, halve the learning rate
+when the validation loss has not improved for 10^4 iterations, early stopping on the validation
+loss, at most 1.5×10^6 iterations, global batch 32 (smaller models) or 16 (larger models),
+automatic mixed precision, data parallel over the GPUs of one node.
+
+Training advances in chunks of ``checkpoint_every`` iterations. After each chunk it validates,
+updates the schedule and writes a checkpoint (model with optimizer state + ``state.json``)
+atomically, so a run killed at any moment and started again resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+import typing as tp
+from pathlib import Path
+
+import numpy as np
+
+from data.manifest import Sample
+from data.pipeline import AugmentConfig, centre_crop, training_dataset
+from data.slicing import iter_slices
+from model.evaluation import confusion_matrix, iou_metrics
+
+STATE_FILE = "state.json"
+MODEL_FILE = "last.keras"
+BEST_FILE = "best.weights.h5"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """The schedule; defaults are the paper's (``early_stop_patience_iters`` is not given there)."""
+
+    learning_rate: float = 3e-4
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    lr_factor: float = 0.5
+    lr_patience_iters: int = 10_000
+    early_stop_patience_iters: int = 50_000
+    max_iters: int = 1_500_000
+    checkpoint_every: int = 1_000
+    batch_size: int = 32
+    precision: str = "float32"  # mixed_float16 on GPUs; 75–200× slower on CPU (platform facts)
+    seed: int = 0
+    val_crop: int = 992
+    val_slice_step: int = 1
+    final_slice_step: int = 1
+    planes: tuple[str, ...] = ("rc", "cp", "pr")
+    open_slabs: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("lr_patience_iters", "early_stop_patience_iters", "max_iters", "checkpoint_every", "batch_size",
+                     "val_slice_step", "final_slice_step", "val_crop"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"train.learning_rate must be positive, got {self.learning_rate}")
+        if self.precision not in ("float32", "mixed_float16", "mixed_bfloat16"):
+            raise ValueError(f"train.precision must be float32, mixed_float16 or mixed_bfloat16, got {self.precision!r}")
+
+
+def paper_batch_size(flops_per_image: int, threshold_flops: float = 500e9) -> int:
+    """Paper: global batch 32 for smaller models, 16 for larger ones.
+
+    The paper does not give the boundary; we switch at 500 GFLOPs per image (forward), which puts
+    e.g. (c0=64, d=5, 640²) and everything bigger at 16, so activations fit 4×32 GB V100s.
+    """
+    return 16 if flops_per_image > threshold_flops else 32
+
+
+@dataclasses.dataclass
+class ScheduleState:
+    """Everything the schedule needs to continue exactly after a restart (saved in state.json)."""
+
+    iteration: int = 0
+    learning_rate: float = 3e-4
+    best_val_loss: float = math.inf
+    best_iteration: int = 0
+    since_improvement: int = 0  # iterations without a new best validation loss
+    since_lr_change: int = 0  # iterations without improvement since the last halving
+    stopped_early: bool = False
+    finished: bool = False
+    train_seconds: float = 0.0  # optimizer steps only
+    wall_seconds: float = 0.0  # optimizer steps and validation
+    images_seen: int = 0
+    resumed_from: list[int] = dataclasses.field(default_factory=list)
+    history: list[dict] = dataclasses.field(default_factory=list)
+    extra: dict = dataclasses.field(default_factory=dict)  # e.g. the MLflow run id, set by the caller
+
+
+def update_schedule(state: ScheduleState, val_loss: float, iters: int, s: TrainSettings) -> bool:
+    """Paper: halve the LR after ``lr_patience_iters`` without improvement; stop early after
+    ``early_stop_patience_iters`` without improvement. Returns True if the LR changed."""
+    if val_loss < state.best_val_loss:
+        state.best_val_loss, state.best_iteration = val_loss, state.iteration
+        state.since_improvement = state.since_lr_change = 0
+        return False
+    state.since_improvement += iters
+    state.since_lr_change += iters
+    changed = False
+    if state.since_lr_change >= s.lr_patience_iters:
+        state.learning_rate *= s.lr_factor
+        state.since_lr_change = 0
+        changed = True
+    if state.since_improvement >= s.early_stop_patience_iters:
+        state.stopped_early = True
+    return changed
+
+
+def load_state(ckpt_dir: Path) -> tp.Optional[ScheduleState]:
+    path = ckpt_dir / STATE_FILE
+    if not path.is_file() or not (ckpt_dir / MODEL_FILE).is_file():
+        return None
+    raw = json.loads(path.read_text())
+    raw["best_val_loss"] = math.inf if raw.get("best_val_loss") is None else raw["best_val_loss"]
+    return ScheduleState(**raw)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(model, state: ScheduleState, ckpt_dir: Path) -> None:
+    """Model (with optimizer state) first, then state.json: the state never points at a newer model than exists."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt_dir / f".tmp.{MODEL_FILE}"
+    model.save(tmp)
+    os.replace(tmp, ckpt_dir / MODEL_FILE)
+    raw = dataclasses.asdict(state)
+    raw["best_val_loss"] = None if math.isinf(state.best_val_loss) else state.best_val_loss
+    _atomic_write_text(ckpt_dir / STATE_FILE, json.dumps(raw, indent=1))
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    m = logits.max(-1, keepdims=True)
+    return logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+
+
+def evaluate_slices(model, samples: tp.Sequence[Sample], *, depth: int, planes: tp.Sequence[str], step: int,
+                    crop: tp.Optional[int]) -> dict[str, float]:
+    """Cross-entropy and IoU (Eq. 6) over every ``step``-th slice of each plane; ``crop=None`` = full slices."""
+    from model.unet import predict_full_slice
+
+    cm = np.zeros((4, 4), np.int64)
+    loss_sum, n_pix = 0.0, 0
+    for _, _, _, img, lab in iter_slices(samples, planes=planes, step=step):
+        if crop is not None:
+            img, lab = centre_crop(img, lab, crop)
+        logits = predict_full_slice(model, img.astype(np.float32), depth)
+        lab = lab.astype(np.int64)
+        logp = _log_softmax(logits.astype(np.float64))
+        loss_sum -= float(np.take_along_axis(logp, lab[..., None], -1).sum())
+        n_pix += lab.size
+        cm += confusion_matrix(lab, logits.argmax(-1))
+    if n_pix == 0:
+        raise ValueError("no validation slices: the validation fold is empty")
+    return {"val_loss": loss_sum / n_pix, **iou_metrics(cm)}
+
+
+class ChunkCallback(tp.Protocol):
+    def __call__(self, state: ScheduleState, metrics: dict[str, float]) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    state: ScheduleState
+    final_metrics: dict[str, float]
+    model_path: Path
+
+
+def _strategy():
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    # Paper: data parallel over the GPUs of one node; on CPU this is one replica.
+    return tf.distribute.MirroredStrategy() if gpus else tf.distribute.get_strategy()
+
+
+def train_fold(*, width: int, depth: int, input_size: int, train_samples: tp.Sequence[Sample],
+               val_samples: tp.Sequence[Sample], settings: TrainSettings, augment: AugmentConfig, ckpt_dir: Path,
+               on_chunk: tp.Optional[ChunkCallback] = None, on_start: tp.Optional[tp.Callable[[ScheduleState], None]] = None,
+               stop_requested: tp.Callable[[], bool] = lambda: False) -> TrainResult:
+    """Train (or resume) one fold; returns the final full-slice validation metrics of the best model."""
+    import keras
+    import tensorflow as tf
+
+    from model.unet import build_unet
+    from model.validation import check_input_size
+
+    check_input_size(input_size, depth)
+    if not train_samples:
+        raise ValueError("no training samples in this fold")
+    if not val_samples:
+        raise ValueError("no validation samples in this fold")
+    ckpt_dir = Path(ckpt_dir)
+    keras.mixed_precision.set_global_policy(settings.precision)
+    keras.utils.set_random_seed(settings.seed)
+    strategy = _strategy()
+    state = load_state(ckpt_dir)
+    with strategy.scope():
+        if state is None:
+            state = ScheduleState(learning_rate=settings.learning_rate)
+            model = build_unet(width, depth)
+            model.compile(optimizer=keras.optimizers.Adam(settings.learning_rate, settings.beta_1, settings.beta_2),
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        else:
+            state.resumed_from.append(state.iteration)
+            model = keras.models.load_model(ckpt_dir / MODEL_FILE)
+    if on_start is not None:
+        on_start(state)
+    aug = dataclasses.replace(augment, input_size=input_size)
+    while not (state.finished or state.stopped_early) and state.iteration < settings.max_iters:
+        if stop_requested():
+            return TrainResult(state, {}, ckpt_dir / MODEL_FILE)
+        iters = min(settings.checkpoint_every, settings.max_iters - state.iteration)
+        chunk = state.iteration // settings.checkpoint_every
+        # Seeded per chunk, so a resumed run sees the same batches it would have seen.
+        ds = training_dataset(train_samples, aug, batch_size=settings.batch_size,
+                              seed=settings.seed * 1_000_003 + chunk, planes=settings.planes,
+                              open_slabs=settings.open_slabs)
+        ds = ds.map(lambda x, y: (x, tf.cast(y, tf.int32)))
+        model.optimizer.learning_rate.assign(state.learning_rate)
+        t0 = time.perf_counter()
+        hist = model.fit(ds, steps_per_epoch=iters, epochs=1, verbose=0, shuffle=False)
+        dt = time.perf_counter() - t0
+        state.iteration += iters
+        state.train_seconds += dt
+        state.images_seen += iters * settings.batch_size
+        val = evaluate_slices(model, val_samples, depth=depth, planes=settings.planes, step=settings.val_slice_step,
+                              crop=settings.val_crop)
+        improved = val["val_loss"] < state.best_val_loss
+        metrics = {"train_loss": float(hist.history["loss"][-1]), "learning_rate": state.learning_rate,
+                   "images_per_s": iters * settings.batch_size / dt, **val}
+        update_schedule(state, val["val_loss"], iters, settings)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if improved:
+            model.save_weights(ckpt_dir / f".tmp.{BEST_FILE}")
+            os.replace(ckpt_dir / f".tmp.{BEST_FILE}", ckpt_dir / BEST_FILE)
+        state.history.append({"iteration": state.iteration, **metrics})
+        state.wall_seconds += time.perf_counter() - t0
+        save_checkpoint(model, state, ckpt_dir)
+        if on_chunk is not None:
+            on_chunk(state, metrics)
+    if (ckpt_dir / BEST_FILE).is_file():
+        model.load_weights(ckpt_dir / BEST_FILE)
+    final = evaluate_slices(model, val_samples, depth=depth, planes=settings.planes, step=settings.final_slice_step,
+                            crop=None)
+    state.finished = True
+    save_checkpoint(model, state, ckpt_dir)
+    return TrainResult(state, final, ckpt_dir / MODEL_FILE)

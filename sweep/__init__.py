@@ -1,0 +1,1 @@
+"""Hyperparameter sweeps, SLURM launching and MLflow tracking for the scaling-U-net experiments."""

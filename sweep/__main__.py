@@ -1,0 +1,39 @@
+"""``python -m sweep``: one training run from conf/ (multirun with ``-m`` arrives with issue 3 of 5)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# MLflow's HTTP layer retries for minutes on its own; ours (sweep.tracking) retries and then fails loudly.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from data.errors import DataError
+from sweep.task import ConfigError, run
+from sweep.tracking import TrackingError
+
+log = logging.getLogger("sweep")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    try:
+        return run(cfg)["mean_iou"]
+    except (ConfigError, DataError, TrackingError) as exc:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
+        log.error("error: %s", exc)
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""One training run from a Hydra config: check everything, make the data, train, record in MLflow.
+
+Data flow: conf/ → sweep (this module) → data/, model/ → MLflow. Every check that can fail is
+done before the first training step: config fields, the dataset, the tracking server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import logging
+import os
+import time
+import typing as tp
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from data.errors import DataError
+from data.folds import split_fold
+from data.manifest import load_dataset
+from data.pipeline import AugmentConfig
+from model.complexity import count_flops, count_params, paper_receptive_field, receptive_field
+from model.training import TrainSettings, load_state, paper_batch_size, train_fold
+from sweep import tracking
+
+log = logging.getLogger(__name__)
+
+RUN_ID_FILE = "mlflow_run_id"
+KEY_EXCLUDE = ("fold", "mlflow", "paths", "hydra")
+
+
+class ConfigError(ValueError):
+    """An invalid config value; the message starts with the dotted field name."""
+
+    def __init__(self, field: str, problem: str):
+        self.field = field
+        super().__init__(f"{field}: {problem}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """What one run will do, resolved and checked."""
+
+    width: int  # as trained (after the profile's scaling)
+    depth: int
+    input_size: int
+    paper_width: int  # as configured (the paper's grid value)
+    paper_input_size: int
+    fold: int
+    num_folds: int
+    settings: TrainSettings
+    augment: AugmentConfig
+    dataset: Path
+    config_key: str
+    ckpt_dir: Path
+    tracking_uri: str
+    experiment: str
+    flops: int
+    params: int
+
+    @property
+    def run_name(self) -> str:
+        return f"c{self.paper_width}-d{self.depth}-is{self.paper_input_size}-fold{self.fold}"
+
+
+def _int(cfg: DictConfig, field: str) -> int:
+    value = OmegaConf.select(cfg, field)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(field, f"must be an integer, got {value!r}")
+    return value
+
+
+def plan_run(cfg: DictConfig) -> RunPlan:
+    """Resolve and check a run's config. Raises ConfigError naming the field; touches no file."""
+    width, depth, input_size, fold = (_int(cfg, f) for f in ("model.width", "model.depth", "model.input_size", "fold"))
+    if width <= 0:
+        raise ConfigError("model.width", f"must be positive, got {width}")
+    if depth < 1:
+        raise ConfigError("model.depth", f"must be at least 1, got {depth}")
+    if input_size <= 0 or input_size % 2**depth:
+        raise ConfigError("model.input_size", f"{input_size} is not divisible by 2^depth = {2**depth} (depth {depth})")
+    num_folds = _int(cfg, "data.num_folds")
+    if not 0 <= fold < num_folds:
+        raise ConfigError("fold", f"must be in 0..{num_folds - 1}, got {fold}")
+    divisor = int(OmegaConf.select(cfg, "profile.width_divisor", default=1) or 1)
+    size_map = {int(k): int(v) for k, v in (OmegaConf.select(cfg, "profile.input_size_map", default={}) or {}).items()}
+    eff_width = max(1, round(width / divisor))
+    eff_size = size_map.get(input_size, input_size)
+    if eff_size % 2**depth:
+        raise ConfigError("profile.input_size_map", f"maps input size {input_size} to {eff_size}, not divisible by 2^{depth}")
+    flops = count_flops(eff_width, depth, eff_size)
+    train = OmegaConf.to_container(cfg.train, resolve=True)
+    batch = train.pop("batch_size")
+    if batch == "auto":
+        batch = paper_batch_size(flops)
+    try:
+        settings = TrainSettings(batch_size=int(batch), seed=int(cfg.seed), planes=tuple(train.pop("planes")), **train)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError("train", str(exc)) from None
+    aug = OmegaConf.to_container(cfg.data.augment, resolve=True)
+    try:
+        augment = AugmentConfig(input_size=eff_size, **{k: tuple(v) if isinstance(v, list) else v for k, v in aug.items()})
+    except (TypeError, ValueError) as exc:
+        raise ConfigError("data.augment", str(exc)) from None
+    key_cfg = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in KEY_EXCLUDE}
+    key = tracking.config_key(key_cfg)
+    dataset = OmegaConf.select(cfg, "data.dataset")
+    if dataset in (None, "???"):
+        raise ConfigError("data.dataset", "missing: give the prepared dataset folder")
+    return RunPlan(width=eff_width, depth=depth, input_size=eff_size, paper_width=width, paper_input_size=input_size,
+                   fold=fold, num_folds=num_folds, settings=settings, augment=augment, dataset=Path(dataset),
+                   config_key=key, ckpt_dir=Path(cfg.paths.checkpoints) / key / f"fold{fold}",
+                   tracking_uri=str(cfg.mlflow.tracking_uri), experiment=str(cfg.mlflow.experiment), flops=flops,
+                   params=count_params(eff_width, depth))
+
+
+def ensure_dataset(cfg: DictConfig) -> Path:
+    """The prepared dataset; with ``data.synthesize`` it is generated and prepared once (under a file lock)."""
+    target = Path(cfg.data.dataset)
+    if (target / "manifest.yaml").is_file() or (target / "manifest.csv").is_file():
+        return target
+    if not cfg.data.synthesize:
+        raise ConfigError("data.dataset", f"{target} has no manifest (prepare it with `python -m data.prepare`)")
+    from data.prepare import prepare_dataset
+    from data.synth import main as synth_main
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel jobs: one makes the data, the others wait for it
+        if not (target / "manifest.yaml").is_file():
+            raw = target.parent / "raw"
+            s = cfg.data.synth
+            if not (raw / "manifest.yaml").is_file():
+                synth_main(["--out", str(raw), "--size", str(s.size), "--n-train", str(s.n_train), "--n-test",
+                            str(s.n_test), "--seed", str(s.seed), "--voxel-size-um", str(s.voxel_size_um), "--overwrite"])
+            prepare_dataset(raw, target, voxel_size_um=float(cfg.data.prepare.voxel_size_um),
+                            clip_percentiles=tuple(cfg.data.prepare.clip_percentiles), overwrite=True)
+    return target
+
+
+def training_curves_png(history: tp.Sequence[dict], path: Path) -> Path:
+    """Loss, validation mean IoU and learning rate against iterations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    it = [h["iteration"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax1.plot(it, [h["train_loss"] for h in history], label="train loss")
+    ax1.plot(it, [h["val_loss"] for h in history], label="validation loss")
+    ax1.set_xlabel("iteration")
+    ax1.set_ylabel("cross-entropy")
+    ax1.legend()
+    ax2.plot(it, [h["mean_iou"] for h in history], color="C2", label="validation mean IoU")
+    ax2.set_xlabel("iteration")
+    ax2.set_ylabel("mean IoU")
+    ax3 = ax2.twinx()
+    ax3.step(it, [h["learning_rate"] for h in history], color="C3", where="post", label="learning rate")
+    ax3.set_ylabel("learning rate")
+    fig.legend(loc="lower center", ncol=2, fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _params(cfg: DictConfig, plan: RunPlan) -> dict:
+    params = tracking.flatten(OmegaConf.to_container(cfg, resolve=True))
+    params.update({"effective.width": plan.width, "effective.input_size": plan.input_size,
+                   "effective.batch_size": plan.settings.batch_size})
+    return params
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Train one (config, fold), recorded as ONE MLflow run; resumes a killed run; skips a finished one."""
+    plan = plan_run(cfg)
+    tracking.check_tracking_uri(plan.tracking_uri)
+    dataset = load_dataset(ensure_dataset(cfg))
+    try:
+        train_samples, val_samples = split_fold(dataset, plan.fold, plan.num_folds, seed=int(cfg.data.fold_seed))
+    except DataError as exc:
+        raise ConfigError("data.dataset", str(exc)) from None
+    experiment_id = tracking.ensure_experiment(plan.tracking_uri, plan.experiment)
+    done = tracking.find_runs(plan.tracking_uri, experiment_id, config_key=plan.config_key, fold=plan.fold,
+                              status="FINISHED")
+    if done:
+        log.info("%s already FINISHED as MLflow run %s; skipping", plan.run_name, done[0].info.run_id)
+        return {k: v for k, v in done[0].data.metrics.items()}
+
+    run_id_file = plan.ckpt_dir / RUN_ID_FILE
+    run_id = run_id_file.read_text().strip() if run_id_file.is_file() and load_state(plan.ckpt_dir) else None
+    tags = {tracking.TAG_CONFIG_KEY: plan.config_key, tracking.TAG_FOLD: str(plan.fold), **tracking.environment_tags()}
+    recorder = tracking.RunRecorder(plan.tracking_uri, experiment_id, run_id=run_id, run_name=plan.run_name, tags=tags)
+    with recorder:
+        run_id = recorder.start()
+        plan.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_id_file.with_name(f".{RUN_ID_FILE}.tmp")
+        tmp.write_text(run_id)
+        os.replace(tmp, run_id_file)
+        recorder.set_tags(tags)
+        recorder.log_params(_params(cfg, plan))
+        recorder.log_metrics({"flops": plan.flops, "params": plan.params, "receptive_field": receptive_field(plan.depth),
+                              "paper_receptive_field": paper_receptive_field(plan.depth),
+                              "paper_flops": count_flops(plan.paper_width, plan.depth, plan.paper_input_size),
+                              "paper_params": count_params(plan.paper_width, plan.depth)})
+
+        def on_start(state) -> None:
+            if state.resumed_from:
+                recorder.set_tags({"resumed_from_iteration": ",".join(map(str, state.resumed_from))})
+                log.info("%s: resuming from iteration %d", plan.run_name, state.iteration)
+
+        def on_chunk(state, metrics: dict) -> None:
+            renamed = {(k if k in ("train_loss", "val_loss", "learning_rate", "images_per_s") else f"val_{k}"): v
+                       for k, v in metrics.items()}
+            recorder.log_metrics(renamed, step=state.iteration)
+
+        t0 = time.perf_counter()
+        result = train_fold(width=plan.width, depth=plan.depth, input_size=plan.input_size,
+                            train_samples=train_samples, val_samples=val_samples, settings=plan.settings,
+                            augment=plan.augment, ckpt_dir=plan.ckpt_dir, on_chunk=on_chunk, on_start=on_start)
+        st = result.state
+        final = {**{("final_val_loss" if k == "val_loss" else k): v for k, v in result.final_metrics.items()},
+                 "iterations": st.iteration, "wall_time_s": st.wall_seconds,
+                 "train_time_s": st.train_seconds, "best_iteration": st.best_iteration,
+                 "stopped_early": float(st.stopped_early),
+                 "images_per_s": st.images_seen / st.train_seconds if st.train_seconds else 0.0}
+        recorder.log_metrics(final, step=st.iteration)
+        recorder.log_artifact(result.model_path, "model")
+        recorder.log_text(tracking.sanitize(OmegaConf.to_yaml(cfg, resolve=True), limit=None), "config.yaml")
+        if st.history:
+            recorder.log_artifact(training_curves_png(st.history, plan.ckpt_dir / "training_curves.png"))
+        recorder.finish("FINISHED")
+    log.info("%s: mean IoU %.4f after %d iterations (%.0f s in this process)", plan.run_name, final["mean_iou"],
+             st.iteration, time.perf_counter() - t0)
+    return final

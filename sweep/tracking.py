@@ -1,0 +1,512 @@
+"""MLflow tracking for one training run: explicit client calls, retries, and loud failures.
+
+Only ``MlflowClient`` is used (no fluent ``mlflow.start_run`` global state), so several runs per process and
+resuming a run by id are explicit. Create the experiment once with :func:`ensure_experiment` *before* launching
+parallel jobs (concurrent get-or-create races, see shared/platform-facts.md "MLflow 3.17").
+
+Note: for ``http(s)://`` URIs, MLflow's HTTP layer retries on its own (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, default 7,
+exponential backoff up to ~4 min per call); :class:`RunRecorder` retries stack on top of that.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import re
+import socket
+import ssl
+import subprocess
+import time
+import typing as tp
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import (
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAM_VAL_LENGTH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+    MAX_TAG_VAL_LENGTH,
+)
+
+log = logging.getLogger(__name__)
+
+T = tp.TypeVar("T")
+
+TAG_CONFIG_KEY = "config_key"
+TAG_FOLD = "fold"
+TAG_GIT_COMMIT = "git_commit"
+TAG_SLURM_JOB_ID = "slurm_job_id"
+TAG_SLURM_ARRAY_JOB_ID = "slurm_array_job_id"
+TAG_SLURM_ARRAY_TASK_ID = "slurm_array_task_id"
+TAG_HOSTNAME = "hostname"
+
+DEFAULT_CONFIG_KEY_EXCLUDE = ("fold", "mlflow", "hydra", "paths")
+TRUNCATED_SUFFIX = "...[truncated]"
+# Errors that no retry can fix: fail at once instead of backing off.
+PERMANENT_ERROR_CODES = frozenset({
+    "INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE", "BAD_REQUEST",
+    "PERMISSION_DENIED", "UNAUTHENTICATED", "RESOURCE_ALREADY_EXISTS",
+})
+_SLURM_ENV = {
+    TAG_SLURM_JOB_ID: "SLURM_JOB_ID",
+    TAG_SLURM_ARRAY_JOB_ID: "SLURM_ARRAY_JOB_ID",
+    TAG_SLURM_ARRAY_TASK_ID: "SLURM_ARRAY_TASK_ID",
+}
+_USERINFO_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/@\s]*@")
+
+
+class TrackingError(RuntimeError):
+    """An MLflow tracking problem; the message names the (redacted) tracking URI."""
+
+
+# ----------------------------------------------------------------------------------------------- URIs
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` without ``user:pass@`` (also inside longer text such as exception messages)."""
+    return _USERINFO_RE.sub(r"\g<scheme>", str(uri))
+
+
+def _local_store_dir(uri: str) -> tuple[str, Path] | None:
+    """(kind, folder that must be writable) for sqlite / file stores; None for other schemes."""
+    if uri.startswith("sqlite:"):
+        db = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
+        return None if db in ("", ":memory:") else ("sqlite", Path(db).expanduser().parent)
+    parsed = urllib.parse.urlsplit(uri)
+    if parsed.scheme == "file":
+        return "file", Path(urllib.request.url2pathname(parsed.path)).expanduser()
+    if parsed.scheme == "":
+        return "file", Path(uri).expanduser()
+    return None
+
+
+def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast (before any training) when the tracking store cannot be reached or written."""
+    if not uri:
+        raise TrackingError("MLflow tracking URI is empty; set it explicitly (no silent ./mlflow.db in the cwd)")
+    red = redact_uri(uri)
+    parsed = urllib.parse.urlsplit(uri)
+    if parsed.scheme in ("http", "https"):
+        _check_http(uri, parsed, timeout_s)
+        return
+    local = _local_store_dir(uri)
+    if local is None:
+        log.info("check_tracking_uri: no reachability check for scheme of %s", red)
+        return
+    kind, folder = local
+    if kind == "file" and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
+        raise TrackingError(f"MLflow tracking URI {red} is a file store, which mlflow 3 refuses unless "
+                            "MLFLOW_ALLOW_FILE_STORE=true; use sqlite:///<path>/mlflow.db instead")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrackingError(f"MLflow {kind} store {red}: cannot create folder {folder}: {e}") from e
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise TrackingError(f"MLflow {kind} store {red}: folder {folder} is not a writable directory")
+    if kind == "sqlite":
+        db = Path(uri[len("sqlite:///"):].split("?", 1)[0]).expanduser()
+        if db.exists() and not os.access(db, os.R_OK | os.W_OK):
+            raise TrackingError(f"MLflow sqlite store {red}: database file {db} is not readable and writable")
+
+
+def _check_http(uri: str, parsed: urllib.parse.SplitResult, timeout_s: float) -> None:
+    red = redact_uri(uri)
+    netloc = parsed.hostname or ""
+    if ":" in netloc:
+        netloc = f"[{netloc}]"  # IPv6 literal
+    if parsed.port:
+        netloc = f"{netloc}:{parsed.port}"
+    base = urllib.parse.urlunsplit((parsed.scheme, netloc, parsed.path.rstrip("/"), "", ""))
+    # The same credentials and TLS settings the MLflow client would use, so the probe sees what it will see.
+    user, password = parsed.username, parsed.password
+    if user is None and os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        user, password = os.environ["MLFLOW_TRACKING_USERNAME"], os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
+    headers = {}
+    if user is not None:
+        token = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password or '')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(token.encode()).decode()
+    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
+    context = None
+    if parsed.scheme == "https":
+        if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() in ("1", "true"):
+            context = ssl._create_unverified_context()
+        else:
+            context = ssl.create_default_context(cafile=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or None)
+
+    def get(path: str) -> tuple[int, str]:
+        req = urllib.request.Request(base + path, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s, context=context) as r:
+                return r.status, r.read(2000).decode(errors="replace")
+        except urllib.error.HTTPError as e:
+            return e.code, e.read(2000).decode(errors="replace")
+
+    try:
+        status, body = get("/health")
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise TrackingError(f"MLflow tracking server at {red} is unreachable: {redact_uri(str(e))}") from e
+    if status != 200:
+        raise TrackingError(f"MLflow tracking server at {red} is unreachable: /health answered {status}: {body[:200]}")
+    # /health answers 200 even when the API refuses this Host header (platform-facts), so probe the API too.
+    try:
+        status, body = get("/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default")
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise TrackingError(f"MLflow tracking server at {red} is unreachable: {redact_uri(str(e))}") from e
+    if status in (401, 403):
+        hint = " (start the server with --allowed-hosts naming this host)" if "Host header" in body else ""
+        raise TrackingError(f"MLflow tracking server at {red} refuses API requests: {status} {body[:200]}{hint}")
+
+
+# ----------------------------------------------------------------------------------------------- retries
+
+
+def _retry(fn: tp.Callable[[], T], what: str, uri: str, retries: int, backoff_s: float) -> T:
+    """Call ``fn`` up to ``retries`` times with exponential backoff; then raise TrackingError (never drop silently)."""
+    tries = max(1, int(retries))
+    last: BaseException | None = None
+    for attempt in range(tries):
+        try:
+            return fn()
+        except TrackingError:
+            raise
+        except MlflowException as e:
+            if getattr(e, "error_code", None) in PERMANENT_ERROR_CODES:
+                raise TrackingError(f"MLflow at {redact_uri(uri)}: {what} failed: "
+                                    f"{redact_uri(str(e))}") from e
+            last = e
+        except Exception as e:  # noqa: BLE001 - network, sqlite locks, server errors: all retried, then raised
+            last = e
+        if attempt + 1 < tries:
+            delay = backoff_s * (2 ** attempt)
+            log.warning("MLflow at %s: %s failed (try %d/%d), retrying in %.1f s: %s",
+                        redact_uri(uri), what, attempt + 1, tries, delay, redact_uri(str(last)))
+            time.sleep(delay)
+    raise TrackingError(f"MLflow at {redact_uri(uri)}: {what} failed after {tries} tries: "
+                        f"{type(last).__name__}: {redact_uri(str(last))}") from last
+
+
+def _client(uri: str) -> MlflowClient:
+    try:
+        return MlflowClient(tracking_uri=uri)
+    except Exception as e:  # noqa: BLE001 - e.g. a refused file store: say which URI
+        raise TrackingError(f"MLflow at {redact_uri(uri)}: cannot create client: {redact_uri(str(e))}") from e
+
+
+# ----------------------------------------------------------------------------------------------- experiments
+
+
+def _default_artifact_location(uri: str) -> str | None:
+    """Next to a sqlite database (not ``./mlruns`` in whatever the cwd happens to be)."""
+    local = _local_store_dir(uri)
+    if local is not None and local[0] == "sqlite":
+        return (local[1].resolve() / "artifacts").as_uri()
+    return None
+
+
+def ensure_experiment(uri: str, name: str, *, artifact_location: str | None = None,
+                      retries: int = 3, backoff_s: float = 0.5) -> str:
+    """Get or create experiment ``name`` and return its id; call once before launching parallel jobs.
+
+    For a ``sqlite:///`` store, new experiments keep artifacts in ``<db folder>/artifacts`` unless
+    ``artifact_location`` says otherwise; a server decides for itself.
+    """
+    client = _client(uri)
+    red = redact_uri(uri)
+    location = artifact_location if artifact_location is not None else _default_artifact_location(uri)
+
+    def get_or_create() -> str:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            try:
+                return client.create_experiment(name, artifact_location=location)
+            except MlflowException as e:
+                if getattr(e, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                # Lost a creation race to another process: the winner's experiment is the one to use.
+                exp = client.get_experiment_by_name(name)
+                if exp is None:
+                    raise
+        if exp.lifecycle_stage != "active":
+            raise TrackingError(f"MLflow at {red}: experiment {name!r} (id {exp.experiment_id}) is "
+                                f"{exp.lifecycle_stage}; restore it or choose another name")
+        return exp.experiment_id
+
+    return _retry(get_or_create, f"get-or-create experiment {name!r}", uri, retries, backoff_s)
+
+
+# ----------------------------------------------------------------------------------------------- configs & values
+
+
+def _plain(obj: tp.Any) -> tp.Any:
+    """Mappings/sequences (OmegaConf containers included) as dicts/lists, for canonical JSON."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _drop(tree: dict, dotted: str) -> None:
+    head, _, rest = dotted.partition(".")
+    if head not in tree:
+        return
+    if not rest:
+        del tree[head]
+    elif isinstance(tree[head], dict):
+        _drop(tree[head], rest)
+
+
+def config_key(cfg: Mapping, exclude: tp.Iterable[str] = DEFAULT_CONFIG_KEY_EXCLUDE) -> str:
+    """12-hex sha256 of the canonical JSON of ``cfg`` without ``fold`` and the (dotted) keys in ``exclude``.
+
+    The folds of one configuration share the key; bookkeeping sections (mlflow, hydra, paths) do not change it.
+    """
+    tree = _plain(cfg)
+    if not isinstance(tree, dict):
+        raise TypeError(f"config_key needs a mapping, got {type(cfg).__name__}")
+    for key in ("fold", *exclude):
+        _drop(tree, key)
+    text = json.dumps(tree, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _flat_items(d: Mapping, sep: str, prefix: str = "") -> tp.Iterator[tuple[str, tp.Any]]:
+    for k, v in d.items():
+        key = f"{prefix}{sep}{k}" if prefix else str(k)
+        if isinstance(v, Mapping):
+            yield from _flat_items(v, sep, key)
+        else:
+            yield key, v
+
+
+def flatten(d: Mapping, sep: str = ".") -> dict[str, str]:
+    """Nested mapping -> ``{"a.b.c": "value"}``, values as strings (a list stays one JSON value)."""
+    out = {}
+    for key, v in _flat_items(d, sep):
+        plain = _plain(v)
+        out[key] = json.dumps(plain, default=str) if isinstance(plain, list) else str(plain)
+    return out
+
+
+def _truncate(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    log.warning("MLflow value truncated from %d to %d characters", len(text), limit)
+    return text[: limit - len(TRUNCATED_SUFFIX)] + TRUNCATED_SUFFIX
+
+
+_PATH_START = r"(?<![\w.~/-])"  # the root must start a path, not sit inside a longer one
+_PATH_END = r"(?=$|[\s,;:'\"\]\)}=])"
+
+
+def _replace_root(text: str, root: str, as_prefix: str, as_whole: str) -> str:
+    root = root.rstrip("/")
+    if not root:
+        return text  # "/" as home or cwd would rewrite every path
+    text = re.sub(_PATH_START + re.escape(root) + "/", lambda _: as_prefix, text)
+    return re.sub(_PATH_START + re.escape(root) + _PATH_END, lambda _: as_whole, text)
+
+
+def sanitize(value: tp.Any, limit: int | None = MAX_PARAM_VAL_LENGTH) -> str:
+    """``str(value)`` with cwd-absolute paths made relative and the home prefix as ``~``, truncated to ``limit``.
+
+    ``limit=None`` keeps the whole text (for artifacts such as a config YAML, which have no length limit).
+    """
+    text = value if isinstance(value, str) else str(value)
+    home = os.path.expanduser("~")
+    homes = {home, os.path.realpath(home)} if home not in ("", "/", "~") else set()
+    cwd = os.getcwd()
+    # cwd first: it usually lies under home, and the relative form is the shorter one (cwd == home stays "~").
+    for root in sorted({cwd, os.path.realpath(cwd)} - homes, key=len, reverse=True):
+        text = _replace_root(text, root, "", ".")
+    for root in sorted(homes, key=len, reverse=True):
+        text = _replace_root(text, root, "~/", "~")
+    return text if limit is None else _truncate(text, limit)
+
+
+def environment_tags() -> dict[str, str]:
+    """git commit of this checkout, SLURM job ids when present, and the hostname."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                                capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    tags = {TAG_GIT_COMMIT: commit, TAG_HOSTNAME: socket.gethostname()}
+    for tag, var in _SLURM_ENV.items():
+        if os.environ.get(var):
+            tags[tag] = os.environ[var]
+    return tags
+
+
+def _chunks(items: list[T], n: int) -> tp.Iterator[list[T]]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+# ----------------------------------------------------------------------------------------------- runs
+
+
+class RunRecorder:
+    """One MLflow run, created or resumed by id; every client call retried, then raised as TrackingError."""
+
+    def __init__(self, uri: str, experiment_id: str, *, run_id: str | None = None, run_name: str | None = None,
+                 tags: Mapping[str, tp.Any] | None = None, retries: int = 5, backoff_s: float = 0.5):
+        self.uri = uri
+        self.experiment_id = str(experiment_id)
+        self.run_id = run_id
+        self.run_name = run_name
+        self.tags = dict(tags or {})
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.client = _client(uri)
+        self._started = False
+
+    def __repr__(self) -> str:
+        return f"RunRecorder({redact_uri(self.uri)!r}, experiment_id={self.experiment_id!r}, run_id={self.run_id!r})"
+
+    def _retry(self, fn: tp.Callable[[], T], what: str) -> T:
+        return _retry(fn, what, self.uri, self.retries, self.backoff_s)
+
+    def _run_id(self) -> str:
+        if not self._started or self.run_id is None:
+            raise TrackingError(f"MLflow at {redact_uri(self.uri)}: run not started; call start() first")
+        return self.run_id
+
+    def start(self) -> str:
+        """Create the run, or resume ``run_id`` (status back to RUNNING); returns the run id."""
+        if self._started:
+            return self._run_id()
+        tags = {k: sanitize(v, MAX_TAG_VAL_LENGTH) for k, v in self.tags.items()}
+        if self.run_id is None:
+            run = self._retry(lambda: self.client.create_run(self.experiment_id, run_name=self.run_name, tags=tags),
+                              f"create run in experiment {self.experiment_id}")
+            self.run_id = run.info.run_id
+            self._started = True
+            return self.run_id
+        run_id = self.run_id
+        run = self._retry(lambda: self.client.get_run(run_id), f"get run {run_id} to resume")
+        if run.info.experiment_id != self.experiment_id:
+            raise TrackingError(f"MLflow at {redact_uri(self.uri)}: run {run_id} belongs to experiment "
+                                f"{run.info.experiment_id}, not {self.experiment_id}")
+        if run.info.lifecycle_stage != "active":
+            raise TrackingError(f"MLflow at {redact_uri(self.uri)}: run {run_id} is {run.info.lifecycle_stage}")
+        self._retry(lambda: self.client.update_run(run_id, status="RUNNING"), f"set run {run_id} RUNNING")
+        self._started = True
+        if tags:
+            self.set_tags(tags)
+        return run_id
+
+    def log_params(self, params: Mapping[str, tp.Any]) -> None:
+        """Flattened, sanitized params; identical re-logs are skipped, a changed value raises TrackingError."""
+        run_id = self._run_id()
+        flat = {k: sanitize(v, MAX_PARAM_VAL_LENGTH) for k, v in flatten(params).items()}
+        existing = self._retry(lambda: self.client.get_run(run_id), f"read params of run {run_id}").data.params
+        changed = {k: (existing[k], v) for k, v in flat.items() if k in existing and existing[k] != v}
+        if changed:
+            detail = "; ".join(f"{k}: logged {old[:80]!r}, now {new[:80]!r}" for k, (old, new) in changed.items())
+            raise TrackingError(f"MLflow at {redact_uri(self.uri)}: run {run_id} already has different values "
+                                f"for param(s) {', '.join(changed)} (MLflow params are immutable): {detail}")
+        todo = [Param(k, v) for k, v in flat.items() if k not in existing]
+        for batch in _chunks(todo, MAX_PARAMS_TAGS_PER_BATCH):
+            self._retry(lambda b=batch: self.client.log_batch(run_id, params=b, synchronous=True),
+                        f"log {len(batch)} params to run {run_id}")
+
+    def log_metrics(self, metrics: Mapping[str, tp.Any], step: int | None = None) -> None:
+        """All values in one ``log_batch`` (per 1000 metrics), same timestamp and step (``None`` -> 0)."""
+        run_id = self._run_id()
+        ts = int(time.time() * 1000)
+        items = []
+        for k, v in _flat_items(metrics, "."):
+            try:
+                items.append(Metric(str(k), float(v), ts, int(step or 0)))
+            except (TypeError, ValueError) as e:
+                raise TrackingError(f"MLflow at {redact_uri(self.uri)}: metric {k!r}={v!r} is not a number") from e
+        for batch in _chunks(items, MAX_METRICS_PER_BATCH):
+            self._retry(lambda b=batch: self.client.log_batch(run_id, metrics=b, synchronous=True),
+                        f"log {len(batch)} metrics (step {step}) to run {run_id}")
+
+    def set_tags(self, tags: Mapping[str, tp.Any]) -> None:
+        run_id = self._run_id()
+        items = [RunTag(str(k), sanitize(v, MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
+        for batch in _chunks(items, MAX_PARAMS_TAGS_PER_BATCH):
+            self._retry(lambda b=batch: self.client.log_batch(run_id, tags=b, synchronous=True),
+                        f"set {len(batch)} tags on run {run_id}")
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """A file or a whole folder."""
+        run_id = self._run_id()
+        p = Path(path)
+        if not p.exists():
+            raise TrackingError(f"MLflow at {redact_uri(self.uri)}: artifact {sanitize(p)} does not exist")
+        if p.is_dir():
+            self._retry(lambda: self.client.log_artifacts(run_id, str(p), artifact_path),
+                        f"log artifact folder {sanitize(p)} to run {run_id}")
+        else:
+            self._retry(lambda: self.client.log_artifact(run_id, str(p), artifact_path),
+                        f"log artifact {sanitize(p)} to run {run_id}")
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        run_id = self._run_id()
+        self._retry(lambda: self.client.log_text(run_id, text, artifact_file),
+                    f"log text {artifact_file} to run {run_id}")
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Terminate the run with ``status`` (FINISHED, FAILED or KILLED)."""
+        run_id = self._run_id()
+        if status not in ("FINISHED", "FAILED", "KILLED"):
+            raise ValueError(f"not a terminal MLflow run status: {status!r}")
+        self._retry(lambda: self.client.set_terminated(run_id, status=status), f"finish run {run_id} as {status}")
+
+    def __enter__(self) -> RunRecorder:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        # On success the caller decides when to finish; on failure mark the run FAILED with one quick try.
+        if exc_type is not None and self._started:
+            try:
+                _retry(lambda: self.client.set_terminated(self.run_id, status="FAILED"),
+                       f"mark run {self.run_id} FAILED", self.uri, 1, 0.0)
+            except Exception as e:  # noqa: BLE001 - best effort: the original exception matters more
+                log.warning("could not mark MLflow run %s FAILED: %s", self.run_id, redact_uri(str(e)))
+        return False
+
+
+def _quote(value: tp.Any) -> str:
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def find_runs(uri: str, experiment_id: str, config_key: str | None = None, fold: int | str | None = None,
+              status: str | None = None, *, retries: int = 3, backoff_s: float = 0.5) -> list[Run]:
+    """Active runs of the experiment with matching ``config_key`` / ``fold`` tags and status (all pages)."""
+    clauses = []
+    if config_key is not None:
+        clauses.append(f"tags.{TAG_CONFIG_KEY} = {_quote(config_key)}")
+    if fold is not None:
+        clauses.append(f"tags.{TAG_FOLD} = {_quote(fold)}")
+    if status is not None:
+        clauses.append(f"attributes.status = {_quote(status)}")
+    filter_string = " AND ".join(clauses)
+    client = _client(uri)
+    runs: list[Run] = []
+    token: str | None = None
+    while True:
+        page = _retry(lambda t=token: client.search_runs([str(experiment_id)], filter_string=filter_string,
+                                                         max_results=1000, page_token=t),
+                      f"search runs ({filter_string or 'all'})", uri, retries, backoff_s)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs

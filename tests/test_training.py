@@ -1,0 +1,85 @@
+"""The paper's training schedule, IoU (Eq. 6), and checkpoint/resume of one fold (tiny real Keras models)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+
+from data.folds import split_fold
+from data.manifest import load_dataset
+from data.pipeline import AugmentConfig
+from model.complexity import count_flops
+from model.evaluation import confusion_matrix, iou_metrics, iou_per_class
+from model.training import STATE_FILE, ScheduleState, TrainSettings, paper_batch_size, train_fold, update_schedule
+
+
+def test_iou_is_tp_over_tp_fp_fn():
+    ref = np.array([0, 1, 1, 2, 2, 2, 3, 3])
+    pred = np.array([0, 1, 2, 2, 2, 3, 3, 0])
+    cm = confusion_matrix(ref, pred)
+    iou = iou_per_class(cm)
+    # bone: TP 1, FN 1 → 1/2; DL: TP 2, FP 1, FN 1 → 2/4; RM: TP 1, FP 1, FN 1 → 1/3
+    assert iou[1] == pytest.approx(1 / 2) and iou[2] == pytest.approx(2 / 4) and iou[3] == pytest.approx(1 / 3)
+    m = iou_metrics(cm)
+    assert m["mean_iou"] == pytest.approx((1 / 2 + 2 / 4 + 1 / 3) / 3)
+    assert set(m) == {"iou_bone", "iou_degradation_layer", "iou_residual_material", "mean_iou"}
+
+
+def test_schedule_halves_lr_after_patience_and_stops_early():
+    s = TrainSettings(lr_patience_iters=100, early_stop_patience_iters=250, checkpoint_every=50)
+    st = ScheduleState(learning_rate=s.learning_rate)
+    update_schedule(st, 1.0, 50, s)
+    assert st.best_val_loss == 1.0 and st.learning_rate == pytest.approx(3e-4)
+    assert not update_schedule(st, 1.1, 50, s)
+    assert update_schedule(st, 1.1, 50, s) and st.learning_rate == pytest.approx(1.5e-4)  # 100 iters, no gain
+    update_schedule(st, 0.9, 50, s)  # improvement resets both counters
+    assert st.since_improvement == 0 and st.learning_rate == pytest.approx(1.5e-4)
+    for _ in range(5):
+        update_schedule(st, 0.95, 50, s)
+    assert st.stopped_early and st.learning_rate == pytest.approx(3e-4 / 8)
+
+
+def test_paper_batch_size_by_model_size():
+    assert paper_batch_size(count_flops(32, 3, 384)) == 32
+    assert paper_batch_size(count_flops(64, 5, 640)) == 16
+    assert paper_batch_size(count_flops(96, 5, 384)) == 16
+
+
+@pytest.mark.parametrize("field, value", [("max_iters", 0), ("batch_size", -1), ("precision", "float8")])
+def test_bad_settings_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"train.{field}"):
+        TrainSettings(**{field: value})
+
+
+def test_restart_resumes_from_the_checkpoint(prepared_dataset, tmp_path):
+    ds = load_dataset(prepared_dataset)
+    train, val = split_fold(ds, 1)
+    s = TrainSettings(max_iters=4, checkpoint_every=2, batch_size=2, val_crop=16, val_slice_step=6, final_slice_step=6,
+                      open_slabs=2, precision="float32")
+    kw = dict(width=2, depth=2, input_size=16, train_samples=train, val_samples=val, augment=AugmentConfig(),
+              ckpt_dir=tmp_path / "ck")
+    first = train_fold(settings=dataclasses.replace(s, max_iters=2), **kw)
+    assert first.state.iteration == 2 and first.state.finished
+    # Pretend the process died after its first checkpoint: the state is not finished.
+    raw = json.loads((tmp_path / "ck" / STATE_FILE).read_text())
+    raw["finished"] = False
+    (tmp_path / "ck" / STATE_FILE).write_text(json.dumps(raw))
+    seen = []
+    second = train_fold(settings=s, on_chunk=lambda st, m: seen.append(st.iteration), **kw)
+    assert second.state.resumed_from == [2] and seen == [4] and second.state.iteration == 4
+    assert [h["iteration"] for h in second.state.history] == [2, 4]
+    assert set(second.final_metrics) >= {"iou_bone", "iou_degradation_layer", "iou_residual_material", "mean_iou"}
+    assert all(0.0 <= second.final_metrics[k] <= 1.0 or math.isnan(second.final_metrics[k]) for k in second.final_metrics
+               if k.startswith("iou"))
+
+
+def test_wrong_input_size_fails_before_training(prepared_dataset, tmp_path):
+    train, val = split_fold(load_dataset(prepared_dataset), 0)
+    with pytest.raises(ValueError, match="input_size"):
+        train_fold(width=2, depth=3, input_size=20, train_samples=train, val_samples=val, settings=TrainSettings(),
+                   augment=AugmentConfig(), ckpt_dir=tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()
