@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--slab-mb", type=int, default=256)
     ap.add_argument("--voxel-in", type=float, default=5.0, help="source voxel size (5.0 = no resampling)")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parents[1]) as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         raw, out = Path(tmp) / "raw", Path(tmp) / "out"
         raw.mkdir()
         t = time.perf_counter()
