@@ -23,7 +23,9 @@ demo: $(STAMP)
 	$(PY) -m data.synth --out $(DEMO)/raw --size $(SIZE) --overwrite
 	$(PY) -m data.prepare $(DEMO)/raw --out $(DEMO)/prepared --overwrite
 	$(PY) -m data.show $(DEMO)/prepared --sample synth01 --out $(DEMO)/synthetic_sample.png
-	@echo "demo: prepared dataset in $(DEMO)/prepared, picture in $(DEMO)/synthetic_sample.png"
+	SCALING_UNET_WORK=$(abspath $(DEMO))/work $(PY) -m sweep
+	@echo "demo: prepared dataset in $(DEMO)/prepared, picture in $(DEMO)/synthetic_sample.png,"
+	@echo "      one laptop-scale training run in $(DEMO)/work (MLflow: sqlite:///$(abspath $(DEMO))/work/mlflow.db)"
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
