@@ -14,7 +14,8 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "scaling-unet needs Python 3.11, found " + sys.version' 
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[test]'
+	# compat mode puts the checkout on sys.path, so Hydra finds hydra_plugins/ (our launchers).
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
 	# hydra-optuna-sweeper 1.3.0 declares optuna<3 but works with optuna 5 (platform-facts): no deps.
 	$(PY) -m pip install -q --no-deps hydra-optuna-sweeper==1.3.0
 	touch $(STAMP)

@@ -26,6 +26,7 @@ from data.manifest import Sample
 from data.pipeline import AugmentConfig, centre_crop, training_dataset
 from data.slicing import iter_slices
 from model.evaluation import confusion_matrix, iou_metrics
+from model.unet import build_unet
 
 STATE_FILE = "state.json"
 MODEL_FILE = "last.keras"
@@ -52,6 +53,7 @@ class TrainSettings:
     final_slice_step: int = 1
     planes: tuple[str, ...] = ("rc", "cp", "pr")
     open_slabs: int = 8
+    jit_compile: bool = False  # XLA: slower on CPU and costs seconds of compile per run (platform facts)
 
     def __post_init__(self) -> None:
         for name in ("lr_patience_iters", "early_stop_patience_iters", "max_iters", "checkpoint_every", "batch_size",
@@ -144,21 +146,34 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def evaluate_slices(model, samples: tp.Sequence[Sample], *, depth: int, planes: tp.Sequence[str], step: int,
-                    crop: tp.Optional[int]) -> dict[str, float]:
+                    crop: tp.Optional[int], eval_batch: int = 8) -> dict[str, float]:
     """Cross-entropy and IoU (Eq. 6) over every ``step``-th slice of each plane; ``crop=None`` = full slices."""
     from model.unet import predict_full_slice
 
     cm = np.zeros((4, 4), np.int64)
     loss_sum, n_pix = 0.0, 0
+    batch: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def flush() -> None:
+        nonlocal loss_sum, n_pix
+        imgs = np.stack([b[0] for b in batch]).astype(np.float32)
+        labs = np.stack([b[1] for b in batch]).astype(np.int64)
+        logits = predict_full_slice(model, imgs, depth, batch_size=len(batch))
+        logp = _log_softmax(logits.astype(np.float64))
+        loss_sum -= float(np.take_along_axis(logp, labs[..., None], -1).sum())
+        n_pix += labs.size
+        cm[...] += confusion_matrix(labs, logits.argmax(-1))
+        batch.clear()
+
+    # Slices of one plane share a shape: predict them in batches, not one model call per slice.
     for _, _, _, img, lab in iter_slices(samples, planes=planes, step=step):
         if crop is not None:
             img, lab = centre_crop(img, lab, crop)
-        logits = predict_full_slice(model, img.astype(np.float32), depth)
-        lab = lab.astype(np.int64)
-        logp = _log_softmax(logits.astype(np.float64))
-        loss_sum -= float(np.take_along_axis(logp, lab[..., None], -1).sum())
-        n_pix += lab.size
-        cm += confusion_matrix(lab, logits.argmax(-1))
+        if batch and (img.shape != batch[0][0].shape or len(batch) == eval_batch):
+            flush()
+        batch.append((img, lab))
+    if batch:
+        flush()
     if n_pix == 0:
         raise ValueError("no validation slices: the validation fold is empty")
     return {"val_loss": loss_sum / n_pix, **iou_metrics(cm)}
@@ -183,15 +198,58 @@ def _strategy():
     return tf.distribute.MirroredStrategy() if gpus else tf.distribute.get_strategy()
 
 
+_SAVE_NOW: tp.Optional[tp.Callable[[], None]] = None
+_LAST_MODEL: dict[tuple, tuple[tp.Any, list]] = {}
+
+
+def _fresh_model(width: int, depth: int, settings: TrainSettings):
+    """A compiled U-net with freshly initialised weights and optimizer.
+
+    Tracing the training step of a new Keras model costs seconds; a worker that trains the folds of
+    one config back to back reuses the last model, reset to its initial weights and a zeroed
+    optimizer, which is the same starting point as a new build with the same seed.
+    """
+    import keras
+
+    key = (width, depth, settings.precision, settings.beta_1, settings.beta_2, settings.jit_compile, settings.seed)
+    if key in _LAST_MODEL:
+        model, initial = _LAST_MODEL[key]
+        model.set_weights(initial)
+        for v in model.optimizer.variables:
+            if "learning_rate" not in v.path:
+                v.assign(keras.ops.zeros(v.shape, v.dtype))
+        model.optimizer.learning_rate.assign(settings.learning_rate)
+        return model
+    _LAST_MODEL.clear()  # keep one model: memory stays that of one run
+    model = build_unet(width, depth)
+    model.compile(optimizer=keras.optimizers.Adam(settings.learning_rate, settings.beta_1, settings.beta_2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=settings.jit_compile)
+    _LAST_MODEL[key] = (model, model.get_weights())
+    return model
+
+
+def save_active_checkpoint() -> bool:
+    """Write a checkpoint of the training running in this process, mid-chunk (preemption / time-out).
+
+    Called from the launcher's signal handler (submitit's USR2 checkpoint hook) before the job is
+    requeued; Python runs signal handlers between training steps, so the weights are consistent.
+    Returns False when no training is running.
+    """
+    if _SAVE_NOW is None:
+        return False
+    _SAVE_NOW()
+    return True
+
+
 def train_fold(*, width: int, depth: int, input_size: int, train_samples: tp.Sequence[Sample],
                val_samples: tp.Sequence[Sample], settings: TrainSettings, augment: AugmentConfig, ckpt_dir: Path,
-               on_chunk: tp.Optional[ChunkCallback] = None, on_start: tp.Optional[tp.Callable[[ScheduleState], None]] = None,
-               stop_requested: tp.Callable[[], bool] = lambda: False) -> TrainResult:
+               on_chunk: tp.Optional[ChunkCallback] = None,
+               on_start: tp.Optional[tp.Callable[[ScheduleState], None]] = None) -> TrainResult:
     """Train (or resume) one fold; returns the final full-slice validation metrics of the best model."""
+    global _SAVE_NOW
     import keras
     import tensorflow as tf
 
-    from model.unet import build_unet
     from model.validation import check_input_size
 
     check_input_size(input_size, depth)
@@ -207,47 +265,61 @@ def train_fold(*, width: int, depth: int, input_size: int, train_samples: tp.Seq
     with strategy.scope():
         if state is None:
             state = ScheduleState(learning_rate=settings.learning_rate)
-            model = build_unet(width, depth)
-            model.compile(optimizer=keras.optimizers.Adam(settings.learning_rate, settings.beta_1, settings.beta_2),
-                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            model = _fresh_model(width, depth, settings)
         else:
             state.resumed_from.append(state.iteration)
             model = keras.models.load_model(ckpt_dir / MODEL_FILE)
     if on_start is not None:
         on_start(state)
     aug = dataclasses.replace(augment, input_size=input_size)
-    while not (state.finished or state.stopped_early) and state.iteration < settings.max_iters:
-        if stop_requested():
-            return TrainResult(state, {}, ckpt_dir / MODEL_FILE)
-        iters = min(settings.checkpoint_every, settings.max_iters - state.iteration)
-        chunk = state.iteration // settings.checkpoint_every
-        # Seeded per chunk, so a resumed run sees the same batches it would have seen.
-        ds = training_dataset(train_samples, aug, batch_size=settings.batch_size,
-                              seed=settings.seed * 1_000_003 + chunk, planes=settings.planes,
-                              open_slabs=settings.open_slabs)
-        ds = ds.map(lambda x, y: (x, tf.cast(y, tf.int32)))
-        model.optimizer.learning_rate.assign(state.learning_rate)
-        t0 = time.perf_counter()
-        hist = model.fit(ds, steps_per_epoch=iters, epochs=1, verbose=0, shuffle=False)
-        dt = time.perf_counter() - t0
-        state.iteration += iters
-        state.train_seconds += dt
-        state.images_seen += iters * settings.batch_size
-        val = evaluate_slices(model, val_samples, depth=depth, planes=settings.planes, step=settings.val_slice_step,
-                              crop=settings.val_crop)
-        improved = val["val_loss"] < state.best_val_loss
-        metrics = {"train_loss": float(hist.history["loss"][-1]), "learning_rate": state.learning_rate,
-                   "images_per_s": iters * settings.batch_size / dt, **val}
-        update_schedule(state, val["val_loss"], iters, settings)
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        if improved:
-            model.save_weights(ckpt_dir / f".tmp.{BEST_FILE}")
-            os.replace(ckpt_dir / f".tmp.{BEST_FILE}", ckpt_dir / BEST_FILE)
-        state.history.append({"iteration": state.iteration, **metrics})
-        state.wall_seconds += time.perf_counter() - t0
-        save_checkpoint(model, state, ckpt_dir)
-        if on_chunk is not None:
-            on_chunk(state, metrics)
+    steps_done = [0]  # steps of the current chunk, for mid-chunk checkpoints
+    count_steps = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs=None: steps_done.__setitem__(0, steps_done[0] + 1))
+
+    def save_mid_chunk() -> None:
+        # ±1 step: a signal can land between a step and its callback.
+        partial = dataclasses.replace(state, iteration=state.iteration + steps_done[0],
+                                      images_seen=state.images_seen + steps_done[0] * settings.batch_size,
+                                      resumed_from=list(state.resumed_from), history=list(state.history))
+        save_checkpoint(model, partial, ckpt_dir)
+
+    _SAVE_NOW = save_mid_chunk
+    try:
+        while not (state.finished or state.stopped_early) and state.iteration < settings.max_iters:
+            # Chunks end on multiples of checkpoint_every, also after a mid-chunk (preemption) checkpoint.
+            iters = min(settings.checkpoint_every - state.iteration % settings.checkpoint_every,
+                        settings.max_iters - state.iteration)
+            since_validation = state.iteration + iters - (state.history[-1]["iteration"] if state.history else 0)
+            # Seeded by the starting iteration: an uninterrupted run and a resumed one are both reproducible.
+            ds = training_dataset(train_samples, aug, batch_size=settings.batch_size,
+                                  seed=settings.seed * 1_000_003 + state.iteration, planes=settings.planes,
+                                  open_slabs=settings.open_slabs)
+            ds = ds.map(lambda x, y: (x, tf.cast(y, tf.int32)))
+            model.optimizer.learning_rate.assign(state.learning_rate)
+            steps_done[0] = 0
+            t0 = time.perf_counter()
+            hist = model.fit(ds, steps_per_epoch=iters, epochs=1, verbose=0, shuffle=False, callbacks=[count_steps])
+            dt = time.perf_counter() - t0
+            state.iteration += iters
+            steps_done[0] = 0
+            state.train_seconds += dt
+            state.images_seen += iters * settings.batch_size
+            val = evaluate_slices(model, val_samples, depth=depth, planes=settings.planes,
+                                  step=settings.val_slice_step, crop=settings.val_crop)
+            improved = val["val_loss"] < state.best_val_loss
+            metrics = {"train_loss": float(hist.history["loss"][-1]), "learning_rate": state.learning_rate,
+                       "images_per_s": iters * settings.batch_size / dt, **val}
+            update_schedule(state, val["val_loss"], since_validation, settings)
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            if improved:
+                model.save_weights(ckpt_dir / f".tmp.{BEST_FILE}")
+                os.replace(ckpt_dir / f".tmp.{BEST_FILE}", ckpt_dir / BEST_FILE)
+            state.history.append({"iteration": state.iteration, **metrics})
+            state.wall_seconds += time.perf_counter() - t0
+            save_checkpoint(model, state, ckpt_dir)
+            if on_chunk is not None:
+                on_chunk(state, metrics)
+    finally:
+        _SAVE_NOW = None
     if (ckpt_dir / BEST_FILE).is_file():
         model.load_weights(ckpt_dir / BEST_FILE)
     final = evaluate_slices(model, val_samples, depth=depth, planes=settings.planes, step=settings.final_slice_step,
@@ -255,3 +327,4 @@ def train_fold(*, width: int, depth: int, input_size: int, train_samples: tp.Seq
     state.finished = True
     save_checkpoint(model, state, ckpt_dir)
     return TrainResult(state, final, ckpt_dir / MODEL_FILE)
+

@@ -1,10 +1,11 @@
-"""``python -m sweep``: one training run from conf/ (multirun with ``-m`` arrives with issue 3 of 5)."""
+"""``python -m sweep``: one training run from conf/; ``-m`` runs a sweep (``+experiment=compound``) through the launchers."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
+import typing as tp
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # MLflow's HTTP layer retries for minutes on its own; ours (sweep.tracking) retries and then fails loudly.
@@ -17,6 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from data.errors import DataError
+from sweep.dispatch import objective_values
 from sweep.task import ConfigError, run
 from sweep.tracking import TrackingError
 
@@ -24,9 +26,9 @@ log = logging.getLogger("sweep")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> tp.Any:
     try:
-        return run(cfg)["mean_iou"]
+        return objective_values(cfg, run(cfg))
     except (ConfigError, DataError, TrackingError) as exc:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise

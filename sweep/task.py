@@ -27,7 +27,7 @@ from sweep import tracking
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "mlflow_run_id"
-KEY_EXCLUDE = ("fold", "mlflow", "paths", "hydra")
+KEY_EXCLUDE = ("fold", "mlflow", "paths", "hydra", "experiment_name", "objectives")
 
 
 class ConfigError(ValueError):
@@ -103,7 +103,9 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         augment = AugmentConfig(input_size=eff_size, **{k: tuple(v) if isinstance(v, list) else v for k, v in aug.items()})
     except (TypeError, ValueError) as exc:
         raise ConfigError("data.augment", str(exc)) from None
-    key_cfg = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in KEY_EXCLUDE}
+    # A launcher's composed config still holds hydra.* with job-time values (hydra.job.num): leave it out.
+    user_cfg = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    key_cfg = {k: v for k, v in user_cfg.items() if k not in KEY_EXCLUDE}
     key = tracking.config_key(key_cfg)
     dataset = OmegaConf.select(cfg, "data.dataset")
     if dataset in (None, "???"):
@@ -191,7 +193,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     run_id_file = plan.ckpt_dir / RUN_ID_FILE
     run_id = run_id_file.read_text().strip() if run_id_file.is_file() and load_state(plan.ckpt_dir) else None
-    tags = {tracking.TAG_CONFIG_KEY: plan.config_key, tracking.TAG_FOLD: str(plan.fold), **tracking.environment_tags()}
+    tags = {tracking.TAG_CONFIG_KEY: plan.config_key, tracking.TAG_FOLD: str(plan.fold),
+            "experiment": str(cfg.get("experiment_name", "single")), **tracking.environment_tags()}
     recorder = tracking.RunRecorder(plan.tracking_uri, experiment_id, run_id=run_id, run_name=plan.run_name, tags=tags)
     with recorder:
         run_id = recorder.start()
@@ -201,10 +204,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
         os.replace(tmp, run_id_file)
         recorder.set_tags(tags)
         recorder.log_params(_params(cfg, plan))
-        recorder.log_metrics({"flops": plan.flops, "params": plan.params, "receptive_field": receptive_field(plan.depth),
-                              "paper_receptive_field": paper_receptive_field(plan.depth),
-                              "paper_flops": count_flops(plan.paper_width, plan.depth, plan.paper_input_size),
-                              "paper_params": count_params(plan.paper_width, plan.depth)})
+        static = {"flops": plan.flops, "params": plan.params, "receptive_field": receptive_field(plan.depth),
+                  "paper_receptive_field": paper_receptive_field(plan.depth),
+                  "paper_flops": count_flops(plan.paper_width, plan.depth, plan.paper_input_size),
+                  "paper_params": count_params(plan.paper_width, plan.depth)}
+        recorder.log_metrics(static)
 
         def on_start(state) -> None:
             if state.resumed_from:
@@ -234,4 +238,4 @@ def run(cfg: DictConfig) -> dict[str, float]:
         recorder.finish("FINISHED")
     log.info("%s: mean IoU %.4f after %d iterations (%.0f s in this process)", plan.run_name, final["mean_iou"],
              st.iteration, time.perf_counter() - t0)
-    return final
+    return {**static, **final}

@@ -510,3 +510,12 @@ def find_runs(uri: str, experiment_id: str, config_key: str | None = None, fold:
         token = page.token
         if not token:
             return runs
+
+
+def set_run_tags(uri: str, run_id: str, tags: Mapping[str, tp.Any], *, retries: int = 3, backoff_s: float = 0.5) -> None:
+    """Tag an existing run without touching its status (e.g. nesting a finished fold run under its parent)."""
+    client = _client(uri)
+    items = [RunTag(str(k), sanitize(v, MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
+    for batch in _chunks(items, MAX_PARAMS_TAGS_PER_BATCH):
+        _retry(lambda b=batch: client.log_batch(run_id, tags=b, synchronous=True),
+               f"set {len(batch)} tags on run {run_id}", uri, retries, backoff_s)

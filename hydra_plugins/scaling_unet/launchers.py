@@ -1,0 +1,261 @@
+"""Hydra launchers: a local process pool (the embedded default) and one SLURM job array.
+
+Both wrap the jobs in the same sweep logic (sweep.dispatch): every config is checked before
+anything runs, (config, fold) pairs that already have a FINISHED MLflow run are skipped, failures
+are reported as they happen and summarised at the end, and each config gets a parent MLflow run.
+Imports of TensorFlow and MLflow are lazy: Hydra imports this module during plugin discovery.
+"""
+
+
+import dataclasses
+import logging
+import os
+import time
+import typing as tp
+from pathlib import Path
+
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, open_dict
+
+from hydra.core.config_store import ConfigStore
+
+from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ScalingUnetSlurmConf(SlurmQueueConf):
+    """hydra-submitit-launcher's SLURM options plus ours (conf/hydra/launcher/slurm_v100.yaml builds on it)."""
+
+    _target_: str = "hydra_plugins.scaling_unet.launchers.SlurmArrayLauncher"
+    poll_interval_s: float = 10.0  # how often the sweep process checks the array (sacct)
+    parent_runs: bool = True  # one MLflow parent run per config after the sweep
+
+
+ConfigStore.instance().store(group="hydra/launcher", name="scaling_unet_slurm", node=ScalingUnetSlurmConf,
+                             provider="scaling_unet")
+
+
+def _compose(launcher, job_overrides: tp.Sequence[tp.Sequence[str]], initial_job_idx: int) -> list:
+    loader = launcher.hydra_context.config_loader
+    return [(initial_job_idx + i, list(o), loader.load_sweep_config(launcher.config, list(o)))
+            for i, o in enumerate(job_overrides)]
+
+
+def _skipped_return(job, metrics) -> JobReturn:
+    from sweep.dispatch import objective_values
+
+    return JobReturn(overrides=job.overrides, cfg=job.cfg, status=JobStatus.COMPLETED,
+                     _return_value=objective_values(job.cfg, metrics), task_name="skipped (FINISHED in MLflow)")
+
+
+def _failed_return(job, exc: BaseException) -> JobReturn:
+    return JobReturn(overrides=job.overrides, cfg=job.cfg, status=JobStatus.FAILED, _return_value=exc)
+
+
+def _finish(prepared, results: dict, failed: list, parent_runs: bool) -> list[JobReturn]:
+    from sweep.aggregate import link_parent_runs
+    from sweep.dispatch import summarize
+
+    if parent_runs:
+        keys = {j.plan.config_key for j in prepared.todo} | {j.plan.config_key for j, _ in prepared.finished}
+        try:
+            link_parent_runs(prepared.tracking_uri, prepared.experiment_id, keys)
+        except Exception as exc:  # the fold runs are safe in MLflow; parents can be rebuilt later
+            log.error("could not create the parent runs: %s", exc)
+    for dup in prepared.duplicates:
+        first = next(r for j, r in results.values() if j.pair == dup.pair)
+        results[dup.idx] = (dup, first)
+    summarize(failed, len(prepared.todo))
+    return [results[i][1] for i in sorted(results)]
+
+
+def _sweep_dir(config: DictConfig) -> None:
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    if "mode" in config.hydra.sweep:
+        os.chmod(sweep_dir, mode=int(str(config.hydra.sweep.mode), 8))
+
+
+# ----------------------------------------------------------------------------- local process pool
+
+def _init_worker(threads: tp.Optional[int]) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if threads:  # several TensorFlow processes on few cores: don't oversubscribe
+        os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
+        os.environ["TF_NUM_INTEROP_THREADS"] = "1"
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+def _execute(payload: bytes) -> list[bytes]:
+    """Run the jobs of one config (its folds) one after the other in this worker; they reuse its traced model."""
+    import cloudpickle
+
+    hydra_context, config, task_function, jobs, singleton_state = cloudpickle.loads(payload)
+    out = []
+    for overrides, idx in jobs:
+        Singleton.set_state(singleton_state)
+        setup_globals()
+        sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
+        with open_dict(sweep_config.hydra.job) as job:
+            job.id = f"job_id_for_{idx}"
+            job.num = idx
+        ret = run_job(hydra_context=hydra_context, task_function=task_function, config=sweep_config,
+                      job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+        try:
+            out.append(cloudpickle.dumps(ret))
+        except Exception as exc:  # an unpicklable exception must not hide the failure
+            ret._return_value = RuntimeError(f"{type(ret._return_value).__name__}: {ret._return_value} ({exc})")
+            out.append(cloudpickle.dumps(ret))
+    return out
+
+
+class PoolLauncher(Launcher):
+    """Runs the jobs on this machine in ``n_workers`` long-lived processes (TensorFlow imported once each).
+
+    The folds of one config go to one worker back to back, so the traced training step is reused.
+    """
+
+    def __init__(self, n_workers: int = 2, threads_per_worker: tp.Optional[int] = None, parent_runs: bool = True) -> None:
+        self.n_workers = max(1, int(n_workers))
+        self.threads_per_worker = threads_per_worker
+        self.parent_runs = parent_runs
+        self.config: tp.Optional[DictConfig] = None
+        self.hydra_context: tp.Optional[HydraContext] = None
+        self.task_function: tp.Optional[TaskFunction] = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+
+    def launch(self, job_overrides: tp.Sequence[tp.Sequence[str]], initial_job_idx: int) -> tp.Sequence[JobReturn]:
+        import concurrent.futures as cf
+        import multiprocessing
+
+        import cloudpickle
+
+        from sweep.dispatch import failure_reason, prepare_sweep
+
+        assert self.config is not None and self.hydra_context is not None
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        _sweep_dir(self.config)
+        prepared = prepare_sweep(_compose(self, job_overrides, initial_job_idx))
+        results = {j.idx: (j, _skipped_return(j, m)) for j, m in prepared.finished}
+        failed: list = []
+        threads = self.threads_per_worker or max(1, (os.cpu_count() or 1) // self.n_workers)
+        n = len(prepared.todo)
+        log.info("local pool: %d runs on %d workers × %d threads", n, self.n_workers, threads)
+        t0 = time.perf_counter()
+        if prepared.todo:
+            ctx = multiprocessing.get_context("spawn")  # fork after TensorFlow/MLflow threads start is unsafe
+            with cf.ProcessPoolExecutor(self.n_workers, mp_context=ctx, initializer=_init_worker,
+                                        initargs=(threads,)) as pool:
+                groups: dict[str, list] = {}
+                for j in prepared.todo:
+                    groups.setdefault(j.plan.config_key, []).append(j)
+                futures = {}
+                for group in groups.values():
+                    payload = cloudpickle.dumps((self.hydra_context, self.config, self.task_function,
+                                                 [(j.overrides, j.idx) for j in group], Singleton.get_state()))
+                    futures[pool.submit(_execute, payload)] = group
+                k = 0
+                for fut in cf.as_completed(futures):
+                    group = futures[fut]
+                    try:
+                        rets = [cloudpickle.loads(b) for b in fut.result()]
+                    except Exception as exc:  # the worker process died (killed, out of memory)
+                        rets = [_failed_return(j, exc) for j in group]
+                    for j, ret in zip(group, rets):
+                        k += 1
+                        results[j.idx] = (j, ret)
+                        if ret.status == JobStatus.COMPLETED:
+                            log.info("[%d/%d] %s done (%.0f s)", k, n, j.plan.run_name, time.perf_counter() - t0)
+                        else:
+                            why = failure_reason(ret._return_value)
+                            failed.append((j, why))
+                            log.error("[%d/%d] %s FAILED: %s", k, n, j.plan.run_name, why)
+        return _finish(prepared, results, failed, self.parent_runs)
+
+
+# ----------------------------------------------------------------------------- SLURM job array
+
+class SlurmArrayLauncher(BaseSubmititLauncher):
+    """One SLURM job per (config, fold), all in ONE job array; requeue on USR2 with a fresh checkpoint."""
+
+    _EXECUTOR = "slurm"
+
+    def __init__(self, poll_interval_s: float = 5.0, parent_runs: bool = True, **params: tp.Any) -> None:
+        self.poll_interval_s = float(poll_interval_s)
+        self.parent_runs = parent_runs
+        super().__init__(**params)
+
+    def checkpoint(self, *args: tp.Any, **kwargs: tp.Any) -> tp.Any:
+        """submitit calls this on USR2 (preemption / time-out): save the running training, then requeue."""
+        try:
+            from model.training import save_active_checkpoint
+
+            saved = save_active_checkpoint()
+            log.warning("USR2: %s; requeueing", "checkpoint saved" if saved else "no training running")
+        except Exception as exc:  # requeue anyway; the last chunk checkpoint is still there
+            log.error("USR2: saving the checkpoint failed: %s", exc)
+        return super().checkpoint(*args, **kwargs)
+
+    def executor(self, folder: tp.Optional[str] = None):
+        """The submitit executor with this launcher's parameters (also used by sweep.plan to render sbatch)."""
+        import submitit
+        from omegaconf import OmegaConf
+
+        from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+        params = dict(self.params)
+        init = {"folder": folder or params["submitit_folder"]}
+        if "max_num_timeout" in params:
+            init[f"{self._EXECUTOR}_max_num_timeout"] = params["max_num_timeout"]
+        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init)
+        base = set(OmegaConf.structured(BaseQueueConf).keys())
+        executor.update_parameters(**{k if k in base else f"{self._EXECUTOR}_{k}": v for k, v in params.items()
+                                      if k not in ("submitit_folder", "max_num_timeout")})
+        return executor
+
+    def launch(self, job_overrides: tp.Sequence[tp.Sequence[str]], initial_job_idx: int) -> tp.Sequence[JobReturn]:
+        from sweep.dispatch import failure_reason, prepare_sweep
+
+        assert self.config is not None
+        prepared = prepare_sweep(_compose(self, job_overrides, initial_job_idx))
+        results = {j.idx: (j, _skipped_return(j, m)) for j, m in prepared.finished}
+        failed: list = []
+        _sweep_dir(self.config)
+        if prepared.todo:
+            executor = self.executor()
+            params = []
+            for j in prepared.todo:
+                log.info("\t#%d : %s", j.idx, " ".join(filter_overrides(j.overrides)))
+                params.append((j.overrides, "hydra.sweep.dir", j.idx, f"job_id_for_{j.idx}", Singleton.get_state()))
+            jobs = executor.map_array(self, *zip(*params))
+            log.info("submitted %d runs as ONE SLURM job array %s (at most %s at a time)", len(jobs),
+                     jobs[0].job_id.split("_")[0], self.params.get("array_parallelism"))
+            pending = dict(zip(jobs, prepared.todo))
+            while pending:
+                for job in list(pending):
+                    if not job.done():
+                        continue
+                    j = pending.pop(job)
+                    try:
+                        ret = job.results()[0]
+                    except Exception as exc:  # cancelled, killed, out of requeues: no result pickle
+                        ret = _failed_return(j, exc)
+                    results[j.idx] = (j, ret)
+                    if ret.status == JobStatus.COMPLETED:
+                        log.info("[%d left] %s (job %s) done", len(pending), j.plan.run_name, job.job_id)
+                    else:
+                        why = failure_reason(ret._return_value)
+                        failed.append((j, why))
+                        log.error("[%d left] %s (job %s) FAILED: %s", len(pending), j.plan.run_name, job.job_id, why)
+                if pending:
+                    time.sleep(self.poll_interval_s)
+        return _finish(prepared, results, failed, self.parent_runs)

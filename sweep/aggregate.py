@@ -1,0 +1,94 @@
+"""One parent MLflow run per config with its fold runs nested under it (mean ± standard error).
+
+The paper reports every number as mean ± standard error over the 4 folds. The parent run of a
+config carries those as metrics (``mean_iou`` and ``mean_iou_se``, ...), the config's params
+(without the fold) and tags ``n_folds`` / ``folds`` / ``complete``; each FINISHED fold run gets
+the tag ``mlflow.parentRunId``, so the MLflow UI shows configs as rows with their folds nested.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import typing as tp
+from collections import defaultdict
+
+from sweep import tracking
+from sweep.dispatch import TAG_IS_PARENT
+
+log = logging.getLogger(__name__)
+
+PARENT_TAG = "mlflow.parentRunId"
+# Final metrics worth a mean ± SE; static model facts are copied, not averaged.
+AVERAGED = ("iou_bone", "iou_degradation_layer", "iou_residual_material", "mean_iou", "final_val_loss",
+            "iterations", "best_iteration", "wall_time_s", "train_time_s", "images_per_s")
+STATIC = ("flops", "params", "receptive_field", "paper_receptive_field", "paper_flops", "paper_params")
+
+
+def mean_and_standard_error(values: tp.Sequence[float]) -> tuple[float, float]:
+    """Paper: mean ± standard error over folds, SE = sample std (ddof=1) / sqrt(n); SE of one value is NaN."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def parent_name(child_name: str) -> str:
+    return re.sub(r"-fold\d+$", "", child_name or "config")
+
+
+def link_parent_runs(uri: str, experiment_id: str, config_keys: tp.Optional[tp.Iterable[str]] = None,
+                     num_folds: int = 4) -> dict[str, str]:
+    """Create or update the parent run of each config (all, or those in ``config_keys``); returns key → parent id."""
+    wanted = None if config_keys is None else set(config_keys)
+    runs = tracking.find_runs(uri, experiment_id)
+    parents: dict[str, tp.Any] = {}
+    children: dict[str, list] = defaultdict(list)
+    for r in runs:
+        key = r.data.tags.get(tracking.TAG_CONFIG_KEY)
+        if key is None or (wanted is not None and key not in wanted):
+            continue
+        if r.data.tags.get(TAG_IS_PARENT) == "true":
+            parents[key] = r
+        elif r.info.status == "FINISHED" and tracking.TAG_FOLD in r.data.tags:
+            children[key].append(r)
+    out = {}
+    for key, kids in sorted(children.items()):
+        kids.sort(key=lambda r: int(r.data.tags[tracking.TAG_FOLD]))
+        folds = [int(r.data.tags[tracking.TAG_FOLD]) for r in kids]
+        parent = parents.get(key)
+        tags = {tracking.TAG_CONFIG_KEY: key, TAG_IS_PARENT: "true", "n_folds": str(len(kids)),
+                "folds": ",".join(map(str, folds)), "complete": str(sorted(set(folds)) == list(range(num_folds))).lower()}
+        for name in ("experiment",):
+            if name in kids[0].data.tags:
+                tags[name] = kids[0].data.tags[name]
+        rec = tracking.RunRecorder(uri, experiment_id, run_id=None if parent is None else parent.info.run_id,
+                                   run_name=parent_name(kids[0].info.run_name), tags=tags)
+        parent_id = rec.start()
+        rec.set_tags(tags)
+        common = {k: v for k, v in kids[0].data.params.items() if k != "fold"
+                  and all(c.data.params.get(k) == v for c in kids)}
+        rec.log_params(common)
+        metrics: dict[str, float] = {}
+        for m in AVERAGED:
+            vals = [c.data.metrics[m] for c in kids if m in c.data.metrics and not math.isnan(c.data.metrics[m])]
+            if vals:
+                metrics[m], se = mean_and_standard_error(vals)
+                if not math.isnan(se):
+                    metrics[f"{m}_se"] = se
+        for m in STATIC:
+            if m in kids[0].data.metrics:
+                metrics[m] = kids[0].data.metrics[m]
+        metrics["n_folds"] = len(kids)
+        rec.log_metrics(metrics)
+        for c in kids:
+            if c.data.tags.get(PARENT_TAG) != parent_id:
+                tracking.set_run_tags(uri, c.info.run_id, {PARENT_TAG: parent_id})
+        rec.finish("FINISHED")
+        if tags["complete"] != "true":
+            log.warning("config %s (%s): only folds %s are FINISHED", key, parent_name(kids[0].info.run_name), folds)
+        out[key] = parent_id
+    return out

@@ -1,0 +1,116 @@
+"""What the sweep launchers do around the jobs, the same on a laptop and on SLURM.
+
+Before anything is queued: compose every job's config, check them ALL (bad ones are reported
+together and nothing is queued), check the tracking server, create the MLflow experiment and the
+synthetic dataset once (parallel jobs would race), and drop the (config, fold) pairs that already
+have a FINISHED run, so a half-done sweep resumes where it stopped. After the jobs: a summary of
+failures with their reasons, and one parent MLflow run per config (sweep.aggregate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import typing as tp
+
+from omegaconf import DictConfig
+
+from sweep import tracking
+from sweep.task import ConfigError, RunPlan, ensure_dataset, plan_run
+
+log = logging.getLogger(__name__)
+
+
+class SweepConfigError(ValueError):
+    """One or more configs of a sweep are invalid; lists every one of them."""
+
+
+@dataclasses.dataclass
+class Job:
+    idx: int
+    overrides: list[str]
+    cfg: DictConfig
+    plan: RunPlan
+
+    @property
+    def pair(self) -> tuple[str, int]:
+        return self.plan.config_key, self.plan.fold
+
+
+@dataclasses.dataclass
+class PreparedSweep:
+    todo: list[Job]
+    finished: list[tuple[Job, dict[str, float]]]  # skipped: FINISHED in MLflow, with its metrics
+    duplicates: list[Job]
+    tracking_uri: str
+    experiment_id: str
+
+
+def objective_values(cfg: DictConfig, metrics: tp.Mapping[str, float]) -> tp.Any:
+    """What a job returns to the sweeper: mean IoU, or the metrics named in ``objectives`` (Optuna)."""
+    names = cfg.get("objectives")
+    if not names:
+        return float(metrics["mean_iou"])
+    return [float(metrics[str(n)]) for n in names]
+
+
+def check_jobs(jobs: tp.Sequence[tuple[int, tp.Sequence[str], DictConfig]]) -> list[Job]:
+    """Plan every job; raise SweepConfigError naming each bad one (index, overrides, field)."""
+    planned, errors = [], []
+    for idx, overrides, cfg in jobs:
+        try:
+            planned.append(Job(idx, list(overrides), cfg, plan_run(cfg)))
+        except ConfigError as exc:
+            errors.append(f"  #{idx} {' '.join(overrides)}: {exc}")
+    if errors:
+        raise SweepConfigError(f"{len(errors)} of {len(jobs)} configs are invalid; nothing was queued:\n" + "\n".join(errors))
+    uris = {j.plan.tracking_uri for j in planned}
+    if len(uris) > 1:
+        raise SweepConfigError(f"mlflow.tracking_uri differs between jobs ({sorted(uris)}); one sweep, one store")
+    return planned
+
+
+def prepare_sweep(jobs: tp.Sequence[tuple[int, tp.Sequence[str], DictConfig]]) -> PreparedSweep:
+    planned = check_jobs(jobs)
+    uri, experiment = planned[0].plan.tracking_uri, planned[0].plan.experiment
+    tracking.check_tracking_uri(uri)
+    experiment_id = tracking.ensure_experiment(uri, experiment)
+    made = set()
+    for j in planned:  # one synthetic dataset per distinct setting, made here rather than by racing jobs
+        if str(j.plan.dataset) not in made:
+            ensure_dataset(j.cfg)
+            made.add(str(j.plan.dataset))
+    done: dict[tuple[str, int], dict] = {}
+    for run in tracking.find_runs(uri, experiment_id, status="FINISHED"):
+        tags = run.data.tags
+        if tracking.TAG_CONFIG_KEY in tags and tracking.TAG_FOLD in tags and tags.get(TAG_IS_PARENT) != "true":
+            done.setdefault((tags[tracking.TAG_CONFIG_KEY], int(tags[tracking.TAG_FOLD])), dict(run.data.metrics))
+    todo, finished, duplicates, seen = [], [], [], set()
+    for j in planned:
+        if j.pair in seen:
+            duplicates.append(j)
+        elif j.pair in done:
+            finished.append((j, done[j.pair]))
+        else:
+            todo.append(j)
+        seen.add(j.pair)
+    log.info("sweep: %d jobs, %d already FINISHED in MLflow (skipped), %d duplicates, %d to run",
+             len(planned), len(finished), len(duplicates), len(todo))
+    return PreparedSweep(todo, finished, duplicates, uri, experiment_id)
+
+
+TAG_IS_PARENT = "is_parent"
+
+
+def failure_reason(exc: BaseException, limit: int = 600) -> str:
+    """One line per failure for the summary: the exception type and the end of its message."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[-limit:]}"
+
+
+def summarize(failed: tp.Sequence[tuple[Job, str]], total: int) -> None:
+    if not failed:
+        log.info("sweep: all %d runs completed", total)
+        return
+    lines = "\n".join(f"  #{j.idx} {j.plan.run_name}: {why}" for j, why in failed)
+    log.error("sweep: %d of %d runs FAILED:\n%s", len(failed), total, lines)

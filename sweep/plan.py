@@ -1,0 +1,158 @@
+"""``python -m sweep.plan``: check a whole sweep and print what it would queue, before anything runs.
+
+    python -m sweep.plan +experiment=compound
+    python -m sweep.plan +experiment=compound hydra/launcher=slurm_v100 profile=paper hydra.launcher.array_parallelism=8
+
+Composes every job of the sweep (``hydra.sweeper.params`` of the experiment plus sweep overrides
+on the command line), validates every config (all bad ones are listed, exit code 2), and prints:
+``runs: N``, the runs already FINISHED in MLflow (the sweep will skip them), parameters and FLOPs
+per config, an upper bound of GPU-hours (every run to the iteration cap at an assumed sustained
+throughput), and, for a SLURM launcher, the sbatch script that would be submitted. Writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import shlex
+import sys
+import typing as tp
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
+
+from sweep import tracking
+from sweep.dispatch import SweepConfigError, check_jobs
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+V100_TFLOPS = 30.0  # sustained mixed-precision conv throughput per V100 assumed for the estimate
+
+
+def expand_sweep(overrides: tp.Sequence[str]) -> tuple[DictConfig, list[list[str]]]:
+    """The base config and every job's overrides, as Hydra's basic sweeper builds them.
+
+    Like BasicSweeper.split_arguments: ``hydra.sweeper.params`` first, then the command line; a key
+    given again later (``model.depth=3`` after the experiment's ``model.depth: 3,4,5,6``) replaces it.
+    """
+    parser = OverridesParser.create()
+    fixed = [o.input_line for o in parser.parse_overrides(list(overrides)) if not o.is_sweep_override()]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        base = compose("config", overrides=fixed, return_hydra_config=True)
+    params = OmegaConf.to_container(base.hydra.sweeper.get("params") or {}, resolve=False)
+    lines = [f"{k}={v}" for k, v in params.items()] + list(overrides)
+    final: dict[str, list[str]] = {}
+    for o in parser.parse_overrides(lines):
+        key = o.get_key_element()
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        final[key] = [f"{key}={v}" for v in values]
+    return base, [list(combo) for combo in itertools.product(*final.values())]
+
+
+def compose_jobs(jobs: list[list[str]]) -> list[tuple[int, list[str], DictConfig]]:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return [(i, o, compose("config", overrides=o, return_hydra_config=True)) for i, o in enumerate(jobs)]
+
+
+def finished_pairs(uri: str, experiment: str) -> set[tuple[str, int]]:
+    """(config_key, fold) pairs with a FINISHED run; read-only (a missing store or experiment is empty)."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        return set()
+    tracking.check_tracking_uri(uri)
+    from mlflow.tracking import MlflowClient
+
+    exp = MlflowClient(uri).get_experiment_by_name(experiment)
+    if exp is None:
+        return set()
+    out = set()
+    for r in tracking.find_runs(uri, exp.experiment_id, status="FINISHED"):
+        t = r.data.tags
+        if tracking.TAG_CONFIG_KEY in t and tracking.TAG_FOLD in t:
+            out.add((t[tracking.TAG_CONFIG_KEY], int(t[tracking.TAG_FOLD])))
+    return out
+
+
+def gpu_hours_upper_bound(flops: int, batch: int, iters: int, gpus: int, tflops_per_gpu: float) -> float:
+    """Training ≈ 3× forward FLOPs per image; every run to the iteration cap; GPU-hours on ``gpus`` GPUs."""
+    seconds = 3.0 * flops * batch * iters / (tflops_per_gpu * 1e12 * gpus)
+    return seconds * gpus / 3600.0
+
+
+def launcher_params(cfg: DictConfig) -> dict:
+    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    params.pop("_target_", None)
+    return params
+
+
+def render_sbatch(params: dict, n_tasks: int, *, folder: str, python: str) -> str:
+    """The sbatch script submitit writes for ONE array of ``n_tasks`` runs with these launcher params."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    from hydra_plugins.scaling_unet.launchers import SlurmArrayLauncher
+
+    params = dict(params, submitit_folder=folder)
+    ex = SlurmArrayLauncher(**params).executor(folder=folder)._executor
+    command = " ".join([shlex.quote(python), "-u -m submitit.core._submit", shlex.quote(folder)])
+    return _make_sbatch_string(command=command, folder=folder, map_count=n_tasks, **ex.parameters)
+
+
+def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sweep.plan", description=__doc__.split("\n\n")[0])
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for `python -m sweep ... -m`")
+    ap.add_argument("--tflops-per-gpu", type=float, default=V100_TFLOPS,
+                    help=f"sustained training throughput per GPU for the estimate (default {V100_TFLOPS})")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    try:
+        base, job_overrides = expand_sweep(args.overrides)
+        jobs = check_jobs(compose_jobs(job_overrides))
+        first = jobs[0].plan
+        done = finished_pairs(first.tracking_uri, first.experiment)
+    except (SweepConfigError, tracking.TrackingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # composition errors from Hydra: one line, not a traceback
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    todo = [j for j in jobs if j.pair not in done]
+    is_slurm = "SlurmArrayLauncher" in str(base.hydra.launcher.get("_target_", ""))
+    gpus = int(base.hydra.launcher.get("gpus_per_node") or 0) if is_slurm else 0
+    print(f"runs: {len(jobs)}")
+    print(f"finished: {len(jobs) - len(todo)} already FINISHED in MLflow ({first.tracking_uri}, "
+          f"experiment {first.experiment!r}); skipped")
+    print(f"to queue: {len(todo)}")
+    print(f"launcher: {base.hydra.launcher._target_.rsplit('.', 1)[-1]}"
+          + (f", {gpus} GPUs per run" if is_slurm else ""))
+    print()
+    print(f"{'c0':>4} {'d':>2} {'IS':>4} {'trained as':>14} {'params':>14} {'GFLOPs':>9} {'batch':>5} "
+          f"{'folds to run':>13} {'GPU-h (max)':>12}")
+    by_config: dict[str, list] = {}
+    for j in jobs:
+        by_config.setdefault(j.plan.config_key, []).append(j)
+    total_h = 0.0
+    for key, group in by_config.items():
+        p = group[0].plan
+        folds = [str(j.plan.fold) for j in group if j.pair not in done]
+        hours = gpu_hours_upper_bound(p.flops, p.settings.batch_size, p.settings.max_iters, max(gpus, 4),
+                                      args.tflops_per_gpu) * len(folds)
+        total_h += hours
+        print(f"{p.paper_width:>4} {p.depth:>2} {p.paper_input_size:>4} {f'c{p.width}/{p.input_size}²':>14} "
+              f"{p.params:>14,} {p.flops / 1e9:>9.2f} {p.settings.batch_size:>5} {','.join(folds) or '-':>13} "
+              f"{hours:>12.1f}")
+    print()
+    print(f"GPU-hours, upper bound (every run to train.max_iters, {args.tflops_per_gpu:g} TFLOP/s per GPU, "
+          f"4 GPUs per run): {total_h:,.0f}; early stopping usually ends runs far sooner")
+    if is_slurm and todo:
+        folder = str(launcher_params(base)["submitit_folder"])
+        print()
+        print(f"sbatch script (one array of {len(todo)} tasks):")
+        print(render_sbatch(launcher_params(base), len(todo), folder=folder, python=sys.executable))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""sweep.plan and the experiment configs: job expansion, validation of all configs, the pinned sbatch script."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from sweep.plan import CONF_DIR, expand_sweep, launcher_params, render_sbatch
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = REPO / "tests" / "golden" / "sbatch_slurm_v100.txt"
+
+
+def _plan(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, SCALING_UNET_WORK=str(tmp_path / "work"), TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, "-m", "sweep.plan", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("experiment, n", [("compound", 192), ("depth", 16), ("width", 16), ("input_size", 12)])
+def test_experiments_expand_to_the_papers_grids(tmp_path, experiment, n):
+    _, jobs = expand_sweep([f"+experiment={experiment}", f"paths.work={tmp_path}"])
+    assert len(jobs) == n
+    assert len({tuple(sorted(j)) for j in jobs}) == n
+    folds = {o for j in jobs for o in j if o.startswith("fold=")}
+    assert folds == {"fold=0", "fold=1", "fold=2", "fold=3"}
+
+
+def test_compound_grid_has_every_width_depth_input_size(tmp_path):
+    _, jobs = expand_sweep(["+experiment=compound", f"paths.work={tmp_path}"])
+    combos = {tuple(sorted(o for o in j if o.split("=")[0] in ("model.width", "model.depth", "model.input_size")))
+              for j in jobs}
+    assert len(combos) == 48
+
+
+def test_command_line_sweep_overrides_the_experiments(tmp_path):
+    _, jobs = expand_sweep(["+experiment=compound", "model.width=32,64", "model.depth=3", f"paths.work={tmp_path}"])
+    assert len(jobs) == 2 * 1 * 3 * 4
+
+
+def test_sbatch_script_is_pinned_by_the_golden_file(tmp_path):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm_v100", f"paths.work={tmp_path}"],
+                      return_hydra_config=True)
+    text = render_sbatch(launcher_params(cfg), 192, folder="/sweeps/compound/.submitit/%j", python="/opt/venv/bin/python")
+    if os.environ.get("UPDATE_GOLDEN"):
+        GOLDEN.write_text(text)
+    assert text == GOLDEN.read_text()
+    # What a cluster admin relies on, spelled out:
+    for line in ("#SBATCH --array=0-191%16", "#SBATCH --gpus-per-node=4", "#SBATCH --ntasks-per-node=1",
+                 "#SBATCH --signal=USR2@300", "#SBATCH --time=2880", "#SBATCH --cpus-per-task=16"):
+        assert line in text
+
+
+def test_launcher_options_are_overridable(tmp_path):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm_v100", f"paths.work={tmp_path}",
+                                           "hydra.launcher.array_parallelism=3", "hydra.launcher.partition=gpu",
+                                           "hydra.launcher.account=bone", "hydra.launcher.qos=high",
+                                           "hydra.launcher.constraint=v100-32g", "hydra.launcher.gpus_per_node=8",
+                                           "hydra.launcher.setup=[module load cuda]"], return_hydra_config=True)
+    text = render_sbatch(launcher_params(cfg), 10, folder="/f/%j", python="python")
+    for line in ("--array=0-9%3", "--partition=gpu", "--account=bone", "--qos=high", "--constraint=v100-32g",
+                 "--gpus-per-node=8", "module load cuda"):
+        assert line in text
+
+
+def test_plan_prints_runs_configs_estimate_and_sbatch(tmp_path):
+    res = _plan(tmp_path, "+experiment=compound", "hydra/launcher=slurm_v100", "profile=paper")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "runs: 192" in out and "to queue: 192" in out and "finished: 0 already FINISHED" in out
+    assert "279,873,796" in out  # c0=96, d=5: the paper's ~280 M parameters
+    assert "GPU-hours, upper bound" in out and "#SBATCH --array=0-191%16" in out
+    assert not (tmp_path / "work").exists()  # planning writes nothing
+
+
+def test_plan_rejects_all_bad_configs_together(tmp_path):
+    res = _plan(tmp_path, "+experiment=depth", "model.input_size=100,384", "model.width=0,32")
+    assert res.returncode == 2
+    err = res.stderr
+    assert "of 64 configs are invalid; nothing was queued" in err
+    assert "model.width: must be positive" in err and "model.input_size: 100 is not divisible" in err
+
+
+def test_optuna_experiment_composes_with_two_objectives(tmp_path):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=optuna", f"paths.work={tmp_path}"], return_hydra_config=True)
+    assert "optuna" in cfg.hydra.sweeper._target_.lower()
+    assert list(cfg.hydra.sweeper.direction) == ["maximize", "minimize"]
+    assert list(cfg.objectives) == ["mean_iou", "flops"]
+    assert cfg.hydra.sweeper.storage.startswith("sqlite:///")
