@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= demo
-SIZE   ?= 96
+WORK   := $(abspath $(DEMO))/work
 
 .PHONY: demo test venv bench clean
 
@@ -21,14 +21,18 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m data.synth --out $(DEMO)/raw --size $(SIZE) --overwrite
-	$(PY) -m data.prepare $(DEMO)/raw --out $(DEMO)/prepared --overwrite
-	$(PY) -m data.show $(DEMO)/prepared --sample synth01 --out $(DEMO)/synthetic_sample.png
-	SCALING_UNET_WORK=$(abspath $(DEMO))/work $(PY) -m sweep
-	@echo "demo: prepared dataset in $(DEMO)/prepared, picture in $(DEMO)/synthetic_sample.png,"
-	@echo "      one laptop-scale training run in $(DEMO)/work (MLflow: sqlite:///$(abspath $(DEMO))/work/mlflow.db)"
+	# The main job on the embedded default: the full 192-run compound grid at laptop scale on synthetic
+	# data, local launcher, local MLflow store; then Fig. 3. Run again: finished runs are skipped.
+	SCALING_UNET_WORK=$(WORK) $(PY) -m sweep +experiment=compound -m
+	$(PY) -m data.show $(WORK)/data/synthetic-64-seed0/prepared --sample synth01 --out $(DEMO)/synthetic_sample.png
+	$(PY) -m analysis fig3 --tracking-uri sqlite:///$(WORK)/mlflow.db --experiment scaling-unet --out $(DEMO)/reports
+	@echo "demo: MLflow store $(WORK)/mlflow.db (view: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(WORK)/mlflow.db),"
+	@echo "      Fig. 3 in $(DEMO)/reports/fig3.png, a synthetic sample in $(DEMO)/synthetic_sample.png"
 
 test: $(STAMP)
+	# The tests use a real single-node SLURM cluster (slurm/) and real MLflow servers they start themselves.
+	bash slurm/install.sh
+	bash slurm/start.sh > /dev/null
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import typing as tp
 
 import numpy as np
@@ -39,3 +40,13 @@ def iou_metrics(cm: np.ndarray) -> dict[str, float]:
     out = {f"iou_{CLASS_NAMES[c]}": float(iou[c]) for c in FOREGROUND}
     out["mean_iou"] = mean_iou(iou)
     return out
+
+
+def mean_and_standard_error(values: tp.Sequence[float]) -> tuple[float, float]:
+    """Paper: mean ± standard error over folds, SE = sample std (ddof=1) / sqrt(n); SE of one value is NaN."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)

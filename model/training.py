@@ -221,6 +221,7 @@ def _fresh_model(width: int, depth: int, settings: TrainSettings):
         model.optimizer.learning_rate.assign(settings.learning_rate)
         return model
     _LAST_MODEL.clear()  # keep one model: memory stays that of one run
+    keras.backend.clear_session()  # drop graphs of earlier models, or a long-lived worker keeps growing
     model = build_unet(width, depth)
     model.compile(optimizer=keras.optimizers.Adam(settings.learning_rate, settings.beta_1, settings.beta_2),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=settings.jit_compile)

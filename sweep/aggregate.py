@@ -14,6 +14,7 @@ import re
 import typing as tp
 from collections import defaultdict
 
+from model.evaluation import mean_and_standard_error
 from sweep import tracking
 from sweep.dispatch import TAG_IS_PARENT
 
@@ -24,16 +25,6 @@ PARENT_TAG = "mlflow.parentRunId"
 AVERAGED = ("iou_bone", "iou_degradation_layer", "iou_residual_material", "mean_iou", "final_val_loss",
             "iterations", "best_iteration", "wall_time_s", "train_time_s", "images_per_s")
 STATIC = ("flops", "params", "receptive_field", "paper_receptive_field", "paper_flops", "paper_params")
-
-
-def mean_and_standard_error(values: tp.Sequence[float]) -> tuple[float, float]:
-    """Paper: mean ± standard error over folds, SE = sample std (ddof=1) / sqrt(n); SE of one value is NaN."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, math.nan
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var / n)
 
 
 def parent_name(child_name: str) -> str:

@@ -192,7 +192,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
         return {k: v for k, v in done[0].data.metrics.items()}
 
     run_id_file = plan.ckpt_dir / RUN_ID_FILE
-    run_id = run_id_file.read_text().strip() if run_id_file.is_file() and load_state(plan.ckpt_dir) else None
+    run_id = run_id_file.read_text().strip() if run_id_file.is_file() else None
+    if run_id and load_state(plan.ckpt_dir) is None:
+        # The last attempt died before its first checkpoint: nothing to resume, so its run can never finish.
+        tracking.end_run(plan.tracking_uri, run_id, "KILLED")
+        run_id = None
     tags = {tracking.TAG_CONFIG_KEY: plan.config_key, tracking.TAG_FOLD: str(plan.fold),
             "experiment": str(cfg.get("experiment_name", "single")), **tracking.environment_tags()}
     recorder = tracking.RunRecorder(plan.tracking_uri, experiment_id, run_id=run_id, run_name=plan.run_name, tags=tags)

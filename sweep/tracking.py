@@ -519,3 +519,9 @@ def set_run_tags(uri: str, run_id: str, tags: Mapping[str, tp.Any], *, retries: 
     for batch in _chunks(items, MAX_PARAMS_TAGS_PER_BATCH):
         _retry(lambda b=batch: client.log_batch(run_id, tags=b, synchronous=True),
                f"set {len(batch)} tags on run {run_id}", uri, retries, backoff_s)
+
+
+def end_run(uri: str, run_id: str, status: str = "KILLED", *, retries: int = 3, backoff_s: float = 0.5) -> None:
+    """Mark a run that can no longer finish (its process died before its first checkpoint)."""
+    client = _client(uri)
+    _retry(lambda: client.set_terminated(run_id, status=status), f"end run {run_id} as {status}", uri, retries, backoff_s)

@@ -153,8 +153,9 @@ class PoolLauncher(Launcher):
         t0 = time.perf_counter()
         if prepared.todo:
             ctx = multiprocessing.get_context("spawn")  # fork after TensorFlow/MLflow threads start is unsafe
-            with cf.ProcessPoolExecutor(self.n_workers, mp_context=ctx, initializer=_init_worker,
-                                        initargs=(threads,)) as pool:
+            pool = cf.ProcessPoolExecutor(self.n_workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,))
+            k = 0
+            try:
                 groups: dict[str, list] = {}
                 for j in prepared.todo:
                     groups.setdefault(j.plan.config_key, []).append(j)
@@ -163,7 +164,6 @@ class PoolLauncher(Launcher):
                     payload = cloudpickle.dumps((self.hydra_context, self.config, self.task_function,
                                                  [(j.overrides, j.idx) for j in group], Singleton.get_state()))
                     futures[pool.submit(_execute, payload)] = group
-                k = 0
                 for fut in cf.as_completed(futures):
                     group = futures[fut]
                     try:
@@ -179,6 +179,14 @@ class PoolLauncher(Launcher):
                             why = failure_reason(ret._return_value)
                             failed.append((j, why))
                             log.error("[%d/%d] %s FAILED: %s", k, n, j.plan.run_name, why)
+            except BaseException:
+                # Ctrl-C / errors: stop now instead of draining the queue; a rerun resumes (checkpoints, MLflow).
+                for proc in list(getattr(pool, "_processes", {}).values()):
+                    proc.terminate()
+                pool.shutdown(wait=False, cancel_futures=True)
+                log.error("sweep interrupted after %d of %d runs; run the same command again to resume", k, n)
+                raise
+            pool.shutdown(wait=True)
         return _finish(prepared, results, failed, self.parent_runs)
 
 
@@ -241,6 +249,7 @@ class SlurmArrayLauncher(BaseSubmititLauncher):
                      jobs[0].job_id.split("_")[0], self.params.get("array_parallelism"))
             pending = dict(zip(jobs, prepared.todo))
             while pending:
+                jobs[0].watcher.update()  # one sacct call for the whole array per poll
                 for job in list(pending):
                     if not job.done():
                         continue
