@@ -245,7 +245,8 @@ def save_active_checkpoint() -> bool:
 def train_fold(*, width: int, depth: int, input_size: int, train_samples: tp.Sequence[Sample],
                val_samples: tp.Sequence[Sample], settings: TrainSettings, augment: AugmentConfig, ckpt_dir: Path,
                on_chunk: tp.Optional[ChunkCallback] = None,
-               on_start: tp.Optional[tp.Callable[[ScheduleState], None]] = None) -> TrainResult:
+               on_start: tp.Optional[tp.Callable[[ScheduleState], None]] = None,
+               on_first_step: tp.Optional[tp.Callable[[], None]] = None) -> TrainResult:
     """Train (or resume) one fold; returns the final full-slice validation metrics of the best model."""
     global _SAVE_NOW
     import keras
@@ -274,7 +275,14 @@ def train_fold(*, width: int, depth: int, input_size: int, train_samples: tp.Seq
         on_start(state)
     aug = dataclasses.replace(augment, input_size=input_size)
     steps_done = [0]  # steps of the current chunk, for mid-chunk checkpoints
-    count_steps = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs=None: steps_done.__setitem__(0, steps_done[0] + 1))
+    first_step = [on_first_step]
+
+    def step_end(batch, logs=None) -> None:
+        steps_done[0] += 1
+        if first_step[0] is not None:
+            first_step[0](), first_step.__setitem__(0, None)
+
+    count_steps = keras.callbacks.LambdaCallback(on_train_batch_end=step_end)
 
     def save_mid_chunk() -> None:
         # ±1 step: a signal can land between a step and its callback.

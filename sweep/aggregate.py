@@ -58,6 +58,8 @@ def link_parent_runs(uri: str, experiment_id: str, config_keys: tp.Optional[tp.I
                 tags[name] = kids[0].data.tags[name]
         rec = tracking.RunRecorder(uri, experiment_id, run_id=None if parent is None else parent.info.run_id,
                                    run_name=parent_name(kids[0].info.run_name), tags=tags)
+        # The parent spans its folds, so the UI's duration and start columns mean something.
+        rec.start_time = min(c.info.start_time for c in kids)
         parent_id = rec.start()
         rec.set_tags(tags)
         common = {k: v for k, v in kids[0].data.params.items() if k != "fold"
@@ -78,7 +80,7 @@ def link_parent_runs(uri: str, experiment_id: str, config_keys: tp.Optional[tp.I
         for c in kids:
             if c.data.tags.get(PARENT_TAG) != parent_id:
                 tracking.set_run_tags(uri, c.info.run_id, {PARENT_TAG: parent_id})
-        rec.finish("FINISHED")
+        rec.finish("FINISHED", end_time=max(c.info.end_time or c.info.start_time for c in kids))
         if tags["complete"] != "true":
             log.warning("config %s (%s): only folds %s are FINISHED", key, parent_name(kids[0].info.run_name), folds)
         out[key] = parent_id

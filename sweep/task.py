@@ -141,6 +141,23 @@ def ensure_dataset(cfg: DictConfig) -> Path:
     return target
 
 
+def process_start_time() -> float:
+    """Wall-clock start of this process (Linux /proc), for the job overhead metric ``startup_s``.
+
+    In a long-lived local worker that is the worker's start, so ``startup_s`` is only meaningful for
+    the first run of a worker and for SLURM jobs (one process per run).
+    """
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return _IMPORT_TIME
+
+
+_IMPORT_TIME = time.time()
+
+
 def training_curves_png(history: tp.Sequence[dict], path: Path) -> Path:
     """Loss, validation mean IoU and learning rate against iterations."""
     import matplotlib
@@ -224,10 +241,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
                        for k, v in metrics.items()}
             recorder.log_metrics(renamed, step=state.iteration)
 
+        def on_first_step() -> None:
+            recorder.log_metrics({"startup_s": time.time() - process_start_time()})
+
         t0 = time.perf_counter()
         result = train_fold(width=plan.width, depth=plan.depth, input_size=plan.input_size,
                             train_samples=train_samples, val_samples=val_samples, settings=plan.settings,
-                            augment=plan.augment, ckpt_dir=plan.ckpt_dir, on_chunk=on_chunk, on_start=on_start)
+                            augment=plan.augment, ckpt_dir=plan.ckpt_dir, on_chunk=on_chunk, on_start=on_start,
+                            on_first_step=on_first_step)
         st = result.state
         final = {**{("final_val_loss" if k == "val_loss" else k): v for k, v in result.final_metrics.items()},
                  "iterations": st.iteration, "wall_time_s": st.wall_seconds,

@@ -371,6 +371,7 @@ class RunRecorder:
         self.retries = retries
         self.backoff_s = backoff_s
         self.client = _client(uri)
+        self.start_time: int | None = None  # ms; set before start() to backdate a new run (parent runs)
         self._started = False
 
     def __repr__(self) -> str:
@@ -390,7 +391,8 @@ class RunRecorder:
             return self._run_id()
         tags = {k: sanitize(v, MAX_TAG_VAL_LENGTH) for k, v in self.tags.items()}
         if self.run_id is None:
-            run = self._retry(lambda: self.client.create_run(self.experiment_id, run_name=self.run_name, tags=tags),
+            run = self._retry(lambda: self.client.create_run(self.experiment_id, run_name=self.run_name, tags=tags,
+                                                             start_time=self.start_time),
                               f"create run in experiment {self.experiment_id}")
             self.run_id = run.info.run_id
             self._started = True
@@ -462,12 +464,13 @@ class RunRecorder:
         self._retry(lambda: self.client.log_text(run_id, text, artifact_file),
                     f"log text {artifact_file} to run {run_id}")
 
-    def finish(self, status: str = "FINISHED") -> None:
-        """Terminate the run with ``status`` (FINISHED, FAILED or KILLED)."""
+    def finish(self, status: str = "FINISHED", end_time: int | None = None) -> None:
+        """Terminate the run with ``status`` (FINISHED, FAILED or KILLED); ``end_time`` in ms, default now."""
         run_id = self._run_id()
         if status not in ("FINISHED", "FAILED", "KILLED"):
             raise ValueError(f"not a terminal MLflow run status: {status!r}")
-        self._retry(lambda: self.client.set_terminated(run_id, status=status), f"finish run {run_id} as {status}")
+        self._retry(lambda: self.client.set_terminated(run_id, status=status, end_time=end_time),
+                    f"finish run {run_id} as {status}")
 
     def __enter__(self) -> RunRecorder:
         self.start()

@@ -23,11 +23,11 @@ TINY = ["model.width=32", "model.depth=2", "data.synth.size=32", "data.synth.n_t
 
 def _launch(work: Path, uri: str, experiment: str, name: str, *overrides: str) -> tuple[subprocess.Popen, Path]:
     log = work.parent / f"{name}.log"
-    cmd = [sys.executable, "-m", "sweep", "+experiment=compound", "-m", "hydra/launcher=slurm_v100", *TINY,
+    cmd = [sys.executable, "-m", "sweep", "+experiment=compound", "hydra/launcher=slurm_v100", *TINY,
            "hydra.launcher.partition=gpu", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
            "hydra.launcher.timeout_min=10", "hydra.launcher.signal_delay_s=20", "hydra.launcher.poll_interval_s=1",
            "hydra.launcher.array_parallelism=4", f"hydra.launcher.name=su-test-{name}",
-           f"mlflow.tracking_uri={uri}", f"mlflow.experiment={experiment}", *overrides]
+           f"mlflow.tracking_uri={uri}", f"mlflow.experiment={experiment}", *overrides, "-m"]
     env = dict(os.environ, SCALING_UNET_WORK=str(work), TF_CPP_MIN_LOG_LEVEL="3", MLFLOW_HTTP_REQUEST_MAX_RETRIES="1")
     work.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(cmd, cwd=work.parent, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
@@ -90,7 +90,7 @@ def test_compound_subset_is_one_array_of_4_gpu_jobs_and_resumes_only_what_is_mis
 def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path, slurm_cluster, mlflow_server):
     work = tmp_path / "work"
     proc, log = _launch(work, mlflow_server.uri, "slurm-preempt", "preempt", "model.input_size=384", "fold=0",
-                        "train.max_iters=600", "train.checkpoint_every=100")
+                        "train.max_iters=600", "train.checkpoint_every=100", "train.early_stop_patience_iters=100000")
     state_files = lambda: list((work / "checkpoints").glob("*/fold0/state.json"))  # noqa: E731
 
     def first_checkpoint():
@@ -121,7 +121,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path, slurm_cluster,
 def test_cancelled_job_is_reported_as_failed_promptly(tmp_path, slurm_cluster, mlflow_server):
     work = tmp_path / "work"
     proc, log = _launch(work, mlflow_server.uri, "slurm-cancel", "cancel", "model.input_size=384", "fold=0,1",
-                        "train.max_iters=300", "train.checkpoint_every=100")
+                        "train.max_iters=300", "train.checkpoint_every=100", "train.early_stop_patience_iters=100000")
     tasks = slurm_cluster.wait_for("both tasks running", lambda: (
         lambda t: t if len(t) == 2 and all(s == "RUNNING" for _, s in t) else None)(_array_ids(slurm_cluster, "cancel")),
         timeout=240, interval=0.5)

@@ -160,7 +160,8 @@ class PoolLauncher(Launcher):
                 for j in prepared.todo:
                     groups.setdefault(j.plan.config_key, []).append(j)
                 futures = {}
-                for group in groups.values():
+                # Largest configs first: the pool's tail then holds small runs, not one long one.
+                for group in sorted(groups.values(), key=lambda g: -g[0].plan.flops * g[0].plan.settings.max_iters):
                     payload = cloudpickle.dumps((self.hydra_context, self.config, self.task_function,
                                                  [(j.overrides, j.idx) for j in group], Singleton.get_state()))
                     futures[pool.submit(_execute, payload)] = group

@@ -1,0 +1,96 @@
+"""Benchmark: seconds from the sweep command to all 192 compound tasks queued on the local SLURM cluster.
+
+Compares, in the same run, `python -m sweep +experiment=compound hydra/launcher=slurm_v100 -m` (which
+composes and checks all 192 configs, checks MLflow, creates the experiment and dataset, skips
+FINISHED runs, then submits ONE array) with plain hydra-submitit-launcher submitting a trivial app
+over the same 4×4×3×4 grid. Both arrays are cancelled as soon as they are fully queued. Then a
+small real sweep (4 tasks) measures the overhead per job: seconds from the job's process start to
+the end of its first training step (MLflow metric ``startup_s``; includes Python, TensorFlow and
+Hydra start-up, data and MLflow checks, model build and tracing of the training step).
+
+    bash slurm/install.sh && bash slurm/start.sh && python benchmarks/sweep_queue.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+GRID = ["+a=1,2,3,4", "+b=1,2,3,4", "+c=1,2,3", "+d=0,1,2,3"]
+COMMON = ["hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4", "hydra.launcher.cpus_per_task=1",
+          "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=10", "hydra.launcher.array_parallelism=1"]
+
+
+def _squeue_count(name: str) -> int:
+    out = subprocess.run(["squeue", "-h", "-r", "-n", name, "-o", "%i"], capture_output=True, text=True).stdout
+    return len(out.split())
+
+
+def time_to_queued(cmd: list[str], name: str, n: int, env: dict, cwd: Path, timeout: float = 600) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        while time.perf_counter() - t0 < timeout:
+            if _squeue_count(name) >= n:
+                return time.perf_counter() - t0
+            if proc.poll() is not None:
+                raise RuntimeError(f"{' '.join(cmd[:4])} exited ({proc.returncode}) before {n} tasks were queued")
+            time.sleep(0.1)
+        raise RuntimeError(f"not all {n} tasks queued after {timeout} s")
+    finally:
+        subprocess.run(["scancel", "-n", name], capture_output=True)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def job_overhead(tmp: Path, env: dict) -> list[float]:
+    """startup_s of 4 real tasks (tiny configs) from MLflow."""
+    db = tmp / "overhead" / "mlflow.db"
+    cmd = [sys.executable, "-m", "sweep", "+experiment=compound", "hydra/launcher=slurm_v100",
+           "model.width=32", "model.depth=2", "model.input_size=384", "data.synth.size=32", "data.synth.n_train=4",
+           "data.synth.n_test=1", "train.batch_size=2", "train.max_iters=4", "train.checkpoint_every=4",
+           "train.val_crop=32", "train.val_slice_step=8", "train.final_slice_step=8", *COMMON[:-1],
+           "hydra.launcher.array_parallelism=2", "hydra.launcher.poll_interval_s=1",
+           "hydra.launcher.name=bench-overhead", f"mlflow.tracking_uri=sqlite:///{db}", "-m"]
+    subprocess.run(cmd, cwd=tmp, env=dict(env, SCALING_UNET_WORK=str(tmp / "overhead")), check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=900)
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{db}")
+    runs = c.search_runs([c.get_experiment_by_name("scaling-unet").experiment_id])
+    return sorted(r.data.metrics["startup_s"] for r in runs if "startup_s" in r.data.metrics)
+
+
+def main() -> None:
+    if not os.environ.get("SLURM_CONF"):
+        state = os.environ.get("SLURM_LOCAL_DIR", "/tmp/scaling-unet-slurm")
+        os.environ["SLURM_CONF"] = f"{state}/slurm.conf"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        ours_env = dict(env, SCALING_UNET_WORK=str(tmp / "ours"))
+        ours = time_to_queued([sys.executable, "-m", "sweep", "+experiment=compound",
+                               "hydra/launcher=slurm_v100", *COMMON, "hydra.launcher.name=bench-ours", "-m"],
+                              "bench-ours", 192, ours_env, tmp)
+        plain = time_to_queued([sys.executable, str(REPO / "benchmarks" / "trivial_app.py"),
+                                "hydra/launcher=submitit_slurm", *GRID, *COMMON, "hydra.launcher.name=bench-plain",
+                                f"hydra.sweep.dir={tmp}/plain", "-m"], "bench-plain", 192, env, tmp)
+        print(f"192 tasks queued: scaling-unet sweep {ours:.1f} s, plain hydra-submitit-launcher {plain:.1f} s "
+              f"(ratio {ours / plain:.2f})", flush=True)
+        overhead = job_overhead(tmp, env)
+        print(f"per-job overhead, process start to end of first training step (4 SLURM tasks): "
+              f"{', '.join(f'{x:.1f}' for x in overhead)} s")
+        print(json.dumps({"benchmark": "sweep_queue", "ours_s": round(ours, 2), "plain_s": round(plain, 2),
+                          "ratio": round(ours / plain, 3), "startup_s": [round(x, 2) for x in overhead]}))
+
+
+if __name__ == "__main__":
+    main()
