@@ -1,0 +1,70 @@
+"""The embedded default: `python -m sweep ... -m` through the local pool launcher, with a local MLflow store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["model.depth=2", "data.synth.size=32", "data.synth.n_train=4", "data.synth.n_test=1", "train.batch_size=2",
+        "train.max_iters=4", "train.checkpoint_every=4", "train.val_crop=32", "train.val_slice_step=8",
+        "train.final_slice_step=8", "train.open_slabs=2"]
+
+
+def _sweep(work: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, SCALING_UNET_WORK=str(work), TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, "-m", "sweep", *args, *TINY, "-m"], cwd=work.parent, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _runs(work: Path) -> list:
+    c = MlflowClient(f"sqlite:///{work}/mlflow.db")
+    return c.search_runs([c.get_experiment_by_name("scaling-unet").experiment_id], max_results=1000)
+
+
+def test_local_sweep_records_folds_and_parents_and_resumes(tmp_path):
+    work = tmp_path / "work"
+    res = _sweep(work, "+experiment=compound", "model.width=32,64", "model.input_size=384", "fold=0,1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = _runs(work)
+    folds = [r for r in runs if "fold" in r.data.tags]
+    parents = [r for r in runs if r.data.tags.get("is_parent") == "true"]
+    assert len(folds) == 4 and all(r.info.status == "FINISHED" for r in folds)
+    assert {r.data.tags["experiment"] for r in folds} == {"compound"}
+    assert len(parents) == 2 and {p.data.tags["complete"] for p in parents} == {"false"}  # 2 of 4 folds
+    for p in parents:
+        kids = [r for r in folds if r.data.tags["mlflow.parentRunId"] == p.info.run_id]
+        assert len(kids) == 2 and p.data.params["model.width"] == kids[0].data.params["model.width"]
+        assert abs(p.data.metrics["mean_iou"] - sum(k.data.metrics["mean_iou"] for k in kids) / 2) < 1e-9
+        assert p.info.start_time == min(k.info.start_time for k in kids)
+    # Again with all 4 folds: only the 4 missing runs are trained; the parents are updated, not duplicated.
+    res = _sweep(work, "+experiment=compound", "model.width=32,64", "model.input_size=384", "fold=0,1,2,3")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "8 jobs, 4 already FINISHED in MLflow (skipped)" in res.stderr + res.stdout
+    runs = _runs(work)
+    assert len([r for r in runs if "fold" in r.data.tags]) == 8
+    parents = [r for r in runs if r.data.tags.get("is_parent") == "true"]
+    assert len(parents) == 2 and {p.data.tags["complete"] for p in parents} == {"true"}
+    assert all("mean_iou_se" in p.data.metrics for p in parents)
+
+
+def test_bad_config_in_a_sweep_stops_everything_before_training(tmp_path):
+    work = tmp_path / "work"
+    res = _sweep(work, "+experiment=compound", "model.width=32,0", "model.input_size=384", "fold=0")
+    assert res.returncode != 0
+    assert "1 of 2 configs are invalid; nothing was queued" in res.stderr and "model.width: must be positive" in res.stderr
+    assert not (work / "checkpoints").exists()
+
+
+def test_optuna_two_objectives_through_the_local_launcher(tmp_path):
+    work = tmp_path / "work"
+    res = _sweep(work, "+experiment=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Number of Pareto solutions" in res.stderr + res.stdout
+    assert (work / "optuna.db").is_file()
+    folds = [r for r in _runs(work) if "fold" in r.data.tags]
+    assert len(folds) == 2 and {r.data.tags["experiment"] for r in folds} == {"optuna"}
