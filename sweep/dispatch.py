@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 import typing as tp
 
 from omegaconf import DictConfig
@@ -71,7 +72,9 @@ def check_jobs(jobs: tp.Sequence[tuple[int, tp.Sequence[str], DictConfig]]) -> l
 
 
 def prepare_sweep(jobs: tp.Sequence[tuple[int, tp.Sequence[str], DictConfig]]) -> PreparedSweep:
+    t0 = time.perf_counter()
     planned = check_jobs(jobs)
+    t1 = time.perf_counter()
     uri, experiment = planned[0].plan.tracking_uri, planned[0].plan.experiment
     tracking.check_tracking_uri(uri)
     experiment_id = tracking.ensure_experiment(uri, experiment)
@@ -80,6 +83,7 @@ def prepare_sweep(jobs: tp.Sequence[tuple[int, tp.Sequence[str], DictConfig]]) -
         if str(j.plan.dataset) not in made:
             ensure_dataset(j.cfg)
             made.add(str(j.plan.dataset))
+    t2 = time.perf_counter()
     done: dict[tuple[str, int], dict] = {}
     for run in tracking.find_runs(uri, experiment_id, status="FINISHED"):
         tags = run.data.tags
@@ -94,8 +98,9 @@ def prepare_sweep(jobs: tp.Sequence[tuple[int, tp.Sequence[str], DictConfig]]) -
         else:
             todo.append(j)
         seen.add(j.pair)
-    log.info("sweep: %d jobs, %d already FINISHED in MLflow (skipped), %d duplicates, %d to run",
-             len(planned), len(finished), len(duplicates), len(todo))
+    log.info("sweep: %d jobs, %d already FINISHED in MLflow (skipped), %d duplicates, %d to run "
+             "(checked in %.1f s, MLflow and data %.1f s, finished runs %.1f s)", len(planned), len(finished),
+             len(duplicates), len(todo), t1 - t0, t2 - t1, time.perf_counter() - t2)
     return PreparedSweep(todo, finished, duplicates, uri, experiment_id)
 
 

@@ -19,9 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from data.errors import DataError
 from data.folds import split_fold
 from data.manifest import load_dataset
-from data.pipeline import AugmentConfig
+from data.augment import AugmentConfig
 from model.complexity import count_flops, count_params, paper_receptive_field, receptive_field
-from model.training import TrainSettings, load_state, paper_batch_size, train_fold
+from model.schedule import TrainSettings, load_state, paper_batch_size
 from sweep import tracking
 
 log = logging.getLogger(__name__)
@@ -243,6 +243,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
         def on_first_step() -> None:
             recorder.log_metrics({"startup_s": time.time() - process_start_time()})
+
+        from model.training import train_fold  # TensorFlow only where training happens
 
         t0 = time.perf_counter()
         result = train_fold(width=plan.width, depth=plan.depth, input_size=plan.input_size,

@@ -235,7 +235,10 @@ class SlurmArrayLauncher(BaseSubmititLauncher):
         from sweep.dispatch import failure_reason, prepare_sweep
 
         assert self.config is not None
-        prepared = prepare_sweep(_compose(self, job_overrides, initial_job_idx))
+        t0 = time.perf_counter()
+        composed = _compose(self, job_overrides, initial_job_idx)
+        log.info("composed %d job configs in %.1f s", len(composed), time.perf_counter() - t0)
+        prepared = prepare_sweep(composed)
         results = {j.idx: (j, _skipped_return(j, m)) for j, m in prepared.finished}
         failed: list = []
         _sweep_dir(self.config)

@@ -1,0 +1,109 @@
+"""The paper's training schedule as plain data (no TensorFlow): settings, batch size rule, resumable state.
+
+Paper, Training section: Adam (lr 3e-4, β1 0.9, β2 0.999), halve the learning rate when the
+validation loss has not improved for 10^4 iterations, early stopping on the validation loss, at
+most 1.5×10^6 iterations, global batch 32 (smaller models) or 16 (larger models).
+Kept apart from model.training so planning a sweep does not import TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing as tp
+from pathlib import Path
+
+STATE_FILE = "state.json"
+MODEL_FILE = "last.keras"
+BEST_FILE = "best.weights.h5"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """The schedule; defaults are the paper's (``early_stop_patience_iters`` is not given there)."""
+
+    learning_rate: float = 3e-4
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    lr_factor: float = 0.5
+    lr_patience_iters: int = 10_000
+    early_stop_patience_iters: int = 50_000
+    max_iters: int = 1_500_000
+    checkpoint_every: int = 1_000
+    batch_size: int = 32
+    precision: str = "float32"  # mixed_float16 on GPUs; 75–200× slower on CPU (platform facts)
+    seed: int = 0
+    val_crop: int = 992
+    val_slice_step: int = 1
+    final_slice_step: int = 1
+    planes: tuple[str, ...] = ("rc", "cp", "pr")
+    open_slabs: int = 8
+    jit_compile: bool = False  # XLA: slower on CPU and costs seconds of compile per run (platform facts)
+
+    def __post_init__(self) -> None:
+        for name in ("lr_patience_iters", "early_stop_patience_iters", "max_iters", "checkpoint_every", "batch_size",
+                     "val_slice_step", "final_slice_step", "val_crop"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"train.learning_rate must be positive, got {self.learning_rate}")
+        if self.precision not in ("float32", "mixed_float16", "mixed_bfloat16"):
+            raise ValueError(f"train.precision must be float32, mixed_float16 or mixed_bfloat16, got {self.precision!r}")
+
+
+def paper_batch_size(flops_per_image: int, threshold_flops: float = 500e9) -> int:
+    """Paper: global batch 32 for smaller models, 16 for larger ones.
+
+    The paper does not give the boundary; we switch at 500 GFLOPs per image (forward), which puts
+    e.g. (c0=64, d=5, 640²) and everything bigger at 16, so activations fit 4×32 GB V100s.
+    """
+    return 16 if flops_per_image > threshold_flops else 32
+
+
+@dataclasses.dataclass
+class ScheduleState:
+    """Everything the schedule needs to continue exactly after a restart (saved in state.json)."""
+
+    iteration: int = 0
+    learning_rate: float = 3e-4
+    best_val_loss: float = math.inf
+    best_iteration: int = 0
+    since_improvement: int = 0  # iterations without a new best validation loss
+    since_lr_change: int = 0  # iterations without improvement since the last halving
+    stopped_early: bool = False
+    finished: bool = False
+    train_seconds: float = 0.0  # optimizer steps only
+    wall_seconds: float = 0.0  # optimizer steps and validation
+    images_seen: int = 0
+    resumed_from: list[int] = dataclasses.field(default_factory=list)
+    history: list[dict] = dataclasses.field(default_factory=list)
+    extra: dict = dataclasses.field(default_factory=dict)  # e.g. the MLflow run id, set by the caller
+
+
+def update_schedule(state: ScheduleState, val_loss: float, iters: int, s: TrainSettings) -> bool:
+    """Paper: halve the LR after ``lr_patience_iters`` without improvement; stop early after
+    ``early_stop_patience_iters`` without improvement. Returns True if the LR changed."""
+    if val_loss < state.best_val_loss:
+        state.best_val_loss, state.best_iteration = val_loss, state.iteration
+        state.since_improvement = state.since_lr_change = 0
+        return False
+    state.since_improvement += iters
+    state.since_lr_change += iters
+    changed = False
+    if state.since_lr_change >= s.lr_patience_iters:
+        state.learning_rate *= s.lr_factor
+        state.since_lr_change = 0
+        changed = True
+    if state.since_improvement >= s.early_stop_patience_iters:
+        state.stopped_early = True
+    return changed
+
+
+def load_state(ckpt_dir: Path) -> tp.Optional[ScheduleState]:
+    path = ckpt_dir / STATE_FILE
+    if not path.is_file() or not (ckpt_dir / MODEL_FILE).is_file():
+        return None
+    raw = json.loads(path.read_text())
+    raw["best_val_loss"] = math.inf if raw.get("best_val_loss") is None else raw["best_val_loss"]
+    return ScheduleState(**raw)
