@@ -13,7 +13,6 @@ corners a rotation brings in come from the slice around the crop where it has da
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import typing as tp
 

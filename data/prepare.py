@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 
 from data.errors import DataError
-from data.manifest import Dataset, Sample, load_dataset, validate_volumes, write_manifest
+from data.manifest import Dataset, Sample, load_dataset, write_manifest
 from data.volume import (ImageStats, VolumeRef, atomic_path, check_image, check_labels, default_chunks,
                          open_volume, read_checked)
 

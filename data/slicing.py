@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import typing as tp
 
-import h5py
 import numpy as np
 
 from data.errors import DataError

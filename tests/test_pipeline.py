@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import pytest
 import tensorflow as tf
 
 from data.manifest import load_dataset

@@ -14,7 +14,6 @@ import pytest
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
-from sweep import tracking
 from sweep.task import ConfigError, plan_run
 
 REPO = Path(__file__).resolve().parents[1]
