@@ -84,11 +84,7 @@ def prepare_sweep(jobs: tp.Sequence[tuple[int, tp.Sequence[str], DictConfig]]) -
             ensure_dataset(j.cfg)
             made.add(str(j.plan.dataset))
     t2 = time.perf_counter()
-    done: dict[tuple[str, int], dict] = {}
-    for run in tracking.find_runs(uri, experiment_id, status="FINISHED"):
-        tags = run.data.tags
-        if tracking.TAG_CONFIG_KEY in tags and tracking.TAG_FOLD in tags and tags.get(TAG_IS_PARENT) != "true":
-            done.setdefault((tags[tracking.TAG_CONFIG_KEY], int(tags[tracking.TAG_FOLD])), dict(run.data.metrics))
+    done = finished_fold_runs(uri, experiment_id)
     todo, finished, duplicates, seen = [], [], [], set()
     for j in planned:
         if j.pair in seen:
@@ -105,6 +101,16 @@ def prepare_sweep(jobs: tp.Sequence[tuple[int, tp.Sequence[str], DictConfig]]) -
 
 
 TAG_IS_PARENT = "is_parent"
+
+
+def finished_fold_runs(uri: str, experiment_id: str) -> dict[tuple[str, int], dict[str, float]]:
+    """Metrics of the FINISHED fold run of each (config_key, fold); parent runs carry no fold and are left out."""
+    done: dict[tuple[str, int], dict[str, float]] = {}
+    for run in tracking.find_runs(uri, experiment_id, status="FINISHED"):
+        tags = run.data.tags
+        if tracking.TAG_CONFIG_KEY in tags and tracking.TAG_FOLD in tags and tags.get(TAG_IS_PARENT) != "true":
+            done.setdefault((tags[tracking.TAG_CONFIG_KEY], int(tags[tracking.TAG_FOLD])), dict(run.data.metrics))
+    return done
 
 
 def failure_reason(exc: BaseException, limit: int = 600) -> str:

@@ -27,7 +27,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from sweep import tracking
-from sweep.dispatch import SweepConfigError, check_jobs
+from sweep.dispatch import SweepConfigError, check_jobs, finished_fold_runs
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 V100_TFLOPS = 30.0  # sustained mixed-precision conv throughput per V100 assumed for the estimate
@@ -68,12 +68,7 @@ def finished_pairs(uri: str, experiment: str) -> set[tuple[str, int]]:
     exp = MlflowClient(uri).get_experiment_by_name(experiment)
     if exp is None:
         return set()
-    out = set()
-    for r in tracking.find_runs(uri, exp.experiment_id, status="FINISHED"):
-        t = r.data.tags
-        if tracking.TAG_CONFIG_KEY in t and tracking.TAG_FOLD in t:
-            out.add((t[tracking.TAG_CONFIG_KEY], int(t[tracking.TAG_FOLD])))
-    return out
+    return set(finished_fold_runs(uri, exp.experiment_id))
 
 
 def gpu_hours_upper_bound(flops: int, batch: int, iters: int, gpus: int, tflops_per_gpu: float) -> float:

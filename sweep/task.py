@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.errors import DataError
 from data.folds import split_fold
-from data.manifest import load_dataset
+from data.manifest import MANIFEST_NAMES, load_dataset
 from data.augment import AugmentConfig
 from model.complexity import count_flops, count_params, paper_receptive_field, receptive_field
 from model.schedule import TrainSettings, load_state, paper_batch_size
@@ -120,7 +120,11 @@ def plan_run(cfg: DictConfig) -> RunPlan:
 def ensure_dataset(cfg: DictConfig) -> Path:
     """The prepared dataset; with ``data.synthesize`` it is generated and prepared once (under a file lock)."""
     target = Path(cfg.data.dataset)
-    if (target / "manifest.yaml").is_file() or (target / "manifest.csv").is_file():
+
+    def has_manifest() -> bool:
+        return any((target / name).is_file() for name in MANIFEST_NAMES)
+
+    if has_manifest():
         return target
     if not cfg.data.synthesize:
         raise ConfigError("data.dataset", f"{target} has no manifest (prepare it with `python -m data.prepare`)")
@@ -130,7 +134,7 @@ def ensure_dataset(cfg: DictConfig) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # parallel jobs: one makes the data, the others wait for it
-        if not (target / "manifest.yaml").is_file():
+        if not has_manifest():
             raw = target.parent / "raw"
             s = cfg.data.synth
             if not (raw / "manifest.yaml").is_file():
@@ -223,7 +227,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
         tmp = run_id_file.with_name(f".{RUN_ID_FILE}.tmp")
         tmp.write_text(run_id)
         os.replace(tmp, run_id_file)
-        recorder.set_tags(tags)
         recorder.log_params(_params(cfg, plan))
         static = {"flops": plan.flops, "params": plan.params, "receptive_field": receptive_field(plan.depth),
                   "paper_receptive_field": paper_receptive_field(plan.depth),

@@ -58,6 +58,19 @@ def _failed_return(job, exc: BaseException) -> JobReturn:
     return JobReturn(overrides=job.overrides, cfg=job.cfg, status=JobStatus.FAILED, _return_value=exc)
 
 
+def _record(job, ret: JobReturn, results: dict, failed: list, where: str) -> None:
+    """Keep a job's result; log it, and a failure at once with its reason."""
+    from sweep.dispatch import failure_reason
+
+    results[job.idx] = (job, ret)
+    if ret.status == JobStatus.COMPLETED:
+        log.info("%s %s done", where, job.plan.run_name)
+    else:
+        why = failure_reason(ret._return_value)
+        failed.append((job, why))
+        log.error("%s %s FAILED: %s", where, job.plan.run_name, why)
+
+
 def _finish(prepared, results: dict, failed: list, parent_runs: bool) -> list[JobReturn]:
     from sweep.aggregate import link_parent_runs
     from sweep.dispatch import summarize
@@ -138,7 +151,7 @@ class PoolLauncher(Launcher):
 
         import cloudpickle
 
-        from sweep.dispatch import failure_reason, prepare_sweep
+        from sweep.dispatch import prepare_sweep
 
         assert self.config is not None and self.hydra_context is not None
         setup_globals()
@@ -173,13 +186,7 @@ class PoolLauncher(Launcher):
                         rets = [_failed_return(j, exc) for j in group]
                     for j, ret in zip(group, rets):
                         k += 1
-                        results[j.idx] = (j, ret)
-                        if ret.status == JobStatus.COMPLETED:
-                            log.info("[%d/%d] %s done (%.0f s)", k, n, j.plan.run_name, time.perf_counter() - t0)
-                        else:
-                            why = failure_reason(ret._return_value)
-                            failed.append((j, why))
-                            log.error("[%d/%d] %s FAILED: %s", k, n, j.plan.run_name, why)
+                        _record(j, ret, results, failed, f"[{k}/{n}, {time.perf_counter() - t0:.0f} s]")
             except BaseException:
                 # Ctrl-C / errors: stop now instead of draining the queue; a rerun resumes (checkpoints, MLflow).
                 for proc in list(getattr(pool, "_processes", {}).values()):
@@ -232,7 +239,7 @@ class SlurmArrayLauncher(BaseSubmititLauncher):
         return executor
 
     def launch(self, job_overrides: tp.Sequence[tp.Sequence[str]], initial_job_idx: int) -> tp.Sequence[JobReturn]:
-        from sweep.dispatch import failure_reason, prepare_sweep
+        from sweep.dispatch import prepare_sweep
 
         assert self.config is not None
         t0 = time.perf_counter()
@@ -262,13 +269,7 @@ class SlurmArrayLauncher(BaseSubmititLauncher):
                         ret = job.results()[0]
                     except Exception as exc:  # cancelled, killed, out of requeues: no result pickle
                         ret = _failed_return(j, exc)
-                    results[j.idx] = (j, ret)
-                    if ret.status == JobStatus.COMPLETED:
-                        log.info("[%d left] %s (job %s) done", len(pending), j.plan.run_name, job.job_id)
-                    else:
-                        why = failure_reason(ret._return_value)
-                        failed.append((j, why))
-                        log.error("[%d left] %s (job %s) FAILED: %s", len(pending), j.plan.run_name, job.job_id, why)
+                    _record(j, ret, results, failed, f"[{len(pending)} left, job {job.job_id}]")
                 if pending:
                     time.sleep(self.poll_interval_s)
         return _finish(prepared, results, failed, self.parent_runs)
