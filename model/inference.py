@@ -1,0 +1,391 @@
+"""Whole-volume prediction along 3 or 9 slicing planes with bounded memory (paper, multi-axes fusing).
+
+Work is split into plane tasks and one fuse step, each streaming chunk-aligned slabs of HDF5
+files, so peak memory follows the slice size, never volume × planes × classes:
+
+1. plane task (one per plane; a SLURM array task on a cluster): predict every slice of one plane
+   set and write the class probabilities on the ORIGINAL grid to its own file, uint8 (255 = 1).
+   A rotated plane (9 planes) first writes the volume rotated by 45° about axis ``a``
+   (data.rotation, slab by slab along ``a``) to a temporary file, predicts the slices of that
+   volume along axis ``s`` into a temporary probability file of the rotated grid, then rotates the
+   probabilities back onto the original grid, again slab by slab along ``a``.
+2. fuse: read the same slab of every plane file, vote (model.fusion), write labels.
+
+A plane file records the volume and model it was made from; an existing matching file is reused,
+so a requeued or restarted job does not predict a plane twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+import shutil
+import sys
+import typing as tp
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from data.errors import DataError
+from data.rotation import other_axes, rotate_planes, rotated_volume_shape, unrotate_planes
+from data.volume import NUM_CLASSES, VolumeRef, atomic_path, open_volume, read_checked
+from model.fusion import mean_probabilities, plane_labels, quantize_probabilities, vote
+
+AXIS_PLANES = ("rc", "cp", "pr")  # plane set whose slices are indexed by axis 0, 1, 2
+PLANE_FILE_DATASET = "probabilities"
+CHUNK = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Plane:
+    """One slicing plane: slices along ``slice_axis`` of the volume rotated 45° about ``rotation_axis``."""
+
+    name: str
+    slice_axis: int
+    rotation_axis: tp.Optional[int] = None
+
+    @property
+    def rotated(self) -> bool:
+        return self.rotation_axis is not None
+
+
+def _all_planes() -> dict[str, Plane]:
+    planes = {name: Plane(name, axis) for axis, name in enumerate(AXIS_PLANES)}
+    for a in range(3):
+        # Slicing the rotated volume along the rotation axis gives S_rc/S_cp/S_pr turned in-plane:
+        # the paper drops those 3 redundant sets, which leaves 2 new sets per rotation axis.
+        for s in other_axes(a):
+            name = f"{AXIS_PLANES[s]}_r{a}"
+            planes[name] = Plane(name, s, a)
+    return planes
+
+
+PLANES = _all_planes()
+PLANE_SETS: dict[str, tuple[str, ...]] = {
+    "rc": ("rc",), "cp": ("cp",), "pr": ("pr",),
+    "3": AXIS_PLANES,
+    "9": AXIS_PLANES + ("cp_r0", "pr_r0", "rc_r1", "pr_r1", "rc_r2", "cp_r2"),
+}
+# Table 2 of the paper: method → (plane set, vote).
+TABLE2_METHODS: dict[str, tuple[str, str]] = {
+    "baseline_rc": ("rc", "soft"), "baseline_cp": ("cp", "soft"), "baseline_pr": ("pr", "soft"),
+    "avr_3": ("3", "soft"), "mv_3": ("3", "majority"), "avr_9": ("9", "soft"), "mv_9": ("9", "majority"),
+}
+
+SlicePredictor = tp.Callable[[np.ndarray], np.ndarray]
+"""(n, h, w) float32 slices → (n, h, w, K) class probabilities."""
+
+
+def plane_set(name: str) -> tuple[str, ...]:
+    """A named set (``rc``, ``3``, ``9``, ...) or a single plane (``cp_r0``)."""
+    if str(name) in PLANE_SETS:
+        return PLANE_SETS[str(name)]
+    if str(name) in PLANES:
+        return (str(name),)
+    raise ValueError(f"planes must be one of {list(PLANE_SETS)} or a plane {list(PLANES)}, got {name!r}")
+
+
+class _Progress:
+    """A tqdm bar per phase, or nothing."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def bar(self, total: int, desc: str):
+        if not self.enabled:
+            return contextlib.nullcontext(_NoBar())
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit="slice", file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 10)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+def _axis_key(axis: int, start: int, stop: int, ndim: int = 3) -> tuple:
+    return tuple(slice(start, stop) if d == axis else slice(None) for d in range(ndim))
+
+
+def _create(f: h5py.File, name: str, shape: tp.Sequence[int], dtype, *, compression: tp.Optional[str] = "lzf") -> h5py.Dataset:
+    chunks = tuple(max(1, min(int(s), CHUNK)) for s in shape[:3]) + tuple(int(s) for s in shape[3:])
+    return f.create_dataset(name, shape=tuple(int(s) for s in shape), dtype=dtype, chunks=chunks, compression=compression)
+
+
+def _predict_along(source, axis: int, out: h5py.Dataset, predictor: SlicePredictor, *, batch_size: int,
+                   desc: str, progress: _Progress, ref: tp.Optional[VolumeRef] = None) -> None:
+    """Predict every slice of ``source`` along ``axis`` into uint8 probabilities ``out`` (shape + (K,))."""
+    n = source.shape[axis]
+    with progress.bar(n, desc) as bar:
+        for start in range(0, n, CHUNK):
+            stop = min(start + CHUNK, n)
+            key = _axis_key(axis, start, stop)
+            if ref is not None:
+                block = read_checked(source, key, ref=ref, field="image")
+            else:
+                block = np.asarray(source[key])
+            slab = np.moveaxis(block, axis, 0).astype(np.float32, copy=False)
+            probs = np.empty(slab.shape + (out.shape[-1],), np.uint8)
+            for b in range(0, slab.shape[0], batch_size):
+                p = np.asarray(predictor(slab[b:b + batch_size]))
+                if p.shape != slab[b:b + batch_size].shape + (out.shape[-1],):
+                    raise ValueError(f"predictor returned shape {p.shape} for slices {slab[b:b + batch_size].shape}, "
+                                     f"expected {out.shape[-1]} classes last")
+                probs[b:b + batch_size] = quantize_probabilities(p)
+                bar.update(p.shape[0])
+            out[key + (slice(None),)] = np.moveaxis(probs, 0, axis)
+
+
+def _rotate_volume(source, axis: int, out: h5py.Dataset, *, progress: _Progress, desc: str,
+                   ref: tp.Optional[VolumeRef] = None) -> None:
+    """Write ``source`` rotated by 45° about ``axis`` into ``out``, slab by slab along ``axis``."""
+    n = source.shape[axis]
+    with progress.bar(n, desc) as bar:
+        for start in range(0, n, CHUNK):
+            stop = min(start + CHUNK, n)
+            key = _axis_key(axis, start, stop)
+            block = read_checked(source, key, ref=ref, field="image") if ref is not None else np.asarray(source[key])
+            rotated = rotate_planes(np.moveaxis(block, axis, 0))
+            out[key] = np.moveaxis(rotated.astype(out.dtype, copy=False), 0, axis)
+            bar.update(stop - start)
+
+
+def _unrotate_probabilities(rot: h5py.Dataset, axis: int, out: h5py.Dataset, *, progress: _Progress, desc: str) -> None:
+    """Rotate uint8 probabilities of the rotated grid back onto the original grid ``out``.
+
+    Bilinear interpolation is linear, so the back-rotated probabilities still sum to 1: only the
+    foreground classes are interpolated and background is the remainder (one rotation fewer).
+    """
+    b, c = other_axes(axis)
+    plane_shape = (out.shape[b], out.shape[c])
+    n, k = out.shape[axis], out.shape[-1]
+    with progress.bar(n, desc) as bar:
+        for start in range(0, n, CHUNK):
+            stop = min(start + CHUNK, n)
+            key = _axis_key(axis, start, stop)
+            block = np.moveaxis(np.asarray(rot[key + (slice(None),)]), axis, 0)  # (m, h', w', K)
+            res = np.empty((stop - start,) + plane_shape + (k,), np.uint8)
+            fg_sum = np.zeros((stop - start,) + plane_shape, np.float32)
+            for cls in range(1, k):
+                back = unrotate_planes(block[..., cls], plane_shape)
+                fg_sum += back
+                res[..., cls] = np.clip(np.rint(back), 0, 255).astype(np.uint8)
+            res[..., 0] = np.clip(np.rint(255.0 - fg_sum), 0, 255).astype(np.uint8)
+            out[key + (slice(None),)] = np.moveaxis(res, 0, axis)
+            bar.update(stop - start)
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """The input volume of a prediction and what identifies it in plane files."""
+
+    ref: VolumeRef
+    shape: tuple[int, int, int]
+
+    @property
+    def key(self) -> str:
+        st = self.ref.path.stat()
+        return f"{self.ref.path.resolve()}:{self.ref.dataset or ''}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def plane_file_matches(path: Path, source: Source, plane: str, model_id: str) -> bool:
+    """True if ``path`` is a complete plane file of this volume, plane and model (reusable)."""
+    if not path.is_file():
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            ds = f.get(PLANE_FILE_DATASET)
+            return (ds is not None and tuple(ds.shape[:3]) == source.shape and f.attrs.get("plane") == plane
+                    and f.attrs.get("source") == source.key and f.attrs.get("model") == model_id)
+    except OSError:
+        return False
+
+
+def predict_plane(source: Source, plane: str, predictor: SlicePredictor, out_path: Path, *, model_id: str,
+                  num_classes: int = NUM_CLASSES, batch_size: int = 4, tmp_dir: tp.Optional[Path] = None,
+                  progress: bool = True) -> Path:
+    """One plane task: class probabilities of ``plane`` on the original grid → ``out_path`` (atomic, reused)."""
+    p = PLANES[plane]
+    out_path = Path(out_path)
+    if plane_file_matches(out_path, source, plane, model_id):
+        return out_path
+    bars = _Progress(progress)
+    tmp_dir = Path(tmp_dir or out_path.parent)
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    with open_volume(source.ref) as vol, atomic_path(out_path, inputs=[source.ref.path]) as tmp:
+        with h5py.File(tmp, "w") as f:
+            out = _create(f, PLANE_FILE_DATASET, source.shape + (num_classes,), np.uint8)
+            f.attrs.update({"plane": plane, "source": source.key, "model": model_id, "scale": 255})
+            if not p.rotated:
+                _predict_along(vol, p.slice_axis, out, predictor, batch_size=batch_size, desc=f"{plane} predict",
+                               progress=bars, ref=source.ref)
+            else:
+                a = tp.cast(int, p.rotation_axis)
+                rshape = rotated_volume_shape(source.shape, a)
+                with _temp_h5(tmp_dir, f"{out_path.stem}.rotated") as rf:
+                    # float16 halves the temporary file; its 1e-3 relative step is below scan noise.
+                    rimg = _create(rf, "image", rshape, np.float16)
+                    _rotate_volume(vol, a, rimg, progress=bars, desc=f"{plane} rotate", ref=source.ref)
+                    rprob = _create(rf, "probabilities", rshape + (num_classes,), np.uint8)
+                    _predict_along(rimg, p.slice_axis, rprob, predictor, batch_size=batch_size,
+                                   desc=f"{plane} predict", progress=bars)
+                    _unrotate_probabilities(rprob, a, out, progress=bars, desc=f"{plane} rotate back")
+    return out_path
+
+
+@contextlib.contextmanager
+def _temp_h5(folder: Path, stem: str) -> tp.Iterator[h5py.File]:
+    path = Path(folder) / f".{stem}.{os.getpid()}.tmp.h5"
+    try:
+        with h5py.File(path, "w") as f:
+            yield f
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def fuse_blocks(plane_paths: tp.Sequence[Path], *, slab: int = CHUNK) -> tp.Iterator[tuple[slice, np.ndarray]]:
+    """Stream (slab along axis 0, stacked uint8 probabilities (M, z, y, x, K)) over all plane files."""
+    with contextlib.ExitStack() as stack:
+        dsets = []
+        for p in plane_paths:
+            try:
+                f = stack.enter_context(h5py.File(p, "r"))
+            except OSError as exc:
+                raise DataError(p, None, f"unreadable plane file ({exc})") from exc
+            if PLANE_FILE_DATASET not in f:
+                raise DataError(p, PLANE_FILE_DATASET, "missing: not a plane file of model.predict")
+            dsets.append(f[PLANE_FILE_DATASET])
+        shapes = {d.shape for d in dsets}
+        if len(shapes) != 1:
+            raise DataError(plane_paths[0], PLANE_FILE_DATASET, f"plane files differ in shape: {sorted(shapes)}")
+        n = dsets[0].shape[0]
+        for z0 in range(0, n, slab):
+            sl = slice(z0, min(z0 + slab, n))
+            yield sl, np.stack([d[sl] for d in dsets])
+
+
+def fuse_planes(plane_paths: tp.Sequence[Path], out_path: Path, *, method: str, probabilities: bool = False,
+                tiff_path: tp.Optional[Path] = None, attrs: tp.Optional[dict] = None, inputs: tp.Sequence[Path] = (),
+                progress: bool = True) -> Path:
+    """The fuse step: ``labels`` (uint8) by ``method`` vote, optionally ``probabilities`` (float16, P_avr of Eq. 4)."""
+    plane_paths = [Path(p) for p in plane_paths]
+    with h5py.File(plane_paths[0], "r") as f:
+        shape = tuple(f[PLANE_FILE_DATASET].shape)
+    bars = _Progress(progress)
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_path(out_path, inputs=inputs))
+        tiff_tmp = stack.enter_context(atomic_path(tiff_path, inputs=inputs)) if tiff_path else None
+        with h5py.File(tmp, "w") as f:
+            labels = _create(f, "labels", shape[:3], np.uint8, compression="gzip")
+            probs = _create(f, "probabilities", shape, np.float16) if probabilities else None
+            f.attrs.update({"vote": method, "planes": [_plane_of(p) for p in plane_paths],
+                            "class_names": ["background", "bone", "degradation_layer", "residual_material"]})
+            f.attrs.update(attrs or {})
+            writer = stack.enter_context(_tiff_writer(tiff_tmp)) if tiff_tmp else None
+            with bars.bar(shape[0], f"fuse {method} ({len(plane_paths)} planes)") as bar:
+                for sl, block in fuse_blocks(plane_paths):
+                    lab = vote(block, method)
+                    labels[sl] = lab
+                    if probs is not None:
+                        probs[sl] = mean_probabilities(block).astype(np.float16)
+                    if writer is not None:
+                        for z in range(lab.shape[0]):
+                            writer.write(lab[z], contiguous=True)
+                    bar.update(sl.stop - sl.start)
+            if writer is not None:
+                writer.close()
+    return Path(out_path)
+
+
+def _plane_of(path: Path) -> str:
+    with h5py.File(path, "r") as f:
+        return str(f.attrs.get("plane", Path(path).stem))
+
+
+@contextlib.contextmanager
+def _tiff_writer(path: Path):
+    import tifffile
+
+    # One multi-page BigTIFF of uint8 labels: Fiji, Avizo and 3D Slicer open it as a stack.
+    w = tifffile.TiffWriter(path, bigtiff=True)
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+def evaluate_methods(plane_files: dict[str, Path], reference: VolumeRef, methods: tp.Mapping[str, tuple[str, str]],
+                     num_classes: int = NUM_CLASSES, save: tp.Optional[dict[str, Path]] = None) -> dict[str, np.ndarray]:
+    """Confusion matrices of several fusing methods against ``reference``, one pass over the plane files.
+
+    ``methods``: name → (plane set, vote). ``save``: name → HDF5 path that receives that method's labels.
+    """
+    from model.evaluation import confusion_matrix
+
+    needed = sorted({p for s, _ in methods.values() for p in plane_set(s)}, key=list(PLANES).index)
+    missing = [p for p in needed if p not in plane_files]
+    if missing:
+        raise ValueError(f"plane files missing for {missing}")
+    index = {p: i for i, p in enumerate(needed)}
+    cms = {m: np.zeros((num_classes, num_classes), np.int64) for m in methods}
+    with contextlib.ExitStack() as stack, open_volume(reference) as ref:
+        with h5py.File(plane_files[needed[0]], "r") as f:
+            predicted_shape = tuple(f[PLANE_FILE_DATASET].shape[:3])
+        if tuple(ref.shape) != predicted_shape:
+            raise DataError(reference.path, reference.dataset,
+                            f"label shape {tuple(ref.shape)} differs from the predicted volume's {predicted_shape}")
+        writers = {}
+        for m, path in (save or {}).items():
+            tmp = stack.enter_context(atomic_path(path))
+            f = stack.enter_context(h5py.File(tmp, "w"))
+            writers[m] = _create(f, "labels", tuple(ref.shape), np.uint8, compression="gzip")
+            f.attrs.update({"method": m, "planes": list(plane_set(methods[m][0])), "vote": methods[m][1]})
+        for sl, block in fuse_blocks([plane_files[p] for p in needed]):
+            truth = read_checked(ref, sl, ref=reference, field="label")
+            for m, (pset, how) in methods.items():
+                sub = block[[index[p] for p in plane_set(pset)]]
+                lab = plane_labels(sub)[0] if sub.shape[0] == 1 else vote(sub, how)
+                cms[m] += confusion_matrix(truth, lab, num_classes)
+                if m in writers:
+                    writers[m][sl] = lab
+    return cms
+
+
+def estimate_disk_bytes(shape: tp.Sequence[int], planes: tp.Sequence[str], *, num_classes: int = NUM_CLASSES,
+                        probabilities: bool = False, tiff: bool = False) -> dict[str, int]:
+    """Upper bounds (uncompressed) of what a prediction writes: final outputs and plane/temporary files."""
+    n = int(np.prod(shape))
+    out = n + (2 * n * num_classes if probabilities else 0) + (n if tiff else 0)
+    planes_b = n * num_classes * len(planes)
+    rot = 0
+    for p in planes:
+        a = PLANES[p].rotation_axis
+        if a is not None:
+            nr = int(np.prod(rotated_volume_shape(shape, a)))
+            rot = max(rot, nr * (2 + num_classes))  # float16 image + uint8 probabilities, one plane at a time
+    return {"output": out, "planes": planes_b, "temporary": rot}
+
+
+def check_disk(folder: Path, need_bytes: int, what: str) -> None:
+    """Refuse to start when ``folder``'s file system has less free space than ``need_bytes``."""
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need_bytes:
+        raise DataError(folder, None, f"too little disk for {what}: needs up to {need_bytes / 2**30:.2f} GiB, "
+                        f"{free / 2**30:.2f} GiB free")
+
+
+def file_digest(path: Path, limit: int = 1 << 20) -> str:
+    """A cheap identity of a model file: size, mtime and a hash of its first MiB."""
+    st = Path(path).stat()
+    with open(path, "rb") as f:
+        head = hashlib.sha256(f.read(limit)).hexdigest()[:16]
+    return f"{Path(path).name}:{st.st_size}:{head}"
+
