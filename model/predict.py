@@ -52,6 +52,7 @@ def load_model(spec: str, *, tracking_uri: tp.Optional[str] = None):
     import keras
 
     path = Path(spec)
+    dst: tp.Optional[Path] = None
     if spec.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
         import mlflow
 
@@ -76,6 +77,9 @@ def load_model(spec: str, *, tracking_uri: tp.Optional[str] = None):
         model = keras.saving.load_model(path, compile=False)
     except Exception as exc:  # Keras raises ValueError/OSError/zipfile errors for broken files
         raise PredictError(f"MODEL: {path}: cannot load ({exc})") from None
+    finally:
+        if dst is not None:
+            shutil.rmtree(dst, ignore_errors=True)
     check_model(model, str(path))
     return model, model_id
 

@@ -1,0 +1,138 @@
+"""``python -m model.predict`` end to end with real Keras models, real HDF5 files and an MLflow store."""
+
+from __future__ import annotations
+
+import collections
+
+import h5py
+import numpy as np
+import pytest
+
+from model.evaluation import confusion_matrix, iou_per_class
+from model.predict import main
+from tests.test_predict import phantom
+
+SHAPE = (24, 20, 28)
+
+
+def oracle_model(num_classes: int = 4):
+    """A saved Keras model that knows the answer for images = label / 3.
+
+    softmax(−8 (3x − k)²) over k equals softmax(48 k x − 8 k²) (the x² term is common to all
+    classes), so one 1×1 convolution is the oracle; a zero-weighted pool/upsample branch gives the
+    model a depth (one MaxPooling2D) as the full-slice padding needs.
+    """
+    import keras
+
+    x = keras.Input((None, None, 1))
+    k = np.arange(num_classes, dtype=np.float32)
+    head = keras.layers.Conv2D(num_classes, 1, name="oracle")
+    down = keras.layers.UpSampling2D(2)(keras.layers.MaxPooling2D(2)(x))
+    zero = keras.layers.Conv2D(num_classes, 1, use_bias=False, kernel_initializer="zeros", name="zero")
+    model = keras.Model(x, keras.layers.Add()([head(x), zero(down)]))
+    head.set_weights([(48 * k).reshape(1, 1, 1, num_classes), -8 * k ** 2])
+    return model
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    lab = phantom(SHAPE)
+    with h5py.File(d / "vol.h5", "w") as f:
+        f["image"] = (lab / 3).astype(np.float32)
+        f["label"] = lab
+        bad = (lab / 3).astype(np.float32)
+        bad[3, 4, 5] = np.nan
+        f["nan"] = bad
+        f["range"] = (lab / 3).astype(np.float32) * 1.5
+    oracle_model().save(d / "oracle.keras")
+    oracle_model(3).save(d / "three.keras")
+    return d
+
+
+def run(capsys, *argv) -> tuple[int, str]:
+    rc = main([str(a) for a in argv] + ["--no-progress"])
+    cap = capsys.readouterr()
+    return rc, cap.out + cap.err
+
+
+def test_nine_planes_majority_vote_end_to_end(files, tmp_path, capsys):
+    out = tmp_path / "seg.h5"
+    rc, msg = run(capsys, files / "oracle.keras", files / "vol.h5", "--planes", "9", "--vote", "majority", "--out", out,
+                  "--probabilities", "--tiff", tmp_path / "seg.tif")
+    assert rc == 0, msg
+    with h5py.File(out) as f, h5py.File(files / "vol.h5") as g:
+        labels, ref = f["labels"][...], g["label"][...]
+        assert labels.dtype == np.uint8 and f["probabilities"].shape == SHAPE + (4,)
+        assert f.attrs["vote"] == "majority" and len(f.attrs["planes"]) == 9
+    assert np.all(iou_per_class(confusion_matrix(ref, labels)) >= 0.95)
+    # Plane files are gone, nothing else was left beside the outputs.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seg.h5", "seg.tif"]
+
+
+def test_model_from_an_mlflow_run(files, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("e", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    client.log_artifact(run_id, str(files / "oracle.keras"), "model")
+    out = tmp_path / "seg.h5"
+    rc, msg = run(capsys, f"runs:/{run_id}/model", files / "vol.h5", "--planes", "rc", "--out", out, "--tracking-uri", uri)
+    assert rc == 0, msg
+    with h5py.File(out) as f, h5py.File(files / "vol.h5") as g:
+        np.testing.assert_array_equal(f["labels"][...], g["label"][...])
+    rc, msg = run(capsys, "runs:/0123456789abcdef/model", files / "vol.h5", "--out", tmp_path / "x.h5", "--tracking-uri", uri)
+    assert rc == 2 and "MODEL" in msg and not (tmp_path / "x.h5").exists()
+
+
+@pytest.mark.parametrize("dataset, words", [("nan", ["NaN", "(3, 4, 5)"]), ("range", ["outside [0, 1]"])])
+def test_bad_volume_is_refused_before_any_prediction(files, tmp_path, capsys, dataset, words):
+    rc, msg = run(capsys, files / "oracle.keras", files / "vol.h5", "--dataset", dataset, "--out", tmp_path / "o.h5")
+    assert rc == 2 and "vol.h5" in msg and f"/{dataset}" in msg
+    assert all(w in msg for w in words), msg
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_wrong_number_of_classes(files, tmp_path, capsys):
+    rc, msg = run(capsys, files / "three.keras", files / "vol.h5", "--out", tmp_path / "o.h5")
+    assert rc == 2 and "three.keras" in msg and "3 classes" in msg and "expected 4" in msg
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_kept_unless_overwrite(files, tmp_path, capsys):
+    out = tmp_path / "o.h5"
+    out.write_bytes(b"precious")
+    rc, msg = run(capsys, files / "oracle.keras", files / "vol.h5", "--planes", "rc", "--out", out)
+    assert rc == 2 and "--out" in msg and "--overwrite" in msg
+    assert out.read_bytes() == b"precious"
+    rc, msg = run(capsys, files / "oracle.keras", files / "vol.h5", "--planes", "rc", "--out", out, "--overwrite")
+    assert rc == 0, msg
+    with h5py.File(out) as f:
+        assert f["labels"].shape == SHAPE
+
+
+def test_too_little_disk(files, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 ** 9, 10 ** 9 - 1000, 1000))
+    rc, msg = run(capsys, files / "oracle.keras", files / "vol.h5", "--planes", "9", "--out", tmp_path / "o.h5")
+    assert rc == 2 and "too little disk" in msg and "GiB" in msg
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plane_task_then_fuse_step(files, tmp_path, capsys):
+    work = tmp_path / "planes"
+    for plane in ("rc", "cp", "pr"):
+        rc, msg = run(capsys, files / "oracle.keras", files / "vol.h5", "--planes", "3", "--plane", plane,
+                      "--work-dir", work, "--out", tmp_path / "o.h5")
+        assert rc == 0, msg
+    assert sorted(p.name for p in work.iterdir()) == ["cp.h5", "pr.h5", "rc.h5"]
+    assert not (tmp_path / "o.h5").exists()
+    rc, msg = run(capsys, "unused.keras", files / "vol.h5", "--planes", "3", "--fuse-only", "--work-dir", work,
+                  "--out", tmp_path / "o.h5")
+    assert rc == 0, msg
+    with h5py.File(tmp_path / "o.h5") as f, h5py.File(files / "vol.h5") as g:
+        np.testing.assert_array_equal(f["labels"][...], g["label"][...])
