@@ -247,8 +247,13 @@ def _temp_h5(folder: Path, stem: str) -> tp.Iterator[h5py.File]:
         path.unlink(missing_ok=True)
 
 
-def fuse_blocks(plane_paths: tp.Sequence[Path], *, slab: int = CHUNK) -> tp.Iterator[tuple[slice, np.ndarray]]:
-    """Stream (slab along axis 0, stacked uint8 probabilities (M, z, y, x, K)) over all plane files."""
+def fuse_blocks(plane_paths: tp.Sequence[Path], *, budget_bytes: int = 64 << 20
+                ) -> tp.Iterator[tuple[tuple[slice, slice], np.ndarray]]:
+    """Stream (block key, stacked uint8 probabilities (M, z, y, x, K)) over all plane files.
+
+    Blocks are one chunk deep in z and as many chunk rows in y as ``budget_bytes`` allows for the
+    stack of M planes, so memory does not grow with the number of planes times the slice area.
+    """
     with contextlib.ExitStack() as stack:
         dsets = []
         for p in plane_paths:
@@ -262,10 +267,13 @@ def fuse_blocks(plane_paths: tp.Sequence[Path], *, slab: int = CHUNK) -> tp.Iter
         shapes = {d.shape for d in dsets}
         if len(shapes) != 1:
             raise DataError(plane_paths[0], PLANE_FILE_DATASET, f"plane files differ in shape: {sorted(shapes)}")
-        n = dsets[0].shape[0]
-        for z0 in range(0, n, slab):
-            sl = slice(z0, min(z0 + slab, n))
-            yield sl, np.stack([d[sl] for d in dsets])
+        nz, ny, nx, k = dsets[0].shape
+        row_bytes = len(dsets) * CHUNK * CHUNK * nx * k  # one chunk row of every plane
+        band = CHUNK * max(1, budget_bytes // max(1, row_bytes))
+        for z0 in range(0, nz, CHUNK):
+            for y0 in range(0, ny, band):
+                key = (slice(z0, min(z0 + CHUNK, nz)), slice(y0, min(y0 + band, ny)))
+                yield key, np.stack([d[key] for d in dsets])
 
 
 def fuse_planes(plane_paths: tp.Sequence[Path], out_path: Path, *, method: str, probabilities: bool = False,
@@ -287,15 +295,16 @@ def fuse_planes(plane_paths: tp.Sequence[Path], out_path: Path, *, method: str, 
             f.attrs.update(attrs or {})
             writer = stack.enter_context(_tiff_writer(tiff_tmp)) if tiff_tmp else None
             with bars.bar(shape[0], f"fuse {method} ({len(plane_paths)} planes)") as bar:
-                for sl, block in fuse_blocks(plane_paths):
+                for key, block in fuse_blocks(plane_paths):
                     lab = vote(block, method)
-                    labels[sl] = lab
+                    labels[key] = lab
                     if probs is not None:
-                        probs[sl] = mean_probabilities(block).astype(np.float16)
-                    if writer is not None:
-                        for z in range(lab.shape[0]):
-                            writer.write(lab[z], contiguous=True)
-                    bar.update(sl.stop - sl.start)
+                        probs[key] = mean_probabilities(block).astype(np.float16)
+                    if key[1].stop == shape[1]:
+                        if writer is not None:  # TIFF pages are whole slices: write once the slab is complete
+                            for z in range(key[0].start, key[0].stop):
+                                writer.write(labels[z], contiguous=True)
+                        bar.update(key[0].stop - key[0].start)
             if writer is not None:
                 writer.close()
     return Path(out_path)
@@ -344,14 +353,14 @@ def evaluate_methods(plane_files: dict[str, Path], reference: VolumeRef, methods
             f = stack.enter_context(h5py.File(tmp, "w"))
             writers[m] = _create(f, "labels", tuple(ref.shape), np.uint8, compression="gzip")
             f.attrs.update({"method": m, "planes": list(plane_set(methods[m][0])), "vote": methods[m][1]})
-        for sl, block in fuse_blocks([plane_files[p] for p in needed]):
-            truth = read_checked(ref, sl, ref=reference, field="label")
+        for key, block in fuse_blocks([plane_files[p] for p in needed]):
+            truth = read_checked(ref, key, ref=reference, field="label")
             for m, (pset, how) in methods.items():
                 sub = block[[index[p] for p in plane_set(pset)]]
                 lab = plane_labels(sub)[0] if sub.shape[0] == 1 else vote(sub, how)
                 cms[m] += confusion_matrix(truth, lab, num_classes)
                 if m in writers:
-                    writers[m][sl] = lab
+                    writers[m][key] = lab
     return cms
 
 

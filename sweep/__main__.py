@@ -28,6 +28,12 @@ log = logging.getLogger("sweep")
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> tp.Any:
     try:
+        if cfg.get("task", "train") == "fusing":
+            from sweep.fusing import run_fusing
+
+            return objective_values(cfg, run_fusing(cfg))
+        if cfg.get("task", "train") != "train":
+            raise ConfigError("task", f"must be train or fusing, got {cfg.task!r}")
         return objective_values(cfg, run(cfg))
     except (ConfigError, DataError, TrackingError) as exc:
         if HydraConfig.get().mode == RunMode.MULTIRUN:

@@ -45,6 +45,7 @@ class PreparedSweep:
     duplicates: list[Job]
     tracking_uri: str
     experiment_id: str
+    task: str = "train"
 
 
 def objective_values(cfg: DictConfig, metrics: tp.Mapping[str, float]) -> tp.Any:
@@ -76,7 +77,25 @@ def prepare_sweep(jobs: tp.Sequence[tuple[int, tp.Sequence[str], DictConfig]]) -
     planned = check_jobs(jobs)
     t1 = time.perf_counter()
     uri, experiment = planned[0].plan.tracking_uri, planned[0].plan.experiment
+    tasks = {str(j.cfg.get("task", "train")) for j in planned}
+    if len(tasks) > 1 or not tasks <= {"train", "fusing"}:
+        raise SweepConfigError(f"task: one sweep runs one task (train or fusing), got {sorted(tasks)}")
+    task = tasks.pop()
     tracking.check_tracking_uri(uri)
+    if task == "fusing":
+        from sweep.fusing import check_fusing, finished_fusing, fusing_experiment, trained_run
+
+        errors = []
+        for j in planned:  # every fold must have a trained model before any GPU time is spent
+            try:
+                check_fusing(j.cfg)
+                trained_run(j.plan)
+            except ConfigError as exc:
+                errors.append(f"  #{j.idx} {' '.join(j.overrides)}: {exc}")
+        if errors:
+            raise SweepConfigError(f"{len(errors)} of {len(planned)} fusing jobs cannot run; nothing was queued:\n"
+                                   + "\n".join(errors))
+        experiment = fusing_experiment(planned[0].cfg)
     experiment_id = tracking.ensure_experiment(uri, experiment)
     made = set()
     for j in planned:  # one synthetic dataset per distinct setting, made here rather than by racing jobs
@@ -84,7 +103,7 @@ def prepare_sweep(jobs: tp.Sequence[tuple[int, tp.Sequence[str], DictConfig]]) -
             ensure_dataset(j.cfg)
             made.add(str(j.plan.dataset))
     t2 = time.perf_counter()
-    done = finished_fold_runs(uri, experiment_id)
+    done = finished_fusing(uri, experiment_id) if task == "fusing" else finished_fold_runs(uri, experiment_id)
     todo, finished, duplicates, seen = [], [], [], set()
     for j in planned:
         if j.pair in seen:
@@ -97,7 +116,7 @@ def prepare_sweep(jobs: tp.Sequence[tuple[int, tp.Sequence[str], DictConfig]]) -
     log.info("sweep: %d jobs, %d already FINISHED in MLflow (skipped), %d duplicates, %d to run "
              "(checked in %.1f s, MLflow and data %.1f s, finished runs %.1f s)", len(planned), len(finished),
              len(duplicates), len(todo), t1 - t0, t2 - t1, time.perf_counter() - t2)
-    return PreparedSweep(todo, finished, duplicates, uri, experiment_id)
+    return PreparedSweep(todo, finished, duplicates, uri, experiment_id, task)
 
 
 TAG_IS_PARENT = "is_parent"

@@ -27,7 +27,7 @@ from sweep import tracking
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "mlflow_run_id"
-KEY_EXCLUDE = ("fold", "mlflow", "paths", "hydra", "experiment_name", "objectives")
+KEY_EXCLUDE = ("fold", "mlflow", "paths", "hydra", "experiment_name", "objectives", "task", "fusing")
 
 
 class ConfigError(ValueError):

@@ -75,7 +75,7 @@ def _finish(prepared, results: dict, failed: list, parent_runs: bool) -> list[Jo
     from sweep.aggregate import link_parent_runs
     from sweep.dispatch import summarize
 
-    if parent_runs:
+    if parent_runs and prepared.task == "train":  # fusing runs have their own parents (sweep.fusing)
         keys = {j.plan.config_key for j in prepared.todo} | {j.plan.config_key for j, _ in prepared.finished}
         try:
             link_parent_runs(prepared.tracking_uri, prepared.experiment_id, keys)

@@ -1,0 +1,179 @@
+"""Table 2 of the paper: one trained (config, fold) evaluated on the test samples with the 7 fusing methods.
+
+``python -m sweep +experiment=fusing -m`` runs this task for the 4 folds of one config. Each job
+takes the model of the FINISHED training run of its (config, fold), predicts the 9 planes of
+every test sample once (model.inference plane files), and scores all seven methods of Table 2
+from those plane files in one pass (Baseline S_rc/S_cp/S_pr, Avr/MV 3-planes, Avr/MV 9-planes),
+IoU (Eq. 6) pooled over the test samples.
+
+MLflow schema (read by ``python -m analysis table2``), experiment ``<mlflow.experiment>-fusing``:
+one parent run per (config, fold) (tags ``config_key``, ``fold``, ``task=fusing``; metrics
+``<method>.mean_iou``; artifacts fig4.png, fig5.png) that is FINISHED only after its children,
+and one child run per method (tags ``config_key``, ``fold``, ``task=fusing``, ``fusing_method``,
+``mlflow.parentRunId``; params ``model.*``, ``fold``; metrics ``iou_bone``,
+``iou_degradation_layer``, ``iou_residual_material``, ``mean_iou``). The child of
+``fusing.save_method`` carries ``predictions.json`` (test sample → saved labels) for Table 3.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+import typing as tp
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from data.manifest import load_dataset
+from sweep import tracking
+from sweep.task import ConfigError, RunPlan, ensure_dataset, plan_run
+
+log = logging.getLogger(__name__)
+
+TAG_TASK = "task"
+TAG_METHOD = "fusing_method"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def fusing_experiment(cfg: DictConfig) -> str:
+    """Fusing runs have their own experiment: their metrics mean something else than training runs'."""
+    return f"{cfg.mlflow.experiment}-fusing"
+
+
+def table2_methods() -> dict[str, tuple[str, str]]:
+    from model.inference import TABLE2_METHODS
+
+    return dict(TABLE2_METHODS)
+
+
+def _portable(path: tp.Union[str, Path]) -> str:
+    """Absolute (readable from any working directory), with the home folder written ``~``."""
+    p, home = str(Path(path).resolve()), str(Path.home())
+    return "~" + p[len(home):] if p.startswith(home + "/") else p
+
+
+def check_fusing(cfg: DictConfig) -> None:
+    """Fusing settings, before anything runs."""
+    methods = table2_methods()
+    save = OmegaConf.select(cfg, "fusing.save_method")
+    if save is not None and save not in methods:
+        raise ConfigError("fusing.save_method", f"must be one of {list(methods)} or null, got {save!r}")
+    batch = OmegaConf.select(cfg, "fusing.batch_size")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ConfigError("fusing.batch_size", f"must be a positive integer, got {batch!r}")
+
+
+def trained_run(plan: RunPlan) -> tp.Any:
+    """The FINISHED training run of this (config, fold); ConfigError if it has not been trained."""
+    exp = tracking.ensure_experiment(plan.tracking_uri, plan.experiment)
+    runs = [r for r in tracking.find_runs(plan.tracking_uri, exp, config_key=plan.config_key, fold=plan.fold,
+                                          status="FINISHED") if r.data.tags.get(TAG_METHOD) is None]
+    if not runs:
+        raise ConfigError("fold", f"no FINISHED training run of {plan.run_name} (config {plan.config_key}) in "
+                          f"experiment {plan.experiment!r}: train it first (python -m sweep +experiment=compound -m, "
+                          f"or the same overrides without +experiment=fusing)")
+    return runs[0]
+
+
+def finished_fusing(uri: str, experiment_id: str) -> dict[tuple[str, int], dict[str, float]]:
+    """(config_key, fold) → metrics of its FINISHED fusing parent run (what a resumed sweep skips)."""
+    done = {}
+    for r in tracking.find_runs(uri, experiment_id, status="FINISHED"):
+        t = r.data.tags
+        if t.get(TAG_TASK) == "fusing" and TAG_METHOD not in t and "config_key" in t and "fold" in t:
+            m = dict(r.data.metrics)
+            done[(t["config_key"], int(t["fold"]))] = {**m, "mean_iou": m.get("avr_9.mean_iou", float("nan"))}
+    return done
+
+
+def _discard_partial(uri: str, experiment_id: str, plan: RunPlan) -> None:
+    """Runs of an earlier attempt that died before its parent finished would count twice: delete them."""
+    client = tracking._client(uri)
+    for r in tracking.find_runs(uri, experiment_id, config_key=plan.config_key, fold=plan.fold):
+        if r.info.status != "FINISHED" or r.data.tags.get(TAG_METHOD) is not None:
+            client.delete_run(r.info.run_id)
+
+
+def run_fusing(cfg: DictConfig) -> dict[str, float]:
+    """One fusing job: 9 plane predictions per test sample, 7 methods scored, 1 + 7 MLflow runs."""
+    plan = plan_run(cfg)
+    check_fusing(cfg)
+    tracking.check_tracking_uri(plan.tracking_uri)
+    train_run = trained_run(plan)
+    dataset = load_dataset(ensure_dataset(cfg))
+    tests = [s for s in dataset.samples if s.split == "test" and s.label is not None]
+    if not tests:
+        raise ConfigError("data.dataset", f"{dataset.manifest}: no test samples with labels")
+    exp_id = tracking.ensure_experiment(plan.tracking_uri, fusing_experiment(cfg))
+    done = finished_fusing(plan.tracking_uri, exp_id).get((plan.config_key, plan.fold))
+    if done is not None:
+        log.info("%s: fusing already FINISHED; skipping", plan.run_name)
+        return done
+    _discard_partial(plan.tracking_uri, exp_id, plan)
+
+    from model.figures import fig4_plane_probabilities, fig5_overlay
+    from model.inference import PLANE_SETS, Source, evaluate_methods, predict_plane
+    from model.evaluation import iou_metrics
+    from model.predict import check_inputs, keras_predictor, load_model, volume_ref
+
+    methods = table2_methods()
+    save_method = OmegaConf.select(cfg, "fusing.save_method")
+    root = Path(cfg.paths.work) / "fusing" / plan.config_key / f"fold{plan.fold}"
+    t0 = time.perf_counter()
+    model, model_id = load_model(f"runs:/{train_run.info.run_id}/model", tracking_uri=plan.tracking_uri)
+    predictor = keras_predictor(model, batch_size=int(cfg.fusing.batch_size))
+    cms: dict[str, tp.Any] = {}
+    saved: dict[str, str] = {}
+    figures: list[Path] = []
+    for s in tests:
+        work = root / s.id
+        source = check_inputs(s.image, work / "unused.h5", planes=PLANE_SETS["9"], overwrite=True,
+                              probabilities=False, tiff=None, work_dir=work, check_out=False)
+        files = {p: predict_plane(source, p, predictor, work / f"{p}.h5", model_id=model_id,
+                                  batch_size=int(cfg.fusing.batch_size), tmp_dir=work,
+                                  progress=bool(cfg.fusing.progress)) for p in PLANE_SETS["9"]}
+        save = {save_method: root / f"{s.id}_{save_method}.h5"} if save_method else None
+        for m, cm in evaluate_methods(files, s.label, methods, save=save).items():
+            cms[m] = cm if m not in cms else cms[m] + cm
+        if save_method:
+            saved[s.id] = str(root / f"{s.id}_{save_method}.h5")
+        if not figures:  # the paper shows one test sample
+            figures = [fig4_plane_probabilities(s.image, files, root / "fig4.png"),
+                       fig5_overlay(s.image, s.label, Path(saved[s.id]) if saved else None, files, root / "fig5.png")]
+        if not cfg.fusing.keep_planes:
+            shutil.rmtree(work, ignore_errors=True)
+    metrics = {m: iou_metrics(cm) for m, cm in cms.items()}
+    seconds = time.perf_counter() - t0
+
+    tags = {tracking.TAG_CONFIG_KEY: plan.config_key, tracking.TAG_FOLD: str(plan.fold), TAG_TASK: "fusing",
+            "experiment": str(cfg.get("experiment_name", "fusing")), "trained_run_id": train_run.info.run_id,
+            **tracking.environment_tags()}
+    params = {"model.width": plan.paper_width, "model.depth": plan.depth, "model.input_size": plan.paper_input_size,
+              "fold": plan.fold, "test_samples": ",".join(s.id for s in tests), "config_key": plan.config_key}
+    parent = tracking.RunRecorder(plan.tracking_uri, exp_id, run_name=f"{plan.run_name}-fusing", tags=tags)
+    with parent:
+        parent_id = parent.start()
+        parent.log_params(params)
+        for m, values in metrics.items():
+            child = tracking.RunRecorder(plan.tracking_uri, exp_id, run_name=f"{plan.run_name}-{m}",
+                                         tags={**tags, TAG_METHOD: m, PARENT_TAG: parent_id})
+            with child:
+                child.start()
+                child.log_params({**params, "planes": methods[m][0], "vote": methods[m][1]})
+                child.log_metrics(values)
+                if m == save_method:
+                    child.log_text(json.dumps({"dataset": _portable(dataset.root), "method": m,
+                                               "samples": {k: _portable(v) for k, v in saved.items()}}, indent=1),
+                                   "predictions.json")
+                child.finish("FINISHED")
+        parent.log_metrics({f"{m}.{k}": v for m, vals in metrics.items() for k, v in vals.items()})
+        parent.log_metrics({"fusing_time_s": seconds})
+        for fig in figures:
+            parent.log_artifact(fig)
+        parent.finish("FINISHED")
+    best = max(metrics, key=lambda m: metrics[m]["mean_iou"])
+    log.info("%s: fusing done in %.0f s; best mean IoU %.4f (%s)", plan.run_name, seconds, metrics[best]["mean_iou"], best)
+    return {"mean_iou": metrics["avr_9"]["mean_iou"], **{f"{m}.mean_iou": v["mean_iou"] for m, v in metrics.items()}}
+
