@@ -1,4 +1,17 @@
-"""``python -m analysis fig3 --tracking-uri URI --experiment NAME --out reports/``: the paper's figures from MLflow."""
+"""``python -m analysis {reports,fig3,table2,table3,pareto,missing} [--tracking-uri URI] [--experiment NAME] [--out reports/]``
+
+The paper's figures and tables rebuilt from MLflow:
+  reports  everything the runs allow (Fig. 3 + configs.csv, Table 2, Table 3, Pareto front, missing.csv/.md);
+           a part without runs is skipped with a one-line note
+  fig3     Fig. 3: mean IoU vs FLOPs (depth, width, input size, compound) + configs.csv
+  table2   Table 2: IoU per fusing method (mean ± SE over folds, ×100)
+  table3   Table 3: DR, BIC, BV/TV per test sample for WF, HQ and ML segmentations
+  pareto   Pareto front of the +experiment=optuna trials (max mean IoU, min FLOPs)
+  missing  the missing-run report alone
+
+Exit status: 0 done; 1 the single part asked for has no runs to build from; 2 the tracking store is
+unreachable or the training experiment does not exist.
+"""
 
 from __future__ import annotations
 
@@ -7,32 +20,77 @@ import sys
 import typing as tp
 
 
-def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m analysis", description=__doc__)
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m analysis", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--tracking-uri", default="sqlite:///work/mlflow.db",
+                        help="MLflow tracking URI (default: %(default)s, the sweeps' embedded default)")
+    common.add_argument("--experiment", default="scaling-unet", help="training experiment (default: %(default)s)")
+    common.add_argument("--fusing-experiment", default=None,
+                        help="experiment of the fusing runs (default: <experiment>-fusing)")
+    common.add_argument("--out", default="reports", help="output folder (default: %(default)s)")
     sub = ap.add_subparsers(dest="what", required=True)
-    f3 = sub.add_parser("fig3", help="Fig. 3: mean IoU vs FLOPs (depth, width, input size, compound)")
-    f3.add_argument("--tracking-uri", default="sqlite:///work/mlflow.db")
-    f3.add_argument("--experiment", default="scaling-unet")
-    f3.add_argument("--out", default="reports")
-    args = ap.parse_args(argv)
-    from analysis.fig3 import plot_fig3
-    from analysis.results import config_table
+    for name, text in (("reports", "everything the runs allow, and the missing-run report"),
+                       ("fig3", "Fig. 3: mean IoU vs FLOPs + configs.csv"),
+                       ("table2", "Table 2: IoU per fusing method"),
+                       ("table3", "Table 3: DR, BIC, BV/TV per test sample (WF, HQ, ML)"),
+                       ("pareto", "Pareto front of the Optuna trials"),
+                       ("missing", "missing runs (missing.csv, missing.md)")):
+        p = sub.add_parser(name, parents=[common], help=text, description=text)
+        if name in ("reports", "table2", "table3"):
+            p.add_argument("--config-key", default=None,
+                           help="config of Tables 2/3 (default: the only config with fusing runs, else the one with most)")
+        if name in ("reports", "table3"):
+            p.add_argument("--roi-um", type=float, default=100.0,
+                           help="BV/TV region of interest: distance around the implant in µm (default: %(default)s)")
+    return ap
 
+
+def _report(part) -> None:
+    for p in part.written:
+        print(f"wrote {p}")
+    if part.skipped:
+        print(f"{part.name}: skipped, {part.skipped}")
+    for n in part.notes:
+        print(f"{part.name}: {n}")
+    for w in part.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+
+
+def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    from analysis import reports as R
+    from analysis.results import StoreError, read_runs
+
+    need_training = args.what not in ("table2", "table3")
     try:
-        table = config_table(args.tracking_uri, args.experiment)
-    except ValueError as exc:
+        runs = read_runs(args.tracking_uri, args.experiment, args.fusing_experiment, need_training=need_training)
+    except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if table.empty:
-        print(f"error: no FINISHED runs in experiment {args.experiment!r}", file=sys.stderr)
-        return 2
-    incomplete = table[table.n_folds < 4]
-    for _, r in incomplete.iterrows():
-        print(f"warning: c0={r.width} d={r.depth} IS={r.input_size}: only folds {r.folds} FINISHED", file=sys.stderr)
-    for p in plot_fig3(table, args.out):
-        print(f"wrote {p}")
-    table.to_csv(f"{args.out}/configs.csv", index=False)
-    print(f"wrote {args.out}/configs.csv ({len(table)} configs)")
+    print(f"read {len(runs.training)} training and {len(runs.fusing or [])} fusing runs in {runs.read_s:.2f} s "
+          f"({runs.search_calls} search call(s))")
+    if args.what == "reports":
+        parts = R.build_reports(args.tracking_uri, args.experiment, args.fusing_experiment, args.out,
+                                roi_um=args.roi_um, config_key=args.config_key, runs=runs)
+        for part in parts:
+            _report(part)
+        return 0
+    if args.what == "fig3":
+        part = R.fig3_part(runs, args.out)
+    elif args.what == "table2":
+        part, _ = R.table2_part(runs, args.out, args.config_key)
+    elif args.what == "table3":
+        part = R.table3_part(runs, args.out, args.config_key, roi_um=args.roi_um)
+    elif args.what == "pareto":
+        part = R.pareto_part(runs, args.out)
+    else:
+        part = R.missing_part(runs, args.out)
+    _report(part)
+    if part.skipped:
+        print(f"error: {part.name}: {part.skipped}", file=sys.stderr)
+        return 1
     return 0
 
 

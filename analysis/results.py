@@ -1,49 +1,407 @@
-"""Read sweep results back from MLflow: one row per config (its parent run), folds counted, not guessed."""
+"""Read sweep results back from MLflow: one row per config, folds counted (never guessed), gaps reported.
+
+All runs of the training experiment and of the fusing experiment are read with ONE paginated
+``search_runs`` over both experiment ids (:func:`read_runs`), turned into plain :class:`RunRecord`
+objects, and everything else (Fig. 3 table, Table 2, Pareto front, missing-run report) is computed
+from those records in memory.
+
+Training runs (experiment ``scaling-unet``): one run per (config, fold), tags ``config_key``, ``fold``,
+``experiment`` (compound/depth/width/input_size/optuna/single); params ``model.width``, ``model.depth``,
+``model.input_size``; metrics ``mean_iou``, ``iou_*``, ``flops``, ``params``, ``paper_flops``. Parent
+runs (tag ``is_parent=true``, no ``fold``) are ignored.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
+import time
 import typing as tp
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
 
 import pandas as pd
 
+EXPECTED_FOLDS = (0, 1, 2, 3)
+GRID = {"width": (32, 64, 96, 112), "depth": (3, 4, 5, 6), "input_size": (384, 512, 640)}
+CLASS_METRICS = ("iou_bone", "iou_degradation_layer", "iou_residual_material")
+IOU_METRICS = CLASS_METRICS + ("mean_iou",)
+OPTUNA = "optuna"
+TAG_IS_PARENT = "is_parent"  # sweep.dispatch.TAG_IS_PARENT (analysis never imports sweep/)
 
-def config_table(tracking_uri: str, experiment: str) -> pd.DataFrame:
-    """One row per config: width, depth, input_size (paper grid values), FLOPs, params, mean ± SE of IoUs, n_folds.
 
-    Built from the FINISHED fold runs (not the parent runs), so it is right even before parents exist.
-    """
+class StoreError(ValueError):
+    """The tracking store cannot be read (unreachable server, no sqlite file, no such experiment)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """What the analysis needs of one MLflow run (plain values; metrics are the latest values)."""
+
+    run_id: str
+    experiment_id: str
+    status: str
+    start_time: int
+    end_time: int
+    run_name: str
+    tags: tp.Mapping[str, str]
+    params: tp.Mapping[str, str]
+    metrics: tp.Mapping[str, float]
+
+    @classmethod
+    def from_run(cls, run) -> "RunRecord":
+        i = run.info
+        return cls(run_id=i.run_id, experiment_id=str(i.experiment_id), status=str(i.status),
+                   start_time=int(i.start_time or 0), end_time=int(i.end_time or i.start_time or 0),
+                   run_name=i.run_name or "", tags=dict(run.data.tags), params=dict(run.data.params),
+                   metrics=dict(run.data.metrics))
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "FINISHED"
+
+    def fold(self) -> tp.Optional[int]:
+        v = self.tags.get("fold", self.params.get("fold"))
+        try:
+            return None if v is None else int(v)
+        except ValueError:
+            return None
+
+    def int_param(self, name: str) -> tp.Optional[int]:
+        v = self.params.get(name)
+        try:
+            return None if v is None else int(float(v))
+        except ValueError:
+            return None
+
+    def metric(self, name: str) -> float:
+        v = self.metrics.get(name)
+        return math.nan if v is None else float(v)
+
+
+@dataclasses.dataclass
+class Runs:
+    """The runs of the training experiment and (if it exists) of the fusing experiment."""
+
+    tracking_uri: str
+    experiment: str
+    fusing_experiment: str
+    training: list[RunRecord]
+    fusing: tp.Optional[list[RunRecord]]  # None: the fusing experiment does not exist
+    read_s: float = 0.0
+    search_calls: int = 0
+
+
+# ----------------------------------------------------------------------------------------------- store
+
+
+def redact(uri: str) -> str:
+    parsed = urllib.parse.urlsplit(uri)
+    if parsed.username or parsed.password:
+        host = parsed.hostname or ""
+        if parsed.port:
+            host = f"{host}:{parsed.port}"
+        return urllib.parse.urlunsplit((parsed.scheme, host, parsed.path, parsed.query, parsed.fragment))
+    return uri
+
+
+def check_store(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast instead of creating an empty sqlite file or waiting minutes on HTTP retries."""
+    if not uri:
+        raise StoreError("empty tracking URI")
+    if uri.startswith("sqlite:"):
+        path = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
+        if path in ("", ":memory:"):
+            raise StoreError(f"tracking URI {uri} names no sqlite file")
+        if not Path(path).expanduser().is_file():
+            raise StoreError(f"no MLflow store at {uri} (file {Path(path).expanduser()} does not exist)")
+        return
+    parsed = urllib.parse.urlsplit(uri)
+    if parsed.scheme in ("http", "https"):
+        base = uri.rstrip("/")
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=timeout_s) as r:
+                status = r.status
+        except urllib.error.HTTPError as e:
+            status = e.code
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise StoreError(f"MLflow tracking server at {redact(uri)} is unreachable: {e}") from None
+        if status != 200:
+            raise StoreError(f"MLflow tracking server at {redact(uri)} is unreachable: /health answered {status}")
+        return
+    if parsed.scheme in ("", "file"):
+        folder = Path(urllib.request.url2pathname(parsed.path) if parsed.scheme else uri).expanduser()
+        if not folder.is_dir():
+            raise StoreError(f"no MLflow file store at {uri}")
+
+
+def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
-    from model.evaluation import mean_and_standard_error
+    return MlflowClient(uri)
 
-    client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise ValueError(f"no experiment {experiment!r} at {tracking_uri}")
-    runs, token = [], None
+
+def search_all(client, experiment_ids: tp.Sequence[str], page_size: int = 50_000) -> tuple[list[RunRecord], int]:
+    """Every active run of the experiments, all pages; returns (records, number of search_runs calls)."""
+    out: list[RunRecord] = []
+    token, calls = None, 0
     while True:
-        page = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
-                                  max_results=1000, page_token=token)
-        runs.extend(page)
+        page = client.search_runs(list(experiment_ids), max_results=page_size, page_token=token)
+        calls += 1
+        out.extend(RunRecord.from_run(r) for r in page)
         token = page.token
         if not token:
-            break
-    groups: dict[str, list] = {}
-    for r in runs:
-        if "fold" in r.data.tags and "config_key" in r.data.tags and "mean_iou" in r.data.metrics:
-            groups.setdefault(r.data.tags["config_key"], []).append(r)
+            return out, calls
+
+
+def read_runs(tracking_uri: str, experiment: str, fusing_experiment: tp.Optional[str] = None, *,
+              need_training: bool = True) -> Runs:
+    """All runs of both experiments in one paginated search. StoreError if the store (or, with
+    ``need_training``, the training experiment) is missing; an absent fusing experiment gives ``fusing=None``."""
+    check_store(tracking_uri)
+    fusing_experiment = fusing_experiment or f"{experiment}-fusing"
+    t0 = time.perf_counter()
+    client = _client(tracking_uri)
+    try:
+        exp = client.get_experiment_by_name(experiment)
+        fexp = client.get_experiment_by_name(fusing_experiment)
+    except Exception as e:  # noqa: BLE001 - any store failure is "cannot read", with the reason
+        raise StoreError(f"cannot read MLflow store {redact(tracking_uri)}: {e}") from None
+    if exp is None and need_training:
+        raise StoreError(f"no experiment {experiment!r} at {redact(tracking_uri)}")
+    ids = [e.experiment_id for e in (exp, fexp) if e is not None]
+    records, calls = search_all(client, ids) if ids else ([], 0)
+    train_id = None if exp is None else exp.experiment_id
+    fusing_id = None if fexp is None else fexp.experiment_id
+    return Runs(tracking_uri=tracking_uri, experiment=experiment, fusing_experiment=fusing_experiment,
+                training=[r for r in records if r.experiment_id == train_id],
+                fusing=None if fexp is None else [r for r in records if r.experiment_id == fusing_id],
+                read_s=time.perf_counter() - t0, search_calls=calls)
+
+
+# ----------------------------------------------------------------------------------------------- folds
+
+
+def latest_finished(records: tp.Iterable[RunRecord], key: tp.Callable[[RunRecord], tp.Optional[tuple]]
+                    ) -> tuple[dict[tuple, RunRecord], dict[tuple, list[RunRecord]], dict[tuple, list[RunRecord]]]:
+    """Group runs by ``key`` (None = skip): the latest FINISHED run per key, the FINISHED duplicates it
+    replaced, and the runs that did not finish (FAILED, KILLED, RUNNING) per key."""
+    done: dict[tuple, RunRecord] = {}
+    dupes: dict[tuple, list[RunRecord]] = {}
+    other: dict[tuple, list[RunRecord]] = {}
+    for r in records:
+        k = key(r)
+        if k is None:
+            continue
+        if not r.finished:
+            other.setdefault(k, []).append(r)
+            continue
+        old = done.get(k)
+        if old is None:
+            done[k] = r
+        else:
+            keep, drop = (r, old) if r.end_time >= old.end_time else (old, r)
+            done[k] = keep
+            dupes.setdefault(k, []).append(drop)
+    return done, dupes, other
+
+
+def training_fold_key(r: RunRecord) -> tp.Optional[tuple]:
+    """(config_key, fold) of a training fold run; None for parent runs and runs without those tags."""
+    if r.tags.get(TAG_IS_PARENT) == "true" or "config_key" not in r.tags:
+        return None
+    fold = r.fold() if "fold" in r.tags else None
+    if fold is None:
+        return None
+    return (r.tags["config_key"], fold)
+
+
+def se100(values: tp.Sequence[float]) -> tuple[float, float]:
+    """mean ± standard error over folds (paper: SE = std(ddof=1)/sqrt(n); NaN for one value)."""
+    from model.evaluation import mean_and_standard_error
+
+    vals = [float(v) for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return math.nan, math.nan
+    return mean_and_standard_error(vals)
+
+
+def config_rows(done: tp.Mapping[tuple, RunRecord], *, expected_folds: tp.Sequence[int] = EXPECTED_FOLDS) -> pd.DataFrame:
+    """One row per config_key from its (deduplicated) FINISHED fold runs."""
+    groups: dict[str, list[RunRecord]] = {}
+    for (key, _fold), r in done.items():
+        groups.setdefault(key, []).append(r)
     rows = []
     for key, kids in groups.items():
-        p, m = kids[0].data.params, kids[0].data.metrics
+        kids.sort(key=lambda r: r.fold())
+        first = kids[0]
+        folds = [r.fold() for r in kids]
         row: dict[str, tp.Any] = {
-            "config_key": key, "width": int(p["model.width"]), "depth": int(p["model.depth"]),
-            "input_size": int(p["model.input_size"]), "flops": m.get("flops"), "params": m.get("params"),
-            "paper_flops": m.get("paper_flops"), "n_folds": len(kids),
-            "folds": ",".join(sorted(r.data.tags["fold"] for r in kids)),
+            "config_key": key, "width": first.int_param("model.width"), "depth": first.int_param("model.depth"),
+            "input_size": first.int_param("model.input_size"), "flops": first.metrics.get("flops"),
+            "params": first.metrics.get("params"), "paper_flops": first.metrics.get("paper_flops"),
+            "n_folds": len(kids), "folds": ",".join(map(str, folds)),
+            "complete": set(expected_folds) <= set(folds),
+            "experiment": ",".join(sorted({r.tags.get("experiment", "") for r in kids} - {""})),
         }
-        for name in ("mean_iou", "iou_bone", "iou_degradation_layer", "iou_residual_material"):
-            vals = [r.data.metrics[name] for r in kids if name in r.data.metrics and not math.isnan(r.data.metrics[name])]
-            row[name], row[f"{name}_se"] = mean_and_standard_error(vals) if vals else (math.nan, math.nan)
+        for name in IOU_METRICS:
+            vals = [r.metric(name) for r in kids]
+            if name == "mean_iou":  # a run without mean_iou but with the three classes still counts
+                vals = [v if not math.isnan(v) else _mean3(r) for v, r in zip(vals, kids)]
+            row[name], row[f"{name}_se"] = se100(vals)
+            row[f"{name}_n"] = sum(not math.isnan(v) for v in vals)
         rows.append(row)
-    return pd.DataFrame(rows).sort_values(["input_size", "depth", "width"]).reset_index(drop=True)
+    cols = ["config_key", "width", "depth", "input_size", "flops", "params", "paper_flops", "n_folds", "folds",
+            "complete", "experiment"] + [f"{m}{s}" for m in IOU_METRICS for s in ("", "_se", "_n")]
+    if not rows:
+        return pd.DataFrame(columns=cols)
+    return pd.DataFrame(rows)[cols].sort_values(["input_size", "depth", "width", "config_key"]).reset_index(drop=True)
+
+
+def _mean3(r: RunRecord) -> float:
+    vals = [r.metric(m) for m in CLASS_METRICS]
+    return math.nan if any(math.isnan(v) for v in vals) else sum(vals) / 3
+
+
+def is_optuna(r: RunRecord) -> bool:
+    return r.tags.get("experiment") == OPTUNA
+
+
+def grid_runs(training: tp.Iterable[RunRecord]) -> list[RunRecord]:
+    """Training runs for Fig. 3: everything except the Optuna search (its trials are fold 0 of other configs)."""
+    return [r for r in training if not is_optuna(r)]
+
+
+def config_table_from_runs(training: tp.Iterable[RunRecord], *,
+                           expected_folds: tp.Sequence[int] = EXPECTED_FOLDS) -> pd.DataFrame:
+    done, _, _ = latest_finished(grid_runs(training), training_fold_key)
+    return config_rows(done, expected_folds=expected_folds)
+
+
+def config_table(tracking_uri: str, experiment: str) -> pd.DataFrame:
+    """One row per config (Optuna trials left out): width, depth, input_size (paper grid values), FLOPs,
+    params, mean ± SE of the IoUs over its FINISHED folds, ``n_folds``, ``folds``, ``complete``.
+
+    Built from the FINISHED fold runs (not the parent runs), so it is right even before parents exist;
+    a (config, fold) with several FINISHED runs counts once (the latest)."""
+    runs = read_runs(tracking_uri, experiment)
+    return config_table_from_runs(runs.training)
+
+
+def fig3_configs(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One config per (width, depth, input size) for Fig. 3: the one with most folds (then latest key order).
+
+    Returns (chosen, left out); several config keys for one grid point happen when a config value other
+    than the grid's (learning rate, profile, ...) changed between sweeps."""
+    if table.empty:
+        return table, table
+    usable = table.dropna(subset=["width", "depth", "input_size", "flops", "mean_iou"])
+    ranked = usable.sort_values(["n_folds"], ascending=False, kind="stable")
+    chosen = ranked.drop_duplicates(["width", "depth", "input_size"], keep="first")
+    left = table[~table.config_key.isin(chosen.config_key)]
+    return chosen.sort_values(["input_size", "depth", "width"]).reset_index(drop=True), left.reset_index(drop=True)
+
+
+def expected_grid() -> list[tuple[int, int, int]]:
+    return [(w, d, s) for s in GRID["input_size"] for d in GRID["depth"] for w in GRID["width"]]
+
+
+def missing_training(training: tp.Iterable[RunRecord], *, expected_folds: tp.Sequence[int] = EXPECTED_FOLDS
+                     ) -> list[dict]:
+    """Rows for the missing-run report: grid configs without all folds FINISHED (and why, when a run
+    FAILED or is still RUNNING), configs outside the grid that are incomplete, and duplicate runs."""
+    runs = grid_runs(training)
+    done, dupes, other = latest_finished(runs, training_fold_key)
+    table = config_rows(done, expected_folds=expected_folds)
+    chosen, left = fig3_configs(table)
+    rows: list[dict] = []
+    unfinished_by_key: dict[str, list[RunRecord]] = {}
+    for (key, _f), rs in other.items():
+        unfinished_by_key.setdefault(key, []).extend(rs)
+    params_by_key = {r.tags.get("config_key"): r for r in runs if "config_key" in r.tags}
+
+    def why(key: str, missing: list[int]) -> str:
+        notes = []
+        for r in sorted(unfinished_by_key.get(key, []), key=lambda r: (r.fold() or 0, r.start_time)):
+            if r.fold() in missing and not ((key, r.fold()) in done):
+                notes.append(f"fold {r.fold()}: {r.status} run {r.run_id[:8]}")
+        return "; ".join(notes)
+
+    present = {(int(r.width), int(r.depth), int(r.input_size)): r for r in chosen.itertuples()}
+    for w, d, s in expected_grid():
+        r = present.get((w, d, s))
+        if r is None:
+            keys = [k for k, rec in params_by_key.items()
+                    if (rec.int_param("model.width"), rec.int_param("model.depth"), rec.int_param("model.input_size")) == (w, d, s)]
+            note = "; ".join(why(k, list(expected_folds)) for k in keys if why(k, list(expected_folds)))
+            rows.append(dict(kind="training", config_key=",".join(keys), width=w, depth=d, input_size=s, method="",
+                             present_folds="", missing_folds=",".join(map(str, expected_folds)),
+                             note=note or "no FINISHED run"))
+            continue
+        folds = [int(f) for f in str(r.folds).split(",") if f != ""]
+        miss = [f for f in expected_folds if f not in folds]
+        if miss:
+            rows.append(dict(kind="training", config_key=r.config_key, width=w, depth=d, input_size=s, method="",
+                             present_folds=r.folds, missing_folds=",".join(map(str, miss)),
+                             note=why(r.config_key, miss) or f"{len(folds)} of {len(expected_folds)} folds FINISHED"))
+    grid = set(expected_grid())
+    for r in chosen.itertuples():
+        if (int(r.width), int(r.depth), int(r.input_size)) in grid or r.complete:
+            continue
+        folds = [int(f) for f in str(r.folds).split(",") if f != ""]
+        miss = [f for f in expected_folds if f not in folds]
+        rows.append(dict(kind="training (outside grid)", config_key=r.config_key, width=int(r.width), depth=int(r.depth),
+                         input_size=int(r.input_size), method="", present_folds=r.folds,
+                         missing_folds=",".join(map(str, miss)), note=why(r.config_key, miss)))
+    for r in left.itertuples():
+        unusable = any(_nan(v) for v in (r.width, r.depth, r.input_size, r.flops, r.mean_iou))
+        rows.append(dict(kind="training (not plotted)", config_key=r.config_key, width=_int(r.width),
+                         depth=_int(r.depth), input_size=_int(r.input_size), method="", present_folds=r.folds,
+                         missing_folds="",
+                         note="runs lack model.width/depth/input_size params or flops/mean_iou metrics" if unusable else
+                         "another config key with the same width/depth/input size has more folds; "
+                         "its config differs in some other value"))
+    for (key, fold), rs in sorted(dupes.items()):
+        rows.append(dict(kind="training (duplicate)", config_key=key, width=None, depth=None, input_size=None,
+                         method="", present_folds=str(fold), missing_folds="",
+                         note=f"{len(rs) + 1} FINISHED runs for fold {fold}; the latest is used"))
+    return rows
+
+
+def _nan(v) -> bool:
+    try:
+        return v is None or math.isnan(float(v))
+    except (TypeError, ValueError):
+        return True
+
+
+def _int(v) -> tp.Optional[int]:
+    return None if _nan(v) else int(v)
+
+
+def fmt_int(v) -> str:
+    try:
+        return str(int(v))
+    except (TypeError, ValueError):
+        return ""
+
+
+def atomic_write_text(path: tp.Union[str, Path], text: str) -> Path:
+    """Write a text file through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def atomic_write_csv(df: pd.DataFrame, path: tp.Union[str, Path]) -> Path:
+    return atomic_write_text(path, df.to_csv(index=False))
