@@ -22,12 +22,16 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	# The main job on the embedded default: the full 192-run compound grid at laptop scale on synthetic
-	# data, local launcher, local MLflow store; then Fig. 3. Run again: finished runs are skipped.
+	# data, local launcher, local MLflow store; then Table 2's seven fusing methods on the test samples
+	# (baseline config, 4 folds); then Fig. 3, Table 2, Table 3 in $(DEMO)/reports. Run again: finished
+	# runs are skipped.
 	SCALING_UNET_WORK=$(WORK) $(PY) -m sweep +experiment=compound -m
+	SCALING_UNET_WORK=$(WORK) $(PY) -m sweep +experiment=fusing -m
 	$(PY) -m data.show $(WORK)/data/synthetic-64-seed0/prepared --sample synth01 --out $(DEMO)/synthetic_sample.png
-	$(PY) -m analysis fig3 --tracking-uri sqlite:///$(WORK)/mlflow.db --experiment scaling-unet --out $(DEMO)/reports
+	$(PY) -m analysis reports --tracking-uri sqlite:///$(WORK)/mlflow.db --experiment scaling-unet --out $(DEMO)/reports
+	cp $(WORK)/fusing/*/fold0/fig4.png $(WORK)/fusing/*/fold0/fig5.png $(DEMO)/reports/
 	@echo "demo: MLflow store $(WORK)/mlflow.db (view: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(WORK)/mlflow.db),"
-	@echo "      Fig. 3 in $(DEMO)/reports/fig3.png, a synthetic sample in $(DEMO)/synthetic_sample.png"
+	@echo "      Fig. 3, Table 2, Table 3, Fig. 4/5 in $(DEMO)/reports/, a synthetic sample in $(DEMO)/synthetic_sample.png"
 
 test: $(STAMP)
 	# The tests use a real single-node SLURM cluster (slurm/) and real MLflow servers they start themselves.
@@ -37,6 +41,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/input_pipeline.py
+	$(PY) benchmarks/fusion.py --sizes 256 512 --baseline-sizes 256
+	$(PY) benchmarks/reports.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

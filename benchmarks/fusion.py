@@ -115,10 +115,21 @@ def run_baseline(vol: Path, work: Path) -> dict:
     return {"seconds": time.perf_counter() - t0, "out": str(work / "baseline.h5")}
 
 
+def peak_rss_bytes() -> int:
+    """VmHWM of this process: ru_maxrss can carry the parent's peak over a fork."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def child(args) -> None:
     fn = run_ours if args.child == "ours" else run_baseline
     res = fn(Path(args.volume), Path(args.work))
-    res["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    res["max_rss_bytes"] = peak_rss_bytes()
     print(json.dumps(res))
 
 
