@@ -136,3 +136,18 @@ def test_plane_task_then_fuse_step(files, tmp_path, capsys):
     assert rc == 0, msg
     with h5py.File(tmp_path / "o.h5") as f, h5py.File(files / "vol.h5") as g:
         np.testing.assert_array_equal(f["labels"][...], g["label"][...])
+
+
+def test_tiff_folder_volume(files, tmp_path, capsys):
+    import tifffile
+
+    folder = tmp_path / "scan"
+    folder.mkdir()
+    with h5py.File(files / "vol.h5") as f:
+        image, ref = f["image"][...], f["label"][...]
+    for z in range(image.shape[0]):
+        tifffile.imwrite(folder / f"slice_{z}.tif", image[z])  # natural sort: slice_10 after slice_9
+    rc, msg = run(capsys, files / "oracle.keras", folder, "--planes", "3", "--out", tmp_path / "o.h5")
+    assert rc == 0, msg
+    with h5py.File(tmp_path / "o.h5") as f:
+        np.testing.assert_array_equal(f["labels"][...], ref)
