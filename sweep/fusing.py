@@ -127,10 +127,11 @@ def run_fusing(cfg: DictConfig) -> dict[str, float]:
     cms: dict[str, tp.Any] = {}
     saved: dict[str, str] = {}
     figures: list[Path] = []
-    for s in tests:
+    # Every test volume (values, free disk) is checked before the first slice is predicted.
+    sources = [check_inputs(s.image, root / s.id / "unused.h5", planes=PLANE_SETS["9"], overwrite=True,
+                            probabilities=False, tiff=None, work_dir=root / s.id, check_out=False) for s in tests]
+    for s, source in zip(tests, sources):
         work = root / s.id
-        source = check_inputs(s.image, work / "unused.h5", planes=PLANE_SETS["9"], overwrite=True,
-                              probabilities=False, tiff=None, work_dir=work, check_out=False)
         files = {p: predict_plane(source, p, predictor, work / f"{p}.h5", model_id=model_id,
                                   batch_size=int(cfg.fusing.batch_size), tmp_dir=work,
                                   progress=bool(cfg.fusing.progress)) for p in PLANE_SETS["9"]}
