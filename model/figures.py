@@ -58,14 +58,18 @@ def fig4_plane_probabilities(image: VolumeRef, plane_files: tp.Mapping[str, Path
         panels.append(("Avr 9-planes", mean_probabilities(np.stack(list(stacks.values())))[..., cls]))
     cols = min(len(panels), max(4, (len(panels) + 1) // 2))
     rows = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols + 0.8, 3.3 * rows + 0.6), squeeze=False,
+                             layout="constrained")
+    shown = None
     for ax, (title, data) in zip(axes.ravel(), panels):
-        ax.imshow(data, cmap="gray" if title == "image" else "magma", vmin=0, vmax=1, interpolation="nearest")
-        ax.set_title(title, fontsize=9)
+        im = ax.imshow(data, cmap="gray" if title == "image" else "magma", vmin=0, vmax=1, interpolation="nearest")
+        shown = im if title != "image" else shown
+        ax.set_title(title, fontsize=10)
     for ax in axes.ravel():
         ax.axis("off")
-    fig.suptitle(f"P({CLASS_LABELS[cls]}), slice {z} of S_rc (paper Fig. 4)", fontsize=11)
-    fig.tight_layout()
+    if shown is not None:
+        fig.colorbar(shown, ax=axes.ravel().tolist(), shrink=0.6, label=f"P({CLASS_LABELS[cls]})")
+    fig.suptitle(f"P({CLASS_LABELS[cls]}), slice {z} of S_rc: single planes and fused (paper Fig. 4)", fontsize=12)
     path = _save(fig, out)
     plt.close(fig)
     return path
