@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
+import typing as tp
 from pathlib import Path
 
 import h5py
@@ -17,6 +19,7 @@ from tests.test_predict import phantom
 from tests.test_predict_cli import oracle_model
 
 REPO = Path(__file__).resolve().parents[1]
+START = time.strftime("%Y-%m-%dT%H:%M:%S")  # this session's jobs only
 SLURM = ["hydra/launcher=slurm_v100", "hydra.launcher.partition=gpu", "hydra.launcher.cpus_per_task=1",
          "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=10", "hydra.launcher.poll_interval_s=1",
          "fuse.cpus=1", "fuse.mem_gb=1", "fuse.timeout_min=10", "progress=false"]
@@ -41,8 +44,10 @@ def _launch(d: Path, name: str, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=d, env=env, stdout=open(d / f"{name}.log", "w"), stderr=subprocess.STDOUT)
 
 
-def _sacct(cluster, name: str) -> dict[str, tuple[str, str, str, str]]:
-    out = cluster.run("sacct", "-X", "-n", "-P", f"--name={name}", "--format=JobID,State,Start,End,AllocTRES").stdout
+def _sacct(cluster, *, name: str = "", jobs: tp.Sequence[str] = ()) -> dict[str, tuple[str, str, str, str]]:
+    """Accounting of this run's jobs only (the database keeps earlier sessions' jobs of the same name)."""
+    sel = [f"--jobs={','.join(jobs)}"] if jobs else [f"--name={name}", f"--starttime={START}"]
+    out = cluster.run("sacct", "-X", "-n", "-P", *sel, "--format=JobID,State,Start,End,AllocTRES").stdout
     return {line.split("|")[0]: tuple(line.split("|")[1:]) for line in out.splitlines() if line}
 
 
@@ -55,8 +60,9 @@ def test_planes_array_then_fuse_jobs(slurm_cluster, scans):  # noqa: F811
         with h5py.File(scans / "predictions" / f"{name}.h5") as f, h5py.File(scans / f"{name}.h5") as g:
             np.testing.assert_array_equal(f["labels"][...], g["label"][...])
         assert not (scans / "predictions" / f"{name}.h5.planes").exists()
-    planes = _sacct(slurm_cluster, "su-test-pred-planes")
-    fuses = _sacct(slurm_cluster, "su-test-pred-fuse")
+    array = re.search(r"ONE SLURM job array (\d+)", log).group(1)
+    planes = _sacct(slurm_cluster, jobs=[array])
+    fuses = _sacct(slurm_cluster, jobs=re.findall(r"fuse job (\d+) for", log))
     arrays = {k.split("_")[0] for k in planes}
     assert len(planes) == 6 and len(arrays) == 1 and all(v[0] == "COMPLETED" for v in planes.values())
     assert all("gres/gpu=4" in v[3] for v in planes.values())
@@ -89,4 +95,4 @@ def test_bad_model_is_refused_before_anything_is_queued(slurm_cluster, scans):  
     assert proc.wait(timeout=120) == 2
     log = (scans / "predbad.log").read_text()
     assert "nothing was queued" in log and "three.keras" in log and "3 classes" in log
-    assert _sacct(slurm_cluster, "su-test-predbad-planes") == {}
+    assert _sacct(slurm_cluster, name="su-test-predbad-planes") == {}
