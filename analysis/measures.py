@@ -54,7 +54,7 @@ import numpy as np
 from scipy import ndimage
 
 from data.errors import DataError
-from data.volume import NUM_CLASSES, TiffStack, VolumeRef, open_volume
+from data.volume import NUM_CLASSES, TiffStack, open_volume, volume_ref
 
 BONE, DL, RM = 1, 2, 3
 DAYS_PER_YEAR = 365.25
@@ -384,7 +384,7 @@ def _table(res: tp.Mapping[str, float], source: str) -> str:
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     path = Path(args.labels)
-    ref = VolumeRef(path, None) if path.is_dir() else VolumeRef(path, "/" + args.dataset.lstrip("/"))
+    ref = volume_ref(path, args.dataset)
     try:
         for field in ("voxel_size_um", "roi_um", "initial_volume_mm3", "initial_surface_mm2", "days"):
             value = getattr(args, field)

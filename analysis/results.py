@@ -250,7 +250,7 @@ def config_rows(done: tp.Mapping[tuple, RunRecord], *, expected_folds: tp.Sequen
         for name in IOU_METRICS:
             vals = [r.metric(name) for r in kids]
             if name == "mean_iou":  # a run without mean_iou but with the three classes still counts
-                vals = [v if not math.isnan(v) else _mean3(r) for v, r in zip(vals, kids)]
+                vals = [v if not math.isnan(v) else mean_of_classes(r) for v, r in zip(vals, kids)]
             row[name], row[f"{name}_se"] = se100(vals)
             row[f"{name}_n"] = sum(not math.isnan(v) for v in vals)
         rows.append(row)
@@ -261,7 +261,8 @@ def config_rows(done: tp.Mapping[tuple, RunRecord], *, expected_folds: tp.Sequen
     return pd.DataFrame(rows)[cols].sort_values(["input_size", "depth", "width", "config_key"]).reset_index(drop=True)
 
 
-def _mean3(r: RunRecord) -> float:
+def mean_of_classes(r: RunRecord) -> float:
+    """The mean IoU of a run from its three class IoUs (when ``mean_iou`` itself is missing)."""
     vals = [r.metric(m) for m in CLASS_METRICS]
     return math.nan if any(math.isnan(v) for v in vals) else sum(vals) / 3
 

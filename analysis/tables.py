@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.results import (CLASS_METRICS, EXPECTED_FOLDS, IOU_METRICS, RunRecord, atomic_write_csv,
-                              atomic_write_text, latest_finished, se100)
+from analysis.results import (EXPECTED_FOLDS, IOU_METRICS, RunRecord, atomic_write_csv,
+                              atomic_write_text, latest_finished, mean_of_classes, se100)
+from model.inference import TABLE2_METHODS
 
-METHODS = ("baseline_rc", "baseline_cp", "baseline_pr", "avr_3", "mv_3", "avr_9", "mv_9")
+METHODS = tuple(TABLE2_METHODS)  # row order of Table 2, as the fusing runs name them
 METHOD_LABELS = {"baseline_rc": "Baseline S_rc", "baseline_cp": "Baseline S_cp", "baseline_pr": "Baseline S_pr",
                  "avr_3": "Avr 3-planes", "mv_3": "MV 3-planes", "avr_9": "Avr 9-planes", "mv_9": "MV 9-planes"}
 LATEX_LABELS = {"baseline_rc": r"Baseline $S_{rc}$", "baseline_cp": r"Baseline $S_{cp}$",
@@ -100,17 +101,12 @@ def table2(fusing: tp.Iterable[RunRecord], config_key: str, *,
         for name in IOU_METRICS:
             vals = [r.metric(name) for r in runs]
             if name == "mean_iou":
-                vals = [v if not math.isnan(v) else _mean3(r) for v, r in zip(vals, runs)]
+                vals = [v if not math.isnan(v) else mean_of_classes(r) for v, r in zip(vals, runs)]
             mean, se = se100(vals)
             row[name], row[f"{name}_se"] = mean * 100, se * 100
             row[f"{name}_n"] = sum(not math.isnan(v) for v in vals)
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def _mean3(r: RunRecord) -> float:
-    vals = [r.metric(m) for m in CLASS_METRICS]
-    return math.nan if any(math.isnan(v) for v in vals) else sum(vals) / 3
 
 
 def best_rows(df: pd.DataFrame, column: str, decimals: int = 2) -> set[int]:

@@ -64,6 +64,14 @@ def parse_volume_ref(text: str, root: tp.Union[str, Path], *, source: str, field
     return VolumeRef(full, dataset)
 
 
+def volume_ref(path: tp.Union[str, Path], dataset: str = "image") -> VolumeRef:
+    """A volume named on a command line: ``file.h5`` with its ``dataset``, or a folder of TIFF slices."""
+    p = Path(path)
+    if p.is_dir():
+        return VolumeRef(p)
+    return VolumeRef(p, "/" + dataset.lstrip("/"))
+
+
 def _tiff_files(folder: Path) -> list[Path]:
     def natural(p: Path) -> list:
         return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]

@@ -71,8 +71,3 @@ def quantize_probabilities(probs: np.ndarray) -> np.ndarray:
     """
     return np.clip(np.rint(np.asarray(probs, np.float32) * 255.0), 0, 255).astype(np.uint8)
 
-
-def plane_labels(stack: np.ndarray) -> np.ndarray:
-    """Per-plane labels (M, ...): the argmax of each plane's probabilities (a baseline row of Table 2)."""
-    return np.argmax(_check(stack), axis=-1).astype(np.uint8)
-

@@ -31,8 +31,8 @@ import numpy as np
 
 from data.errors import DataError
 from data.rotation import other_axes, rotate_planes, rotated_volume_shape, unrotate_planes
-from data.volume import NUM_CLASSES, VolumeRef, atomic_path, open_volume, read_checked
-from model.fusion import mean_probabilities, plane_labels, quantize_probabilities, vote
+from data.volume import CLASS_NAMES, NUM_CLASSES, VolumeRef, atomic_path, iter_slabs, open_volume, read_checked
+from model.fusion import mean_probabilities, quantize_probabilities, vote
 
 AXIS_PLANES = ("rc", "cp", "pr")  # plane set whose slices are indexed by axis 0, 1, 2
 PLANE_FILE_DATASET = "probabilities"
@@ -107,8 +107,16 @@ class _NoBar:
         pass
 
 
-def _axis_key(axis: int, start: int, stop: int, ndim: int = 3) -> tuple:
-    return tuple(slice(start, stop) if d == axis else slice(None) for d in range(ndim))
+def _slabs(n: int, axis: int) -> tp.Iterator[tuple[tuple, int]]:
+    """(index of one chunk-deep slab along ``axis``, its number of slices) over ``n`` slices."""
+    for sl in iter_slabs((n,), CHUNK):
+        yield tuple(sl if d == axis else slice(None) for d in range(3)), sl.stop - sl.start
+
+
+def _read_slab(source, key: tuple, axis: int, ref: tp.Optional[VolumeRef]) -> np.ndarray:
+    """A slab with its slices along axis 0; ``ref`` names the file in read errors of user volumes."""
+    block = read_checked(source, key, ref=ref, field="image") if ref is not None else np.asarray(source[key])
+    return np.moveaxis(block, axis, 0)
 
 
 def _create(f: h5py.File, name: str, shape: tp.Sequence[int], dtype, *, compression: tp.Optional[str] = "lzf") -> h5py.Dataset:
@@ -121,14 +129,8 @@ def _predict_along(source, axis: int, out: h5py.Dataset, predictor: SlicePredict
     """Predict every slice of ``source`` along ``axis`` into uint8 probabilities ``out`` (shape + (K,))."""
     n = source.shape[axis]
     with progress.bar(n, desc) as bar:
-        for start in range(0, n, CHUNK):
-            stop = min(start + CHUNK, n)
-            key = _axis_key(axis, start, stop)
-            if ref is not None:
-                block = read_checked(source, key, ref=ref, field="image")
-            else:
-                block = np.asarray(source[key])
-            slab = np.moveaxis(block, axis, 0).astype(np.float32, copy=False)
+        for key, _ in _slabs(n, axis):
+            slab = _read_slab(source, key, axis, ref).astype(np.float32, copy=False)
             probs = np.empty(slab.shape + (out.shape[-1],), np.uint8)
             for b in range(0, slab.shape[0], batch_size):
                 p = np.asarray(predictor(slab[b:b + batch_size]))
@@ -143,15 +145,11 @@ def _predict_along(source, axis: int, out: h5py.Dataset, predictor: SlicePredict
 def _rotate_volume(source, axis: int, out: h5py.Dataset, *, progress: _Progress, desc: str,
                    ref: tp.Optional[VolumeRef] = None) -> None:
     """Write ``source`` rotated by 45° about ``axis`` into ``out``, slab by slab along ``axis``."""
-    n = source.shape[axis]
-    with progress.bar(n, desc) as bar:
-        for start in range(0, n, CHUNK):
-            stop = min(start + CHUNK, n)
-            key = _axis_key(axis, start, stop)
-            block = read_checked(source, key, ref=ref, field="image") if ref is not None else np.asarray(source[key])
-            rotated = rotate_planes(np.moveaxis(block, axis, 0))
+    with progress.bar(source.shape[axis], desc) as bar:
+        for key, m in _slabs(source.shape[axis], axis):
+            rotated = rotate_planes(_read_slab(source, key, axis, ref))
             out[key] = np.moveaxis(rotated.astype(out.dtype, copy=False), 0, axis)
-            bar.update(stop - start)
+            bar.update(m)
 
 
 def _unrotate_probabilities(rot: h5py.Dataset, axis: int, out: h5py.Dataset, *, progress: _Progress, desc: str) -> None:
@@ -164,19 +162,17 @@ def _unrotate_probabilities(rot: h5py.Dataset, axis: int, out: h5py.Dataset, *, 
     plane_shape = (out.shape[b], out.shape[c])
     n, k = out.shape[axis], out.shape[-1]
     with progress.bar(n, desc) as bar:
-        for start in range(0, n, CHUNK):
-            stop = min(start + CHUNK, n)
-            key = _axis_key(axis, start, stop)
-            block = np.moveaxis(np.asarray(rot[key + (slice(None),)]), axis, 0)  # (m, h', w', K)
-            res = np.empty((stop - start,) + plane_shape + (k,), np.uint8)
-            fg_sum = np.zeros((stop - start,) + plane_shape, np.float32)
+        for key, m in _slabs(n, axis):
+            block = _read_slab(rot, key + (slice(None),), axis, None)  # (m, h', w', K)
+            res = np.empty((m,) + plane_shape + (k,), np.uint8)
+            fg_sum = np.zeros((m,) + plane_shape, np.float32)
             for cls in range(1, k):
                 back = unrotate_planes(block[..., cls], plane_shape)
                 fg_sum += back
                 res[..., cls] = np.clip(np.rint(back), 0, 255).astype(np.uint8)
             res[..., 0] = np.clip(np.rint(255.0 - fg_sum), 0, 255).astype(np.uint8)
             out[key + (slice(None),)] = np.moveaxis(res, 0, axis)
-            bar.update(stop - start)
+            bar.update(m)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,22 +287,24 @@ def fuse_planes(plane_paths: tp.Sequence[Path], out_path: Path, *, method: str, 
             labels = _create(f, "labels", shape[:3], np.uint8, compression="gzip")
             probs = _create(f, "probabilities", shape, np.float16) if probabilities else None
             f.attrs.update({"vote": method, "planes": [_plane_of(p) for p in plane_paths],
-                            "class_names": ["background", "bone", "degradation_layer", "residual_material"]})
+                            "class_names": list(CLASS_NAMES)})
             f.attrs.update(attrs or {})
             writer = stack.enter_context(_tiff_writer(tiff_tmp)) if tiff_tmp else None
             with bars.bar(shape[0], f"fuse {method} ({len(plane_paths)} planes)") as bar:
+                pages = np.empty((0,), np.uint8)
                 for key, block in fuse_blocks(plane_paths):
                     lab = vote(block, method)
                     labels[key] = lab
                     if probs is not None:
                         probs[key] = mean_probabilities(block).astype(np.float16)
+                    if writer is not None:  # TIFF pages are whole slices: collect the slab's bands, then write
+                        if key[1].start == 0:
+                            pages = np.empty((lab.shape[0],) + shape[1:3], np.uint8)
+                        pages[:, key[1]] = lab
                     if key[1].stop == shape[1]:
-                        if writer is not None:  # TIFF pages are whole slices: write once the slab is complete
-                            for z in range(key[0].start, key[0].stop):
-                                writer.write(labels[z], contiguous=True)
-                        bar.update(key[0].stop - key[0].start)
-            if writer is not None:
-                writer.close()
+                        for page in pages if writer is not None else ():
+                            writer.write(page, contiguous=True)
+                        bar.update(lab.shape[0])
     return Path(out_path)
 
 
@@ -357,7 +355,7 @@ def evaluate_methods(plane_files: dict[str, Path], reference: VolumeRef, methods
             truth = read_checked(ref, key, ref=reference, field="label")
             for m, (pset, how) in methods.items():
                 sub = block[[index[p] for p in plane_set(pset)]]
-                lab = plane_labels(sub)[0] if sub.shape[0] == 1 else vote(sub, how)
+                lab = vote(sub, how)  # one plane: its argmax (a baseline row)
                 cms[m] += confusion_matrix(truth, lab, num_classes)
                 if m in writers:
                     writers[m][key] = lab

@@ -27,7 +27,7 @@ import typing as tp
 from pathlib import Path
 
 from data.errors import DataError
-from data.volume import NUM_CLASSES, VolumeRef, check_image
+from data.volume import NUM_CLASSES, VolumeRef, check_image, open_volume, volume_ref
 from model.fusion import VOTES
 from model.inference import (PLANE_SETS, PLANES, Source, SlicePredictor, check_disk, estimate_disk_bytes, file_digest,
                              fuse_planes, plane_set, predict_plane)
@@ -37,14 +37,6 @@ log = logging.getLogger(__name__)
 
 class PredictError(ValueError):
     """A bad argument or input; the message names the file or option."""
-
-
-def volume_ref(path: tp.Union[str, Path], dataset: str = "image") -> VolumeRef:
-    """``file.h5`` (+ dataset) or a TIFF folder."""
-    p = Path(path)
-    if p.is_dir():
-        return VolumeRef(p)
-    return VolumeRef(p, "/" + dataset.lstrip("/"))
 
 
 def load_model(spec: str, *, tracking_uri: tp.Optional[str] = None):
@@ -112,16 +104,24 @@ def default_work_dir(out: Path) -> Path:
 
 
 def check_inputs(volume: VolumeRef, out: Path, *, planes: tp.Sequence[str], overwrite: bool, probabilities: bool,
-                 tiff: tp.Optional[Path], work_dir: Path, check_out: bool = True) -> Source:
-    """All input checks that need no model: OUT, the volume's values, free disk. Returns the source."""
+                 tiff: tp.Optional[Path], work_dir: Path, check_out: bool = True, scan_values: bool = True) -> Source:
+    """All input checks that need no model: OUT, the volume's values, free disk. Returns the source.
+
+    ``scan_values=False`` reads only the shape: for the fuse step (it never reads the volume) and for
+    tasks whose volumes the submitting process has already scanned.
+    """
     if check_out:
         for target, opt in ((out, "--out"), (tiff, "--tiff")):
             if target is not None and Path(target).exists() and not overwrite:
                 raise PredictError(f"{opt}: {target} exists; give --overwrite to replace it")
             if target is not None and Path(target).resolve() == volume.path.resolve():
                 raise PredictError(f"{opt}: {target} is the input volume")
-    stats = check_image(volume, field="image", require_unit_range=True)
-    source = Source(volume, tp.cast(tuple, tuple(int(s) for s in stats.shape)))
+    if scan_values:
+        shape = check_image(volume, field="image", require_unit_range=True).shape
+    else:
+        with open_volume(volume) as vol:
+            shape = tuple(vol.shape)
+    source = Source(volume, tp.cast(tuple, tuple(int(s) for s in shape)))
     need = estimate_disk_bytes(source.shape, planes, probabilities=probabilities, tiff=tiff is not None)
     if check_out:
         check_disk(Path(out).parent, need["output"], f"the output {out}")
@@ -137,8 +137,13 @@ def run_prediction(model_spec: str, volume: VolumeRef, out: Path, *, planes: str
                    probabilities: bool = False, tiff: tp.Optional[Path] = None, overwrite: bool = False,
                    work_dir: tp.Optional[Path] = None, keep_planes: bool = False, batch_size: int = 4,
                    tracking_uri: tp.Optional[str] = None, only_plane: tp.Optional[str] = None,
-                   fuse_only: bool = False, progress: bool = True) -> Path:
-    """The whole CLI as a function; returns OUT (or the plane file with ``only_plane``)."""
+                   fuse_only: bool = False, progress: bool = True, model: tp.Optional[tuple] = None,
+                   values_checked: bool = False) -> Path:
+    """The whole CLI as a function; returns OUT (or the plane file with ``only_plane``).
+
+    ``model``: an already loaded (model, identity) from :func:`load_model`; ``values_checked``: the
+    volume's values were scanned by the caller (``python -m sweep.predict`` checks all volumes first).
+    """
     names = plane_set(planes)
     if vote not in VOTES:
         raise PredictError(f"--vote: must be one of {VOTES}, got {vote!r}")
@@ -147,10 +152,11 @@ def run_prediction(model_spec: str, volume: VolumeRef, out: Path, *, planes: str
     out = Path(out)
     work_dir = Path(work_dir) if work_dir else default_work_dir(out)
     source = check_inputs(volume, out, planes=[only_plane] if only_plane else names, overwrite=overwrite,
-                          probabilities=probabilities, tiff=tiff, work_dir=work_dir, check_out=only_plane is None)
+                          probabilities=probabilities, tiff=tiff, work_dir=work_dir, check_out=only_plane is None,
+                          scan_values=not (values_checked or fuse_only))
     if not fuse_only:
-        model, model_id = load_model(model_spec, tracking_uri=tracking_uri)
-        predictor = keras_predictor(model, batch_size=batch_size)
+        keras_model, model_id = model or load_model(model_spec, tracking_uri=tracking_uri)
+        predictor = keras_predictor(keras_model, batch_size=batch_size)
         for name in [only_plane] if only_plane else names:
             predict_plane(source, name, predictor, plane_path(work_dir, name), model_id=model_id,
                           batch_size=batch_size, tmp_dir=work_dir, progress=progress)

@@ -114,9 +114,9 @@ def run_fusing(cfg: DictConfig) -> dict[str, float]:
     _discard_partial(plan.tracking_uri, exp_id, plan)
 
     from model.figures import fig4_plane_probabilities, fig5_overlay
-    from model.inference import PLANE_SETS, Source, evaluate_methods, predict_plane
+    from model.inference import PLANE_SETS, evaluate_methods, predict_plane
     from model.evaluation import iou_metrics
-    from model.predict import check_inputs, keras_predictor, load_model, volume_ref
+    from model.predict import check_inputs, keras_predictor, load_model
 
     methods = table2_methods()
     save_method = OmegaConf.select(cfg, "fusing.save_method")

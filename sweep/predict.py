@@ -29,6 +29,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from data.errors import DataError
+from data.volume import volume_ref
 
 log = logging.getLogger("sweep.predict")
 
@@ -72,14 +73,17 @@ def plan_volumes(cfg: DictConfig) -> list[VolumeJob]:
             for v, s in zip(vols, stems)]
 
 
-def _check_all(cfg: DictConfig, jobs: tp.Sequence[VolumeJob]) -> None:
-    """The model and every volume and output checked before any job is queued (model.predict's checks)."""
-    from model.inference import plane_set
-    from model.predict import PredictError, check_inputs, load_model, volume_ref
+def _check_all(cfg: DictConfig, jobs: tp.Sequence[VolumeJob]) -> tuple:
+    """The model and every volume and output checked before any job is queued (model.predict's checks).
 
-    errors = []
+    Returns the loaded (model, identity), so the local path does not load it again.
+    """
+    from model.inference import plane_set
+    from model.predict import PredictError, check_inputs, load_model
+
+    errors, model = [], None
     try:
-        load_model(str(cfg.model_uri), tracking_uri=cfg.get("tracking_uri"))  # class count, loadable
+        model = load_model(str(cfg.model_uri), tracking_uri=cfg.get("tracking_uri"))  # class count, loadable
     except PredictError as exc:
         errors.append(f"  {exc}")
     for j in jobs:
@@ -91,12 +95,14 @@ def _check_all(cfg: DictConfig, jobs: tp.Sequence[VolumeJob]) -> None:
             errors.append(f"  {j.volume}: {exc}")
     if errors:
         raise ValueError("nothing was queued:\n" + "\n".join(errors))
+    return model
 
 
 def _predict_kwargs(cfg: DictConfig, job: VolumeJob) -> dict:
     return dict(planes=str(cfg.planes), vote=str(cfg.vote), probabilities=bool(cfg.probabilities),
                 tiff=job.out.with_suffix(".tif") if cfg.tiff else None, overwrite=bool(cfg.overwrite),
                 work_dir=job.work_dir, batch_size=int(cfg.batch_size), tracking_uri=cfg.get("tracking_uri"),
+                values_checked=True,  # _check_all scanned every volume before anything ran
                 progress=bool(cfg.progress))
 
 
@@ -104,7 +110,7 @@ class PlaneTask:
     """One array task: one plane of one volume. On USR2 submitit requeues it; finished planes are reused."""
 
     def __call__(self, model: str, volume: str, dataset: str, out: str, plane: str, kwargs: dict) -> str:
-        from model.predict import run_prediction, volume_ref
+        from model.predict import run_prediction
 
         return str(run_prediction(model, volume_ref(volume, dataset), Path(out), only_plane=plane, **kwargs))
 
@@ -116,7 +122,7 @@ class PlaneTask:
 
 def fuse_task(volume: str, dataset: str, out: str, kwargs: dict) -> str:
     """The fuse job of one volume: plane files → labels (no GPU)."""
-    from model.predict import run_prediction, volume_ref
+    from model.predict import run_prediction
 
     return str(run_prediction("", volume_ref(volume, dataset), Path(out), fuse_only=True, **kwargs))
 
@@ -185,18 +191,18 @@ def wait_for(fuse_jobs: tp.Sequence, jobs: tp.Sequence[VolumeJob], poll_s: float
 def main(cfg: DictConfig) -> None:
     try:
         jobs = plan_volumes(cfg)
-        _check_all(cfg, jobs)
+        model = _check_all(cfg, jobs)
     except (ValueError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     launcher = _on_slurm()
     if launcher is None:
-        from model.predict import PredictError, run_prediction, volume_ref
+        from model.predict import PredictError, run_prediction
 
         for j in jobs:
             try:
                 log.info("%s → %s", j.volume, run_prediction(str(cfg.model_uri), volume_ref(j.volume, j.dataset), j.out,
-                                                             **_predict_kwargs(cfg, j)))
+                                                             model=model, **_predict_kwargs(cfg, j)))
             except (PredictError, DataError) as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 sys.exit(2)
