@@ -1,8 +1,9 @@
 """tf.data input pipeline with the paper's augmentation (Training section).
 
-Training: a random patch covering 85–100 % of the slice area with aspect ratio in [3:4, 4:3],
-resized to the input size; random horizontal flip; random rotation in [−90°, 90°]; random elastic
-deformation; random brightness and contrast. Labels are always sampled nearest-neighbour.
+Training: a random patch covering 85–100 % of its reference area (IS², by default, or the whole
+slice: ``AugmentConfig.crop_reference``) with aspect ratio in [3:4, 4:3], resized to the input
+size; random horizontal flip; random rotation in [−90°, 90°]; random elastic deformation; random
+brightness and contrast. Labels are always sampled nearest-neighbour.
 Validation: centre crop (992 × 992 by default, clipped to the slice), no resizing.
 
 The four geometric steps are composed into ONE inverse coordinate map and the slice is sampled
@@ -28,16 +29,45 @@ def _uniform(seed: tf.Tensor, lo: float, hi: float, shape=()) -> tf.Tensor:
     return tf.random.stateless_uniform(shape, seed=seed, minval=lo, maxval=hi, dtype=tf.float32)
 
 
-def sample_crop_box(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor, cfg: AugmentConfig) -> tuple[tf.Tensor, ...]:
-    """Paper: random patch covering 85–100 % of the slice area, aspect ratio uniform in [3:4, 4:3].
+def crop_aspect_bounds(area: tf.Tensor, h_bounds: tuple, w_bounds: tuple,
+                       aspect_range: tuple[float, float]) -> tuple[tf.Tensor, tf.Tensor]:
+    """Aspects r = w/h of a box of ``area`` whose sides stay within ``h_bounds``/``w_bounds`` (min, max).
 
-    Returns (y0, x0, h, w) in pixels; a side longer than the slice is clipped to it.
+    h = sqrt(area/r), w = sqrt(area·r): the side bounds give an interval of r; the aspect range is
+    intersected with it, or collapsed to its nearest end where they do not overlap (sides win).
+    """
+    (h_min, h_max), (w_min, w_max) = h_bounds, w_bounds
+    geo_lo = tf.maximum(area / (h_max * h_max), w_min * w_min / area)
+    geo_hi = tf.minimum(area / tf.maximum(h_min * h_min, 1e-12), w_max * w_max / area)
+    geo_hi = tf.maximum(geo_hi, geo_lo)
+    return (tf.clip_by_value(tf.constant(aspect_range[0], tf.float32), geo_lo, geo_hi),
+            tf.clip_by_value(tf.constant(aspect_range[1], tf.float32), geo_lo, geo_hi))
+
+
+def sample_crop_box(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor, cfg: AugmentConfig) -> tuple[tf.Tensor, ...]:
+    """Paper: random patch covering 85–100 % of its reference area, aspect ratio in [3:4, 4:3].
+
+    The reference is IS² (``crop_reference=input_size``: each side within ``zoom_range`` × IS, the
+    scale of testing) or the slice (``slice``: the box fits in the slice). The box is fitted by
+    drawing the aspect within the bounds its sides allow, never clipped, so coverage stays in
+    ``area_range``. Returns (y0, x0, h, w) in pixels; a window larger than the slice is placed so
+    that the slice lies inside it (pixels beyond the slice read 0).
     """
     s = tf.random.experimental.stateless_split(seed, 4)
-    area = _uniform(s[0], *cfg.area_range) * height * width
-    aspect = _uniform(s[1], *cfg.aspect_range)  # w / h
-    h = tf.minimum(tf.sqrt(area / aspect), height)
-    w = tf.minimum(tf.sqrt(area * aspect), width)
+    height, width = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+    if cfg.crop_reference == "input_size":
+        size = float(cfg.input_size)
+        ref_h = ref_w = tf.constant(size, tf.float32)
+        bounds = (cfg.zoom_range[0] * size, cfg.zoom_range[1] * size)
+        h_bounds = w_bounds = bounds
+    else:
+        ref_h, ref_w = height, width
+        h_bounds, w_bounds = (0.0, height), (0.0, width)
+    area = _uniform(s[0], *cfg.area_range) * ref_h * ref_w
+    lo, hi = crop_aspect_bounds(area, h_bounds, w_bounds, cfg.aspect_range)
+    aspect = lo + _uniform(s[1], 0.0, 1.0) * (hi - lo)  # w / h
+    h = tf.sqrt(area / aspect)
+    w = tf.sqrt(area * aspect)
     y0 = _uniform(s[2], 0.0, 1.0) * (height - h)
     x0 = _uniform(s[3], 0.0, 1.0) * (width - w)
     return y0, x0, h, w

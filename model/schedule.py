@@ -17,6 +17,7 @@ from pathlib import Path
 STATE_FILE = "state.json"
 MODEL_FILE = "last.keras"
 BEST_FILE = "best.weights.h5"
+OPTIMIZER_FILE = "optimizer.npz"  # optimizer variables in order: Keras 3.15 does not restore a LossScaleOptimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +103,7 @@ def update_schedule(state: ScheduleState, val_loss: float, iters: int, s: TrainS
 
 def load_state(ckpt_dir: Path) -> tp.Optional[ScheduleState]:
     path = ckpt_dir / STATE_FILE
-    if not path.is_file() or not (ckpt_dir / MODEL_FILE).is_file():
+    if not path.is_file() or not (ckpt_dir / MODEL_FILE).is_file() or not (ckpt_dir / OPTIMIZER_FILE).is_file():
         return None
     raw = json.loads(path.read_text())
     raw["best_val_loss"] = math.inf if raw.get("best_val_loss") is None else raw["best_val_loss"]

@@ -28,8 +28,8 @@ from data.slicing import iter_slices
 from model.evaluation import confusion_matrix, iou_metrics
 from model.unet import build_unet
 
-from model.schedule import (BEST_FILE, MODEL_FILE, STATE_FILE, ScheduleState, TrainSettings,  # noqa: F401
-                            load_state, paper_batch_size, update_schedule)
+from model.schedule import (BEST_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, ScheduleState,  # noqa: F401
+                            TrainSettings, load_state, paper_batch_size, update_schedule)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -39,14 +39,42 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_checkpoint(model, state: ScheduleState, ckpt_dir: Path) -> None:
-    """Model (with optimizer state) first, then state.json: the state never points at a newer model than exists."""
+    """Model, then optimizer variables, then state.json: the state never points at newer files than exist.
+
+    The optimizer variables get a file of their own because ``keras.models.load_model`` (3.15) does not
+    restore the state of mixed_float16's LossScaleOptimizer (Adam moments and loss scale come back fresh).
+    """
+    import keras
+
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     tmp = ckpt_dir / f".tmp.{MODEL_FILE}"
     model.save(tmp)
     os.replace(tmp, ckpt_dir / MODEL_FILE)
+    tmp = ckpt_dir / f".tmp.{OPTIMIZER_FILE}"
+    with open(tmp, "wb") as f:
+        np.savez(f, *[keras.ops.convert_to_numpy(v) for v in model.optimizer.variables])
+    os.replace(tmp, ckpt_dir / OPTIMIZER_FILE)
     raw = dataclasses.asdict(state)
     raw["best_val_loss"] = None if math.isinf(state.best_val_loss) else state.best_val_loss
     _atomic_write_text(ckpt_dir / STATE_FILE, json.dumps(raw, indent=1))
+
+
+def restore_checkpoint(model, ckpt_dir: Path) -> None:
+    """Weights and optimizer variables of the checkpoint into ``model`` (built and compiled the same way)."""
+    import keras
+
+    saved = keras.models.load_model(ckpt_dir / MODEL_FILE, compile=False)
+    model.set_weights(saved.get_weights())
+    del saved
+    path = ckpt_dir / OPTIMIZER_FILE
+    with np.load(path) as npz:
+        values = [npz[f"arr_{i}"] for i in range(len(npz.files))]
+    variables = model.optimizer.variables
+    if len(values) != len(variables) or any(tuple(v.shape) != a.shape for v, a in zip(variables, values)):
+        raise ValueError(f"{path}: optimizer state of another model or precision ({len(values)} variables, "
+                         f"this model has {len(variables)}); delete the checkpoint folder to start again")
+    for variable, value in zip(variables, values):
+        variable.assign(value)
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -97,6 +125,7 @@ class TrainResult:
     state: ScheduleState
     final_metrics: dict[str, float]
     model_path: Path
+    compute_dtype: str  # read from the trained model's layers
 
 
 def _strategy():
@@ -108,33 +137,58 @@ def _strategy():
 
 
 _SAVE_NOW: tp.Optional[tp.Callable[[], None]] = None
-_LAST_MODEL: dict[tuple, tuple[tp.Any, list]] = {}
+_LAST_MODEL: dict[tuple, tuple[tp.Any, list, list]] = {}
+
+
+def set_precision(precision: str) -> None:
+    """Paper: automatic mixed precision. ``float32``, ``mixed_float16`` (V100) or ``mixed_bfloat16`` (A100/H100).
+
+    Must run after ``keras.backend.clear_session()``, which resets the global policy to float32.
+    """
+    import keras
+
+    keras.mixed_precision.set_global_policy(precision)
+
+
+def compute_dtype(model) -> str:
+    """The dtype the model's hidden convolutions compute in, read from the built layers (not the config).
+
+    The 1×1 logits layer is float32 by design (model.unet) and left out; several dtypes are joined by ``,``.
+    """
+    import keras
+
+    dtypes = {layer.dtype_policy.compute_dtype for layer in model.layers
+              if isinstance(layer, (keras.layers.Conv2D, keras.layers.Conv2DTranspose)) and layer.name != "logits"}
+    return ",".join(sorted(dtypes)) or "none"
 
 
 def _fresh_model(width: int, depth: int, settings: TrainSettings):
     """A compiled U-net with freshly initialised weights and optimizer.
 
     Tracing the training step of a new Keras model costs seconds; a worker that trains the folds of
-    one config back to back reuses the last model, reset to its initial weights and a zeroed
-    optimizer, which is the same starting point as a new build with the same seed.
+    one config back to back reuses the last model, reset to its initial weights and to the
+    optimizer variables as freshly built: the same starting point as a new build with the same seed.
+    The snapshot includes the loss scale of mixed_float16's LossScaleOptimizer; zeroing it instead
+    would make every later loss NaN.
     """
     import keras
 
     key = (width, depth, settings.precision, settings.beta_1, settings.beta_2, settings.jit_compile, settings.seed)
     if key in _LAST_MODEL:
-        model, initial = _LAST_MODEL[key]
-        model.set_weights(initial)
-        for v in model.optimizer.variables:
-            if "learning_rate" not in v.path:
-                v.assign(keras.ops.zeros(v.shape, v.dtype))
+        model, weights, optimizer_state = _LAST_MODEL[key]
+        model.set_weights(weights)
+        for variable, value in zip(model.optimizer.variables, optimizer_state):
+            variable.assign(value)
         model.optimizer.learning_rate.assign(settings.learning_rate)
         return model
     _LAST_MODEL.clear()  # keep one model: memory stays that of one run
     keras.backend.clear_session()  # drop graphs of earlier models, or a long-lived worker keeps growing
+    set_precision(settings.precision)
     model = build_unet(width, depth)
     model.compile(optimizer=keras.optimizers.Adam(settings.learning_rate, settings.beta_1, settings.beta_2),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=settings.jit_compile)
-    _LAST_MODEL[key] = (model, model.get_weights())
+    model.optimizer.build(model.trainable_variables)
+    _LAST_MODEL[key] = (model, model.get_weights(), [keras.ops.convert_to_numpy(v) for v in model.optimizer.variables])
     return model
 
 
@@ -154,9 +208,12 @@ def save_active_checkpoint() -> bool:
 def train_fold(*, width: int, depth: int, input_size: int, train_samples: tp.Sequence[Sample],
                val_samples: tp.Sequence[Sample], settings: TrainSettings, augment: AugmentConfig, ckpt_dir: Path,
                on_chunk: tp.Optional[ChunkCallback] = None,
-               on_start: tp.Optional[tp.Callable[[ScheduleState], None]] = None,
+               on_start: tp.Optional[tp.Callable[[ScheduleState, tp.Any], None]] = None,
                on_first_step: tp.Optional[tp.Callable[[], None]] = None) -> TrainResult:
-    """Train (or resume) one fold; returns the final full-slice validation metrics of the best model."""
+    """Train (or resume) one fold; returns the final full-slice validation metrics of the best model.
+
+    ``on_start(state, model)`` is called once the model is built or loaded, before the first step.
+    """
     global _SAVE_NOW
     import keras
     import tensorflow as tf
@@ -169,19 +226,19 @@ def train_fold(*, width: int, depth: int, input_size: int, train_samples: tp.Seq
     if not val_samples:
         raise ValueError("no validation samples in this fold")
     ckpt_dir = Path(ckpt_dir)
-    keras.mixed_precision.set_global_policy(settings.precision)
+    set_precision(settings.precision)
     keras.utils.set_random_seed(settings.seed)
     strategy = _strategy()
     state = load_state(ckpt_dir)
     with strategy.scope():
+        model = _fresh_model(width, depth, settings)
         if state is None:
             state = ScheduleState(learning_rate=settings.learning_rate)
-            model = _fresh_model(width, depth, settings)
         else:
             state.resumed_from.append(state.iteration)
-            model = keras.models.load_model(ckpt_dir / MODEL_FILE)
+            restore_checkpoint(model, ckpt_dir)
     if on_start is not None:
-        on_start(state)
+        on_start(state, model)
     aug = dataclasses.replace(augment, input_size=input_size)
     steps_done = [0]  # steps of the current chunk, for mid-chunk checkpoints
     first_step = [on_first_step]
@@ -244,5 +301,5 @@ def train_fold(*, width: int, depth: int, input_size: int, train_samples: tp.Seq
                             crop=None)
     state.finished = True
     save_checkpoint(model, state, ckpt_dir)
-    return TrainResult(state, final, ckpt_dir / MODEL_FILE)
+    return TrainResult(state, final, ckpt_dir / MODEL_FILE, compute_dtype(model))
 

@@ -234,7 +234,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
                   "paper_params": count_params(plan.paper_width, plan.depth)}
         recorder.log_metrics(static)
 
-        def on_start(state) -> None:
+        def on_start(state, model) -> None:
+            from model.training import compute_dtype
+
+            # The dtype the built model computes in, which is what trains, whatever train.precision says.
+            recorder.set_tags({"compute_dtype": compute_dtype(model)})
             if state.resumed_from:
                 recorder.set_tags({"resumed_from_iteration": ",".join(map(str, state.resumed_from))})
                 log.info("%s: resuming from iteration %d", plan.run_name, state.iteration)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from data.manifest import load_dataset
-from data.pipeline import (AugmentConfig, augment, centre_crop, sample_crop_box, training_dataset,
-                           validation_dataset)
+from data.pipeline import (AugmentConfig, augment, centre_crop, sample_crop_box, source_coordinates,
+                           training_dataset, validation_dataset)
 
 STILL = AugmentConfig(input_size=32, area_range=(1.0, 1.0), aspect_range=(1.0, 1.0), horizontal_flip=False,
                       rotation_deg=0.0, elastic_sigma=0.0, brightness=0.0, contrast=(1.0, 1.0))
@@ -60,14 +61,67 @@ def test_rotation_keeps_a_centred_disk_and_moves_an_off_centre_one():
     assert max(moved) > 0.02
 
 
-def test_crop_box_covers_85_to_100_percent_with_paper_aspect_ratios():
-    cfg = AugmentConfig(input_size=64)
-    for i in range(200):
-        y0, x0, h, w = (float(t) for t in sample_crop_box(_seed(i), tf.constant(1200.0), tf.constant(1000.0), cfg))
-        assert 0.85 - 1e-4 <= h * w / 1.2e6 <= 1.0 + 1e-4 or h == 1200.0 or w == 1000.0
-        assert h <= 1200 and w <= 1000 and 0 <= y0 <= 1200 - h + 1e-3 and 0 <= x0 <= 1000 - w + 1e-3
-        if h < 1200 and w < 1000:
-            assert 3 / 4 - 1e-4 <= w / h <= 4 / 3 + 1e-4
+def _boxes(cfg: AugmentConfig, height: float, width: float, n: int) -> np.ndarray:
+    """(n, 4) crop boxes (y0, x0, h, w) of n seeds, in one graph call."""
+    seeds = tf.stack([tf.fill([n], tf.constant(7, tf.int64)), tf.range(n, dtype=tf.int64)], axis=1)
+    fn = tf.function(lambda sd: tf.stack(sample_crop_box(sd, tf.constant(height), tf.constant(width), cfg)))
+    return tf.map_fn(fn, seeds, fn_output_signature=tf.float32).numpy()
+
+
+@pytest.mark.parametrize("size", [384, 512, 640])
+def test_default_crops_train_at_the_scale_of_testing(size):
+    # Default crop_reference=input_size: each axis reads 0.9–1.1 source pixels per patch pixel.
+    cfg = AugmentConfig(input_size=size)
+    y0, x0, h, w = _boxes(cfg, 1024.0, 1024.0, 1000).T
+    assert (h / size).min() >= 0.9 - 1e-4 and (h / size).max() <= 1.1 + 1e-4
+    assert (w / size).min() >= 0.9 - 1e-4 and (w / size).max() <= 1.1 + 1e-4
+    cover = h * w / size**2
+    assert cover.min() >= 0.85 - 1e-4 and cover.max() <= 1.0 + 1e-4 and cover.max() - cover.min() > 0.12
+    assert (w / h).min() >= 3 / 4 - 1e-4 and (w / h).max() <= 4 / 3 + 1e-4 and (w / h).max() - (w / h).min() > 0.25
+    assert y0.min() >= 0 and (y0 + h).max() <= 1024 + 1e-3 and x0.min() >= 0 and (x0 + w).max() <= 1024 + 1e-3
+    # ... and the coordinate map agrees: without rotation or elastic, one patch pixel step is h/IS slice pixels.
+    still = dataclasses.replace(cfg, rotation_deg=0.0, elastic_sigma=0.0, horizontal_flip=False)
+    yx = source_coordinates(_seed(3), tf.constant(1024.0), tf.constant(1024.0), still).numpy()
+    box = [float(t) for t in sample_crop_box(tf.random.experimental.stateless_split(_seed(3), 4)[0],
+                                             tf.constant(1024.0), tf.constant(1024.0), still)]
+    np.testing.assert_allclose(np.diff(yx[:, 0, 0]), box[2] / size, rtol=1e-4)
+    np.testing.assert_allclose(np.diff(yx[0, :, 1]), box[3] / size, rtol=1e-4)
+
+
+@pytest.mark.parametrize("reference", ["input_size", "slice"])
+@pytest.mark.parametrize("height, width", [(1024.0, 1024.0), (1200.0, 1000.0), (800.0, 1000.0)])
+def test_crops_cover_85_to_100_percent_of_their_reference(reference, height, width):
+    # Boxes are fitted (aspect drawn within what the sides allow), never clipped below 85 %.
+    cfg = AugmentConfig(input_size=512, crop_reference=reference)
+    y0, x0, h, w = _boxes(cfg, height, width, 1000).T
+    ref = 512.0**2 if reference == "input_size" else height * width
+    cover = h * w / ref
+    assert cover.min() >= 0.85 - 1e-4 and cover.max() <= 1.0 + 1e-4
+    assert (w / h).min() >= 3 / 4 - 1e-4 and (w / h).max() <= 4 / 3 + 1e-4
+    if reference == "slice":
+        assert h.max() <= height + 1e-3 and w.max() <= width + 1e-3
+        assert y0.min() >= -1e-3 and (y0 + h).max() <= height + 1e-3 and x0.min() >= -1e-3
+        assert (x0 + w).max() <= width + 1e-3
+
+
+def test_slice_crops_of_a_long_slice_keep_their_area_and_stretch_the_aspect():
+    # 100 × 400: no box of 85 % of the slice has an aspect in [3:4, 4:3]; coverage wins, the aspect follows.
+    y0, x0, h, w = _boxes(AugmentConfig(input_size=64, crop_reference="slice"), 100.0, 400.0, 200).T
+    cover = h * w / 40000.0
+    assert cover.min() >= 0.85 - 1e-4 and h.max() <= 100 + 1e-3 and w.max() <= 400 + 1e-3
+
+
+def test_a_window_larger_than_the_slice_holds_the_whole_slice():
+    y0, x0, h, w = _boxes(AugmentConfig(input_size=192), 64.0, 64.0, 200).T
+    assert (y0 <= 1e-3).all() and (y0 + h >= 64 - 1e-3).all() and (x0 <= 1e-3).all() and (x0 + w >= 64 - 1e-3).all()
+
+
+@pytest.mark.parametrize("kwargs, field", [(dict(crop_reference="volume"), "crop_reference"),
+                                           (dict(zoom_range=(0.95, 1.05)), "zoom_range"),
+                                           (dict(zoom_range=(1.1, 1.2)), "zoom_range")])
+def test_bad_crop_settings_are_refused(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        AugmentConfig(**kwargs)
 
 
 def test_full_augmentation_keeps_labels_aligned_with_the_image():

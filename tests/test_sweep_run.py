@@ -55,7 +55,7 @@ def test_tiny_run_is_one_finished_mlflow_run_with_the_schema(tmp_path, mlflow_se
     assert m["iterations"] == 4 and m["params"] > 0 and m["receptive_field"] == 44
     assert p["model.width"] == "32" and p["effective.width"] == "2" and p["fold"] == "1" and p["train.max_iters"] == "4"
     assert not any(str(Path.home()) in v for v in p.values() if str(Path.home()) != "/")
-    assert t["fold"] == "1" and len(t["config_key"]) == 12 and t["git_commit"]
+    assert t["fold"] == "1" and len(t["config_key"]) == 12 and t["git_commit"] and t["compute_dtype"] == "float32"
     client = MlflowClient(mlflow_server.uri)
     assert [h.step for h in client.get_metric_history(run.info.run_id, "train_loss")] == [2, 4]
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -67,6 +67,25 @@ def test_tiny_run_is_one_finished_mlflow_run_with_the_schema(tmp_path, mlflow_se
     out, _ = again.communicate(timeout=300)
     assert again.returncode == 0 and "already FINISHED" in out, out
     assert len(_runs(mlflow_server.uri, "schema")) == 1
+
+
+def test_mixed_precision_run_records_the_dtype_its_model_computes_in(tmp_path, mlflow_server):
+    # The MLflow tag is read from the trained model; the logged model file must compute in it too.
+    import keras
+
+    from model.training import compute_dtype
+
+    work = tmp_path / "work"
+    proc = _sweep(work, f"mlflow.tracking_uri={mlflow_server.uri}", "mlflow.experiment=mixed", "model.width=16",
+                  "model.input_size=384", "profile.input_size_map={384:16}", "train.max_iters=2",
+                  "train.checkpoint_every=2", "train.precision=mixed_float16")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    (run,) = _runs(mlflow_server.uri, "mixed")
+    assert run.info.status == "FINISHED" and run.data.params["train.precision"] == "mixed_float16"
+    assert run.data.tags["compute_dtype"] == "float16"
+    local = MlflowClient(mlflow_server.uri).download_artifacts(run.info.run_id, "model/last.keras", str(tmp_path))
+    assert compute_dtype(keras.models.load_model(local, compile=False)) == "float16"
 
 
 def test_killed_run_resumes_from_its_checkpoint_as_the_same_run(tmp_path, mlflow_server):

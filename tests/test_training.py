@@ -83,3 +83,78 @@ def test_wrong_input_size_fails_before_training(prepared_dataset, tmp_path):
         train_fold(width=2, depth=3, input_size=20, train_samples=train, val_samples=val, settings=TrainSettings(),
                    augment=AugmentConfig(), ckpt_dir=tmp_path / "ck")
     assert not (tmp_path / "ck").exists()
+
+
+@pytest.mark.parametrize("precision, dtype", [("mixed_float16", "float16"), ("mixed_bfloat16", "bfloat16")])
+def test_mixed_precision_reaches_the_trained_model_and_survives_model_reuse(prepared_dataset, tmp_path, precision,
+                                                                            dtype):
+    import keras
+
+    from model.training import compute_dtype
+
+    ds = load_dataset(prepared_dataset)
+    s = TrainSettings(max_iters=2, checkpoint_every=2, batch_size=2, val_crop=16, val_slice_step=12,
+                      final_slice_step=12, open_slabs=2, precision=precision, learning_rate=1e-2)
+    seen = []
+
+    def on_start(state, model):
+        seen.append((model, [w.copy() for w in model.get_weights()]))
+
+    results = []
+    for fold in (0, 1):  # the second fold reuses the first fold's traced model (same config)
+        train, val = split_fold(ds, fold)
+        results.append(train_fold(width=2, depth=2, input_size=16, train_samples=train, val_samples=val, settings=s,
+                                  augment=AugmentConfig(), ckpt_dir=tmp_path / f"fold{fold}", on_start=on_start))
+    assert seen[0][0] is seen[1][0], "the model was not reused: this test would not see the reset"
+    for res in results:
+        assert res.compute_dtype == dtype
+        assert all(math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"]) for h in res.state.history)
+    # The reused model started from the freshly built weights, and training changed them to finite values.
+    for w0, w1 in zip(seen[0][1], seen[1][1]):
+        np.testing.assert_array_equal(w0, w1)
+    model = seen[1][0]
+    after = model.get_weights()
+    assert any(not np.array_equal(a, b) for a, b in zip(seen[1][1], after))
+    assert all(np.isfinite(w).all() for w in after)
+    if precision == "mixed_float16":
+        assert float(keras.ops.convert_to_numpy(model.optimizer.dynamic_scale)) > 0
+    assert all(np.isfinite(keras.ops.convert_to_numpy(v)).all() for v in model.optimizer.variables)
+    # What lands on disk computes in the asked precision too (read the file, not the config).
+    keras.mixed_precision.set_global_policy("float32")
+    loaded = keras.models.load_model(results[1].model_path, compile=False)
+    assert compute_dtype(loaded) == dtype
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed_float16"])
+def test_resume_restores_weights_and_optimizer_state_exactly(prepared_dataset, tmp_path, precision):
+    # keras.models.load_model alone brings a LossScaleOptimizer back fresh (Adam moments 0, initial loss scale).
+    import keras
+
+    from model.training import OPTIMIZER_FILE
+
+    ds = load_dataset(prepared_dataset)
+    train, val = split_fold(ds, 2)
+    s = TrainSettings(max_iters=4, checkpoint_every=2, batch_size=2, val_crop=16, val_slice_step=12,
+                      final_slice_step=12, open_slabs=2, precision=precision)
+    kw = dict(width=2, depth=2, input_size=16, train_samples=train, val_samples=val, augment=AugmentConfig(),
+              ckpt_dir=tmp_path / "ck")
+    train_fold(settings=dataclasses.replace(s, max_iters=2), **kw)
+    raw = json.loads((tmp_path / "ck" / STATE_FILE).read_text())
+    raw["finished"] = False
+    (tmp_path / "ck" / STATE_FILE).write_text(json.dumps(raw))
+    with np.load(tmp_path / "ck" / OPTIMIZER_FILE) as npz:
+        saved = [npz[f"arr_{i}"] for i in range(len(npz.files))]
+    saved_weights = keras.models.load_model(tmp_path / "ck" / "last.keras", compile=False).get_weights()
+    assert any(np.abs(a).sum() > 0 for a in saved[6:])  # Adam moments were written, not zeros
+    at_start = []
+
+    def on_start(state, model):
+        at_start.append(([keras.ops.convert_to_numpy(v) for v in model.optimizer.variables], model.get_weights()))
+
+    train_fold(settings=s, on_start=on_start, **kw)
+    (opt, weights), = at_start
+    assert len(opt) == len(saved)
+    for a, b in zip(opt, saved):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(weights, saved_weights):
+        np.testing.assert_array_equal(a, b)
