@@ -30,7 +30,7 @@ LATEX_LABELS = {"baseline_rc": r"Baseline $S_{rc}$", "baseline_cp": r"Baseline $
 TABLE2_COLUMNS = (("iou_bone", "Bone"), ("iou_degradation_layer", "Degradation layer"),
                   ("iou_residual_material", "Residual material"), ("mean_iou", "Average"))
 PREDICTIONS_ARTIFACT = "predictions.json"
-DEFAULT_PREDICTION_METHOD = "avr_3"
+DEFAULT_PREDICTION_METHOD = "avr_9"  # paper, Fig. 5 caption: the ML segmentation is "Avr., 9-planes"
 
 
 # ----------------------------------------------------------------------------------------------- Table 2
@@ -78,11 +78,13 @@ def choose_config(fusing: tp.Sequence[RunRecord], config_key: tp.Optional[str] =
 
 
 def describe_config(fusing: tp.Iterable[RunRecord], key: str) -> str:
+    """``c0=…, d=…, IS=…²`` of the config's fusing runs, with how the fusing sweep chose it (tag ``model_selection``)."""
     for r in fusing:
         if r.tags.get("config_key") == key:
             w, d, s = (r.int_param(p) for p in ("model.width", "model.depth", "model.input_size"))
             if None not in (w, d, s):
-                return f"c0={w}, d={d}, IS={s}²"
+                how = r.tags.get("model_selection")
+                return f"c0={w}, d={d}, IS={s}²" + (f"; {how}" if how else "")
     return ""
 
 

@@ -14,7 +14,7 @@ Axis 0 is the screw (and tomographic rotation) axis. All geometry is defined rel
 size, so 64³, 128³ and 512³ volumes show the same scene at different resolutions.
 
     python -m data.synth --out DIR [--n-train 14] [--n-test 3] [--size 128 | --shape Z Y X]
-                         [--seed 0] [--voxel-size-um 5.0] [--overwrite]
+                         [--seed 0] [--voxel-size-um 5.0] [--degradation-scale 1.0] [--overwrite]
 """
 
 from __future__ import annotations
@@ -225,10 +225,12 @@ def degradation_fraction(days: float) -> float:
 # -------------------------------------------------------------------------------------- generator
 def generate_explant(shape: tp.Union[int, tp.Sequence[int]] = 128, seed: tp.Union[int, tp.Sequence[int]] = 0, *,
                      beamline: str = "P05", alloy: str = "Mg-5Gd", days: float = 56.0,
-                     voxel_size_um: float = 5.0) -> SyntheticExplant:
+                     voxel_size_um: float = 5.0, degradation_scale: float = 1.0) -> SyntheticExplant:
     """Build one synthetic explant in memory; same (shape, seed, options) gives identical arrays.
 
     ``seed`` may be an int or a sequence of ints, e.g. (dataset seed, sample index).
+    ``degradation_scale`` multiplies the degradation depth (and so the degradation layer's thickness):
+    at small grids (64³–128³) the default layer is 1–4 voxels thick; a scale of 2 keeps it learnable.
     """
     shape = _check_shape(shape)
     if beamline not in BEAMLINES:
@@ -237,6 +239,8 @@ def generate_explant(shape: tp.Union[int, tp.Sequence[int]] = 128, seed: tp.Unio
         raise ValueError(f"alloy must be one of {sorted(ALLOYS)}, got {alloy!r}")
     if not (days > 0 and voxel_size_um > 0):
         raise ValueError("days and voxel_size_um must be positive")
+    if not 0 < degradation_scale <= 3:
+        raise ValueError(f"degradation_scale must be in (0, 3], got {degradation_scale}")
     style, rng = BEAMLINES[beamline], np.random.default_rng(seed)
     Z, Y, X = shape
     L = float(min(Y, X))  # lateral length scale: all lateral geometry is a fraction of it
@@ -285,6 +289,7 @@ def generate_explant(shape: tp.Union[int, tp.Sequence[int]] = 128, seed: tp.Unio
 
     # --- residual material: initial screw eroded by a smooth, pitted degradation depth
     deg = degradation_fraction(days) * (1.1 if alloy == "Mg-10Gd" else 1.0) * rng.uniform(0.85, 1.15)
+    deg *= degradation_scale
     mean_depth = max(deg * r_major, 1.0)
     depth = 1.0 + 0.4 * smooth_field(rng, bshape, 0.30 * L) + 0.15 * smooth_field(rng, bshape, 0.08 * L)
     depth = mean_depth * np.clip(depth, 0.25, None)  # a rough corrosion front
@@ -453,7 +458,7 @@ def sample_plan(n_train: int = 14, n_test: int = 3) -> list[dict]:
 
 def write_dataset(out: tp.Union[str, Path], *, n_train: int = 14, n_test: int = 3,
                   shape: tp.Union[int, tp.Sequence[int]] = 128, seed: int = 0, voxel_size_um: float = 5.0,
-                  overwrite: bool = False, log: tp.Optional[tp.Callable[[str], None]] = None) -> list[Sample]:
+                  degradation_scale: float = 1.0, overwrite: bool = False, log: tp.Optional[tp.Callable[[str], None]] = None) -> list[Sample]:
     """Generate a dataset folder: one HDF5 file per sample and ``manifest.yaml`` (written last)."""
     out = Path(out)
     shape = _check_shape(shape)
@@ -476,7 +481,7 @@ def write_dataset(out: tp.Union[str, Path], *, n_train: int = 14, n_test: int = 
             sid = f"synth{p['index'] + 1:0{width}d}"
             t0 = time.perf_counter()
             ex = generate_explant(shape, (seed, p["index"]), beamline=p["beamline"], alloy=p["alloy"],
-                                  days=p["days"], voxel_size_um=voxel_size_um)
+                                  days=p["days"], voxel_size_um=voxel_size_um, degradation_scale=degradation_scale)
             label = ex.label_hq if p["label_quality"] == "HQ" else ex.label_wf
             path = root / f"{sid}.h5"
             arrays = {"image": ex.image, "label": label, "label_hq": ex.label_hq, "label_wf": ex.label_wf}
@@ -495,7 +500,8 @@ def write_dataset(out: tp.Union[str, Path], *, n_train: int = 14, n_test: int = 
                     f"{time.perf_counter() - t0:.2f} s")
             written.append(path)
         write_manifest(root, samples, header=f"# synthetic explants: data.synth v{GENERATOR_VERSION}, "
-                                             f"seed {seed}, shape {'x'.join(map(str, shape))}")
+                                             f"seed {seed}, shape {'x'.join(map(str, shape))}, "
+                                             f"degradation scale {degradation_scale:g}")
     except BaseException:
         for path in written:  # no manifest was written: leave no orphaned samples either
             path.unlink(missing_ok=True)
@@ -513,6 +519,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     size.add_argument("--shape", type=int, nargs=3, metavar=("Z", "Y", "X"), help="volume shape, axis 0 = screw axis")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--voxel-size-um", type=float, default=5.0, help="voxel size written to the manifest (default 5)")
+    ap.add_argument("--degradation-scale", type=float, default=1.0,
+                    help="multiplies the degradation depth, i.e. the degradation layer's thickness (default 1)")
     ap.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty folder")
     args = ap.parse_args(argv)
     shape = tuple(args.shape) if args.shape else (args.size,) * 3
@@ -520,10 +528,13 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         ap.error("volume sizes must be at least 32")
     if args.voxel_size_um <= 0:
         ap.error("--voxel-size-um must be positive")
+    if not 0 < args.degradation_scale <= 3:
+        ap.error("--degradation-scale must be in (0, 3]")
     t0 = time.perf_counter()
     try:
         samples = write_dataset(args.out, n_train=args.n_train, n_test=args.n_test, shape=shape, seed=args.seed,
-                                voxel_size_um=args.voxel_size_um, overwrite=args.overwrite, log=print)
+                                voxel_size_um=args.voxel_size_um, degradation_scale=args.degradation_scale,
+                                overwrite=args.overwrite, log=print)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

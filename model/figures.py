@@ -15,9 +15,11 @@ CLASS_LABELS = ("background", "bone", "degradation layer", "residual material")
 CLASS_COLOURS = np.array([[0, 0, 0], [230, 230, 80], [60, 160, 255], [255, 70, 70]], np.float32) / 255.0
 
 
-def _plane_slice(path: Path, z: int) -> np.ndarray:
+def _plane_slice(path: Path, z: int, plane: str = "rc") -> np.ndarray:
+    """Slice ``z`` of S_rc (or of S_cp / S_pr) of a plane file's probabilities: (·, ·, K) uint8."""
+    key = {"rc": (z,), "cp": (slice(None), z), "pr": (slice(None), slice(None), z)}[plane]
     with h5py.File(path, "r") as f:
-        return f["probabilities"][z]  # (y, x, K) uint8
+        return f["probabilities"][key]
 
 
 def _save(fig, out: Path) -> Path:
@@ -26,50 +28,55 @@ def _save(fig, out: Path) -> Path:
     return Path(out)
 
 
-def middle_slice(image: VolumeRef) -> tuple[int, np.ndarray]:
+def middle_slice(image: VolumeRef, plane: str = "rc") -> tuple[int, np.ndarray]:
+    """Index and grey values of the middle slice of S_rc (or S_cp / S_pr)."""
+    axis = {"rc": 0, "cp": 1, "pr": 2}[plane]
     with open_volume(image) as vol:
-        z = int(vol.shape[0]) // 2
-        return z, np.asarray(vol[z], np.float32)
+        n = int(vol.shape[axis]) // 2
+        key = tuple(n if a == axis else slice(None) for a in range(3))
+        return n, np.asarray(vol[key], np.float32)
+
+
+# Paper Fig. 4: P(bone) on an S_rc slice and P(RM) on an S_pr slice; P(DL) on the S_rc slice as an extra row.
+FIG4_ROWS: tuple[tuple[str, int], ...] = (("rc", 1), ("pr", 3), ("rc", 2))
 
 
 def fig4_plane_probabilities(image: VolumeRef, plane_files: tp.Mapping[str, Path], out: Path, *,
-                             cls: int = 2, z: tp.Optional[int] = None) -> Path:
-    """Fig. 4: probability of one class (default: degradation layer) in slice z of S_rc for single
-    planes, the 3-plane and the 9-plane average (Eq. 4), side by side."""
+                             rows: tp.Sequence[tuple[str, int]] = FIG4_ROWS) -> Path:
+    """Fig. 4: one row per (slice plane, class) of ``rows``: the image slice, the class probability of the
+    naive planes S_rc, S_cp, S_pr, of the 3-plane and of the 9-plane average (Eq. 4), middle slices."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    z0, img = middle_slice(image)
-    z = z0 if z is None else z
-    if z != z0:
-        with open_volume(image) as vol:
-            img = np.asarray(vol[z], np.float32)
-    stacks = {p: _plane_slice(path, z) for p, path in plane_files.items()}
-    panels: list[tuple[str, np.ndarray]] = [("image", img)]
-    for p in ("rc", "cp", "pr", "cp_r0", "rc_r1", "rc_r2"):
-        if p in stacks:
-            panels.append((f"plane {p}", stacks[p][..., cls] / 255.0))
-    three = [stacks[p] for p in ("rc", "cp", "pr") if p in stacks]
-    if len(three) == 3:
-        panels.append(("Avr 3-planes", mean_probabilities(np.stack(three))[..., cls]))
-    if len(stacks) == 9:
-        panels.append(("Avr 9-planes", mean_probabilities(np.stack(list(stacks.values())))[..., cls]))
-    cols = min(len(panels), max(4, (len(panels) + 1) // 2))
-    rows = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols + 0.8, 3.3 * rows + 0.6), squeeze=False,
-                             layout="constrained")
+    naive = [p for p in ("rc", "cp", "pr") if p in plane_files]
+    columns = ["image"] + [f"S_{p}" for p in naive] + (["Avr 3-planes"] if len(naive) == 3 else []) + \
+        (["Avr 9-planes"] if len(plane_files) == 9 else [])
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.6 * len(columns) + 1.0, 2.7 * len(rows) + 0.5),
+                             squeeze=False, layout="constrained")
     shown = None
-    for ax, (title, data) in zip(axes.ravel(), panels):
-        im = ax.imshow(data, cmap="gray" if title == "image" else "magma", vmin=0, vmax=1, interpolation="nearest")
-        shown = im if title != "image" else shown
-        ax.set_title(title, fontsize=10)
-    for ax in axes.ravel():
-        ax.axis("off")
+    for r, (plane, cls) in enumerate(rows):
+        n, img = middle_slice(image, plane)
+        stacks = {p: _plane_slice(path, n, plane) for p, path in plane_files.items()}
+        panels = [img] + [stacks[p][..., cls] / 255.0 for p in naive]
+        if "Avr 3-planes" in columns:
+            panels.append(mean_probabilities(np.stack([stacks[p] for p in naive]))[..., cls])
+        if "Avr 9-planes" in columns:
+            panels.append(mean_probabilities(np.stack(list(stacks.values())))[..., cls])
+        for c, (title, data) in enumerate(zip(columns, panels)):
+            ax = axes[r, c]
+            im = ax.imshow(data, cmap="gray" if c == 0 else "magma", vmin=0, vmax=1, interpolation="nearest")
+            shown = im if c else shown
+            ax.set_title(title if r == 0 else "", fontsize=10)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for side in ax.spines.values():
+                side.set_visible(False)
+        axes[r, 0].set_ylabel(f"P({CLASS_LABELS[cls]})\nslice {n} of S_{plane}", fontsize=10)
     if shown is not None:
-        fig.colorbar(shown, ax=axes.ravel().tolist(), shrink=0.6, label=f"P({CLASS_LABELS[cls]})")
-    fig.suptitle(f"P({CLASS_LABELS[cls]}), slice {z} of S_rc: single planes and fused (paper Fig. 4)", fontsize=12)
+        fig.colorbar(shown, ax=axes.ravel().tolist(), shrink=0.6, label="probability")
+    fig.suptitle("Class probabilities of single planes and fused (paper Fig. 4)", fontsize=12)
     path = _save(fig, out)
     plt.close(fig)
     return path

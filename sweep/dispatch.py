@@ -83,12 +83,23 @@ def prepare_sweep(jobs: tp.Sequence[tuple[int, tp.Sequence[str], DictConfig]]) -
     task = tasks.pop()
     tracking.check_tracking_uri(uri)
     if task == "fusing":
-        from sweep.fusing import check_fusing, finished_fusing, fusing_experiment, trained_run
+        from sweep.fusing import (check_fusing, finished_fusing, fusing_experiment, fusing_plan,
+                                  select_trained_config, trained_run)
 
         errors = []
+        try:  # resolved once (fusing.model=best can change while a sweep runs): every job gets the same config
+            trained = select_trained_config(planned[0].cfg, planned[0].plan)
+        except ConfigError as exc:
+            raise SweepConfigError(f"fusing jobs cannot run; nothing was queued: {exc}") from None
+        log.info("fusing: config %s (%s), %s", trained.config_key, trained.name, trained.note)
+        # Quoted: an all-digit key must stay a string. The note keeps saying how the key was chosen.
+        pin = [f"fusing.model='{trained.config_key}'", f"fusing.selection_note='{trained.note.replace(chr(39), '')}'"]
         for j in planned:  # every fold must have a trained model before any GPU time is spent
             try:
                 check_fusing(j.cfg)
+                j.plan = fusing_plan(j.plan, trained)
+                j.overrides = [o for o in j.overrides if not o.lstrip("+~").startswith(
+                    ("fusing.model=", "fusing.selection_note="))] + pin
                 trained_run(j.plan)
             except ConfigError as exc:
                 errors.append(f"  #{j.idx} {' '.join(j.overrides)}: {exc}")

@@ -1,13 +1,17 @@
 """Table 2 of the paper: one trained (config, fold) evaluated on the test samples with the 7 fusing methods.
 
-``python -m sweep +experiment=fusing -m`` runs this task for the 4 folds of one config. Each job
+``python -m sweep +experiment=fusing -m`` runs this task for the 4 folds of one config: by default
+the best trained config of the training experiment (``fusing.model=best``: highest mean IoU over
+all folds FINISHED, ties to fewer FLOPs; paper: Table 2 uses its best model), or the composed one
+(``fusing.model=baseline``), or a config key. Each job
 takes the model of the FINISHED training run of its (config, fold), predicts the 9 planes of
 every test sample once (model.inference plane files), and scores all seven methods of Table 2
 from those plane files in one pass (Baseline S_rc/S_cp/S_pr, Avr/MV 3-planes, Avr/MV 9-planes),
 IoU (Eq. 6) pooled over the test samples.
 
 MLflow schema (read by ``python -m analysis table2``), experiment ``<mlflow.experiment>-fusing``:
-one parent run per (config, fold) (tags ``config_key``, ``fold``, ``task=fusing``; metrics
+one parent run per (config, fold) (tags ``config_key``, ``fold``, ``task=fusing``, ``model_selection``
+(how the config was chosen, in words); metrics
 ``<method>.mean_iou``; artifacts fig4.png, fig5.png) that is FINISHED only after its children,
 and one child run per method (tags ``config_key``, ``fold``, ``task=fusing``, ``fusing_method``,
 ``mlflow.parentRunId``; params ``model.*``, ``fold``; metrics ``iou_bone``,
@@ -17,8 +21,10 @@ and one child run per method (tags ``config_key``, ``fold``, ``task=fusing``, ``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import re
 import shutil
 import time
 import typing as tp
@@ -54,6 +60,9 @@ def _portable(path: tp.Union[str, Path]) -> str:
     return "~" + p[len(home):] if p.startswith(home + "/") else p
 
 
+SELECTIONS = ("best", "baseline")
+
+
 def check_fusing(cfg: DictConfig) -> None:
     """Fusing settings, before anything runs."""
     methods = table2_methods()
@@ -63,6 +72,86 @@ def check_fusing(cfg: DictConfig) -> None:
     batch = OmegaConf.select(cfg, "fusing.batch_size")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ConfigError("fusing.batch_size", f"must be a positive integer, got {batch!r}")
+    model = str(OmegaConf.select(cfg, "fusing.model", default="best"))
+    if model not in SELECTIONS and not re.fullmatch(r"[0-9a-f]{12}", model):
+        raise ConfigError("fusing.model", f"must be best, baseline or a 12-hex config key, got {model!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedConfig:
+    """The trained config whose fold models a fusing sweep evaluates, and why it was chosen."""
+
+    config_key: str
+    width: int  # the paper's grid values (params model.*), not the profile's scaled ones
+    depth: int
+    input_size: int
+    selection: str  # best | baseline | config key
+    note: str  # one line: how it was chosen
+
+    @property
+    def name(self) -> str:
+        return f"c{self.width}-d{self.depth}-is{self.input_size}"
+
+
+def _grid_params(run) -> tuple[int, int, int]:
+    p = run.data.params
+    return int(p["model.width"]), int(p["model.depth"]), int(p["model.input_size"])
+
+
+def best_config(uri: str, experiment_id: str, num_folds: int) -> tuple[str, float, int]:
+    """Paper, Table 2: its best model. The config with the highest mean IoU (Eq. 6, mean over its folds)
+    among configs with a FINISHED run on every fold; ties go to fewer FLOPs, then to the smaller key.
+
+    Returns (config_key, mean IoU, number of complete configs compared); ValueError if there is none.
+    """
+    from sweep.dispatch import finished_fold_runs
+
+    by_key: dict[str, dict[int, dict]] = {}
+    for (key, fold), metrics in finished_fold_runs(uri, experiment_id).items():
+        by_key.setdefault(key, {})[fold] = metrics
+    scored = []
+    for key, folds in by_key.items():
+        if set(range(num_folds)) <= set(folds) and all("mean_iou" in folds[f] for f in range(num_folds)):
+            ious = [folds[f]["mean_iou"] for f in range(num_folds)]
+            flops = folds[0].get("flops", float("inf"))
+            scored.append((-sum(ious) / num_folds, flops, key))
+    if not scored:
+        raise ValueError(f"no config has FINISHED training runs for all {num_folds} folds")
+    neg_iou, _flops, key = min(scored)
+    return key, -neg_iou, len(scored)
+
+
+def select_trained_config(cfg: DictConfig, plan: RunPlan) -> TrainedConfig:
+    """Resolve ``fusing.model`` against the training experiment; ConfigError naming the field if impossible."""
+    check_fusing(cfg)
+    selection = str(OmegaConf.select(cfg, "fusing.model", default="best"))
+    exp = tracking.ensure_experiment(plan.tracking_uri, plan.experiment)
+    if selection == "best":
+        try:
+            key, iou, n = best_config(plan.tracking_uri, exp, plan.num_folds)
+        except ValueError as exc:
+            raise ConfigError("fusing.model", f"best: {exc} in experiment {plan.experiment!r}; train a sweep first, "
+                                              "or choose fusing.model=baseline or a config key") from None
+        note = (f"best: highest mean IoU over {plan.num_folds} folds ({iou:.4f}) of {n} complete config"
+                f"{'s' if n != 1 else ''} in experiment {plan.experiment}")
+    elif selection == "baseline":
+        key, note = plan.config_key, "baseline: the composed config (fusing.model=baseline)"
+    else:
+        key = selection
+        note = str(OmegaConf.select(cfg, "fusing.selection_note") or f"config key {selection} (fusing.model)")
+    runs = [r for r in tracking.find_runs(plan.tracking_uri, exp, config_key=key, status="FINISHED")
+            if r.data.tags.get(TAG_METHOD) is None and all(f"model.{p}" in r.data.params
+                                                           for p in ("width", "depth", "input_size"))]
+    if not runs:
+        raise ConfigError("fusing.model", f"no FINISHED training run of config {key} in experiment {plan.experiment!r}")
+    width, depth, size = _grid_params(runs[0])
+    return TrainedConfig(key, width, depth, size, selection, note)
+
+
+def fusing_plan(plan: RunPlan, trained: TrainedConfig) -> RunPlan:
+    """The job's plan with the selected config's key and grid values (what names and skips fusing runs)."""
+    return dataclasses.replace(plan, config_key=trained.config_key, paper_width=trained.width, depth=trained.depth,
+                               paper_input_size=trained.input_size)
 
 
 def trained_run(plan: RunPlan) -> tp.Any:
@@ -101,6 +190,10 @@ def run_fusing(cfg: DictConfig) -> dict[str, float]:
     plan = plan_run(cfg)
     check_fusing(cfg)
     tracking.check_tracking_uri(plan.tracking_uri)
+    trained = select_trained_config(cfg, plan)
+    plan = fusing_plan(plan, trained)
+    log.info("%s: fusing the fold-%d model of config %s (%s), %s", plan.run_name, plan.fold, trained.config_key,
+             trained.name, trained.note)
     train_run = trained_run(plan)
     dataset = load_dataset(ensure_dataset(cfg))
     tests = [s for s in dataset.samples if s.split == "test" and s.label is not None]
@@ -150,7 +243,7 @@ def run_fusing(cfg: DictConfig) -> dict[str, float]:
 
     tags = {tracking.TAG_CONFIG_KEY: plan.config_key, tracking.TAG_FOLD: str(plan.fold), TAG_TASK: "fusing",
             "experiment": str(cfg.get("experiment_name", "fusing")), "trained_run_id": train_run.info.run_id,
-            **tracking.environment_tags()}
+            "model_selection": trained.note, **tracking.environment_tags()}
     params = {"model.width": plan.paper_width, "model.depth": plan.depth, "model.input_size": plan.paper_input_size,
               "fold": plan.fold, "test_samples": ",".join(s.id for s in tests), "config_key": plan.config_key}
     parent = tracking.RunRecorder(plan.tracking_uri, exp_id, run_name=f"{plan.run_name}-fusing", tags=tags)
