@@ -268,3 +268,86 @@ def paper_receptive_field(depth: int) -> int:
     """
     depth = check_depth(depth)
     return (5 * depth + 9) * 2**depth - 4
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU memory of one training replica
+# ----------------------------------------------------------------------------------------------
+#: Bytes per activation element by precision policy (the compute dtype; variables stay float32).
+COMPUTE_BYTES = {"float32": 4, "mixed_float16": 2, "mixed_bfloat16": 2}
+#: Per conv layer with BN and Mish, tensors the backward pass keeps: the conv output (BN's input),
+#: the BN output (Mish's input x), tanh(softplus(x)) (Mish's gradient needs x and it), the Mish output.
+TENSORS_PER_CONV_BN_MISH = 4
+#: Allocator and cuDNN workspace headroom not tied to a tensor (CUDA context is outside the allocator).
+FIXED_OVERHEAD_BYTES = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """Estimated peak GPU memory of one data-parallel training replica, in bytes, by what holds it."""
+
+    weights: int  # float32 variables, BN moving statistics included (plus float16/bfloat16 casts under mixed)
+    gradients: int  # float32, one per trainable parameter
+    optimizer: int  # Adam's first and second moments, float32
+    activations: int  # tensors kept for the backward pass, for the whole per-replica batch
+    workspace: int  # transient gradient buffers of the largest layer + fixed allocator/cuDNN headroom
+
+    @property
+    def state(self) -> int:
+        """What does not depend on the batch: weights, gradients and optimizer state."""
+        return self.weights + self.gradients + self.optimizer
+
+    @property
+    def total(self) -> int:
+        return self.state + self.activations + self.workspace
+
+
+def trainable_params(width: int, depth: int, num_classes: int = 4, *, in_channels: int = 1) -> int:
+    """Parameters with a gradient: all of :func:`count_params` but BN's moving mean and variance."""
+    layers = conv_layers(width, depth, None, num_classes, in_channels)
+    return count_params(width, depth, num_classes, in_channels=in_channels) - sum(
+        2 * layer.out_channels for layer in layers if layer.batch_norm)
+
+
+def training_memory(width: int, depth: int, input_size: IntOrPair, batch_per_replica: int, precision: str,
+                    num_classes: int = 4, *, in_channels: int = 1) -> MemoryEstimate:
+    """Peak GPU memory of one replica training the paper's U-net (Adam, sparse cross-entropy).
+
+    Counts, per replica (MirroredStrategy keeps a full copy of everything on each GPU):
+    * weights: every variable in float32 (4 B/param, BN statistics included); under a mixed policy
+      also the float16/bfloat16 copy of each trainable weight that the layers compute with (2 B);
+    * gradients: 4 B per trainable parameter; optimizer: Adam's m and v, 8 B per trainable parameter
+      (a test checks weights and optimizer against Keras' own variables);
+    * activations kept for the backward pass, per image, in the compute dtype: 4 tensors per
+      conv-BN-Mish layer (conv out, BN out, tanh(softplus), Mish out), each max-pool output, each
+      transposed-conv output and concatenation, the input; float32 logits and softmax;
+    * workspace: twice the largest single activation of the batch (gradient in flight) + 1 GiB for
+      the allocator's fragmentation and cuDNN workspaces.
+    Not counted: the CUDA context (~0.3–0.5 GB, outside TensorFlow's/XLA's allocator), input
+    pipeline prefetch buffers on the GPU, and XLA fusion that frees intermediates (lowers the peak).
+    """
+    if precision not in COMPUTE_BYTES:
+        raise ValueError(f"precision must be one of {sorted(COMPUTE_BYTES)}, got {precision!r}")
+    batch = check_positive_int(batch_per_replica, "batch_per_replica")
+    act_bytes = COMPUTE_BYTES[precision]
+    h, w = check_input_size(input_size, depth)
+    layers = conv_layers(width, depth, (h, w), num_classes, in_channels)
+    params = count_params(width, depth, num_classes, in_channels=in_channels)
+    trainable = trainable_params(width, depth, num_classes, in_channels=in_channels)
+    weights = 4 * params + (2 * trainable if precision != "float32" else 0)
+    per_image = h * w * in_channels  # the input
+    largest = 0
+    for layer in layers:
+        size = layer.out_height * layer.out_width * layer.out_channels
+        largest = max(largest, size)
+        if layer.batch_norm:
+            per_image += TENSORS_PER_CONV_BN_MISH * size
+        elif layer.kind == "transpose":
+            per_image += 3 * size  # its output, and the concatenation with the skip (2x its channels)
+    per_image *= act_bytes
+    for level in range(depth):  # max-pool outputs
+        per_image += (h >> (level + 1)) * (w >> (level + 1)) * width * 2**level * act_bytes
+    per_image += 2 * h * w * num_classes * 4  # float32 logits and softmax
+    return MemoryEstimate(weights=weights, gradients=4 * trainable, optimizer=8 * trainable,
+                          activations=batch * per_image,
+                          workspace=2 * batch * largest * act_bytes + FIXED_OVERHEAD_BYTES)

@@ -126,6 +126,7 @@ class TrainResult:
     final_metrics: dict[str, float]
     model_path: Path
     compute_dtype: str  # read from the trained model's layers
+    phases: dict[str, float]  # seconds of this process by phase: build, first_step, steps, validation, ...
 
 
 def _strategy():
@@ -226,6 +227,8 @@ def train_fold(*, width: int, depth: int, input_size: int, train_samples: tp.Seq
     if not val_samples:
         raise ValueError("no validation samples in this fold")
     ckpt_dir = Path(ckpt_dir)
+    phases = dict.fromkeys(("build", "first_step", "steps", "validation", "checkpoint", "final_evaluation"), 0.0)
+    t_phase = time.perf_counter()
     set_precision(settings.precision)
     keras.utils.set_random_seed(settings.seed)
     strategy = _strategy()
@@ -237,16 +240,20 @@ def train_fold(*, width: int, depth: int, input_size: int, train_samples: tp.Seq
         else:
             state.resumed_from.append(state.iteration)
             restore_checkpoint(model, ckpt_dir)
+    phases["build"] = time.perf_counter() - t_phase
     if on_start is not None:
         on_start(state, model)
     aug = dataclasses.replace(augment, input_size=input_size)
     steps_done = [0]  # steps of the current chunk, for mid-chunk checkpoints
     first_step = [on_first_step]
+    first_step_end = [0.0]
 
     def step_end(batch, logs=None) -> None:
         steps_done[0] += 1
-        if first_step[0] is not None:
-            first_step[0](), first_step.__setitem__(0, None)
+        if not first_step_end[0]:
+            first_step_end[0] = time.perf_counter()  # tracing + pipeline start-up end with the first step
+            if first_step[0] is not None:
+                first_step[0]()
 
     count_steps = keras.callbacks.LambdaCallback(on_train_batch_end=step_end)
 
@@ -274,12 +281,19 @@ def train_fold(*, width: int, depth: int, input_size: int, train_samples: tp.Seq
             t0 = time.perf_counter()
             hist = model.fit(ds, steps_per_epoch=iters, epochs=1, verbose=0, shuffle=False, callbacks=[count_steps])
             dt = time.perf_counter() - t0
+            if not phases["first_step"] and first_step_end[0]:
+                phases["first_step"] = first_step_end[0] - t0
+                phases["steps"] -= phases["first_step"]
+            phases["steps"] += dt
             state.iteration += iters
             steps_done[0] = 0
             state.train_seconds += dt
             state.images_seen += iters * settings.batch_size
+            t_phase = time.perf_counter()
             val = evaluate_slices(model, val_samples, depth=depth, planes=settings.planes,
                                   step=settings.val_slice_step, crop=settings.val_crop)
+            phases["validation"] += time.perf_counter() - t_phase
+            t_phase = time.perf_counter()
             improved = val["val_loss"] < state.best_val_loss
             metrics = {"train_loss": float(hist.history["loss"][-1]), "learning_rate": state.learning_rate,
                        "images_per_s": iters * settings.batch_size / dt, **val}
@@ -291,15 +305,20 @@ def train_fold(*, width: int, depth: int, input_size: int, train_samples: tp.Seq
             state.history.append({"iteration": state.iteration, **metrics})
             state.wall_seconds += time.perf_counter() - t0
             save_checkpoint(model, state, ckpt_dir)
+            phases["checkpoint"] += time.perf_counter() - t_phase
             if on_chunk is not None:
                 on_chunk(state, metrics)
     finally:
         _SAVE_NOW = None
+    t_phase = time.perf_counter()
     if (ckpt_dir / BEST_FILE).is_file():
         model.load_weights(ckpt_dir / BEST_FILE)
     final = evaluate_slices(model, val_samples, depth=depth, planes=settings.planes, step=settings.final_slice_step,
                             crop=None)
+    phases["final_evaluation"] = time.perf_counter() - t_phase
+    t_phase = time.perf_counter()
     state.finished = True
     save_checkpoint(model, state, ckpt_dir)
-    return TrainResult(state, final, ckpt_dir / MODEL_FILE, compute_dtype(model))
+    phases["checkpoint"] += time.perf_counter() - t_phase
+    return TrainResult(state, final, ckpt_dir / MODEL_FILE, compute_dtype(model), phases)
 

@@ -198,6 +198,7 @@ def _params(cfg: DictConfig, plan: RunPlan) -> dict:
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train one (config, fold), recorded as ONE MLflow run; resumes a killed run; skips a finished one."""
+    t_setup = time.perf_counter()
     plan = plan_run(cfg)
     tracking.check_tracking_uri(plan.tracking_uri)
     dataset = load_dataset(ensure_dataset(cfg))
@@ -254,6 +255,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         from model.training import train_fold  # TensorFlow only where training happens
 
         t0 = time.perf_counter()
+        setup_s = t0 - t_setup
         result = train_fold(width=plan.width, depth=plan.depth, input_size=plan.input_size,
                             train_samples=train_samples, val_samples=val_samples, settings=plan.settings,
                             augment=plan.augment, ckpt_dir=plan.ckpt_dir, on_chunk=on_chunk, on_start=on_start,
@@ -264,11 +266,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
                  "train_time_s": st.train_seconds, "best_iteration": st.best_iteration,
                  "stopped_early": float(st.stopped_early),
                  "images_per_s": st.images_seen / st.train_seconds if st.train_seconds else 0.0}
-        recorder.log_metrics(final, step=st.iteration)
+        t_log = time.perf_counter()
         recorder.log_artifact(result.model_path, "model")
         recorder.log_text(tracking.sanitize(OmegaConf.to_yaml(cfg, resolve=True), limit=None), "config.yaml")
         if st.history:
             recorder.log_artifact(training_curves_png(st.history, plan.ckpt_dir / "training_curves.png"))
+        # Where this process's time went (tracing and start-up are in first_step), for tuning sweeps.
+        phases = {"setup": setup_s, **result.phases, "artifacts": time.perf_counter() - t_log}
+        final.update({f"phase_{k}_s": v for k, v in phases.items()})
+        recorder.log_metrics(final, step=st.iteration)
         recorder.finish("FINISHED")
     log.info("%s: mean IoU %.4f after %d iterations (%.0f s in this process)", plan.run_name, final["mean_iou"],
              st.iteration, time.perf_counter() - t0)

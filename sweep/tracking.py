@@ -337,13 +337,13 @@ def sanitize(value: tp.Any, limit: int | None = MAX_PARAM_VAL_LENGTH) -> str:
 
 
 def environment_tags() -> dict[str, str]:
-    """git commit of this checkout, SLURM job ids when present, and the hostname."""
+    """git commit of this checkout, SLURM job ids when present, the hostname and the process id."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
                                 capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
-    tags = {TAG_GIT_COMMIT: commit, TAG_HOSTNAME: socket.gethostname()}
+    tags = {TAG_GIT_COMMIT: commit, TAG_HOSTNAME: socket.gethostname(), "pid": str(os.getpid())}
     for tag, var in _SLURM_ENV.items():
         if os.environ.get(var):
             tags[tag] = os.environ[var]

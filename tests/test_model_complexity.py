@@ -259,3 +259,47 @@ def test_summary_does_not_import_keras():
     code = "import sys, model.summary, model.complexity, model; print('keras' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert res.stdout.strip() == "False", res.stderr
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed_float16"])
+def test_memory_estimate_counts_weights_and_adam_state_as_keras_allocates_them(precision):
+    import keras
+
+    from model.complexity import training_memory, trainable_params
+    from model.unet import build_unet
+
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        model = build_unet(6, 3)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.optimizer.build(model.trainable_variables)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+    def nbytes(variables):
+        return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables)
+
+    est = training_memory(6, 3, 64, 2, precision)
+    assert sum(int(np.prod(v.shape)) for v in model.trainable_variables) == trainable_params(6, 3)
+    cast_copies = 0 if precision == "float32" else 2 * trainable_params(6, 3)
+    assert est.weights - cast_copies == nbytes(model.weights)  # every variable float32, BN statistics included
+    assert est.gradients == nbytes(model.trainable_variables)
+    slots = [v for v in model.optimizer.variables if len(v.shape) > 0]  # Adam m and v; scalars are negligible
+    assert est.optimizer == nbytes(slots)
+    # Activations grow with the batch and the image area; the state does not.
+    two = training_memory(6, 3, 128, 4, precision)
+    assert two.state == est.state and two.activations == pytest.approx(8 * est.activations, rel=1e-9)
+    if precision != "float32":  # half-precision activations (the float32 logits stay)
+        assert 1.8 * est.activations < training_memory(6, 3, 64, 2, "float32").activations < 2 * est.activations
+
+
+def test_memory_estimate_of_the_largest_paper_configs():
+    from model.complexity import training_memory
+
+    # Weights, gradients and Adam alone: 16 B per parameter, ~24 GB at c0=112, d=6 (1.52 G parameters).
+    big = training_memory(112, 6, 640, 4, "mixed_float16")
+    assert 24e9 < big.gradients + big.optimizer + big.weights - 2 * (big.gradients // 4) < 24.5e9
+    assert big.total > 32e9 > training_memory(32, 3, 384, 8, "mixed_float16").total
+    with pytest.raises(ValueError, match="precision"):
+        training_memory(32, 3, 384, 8, "float8")

@@ -68,3 +68,31 @@ def test_optuna_two_objectives_through_the_local_launcher(tmp_path):
     assert (work / "optuna.db").is_file()
     folds = [r for r in _runs(work) if "fold" in r.data.tags]
     assert len(folds) == 2 and {r.data.tags["experiment"] for r in folds} == {"optuna"}
+
+
+def test_split_for_idle_workers_splits_only_when_configs_run_out():
+    from types import SimpleNamespace
+
+    from hydra_plugins.scaling_unet.launchers import _split_for_idle_workers
+
+    def job(key, fold, flops=1):
+        return SimpleNamespace(plan=SimpleNamespace(config_key=key, fold=fold, flops=flops,
+                                                    settings=SimpleNamespace(max_iters=10)))
+
+    one = [[job("a", f) for f in range(4)]]
+    _split_for_idle_workers(one, 2)
+    assert [[j.plan.fold for j in g] for g in one] == [[0, 1], [2, 3]]
+    many = [[job("a", f, 5) for f in range(4)], [job("b", f) for f in range(4)]]
+    _split_for_idle_workers(many, 2)
+    assert [len(g) for g in many] == [4, 4]  # enough configs: folds stay together (traced model reused)
+    three = [[job("a", 0, 5)], [job("b", f) for f in range(3)]]
+    _split_for_idle_workers(three, 4)
+    assert sorted(len(g) for g in three) == [1, 1, 1, 1]
+
+
+def test_the_folds_of_a_lone_config_run_on_both_workers(tmp_path):
+    work = tmp_path / "work"
+    res = _sweep(work, "model.width=32", "model.input_size=384", "fold=range(4)")
+    assert res.returncode == 0, res.stderr[-3000:]
+    folds = [r for r in _runs(work) if "fold" in r.data.tags]
+    assert len(folds) == 4 and len({r.data.tags["pid"] for r in folds}) == 2

@@ -128,10 +128,31 @@ def _execute(payload: bytes) -> list[bytes]:
     return out
 
 
+def _cost(group: list) -> float:
+    return sum(j.plan.flops * j.plan.settings.max_iters for j in group)
+
+
+def _split_for_idle_workers(pending: list, n_workers: int) -> None:
+    """Fewer configs waiting than workers: split the costliest one's folds so no worker idles.
+
+    The folds of a config run back to back in one worker to reuse its traced model; that saves
+    seconds per fold, an idle core loses the whole run (the Table 2 part trains one config).
+    """
+    while len(pending) < n_workers:
+        big = max((i for i in range(len(pending)) if len(pending[i]) > 1), key=lambda i: _cost(pending[i]),
+                  default=None)
+        if big is None:
+            return
+        group = pending.pop(big)
+        half = (len(group) + 1) // 2
+        pending[big:big] = [group[:half], group[half:]]
+
+
 class PoolLauncher(Launcher):
     """Runs the jobs on this machine in ``n_workers`` long-lived processes (TensorFlow imported once each).
 
-    The folds of one config go to one worker back to back, so the traced training step is reused.
+    The folds of one config go to one worker back to back, so the traced training step is reused,
+    except when fewer configs wait than there are workers: then their folds are split.
     """
 
     def __init__(self, n_workers: int = 2, threads_per_worker: tp.Optional[int] = None, parent_runs: bool = True) -> None:
@@ -169,17 +190,26 @@ class PoolLauncher(Launcher):
             pool = cf.ProcessPoolExecutor(self.n_workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,))
             k = 0
             try:
-                groups: dict[str, list] = {}
+                by_config: dict[str, list] = {}
                 for j in prepared.todo:
-                    groups.setdefault(j.plan.config_key, []).append(j)
-                futures = {}
+                    by_config.setdefault(j.plan.config_key, []).append(j)
                 # Largest configs first: the pool's tail then holds small runs, not one long one.
-                for group in sorted(groups.values(), key=lambda g: -g[0].plan.flops * g[0].plan.settings.max_iters):
-                    payload = cloudpickle.dumps((self.hydra_context, self.config, self.task_function,
-                                                 [(j.overrides, j.idx) for j in group], Singleton.get_state()))
-                    futures[pool.submit(_execute, payload)] = group
-                for fut in cf.as_completed(futures):
-                    group = futures[fut]
+                pending = sorted(by_config.values(), key=lambda g: -_cost(g))
+                futures: dict = {}
+
+                def submit_next() -> None:
+                    while pending and len(futures) < self.n_workers:
+                        _split_for_idle_workers(pending, self.n_workers)
+                        group = pending.pop(0)
+                        payload = cloudpickle.dumps((self.hydra_context, self.config, self.task_function,
+                                                     [(j.overrides, j.idx) for j in group], Singleton.get_state()))
+                        futures[pool.submit(_execute, payload)] = group
+
+                submit_next()
+                while futures:
+                    fut = next(cf.as_completed(futures))
+                    group = futures.pop(fut)
+                    submit_next()  # before bookkeeping: a worker never waits for the log
                     try:
                         rets = [cloudpickle.loads(b) for b in fut.result()]
                     except Exception as exc:  # the worker process died (killed, out of memory)
