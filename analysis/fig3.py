@@ -29,8 +29,10 @@ def _panel(ax, df: pd.DataFrame, label: str = "", color="C0", linestyle="-", mar
                 markerfacecolor="white", markeredgecolor=color, markeredgewidth=1.5, zorder=5)
 
 
-def plot_fig3(table: pd.DataFrame, out_dir: tp.Union[str, Path], *, title: str = "", n_expected: int = 4) -> list[Path]:
+def plot_fig3(table: pd.DataFrame, out_dir: tp.Union[str, Path], *, title: str = "", n_expected: int = 4,
+              skipped: tp.Optional[tp.Mapping[tuple[int, int, int], str]] = None) -> list[Path]:
     """Four panels as in the paper; ``table`` has one row per (width, depth, input size) (results.fig3_configs).
+    ``skipped``: configs the sweep did not train, with why (named in the note under the figure).
     Writes fig3.png and fig3.pdf."""
     import matplotlib
 
@@ -82,8 +84,11 @@ def plot_fig3(table: pd.DataFrame, out_dir: tp.Union[str, Path], *, title: str =
     if n_part:
         note += (f" Hollow markers: {n_part} config(s) with fewer than {n_expected} FINISHED folds "
                  "(mean over the folds present; see missing.csv).")
+    if skipped:
+        names = ", ".join(f"c0={w} d={d} IS={s}²" for w, d, s in sorted(skipped))
+        note += (f"\nNot trained (estimated GPU memory over the launcher's gpu_mem_gb; see missing.csv): {names}.")
     fig.text(0.01, 0.01, note, fontsize=8, color="0.3")
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.tight_layout(rect=(0, 0.06 if skipped else 0.04, 1, 1))
     paths = [out_dir / "fig3.png", out_dir / "fig3.pdf"]
     for p in paths:
         tmp = p.with_name(f".{p.name}.tmp{p.suffix}")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.results import (EXPECTED_FOLDS, Runs, atomic_write_csv, atomic_write_text, config_table_from_runs,
-                              fig3_configs, fmt_int, missing_training, read_runs)
+                              fig3_configs, fmt_int, missing_training, read_runs, skipped_configs)
 
 MISSING_COLUMNS = ["kind", "config_key", "width", "depth", "input_size", "method", "present_folds", "missing_folds",
                    "note"]
@@ -46,7 +46,10 @@ def fig3_part(runs: Runs, out: tp.Union[str, Path]) -> Part:
     for r in left.itertuples():
         part.warnings.append(f"config {r.config_key} (c0={r.width} d={r.depth} IS={r.input_size}) not plotted: "
                              "another config key for the same grid point has more folds")
-    part.written += plot_fig3(chosen, out)
+    skipped = skipped_configs(runs.training)
+    for (w, d, s), why in sorted(skipped.items()):
+        part.warnings.append(f"c0={w} d={d} IS={s}: not trained, {why}")
+    part.written += plot_fig3(chosen, out, skipped=skipped)
     table = table.assign(in_fig3=table.config_key.isin(chosen.config_key))
     part.written.append(atomic_write_csv(table, Path(out) / "configs.csv"))
     part.notes.append(f"{len(chosen)} configs plotted from {int(table.n_folds.sum())} fold runs")

@@ -306,6 +306,22 @@ def fig3_configs(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return chosen.sort_values(["input_size", "depth", "width"]).reset_index(drop=True), left.reset_index(drop=True)
 
 
+TAG_SKIPPED = "skipped_reason"  # sweep.resources: a run the sweep did not queue (estimated GPU memory)
+
+
+def skipped_configs(training: tp.Iterable[RunRecord]) -> dict[tuple[int, int, int], str]:
+    """(width, depth, input size) → why, for configs the sweep skipped and that have no FINISHED fold run."""
+    finished = {(r.int_param("model.width"), r.int_param("model.depth"), r.int_param("model.input_size"))
+                for r in training if r.finished and r.fold() is not None}
+    out: dict[tuple[int, int, int], str] = {}
+    for r in training:
+        why = r.tags.get(TAG_SKIPPED)
+        point = (r.int_param("model.width"), r.int_param("model.depth"), r.int_param("model.input_size"))
+        if why and None not in point and point not in finished:
+            out.setdefault(point, why)  # type: ignore[arg-type]
+    return out
+
+
 def expected_grid() -> list[tuple[int, int, int]]:
     return [(w, d, s) for s in GRID["input_size"] for d in GRID["depth"] for w in GRID["width"]]
 
@@ -328,7 +344,9 @@ def missing_training(training: tp.Iterable[RunRecord], *, expected_folds: tp.Seq
         notes = []
         for r in sorted(unfinished_by_key.get(key, []), key=lambda r: (r.fold() or 0, r.start_time)):
             if r.fold() in missing and not ((key, r.fold()) in done):
-                notes.append(f"fold {r.fold()}: {r.status} run {r.run_id[:8]}")
+                skipped = r.tags.get(TAG_SKIPPED)
+                notes.append(f"fold {r.fold()}: skipped, {skipped}" if skipped else
+                             f"fold {r.fold()}: {r.status} run {r.run_id[:8]}")
         return "; ".join(notes)
 
     present = {(int(r.width), int(r.depth), int(r.input_size)): r for r in chosen.itertuples()}
@@ -357,6 +375,15 @@ def missing_training(training: tp.Iterable[RunRecord], *, expected_folds: tp.Seq
         rows.append(dict(kind="training (outside grid)", config_key=r.config_key, width=int(r.width), depth=int(r.depth),
                          input_size=int(r.input_size), method="", present_folds=r.folds,
                          missing_folds=",".join(map(str, miss)), note=why(r.config_key, miss)))
+    plotted = {(int(r.width), int(r.depth), int(r.input_size)) for r in chosen.itertuples()}
+    for (w, d, s), _why in sorted(skipped_configs(training).items()):
+        if (w, d, s) in grid or (w, d, s) in plotted:
+            continue  # grid points are reported above with the same reason
+        keys = [k for k, rec in params_by_key.items()
+                if (rec.int_param("model.width"), rec.int_param("model.depth"), rec.int_param("model.input_size")) == (w, d, s)]
+        rows.append(dict(kind="training (outside grid)", config_key=",".join(keys), width=w, depth=d, input_size=s,
+                         method="", present_folds="", missing_folds=",".join(map(str, expected_folds)),
+                         note="; ".join(why(k, list(expected_folds)) for k in keys if why(k, list(expected_folds)))))
     for r in left.itertuples():
         unusable = any(_nan(v) for v in (r.width, r.depth, r.input_size, r.flops, r.mean_iou))
         rows.append(dict(kind="training (not plotted)", config_key=r.config_key, width=_int(r.width),

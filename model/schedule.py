@@ -53,6 +53,13 @@ class TrainSettings:
             raise ValueError(f"train.precision must be float32, mixed_float16 or mixed_bfloat16, got {self.precision!r}")
 
 
+def model_key(width: int, depth: int, settings: TrainSettings) -> tuple:
+    """What makes two runs able to share one built, traced model (reset between them): not the input
+    size, nor the learning rate or data. A local worker that trains runs with the same key back to back
+    traces the training step once per key (twice across input sizes: Keras then relaxes the shape)."""
+    return (width, depth, settings.precision, settings.beta_1, settings.beta_2, settings.jit_compile, settings.seed)
+
+
 def paper_batch_size(flops_per_image: int, threshold_flops: float = 500e9) -> int:
     """Paper: global batch 32 for smaller models, 16 for larger ones.
 

@@ -29,7 +29,7 @@ from model.evaluation import confusion_matrix, iou_metrics
 from model.unet import build_unet
 
 from model.schedule import (BEST_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, ScheduleState,  # noqa: F401
-                            TrainSettings, load_state, paper_batch_size, update_schedule)
+                            TrainSettings, load_state, model_key, paper_batch_size, update_schedule)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -174,7 +174,7 @@ def _fresh_model(width: int, depth: int, settings: TrainSettings):
     """
     import keras
 
-    key = (width, depth, settings.precision, settings.beta_1, settings.beta_2, settings.jit_compile, settings.seed)
+    key = model_key(width, depth, settings)
     if key in _LAST_MODEL:
         model, weights, optimizer_state = _LAST_MODEL[key]
         model.set_weights(weights)
@@ -185,6 +185,9 @@ def _fresh_model(width: int, depth: int, settings: TrainSettings):
     _LAST_MODEL.clear()  # keep one model: memory stays that of one run
     keras.backend.clear_session()  # drop graphs of earlier models, or a long-lived worker keeps growing
     set_precision(settings.precision)
+    # Only for a new build: setting TF's global seed invalidates traced functions (the next step of a
+    # reused model would retrace, ~1.7 s). The data pipeline is seeded on its own (stateless ops).
+    keras.utils.set_random_seed(settings.seed)
     model = build_unet(width, depth)
     model.compile(optimizer=keras.optimizers.Adam(settings.learning_rate, settings.beta_1, settings.beta_2),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=settings.jit_compile)
@@ -230,7 +233,6 @@ def train_fold(*, width: int, depth: int, input_size: int, train_samples: tp.Seq
     phases = dict.fromkeys(("build", "first_step", "steps", "validation", "checkpoint", "final_evaluation"), 0.0)
     t_phase = time.perf_counter()
     set_precision(settings.precision)
-    keras.utils.set_random_seed(settings.seed)
     strategy = _strategy()
     state = load_state(ckpt_dir)
     with strategy.scope():

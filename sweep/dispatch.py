@@ -46,6 +46,7 @@ class PreparedSweep:
     tracking_uri: str
     experiment_id: str
     task: str = "train"
+    skipped: list[tuple[Job, str]] = dataclasses.field(default_factory=list)  # not queued (GPU memory), why
 
 
 def objective_values(cfg: DictConfig, metrics: tp.Mapping[str, float]) -> tp.Any:
@@ -81,6 +82,14 @@ def prepare_sweep(jobs: tp.Sequence[tuple[int, tp.Sequence[str], DictConfig]]) -
     if len(tasks) > 1 or not tasks <= {"train", "fusing"}:
         raise SweepConfigError(f"task: one sweep runs one task (train or fusing), got {sorted(tasks)}")
     task = tasks.pop()
+    skipped: list[tuple[Job, str]] = []
+    if task == "train":  # runs that cannot fit their GPUs are refused, skipped or halved before anything runs
+        from sweep.resources import apply_memory_policy
+
+        try:
+            planned, skipped, _ = apply_memory_policy(planned)
+        except ConfigError as exc:
+            raise SweepConfigError(str(exc)) from None
     tracking.check_tracking_uri(uri)
     if task == "fusing":
         from sweep.fusing import (check_fusing, finished_fusing, fusing_experiment, fusing_plan,
@@ -108,6 +117,12 @@ def prepare_sweep(jobs: tp.Sequence[tuple[int, tp.Sequence[str], DictConfig]]) -
                                    + "\n".join(errors))
         experiment = fusing_experiment(planned[0].cfg)
     experiment_id = tracking.ensure_experiment(uri, experiment)
+    if skipped:
+        from sweep.resources import record_skipped
+
+        for j, why in skipped:
+            record_skipped(uri, experiment_id, j.plan, why, str(j.cfg.get("experiment_name", "single")))
+            log.warning("%s: skipped, %s", j.plan.run_name, why)
     made = set()
     for j in planned:  # one synthetic dataset per distinct setting, made here rather than by racing jobs
         if str(j.plan.dataset) not in made:
@@ -124,10 +139,11 @@ def prepare_sweep(jobs: tp.Sequence[tuple[int, tp.Sequence[str], DictConfig]]) -
         else:
             todo.append(j)
         seen.add(j.pair)
-    log.info("sweep: %d jobs, %d already FINISHED in MLflow (skipped), %d duplicates, %d to run "
-             "(checked in %.1f s, MLflow and data %.1f s, finished runs %.1f s)", len(planned), len(finished),
-             len(duplicates), len(todo), t1 - t0, t2 - t1, time.perf_counter() - t2)
-    return PreparedSweep(todo, finished, duplicates, uri, experiment_id, task)
+    log.info("sweep: %d jobs, %d already FINISHED in MLflow (skipped), %d duplicates, %d not fitting the GPUs "
+             "(skipped), %d to run (checked in %.1f s, MLflow and data %.1f s, finished runs %.1f s)",
+             len(planned) + len(skipped), len(finished), len(duplicates), len(skipped), len(todo), t1 - t0, t2 - t1,
+             time.perf_counter() - t2)
+    return PreparedSweep(todo, finished, duplicates, uri, experiment_id, task, skipped)
 
 
 TAG_IS_PARENT = "is_parent"

@@ -113,39 +113,64 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     except Exception as exc:  # composition errors from Hydra: one line, not a traceback
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
-    todo = [j for j in jobs if j.pair not in done]
+    from sweep.resources import GB, apply_memory_policy, decide, gpu_budget, on_oom_setting
+
+    try:  # what the sweep decides for runs that do not fit their GPUs (on_oom)
+        decisions = {j.idx: decide(j.plan, gpu_budget(j.cfg), on_oom_setting(j.cfg)) for j in jobs}
+        refusal = None
+        jobs, skipped, _ = apply_memory_policy(jobs)
+    except SweepConfigError as exc:
+        refusal, skipped = exc, []
+    except Exception as exc:  # ConfigError of on_oom
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    todo = [j for j in jobs if j.pair not in done] if refusal is None else []
     is_slurm = "SlurmArrayLauncher" in str(base.hydra.launcher.get("_target_", ""))
     gpus = int(base.hydra.launcher.get("gpus_per_node") or 0) if is_slurm else 0
-    print(f"runs: {len(jobs)}")
-    print(f"finished: {len(jobs) - len(todo)} already FINISHED in MLflow ({first.tracking_uri}, "
+    budget = gpu_budget(base)
+    print(f"runs: {len(jobs) + len(skipped)}")
+    print(f"finished: {len([j for j in jobs if j.pair in done])} already FINISHED in MLflow ({first.tracking_uri}, "
           f"experiment {first.experiment!r}); skipped")
+    if skipped:
+        print(f"not fitting the GPUs: {len(skipped)} runs skipped (on_oom)")
     print(f"to queue: {len(todo)}")
     print(f"launcher: {base.hydra.launcher._target_.rsplit('.', 1)[-1]}"
-          + (f", {gpus} GPUs per run" if is_slurm else ""))
+          + (f", {gpus} GPUs per run" if is_slurm else "")
+          + (f", {budget.memory_bytes / GB:g} GB per GPU" if budget.memory_bytes else ""))
     print()
     print(f"{'c0':>4} {'d':>2} {'IS':>4} {'trained as':>14} {'params':>14} {'GFLOPs':>9} {'batch':>5} "
-          f"{'folds to run':>13} {'GPU-h (max)':>12}")
+          f"{'GB/GPU':>7} {'fits':>10} {'folds to run':>13} {'GPU-h (max)':>12}")
     by_config: dict[str, list] = {}
-    for j in jobs:
+    for j in list(jobs) + [j for j, _ in skipped]:
         by_config.setdefault(j.plan.config_key, []).append(j)
     total_h = 0.0
     for key, group in by_config.items():
         p = group[0].plan
-        folds = [str(j.plan.fold) for j in group if j.pair not in done]
+        d = decisions[group[0].idx]
+        fits = {"fits": "yes", "halved": f"batch {d.batch}", "skip": "NO: skip", "refuse": "NO"}[d.action]
+        folds = [str(j.plan.fold) for j in group if j.pair not in done and d.action in ("fits", "halved", "refuse")]
         hours = gpu_hours_upper_bound(p.flops, p.settings.batch_size, p.settings.max_iters, max(gpus, 4),
                                       args.tflops_per_gpu) * len(folds)
         total_h += hours
         print(f"{p.paper_width:>4} {p.depth:>2} {p.paper_input_size:>4} {f'c{p.width}/{p.input_size}²':>14} "
-              f"{p.params:>14,} {p.flops / 1e9:>9.2f} {p.settings.batch_size:>5} {','.join(folds) or '-':>13} "
-              f"{hours:>12.1f}")
+              f"{p.params:>14,} {p.flops / 1e9:>9.2f} {p.settings.batch_size:>5} {d.estimate.total / GB:>7.1f} "
+              f"{fits:>10} {','.join(folds) or '-':>13} {hours:>12.1f}")
     print()
+    print("GB/GPU: estimated peak memory of one replica (model.complexity.training_memory: weights, gradients, "
+          "Adam, activations kept for the backward pass)")
     print(f"GPU-hours, upper bound (every run to train.max_iters, {args.tflops_per_gpu:g} TFLOP/s per GPU, "
           f"4 GPUs per run): {total_h:,.0f}; early stopping usually ends runs far sooner")
+    if refusal is not None:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
     if is_slurm and todo:
         folder = str(launcher_params(base)["submitit_folder"])
         print()
         print(f"sbatch script (one array of {len(todo)} tasks):")
-        print(render_sbatch(launcher_params(base), len(todo), folder=folder, python=sys.executable))
+        try:
+            print(render_sbatch(launcher_params(base), len(todo), folder=folder, python=sys.executable))
+        except RuntimeError as exc:  # submitit needs srun on PATH to render
+            print(f"  (not rendered here: {exc})")
     return 0
 
 

@@ -27,7 +27,7 @@ from sweep import tracking
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "mlflow_run_id"
-KEY_EXCLUDE = ("fold", "mlflow", "paths", "hydra", "experiment_name", "objectives", "task", "fusing")
+KEY_EXCLUDE = ("fold", "mlflow", "paths", "hydra", "experiment_name", "objectives", "task", "fusing", "on_oom")
 
 
 class ConfigError(ValueError):
@@ -139,7 +139,8 @@ def ensure_dataset(cfg: DictConfig) -> Path:
             s = cfg.data.synth
             if not (raw / "manifest.yaml").is_file():
                 synth_main(["--out", str(raw), "--size", str(s.size), "--n-train", str(s.n_train), "--n-test",
-                            str(s.n_test), "--seed", str(s.seed), "--voxel-size-um", str(s.voxel_size_um), "--overwrite"])
+                            str(s.n_test), "--seed", str(s.seed), "--voxel-size-um", str(s.voxel_size_um),
+                            "--degradation-scale", str(s.get("degradation_scale", 1.0)), "--overwrite"])
             prepare_dataset(raw, target, voxel_size_um=float(cfg.data.prepare.voxel_size_um),
                             clip_percentiles=tuple(cfg.data.prepare.clip_percentiles), overwrite=True)
     return target

@@ -96,3 +96,32 @@ def test_the_folds_of_a_lone_config_run_on_both_workers(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     folds = [r for r in _runs(work) if "fold" in r.data.tags]
     assert len(folds) == 4 and len({r.data.tags["pid"] for r in folds}) == 2
+
+
+def test_runs_over_the_gpu_memory_are_skipped_recorded_and_reported(tmp_path):
+    # gpu_mem_gb between the estimates of c0=32 and c0=64 (laptop: 2 and 4 channels): only c0=32 trains.
+    from model.complexity import training_memory
+
+    small, big = (training_memory(w, 2, 64, 2, "float32").total for w in (2, 4))
+    limit = (small + big) / 2 / 1e9
+    work = tmp_path / "work"
+    args = ("model.width=32,64", "model.input_size=384", "fold=0", f"hydra.launcher.gpu_mem_gb={limit}")
+    res = _sweep(work, *args)
+    assert res.returncode != 0 and "1 config(s) do not fit the GPUs; nothing was queued" in res.stderr
+    assert "c0=64 d=2 IS=384" in res.stderr and not (work / "mlflow.db").exists()
+    res = _sweep(work, *args, "on_oom=skip")
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = [r for r in _runs(work) if "fold" in r.data.tags]
+    by_width = {r.data.params["model.width"]: r for r in runs}
+    assert by_width["32"].info.status == "FINISHED" and by_width["64"].info.status == "KILLED"
+    assert "> gpu_mem_gb" in by_width["64"].data.tags["skipped_reason"]
+    # The same command again trains nothing and records no second skip.
+    res = _sweep(work, *args, "on_oom=skip")
+    assert res.returncode == 0 and len([r for r in _runs(work) if "fold" in r.data.tags]) == 2
+    # The missing-run report says why c0=64 is missing.
+    rep = subprocess.run([sys.executable, "-m", "analysis", "missing", "--tracking-uri", f"sqlite:///{work}/mlflow.db",
+                          "--out", str(tmp_path / "reports")], capture_output=True, text=True, timeout=300)
+    assert rep.returncode in (0, 1), rep.stderr
+    md = (tmp_path / "reports" / "missing.md").read_text()
+    row = next(line for line in md.splitlines() if "| 64 | 2 | 384 |" in line)
+    assert "fold 0: skipped, estimated peak GPU memory" in row

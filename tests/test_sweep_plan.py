@@ -71,13 +71,33 @@ def test_launcher_options_are_overridable(tmp_path):
 
 
 def test_plan_prints_runs_configs_estimate_and_sbatch(tmp_path):
-    res = _plan(tmp_path, "+experiment=compound", "hydra/launcher=slurm_v100", "profile=paper")
+    res = _plan(tmp_path, "+experiment=compound", "hydra/launcher=slurm_v100", "profile=paper", "on_oom=skip")
     assert res.returncode == 0, res.stderr
     out = res.stdout
-    assert "runs: 192" in out and "to queue: 192" in out and "finished: 0 already FINISHED" in out
+    assert "runs: 192" in out and "to queue: 176" in out and "finished: 0 already FINISHED" in out
+    assert "not fitting the GPUs: 16 runs skipped (on_oom)" in out
     assert "279,873,796" in out  # c0=96, d=5: the paper's ~280 M parameters
-    assert "GPU-hours, upper bound" in out and "#SBATCH --array=0-191%16" in out
+    assert "GPU-hours, upper bound" in out and "#SBATCH --array=0-175%16" in out
     assert not (tmp_path / "work").exists()  # planning writes nothing
+
+
+def test_plan_refuses_configs_that_do_not_fit_a_32_gb_v100(tmp_path):
+    res = _plan(tmp_path, "+experiment=compound", "hydra/launcher=slurm_v100", "profile=paper")
+    assert res.returncode == 2
+    assert "4 config(s) do not fit the GPUs; nothing was queued" in res.stderr
+    # c0=112, d=6 at every input size, c0=96, d=6 at 640²: each named with its estimate
+    for name in ("c0=112 d=6 IS=384", "c0=112 d=6 IS=512", "c0=112 d=6 IS=640", "c0=96 d=6 IS=640"):
+        assert name in res.stderr
+    assert "43.3 GB per replica (batch 4 per GPU, mixed_float16) > gpu_mem_gb 32" in res.stderr
+    rows = {tuple(line.split()[:3]): line for line in res.stdout.splitlines() if line.strip().endswith("0.0")
+            or " NO" in line or " yes " in line}
+    assert " NO" in rows[("112", "6", "640")] and " yes " in rows[("32", "3", "384")]
+    halved = _plan(tmp_path, "+experiment=compound", "hydra/launcher=slurm_v100", "profile=paper",
+                   "on_oom=halve_batch", "model.depth=6", "model.input_size=384")
+    assert halved.returncode == 0, halved.stderr
+    line = next(l for l in halved.stdout.splitlines() if l.split()[:3] == ["112", "6", "384"])
+    assert line.split()[6] == "8" and "batch 8" in line  # 16 → 8: 2 images per V100 fit
+    assert not (tmp_path / "work").exists()
 
 
 def test_plan_rejects_all_bad_configs_together(tmp_path):

@@ -35,6 +35,7 @@ class ScalingUnetSlurmConf(SlurmQueueConf):
     _target_: str = "hydra_plugins.scaling_unet.launchers.SlurmArrayLauncher"
     poll_interval_s: float = 10.0  # how often the sweep process checks the array (sacct)
     parent_runs: bool = True  # one MLflow parent run per config after the sweep
+    gpu_mem_gb: tp.Optional[float] = None  # memory of one GPU: runs estimated above it are refused/skipped/halved (on_oom)
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="scaling_unet_slurm", node=ScalingUnetSlurmConf,
@@ -52,6 +53,19 @@ def _skipped_return(job, metrics) -> JobReturn:
 
     return JobReturn(overrides=job.overrides, cfg=job.cfg, status=JobStatus.COMPLETED,
                      _return_value=objective_values(job.cfg, metrics), task_name="skipped (FINISHED in MLflow)")
+
+
+def _prepared_returns(prepared) -> dict:
+    """Results of the jobs that run nowhere: FINISHED in MLflow already, or skipped (GPU memory; NaN IoU)."""
+    from sweep.dispatch import objective_values
+
+    results = {j.idx: (j, _skipped_return(j, m)) for j, m in prepared.finished}
+    for j, why in prepared.skipped:
+        results[j.idx] = (j, JobReturn(overrides=j.overrides, cfg=j.cfg, status=JobStatus.COMPLETED,
+                                       _return_value=objective_values(j.cfg, {"mean_iou": float("nan"),
+                                                                              "flops": j.plan.flops}),
+                                       task_name=f"not queued: {why}"))
+    return results
 
 
 def _failed_return(job, exc: BaseException) -> JobReturn:
@@ -133,10 +147,10 @@ def _cost(group: list) -> float:
 
 
 def _split_for_idle_workers(pending: list, n_workers: int) -> None:
-    """Fewer configs waiting than workers: split the costliest one's folds so no worker idles.
+    """Fewer groups waiting than workers: split the costliest one so no worker idles.
 
-    The folds of a config run back to back in one worker to reuse its traced model; that saves
-    seconds per fold, an idle core loses the whole run (the Table 2 part trains one config).
+    A group's runs go to one worker back to back to reuse its traced model; that saves seconds
+    per run, an idle core loses whole runs (the Table 2 part trains one config, 4 folds).
     """
     while len(pending) < n_workers:
         big = max((i for i in range(len(pending)) if len(pending[i]) > 1), key=lambda i: _cost(pending[i]),
@@ -151,12 +165,15 @@ def _split_for_idle_workers(pending: list, n_workers: int) -> None:
 class PoolLauncher(Launcher):
     """Runs the jobs on this machine in ``n_workers`` long-lived processes (TensorFlow imported once each).
 
-    The folds of one config go to one worker back to back, so the traced training step is reused,
-    except when fewer configs wait than there are workers: then their folds are split.
+    Runs that can share a built model (same width, depth, precision: ``model.schedule.model_key``; all
+    folds and input sizes) go to one worker back to back, so the training step is traced once or twice
+    instead of once per run, except when fewer groups wait than there are workers: then they are split.
     """
 
-    def __init__(self, n_workers: int = 2, threads_per_worker: tp.Optional[int] = None, parent_runs: bool = True) -> None:
+    def __init__(self, n_workers: int = 2, threads_per_worker: tp.Optional[int] = None, parent_runs: bool = True,
+                 gpu_mem_gb: tp.Optional[float] = None) -> None:
         self.n_workers = max(1, int(n_workers))
+        self.gpu_mem_gb = gpu_mem_gb  # read by sweep.resources from the composed config
         self.threads_per_worker = threads_per_worker
         self.parent_runs = parent_runs
         self.config: tp.Optional[DictConfig] = None
@@ -179,7 +196,7 @@ class PoolLauncher(Launcher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         _sweep_dir(self.config)
         prepared = prepare_sweep(_compose(self, job_overrides, initial_job_idx))
-        results = {j.idx: (j, _skipped_return(j, m)) for j, m in prepared.finished}
+        results = _prepared_returns(prepared)
         failed: list = []
         threads = self.threads_per_worker or max(1, (os.cpu_count() or 1) // self.n_workers)
         n = len(prepared.todo)
@@ -190,11 +207,13 @@ class PoolLauncher(Launcher):
             pool = cf.ProcessPoolExecutor(self.n_workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,))
             k = 0
             try:
-                by_config: dict[str, list] = {}
-                for j in prepared.todo:
-                    by_config.setdefault(j.plan.config_key, []).append(j)
-                # Largest configs first: the pool's tail then holds small runs, not one long one.
-                pending = sorted(by_config.values(), key=lambda g: -_cost(g))
+                from model.schedule import model_key
+
+                by_model: dict[tuple, list] = {}
+                for j in sorted(prepared.todo, key=lambda j: (j.plan.input_size, j.plan.config_key, j.plan.fold)):
+                    by_model.setdefault(model_key(j.plan.width, j.plan.depth, j.plan.settings), []).append(j)
+                # Largest groups first: the pool's tail then holds small runs, not one long one.
+                pending = sorted(by_model.values(), key=lambda g: -_cost(g))
                 futures: dict = {}
 
                 def submit_next() -> None:
@@ -235,9 +254,11 @@ class SlurmArrayLauncher(BaseSubmititLauncher):
 
     _EXECUTOR = "slurm"
 
-    def __init__(self, poll_interval_s: float = 5.0, parent_runs: bool = True, **params: tp.Any) -> None:
+    def __init__(self, poll_interval_s: float = 5.0, parent_runs: bool = True, gpu_mem_gb: tp.Optional[float] = None,
+                 **params: tp.Any) -> None:
         self.poll_interval_s = float(poll_interval_s)
         self.parent_runs = parent_runs
+        self.gpu_mem_gb = gpu_mem_gb  # read by sweep.resources from the composed config, never passed to sbatch
         super().__init__(**params)
 
     def checkpoint(self, *args: tp.Any, **kwargs: tp.Any) -> tp.Any:
@@ -276,7 +297,7 @@ class SlurmArrayLauncher(BaseSubmititLauncher):
         composed = _compose(self, job_overrides, initial_job_idx)
         log.info("composed %d job configs in %.1f s", len(composed), time.perf_counter() - t0)
         prepared = prepare_sweep(composed)
-        results = {j.idx: (j, _skipped_return(j, m)) for j, m in prepared.finished}
+        results = _prepared_returns(prepared)
         failed: list = []
         _sweep_dir(self.config)
         if prepared.todo:
