@@ -41,6 +41,7 @@ class TrainSettings:
     planes: tuple[str, ...] = ("rc", "cp", "pr")
     open_slabs: int = 8
     jit_compile: bool = False  # XLA: slower on CPU and costs seconds of compile per run (platform facts)
+    bn_recalibration_batches: int = 0  # before each validation (not in the paper; model.training.recalibrate_batch_norm)
 
     def __post_init__(self) -> None:
         for name in ("lr_patience_iters", "early_stop_patience_iters", "max_iters", "checkpoint_every", "batch_size",
@@ -49,6 +50,8 @@ class TrainSettings:
                 raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise ValueError(f"train.learning_rate must be positive, got {self.learning_rate}")
+        if int(self.bn_recalibration_batches) < 0:
+            raise ValueError(f"train.bn_recalibration_batches must be >= 0, got {self.bn_recalibration_batches}")
         if self.precision not in ("float32", "mixed_float16", "mixed_bfloat16"):
             raise ValueError(f"train.precision must be float32, mixed_float16 or mixed_bfloat16, got {self.precision!r}")
 

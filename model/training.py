@@ -116,6 +116,48 @@ def evaluate_slices(model, samples: tp.Sequence[Sample], *, depth: int, planes: 
     return {"val_loss": loss_sum / n_pix, **iou_metrics(cm)}
 
 
+def recalibrate_batch_norm(model, batches: tp.Iterable[tp.Any]) -> int:
+    """Not in the paper: the BatchNormalization population statistics of the CURRENT weights ("precise BN",
+    Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm").
+
+    Keras keeps moving averages (momentum 0.99) that trail weights which change quickly: after 30
+    steps 74 % of a moving average is still its initial value, and in short runs whole classes
+    vanish from inference-mode predictions at some checkpoints while training-mode ones are right
+    (measured: RM IoU 0.05 in inference mode vs 0.87 in training mode on the same slices). Each BN
+    layer's moving mean and variance become the equal-weight average of its batch statistics over
+    ``batches`` (training-mode forward passes, no weight update), so validation, the best checkpoint
+    and prediction see what training optimised. Returns the number of batches used.
+    """
+    import keras
+    import tensorflow as tf
+
+    bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    if not bns:
+        return 0
+    saved = [layer.momentum for layer in bns]
+    n, sums = 0, None
+    try:
+        for layer in bns:  # momentum 0: each forward pass leaves exactly its batch statistics
+            layer.momentum = 0.0
+        fn = getattr(model, "_bn_statistics_fn", None)
+        if fn is None:  # traced once per model (momentum is a constant of the trace, always 0 here)
+            fn = tf.function(lambda x: model(x, training=True), reduce_retracing=True)
+            model._bn_statistics_fn = fn
+        for x in batches:
+            fn(x)
+            stats = [(layer.moving_mean.numpy(), layer.moving_variance.numpy()) for layer in bns]
+            sums = stats if sums is None else [(m0 + m, v0 + v) for (m0, v0), (m, v) in zip(sums, stats)]
+            n += 1
+        if n:
+            for layer, (m, v) in zip(bns, sums):
+                layer.moving_mean.assign(m / n)
+                layer.moving_variance.assign(v / n)
+    finally:
+        for layer, momentum in zip(bns, saved):
+            layer.momentum = momentum
+    return n
+
+
 class ChunkCallback(tp.Protocol):
     def __call__(self, state: ScheduleState, metrics: dict[str, float]) -> None: ...
 
@@ -292,6 +334,11 @@ def train_fold(*, width: int, depth: int, input_size: int, train_samples: tp.Seq
             state.train_seconds += dt
             state.images_seen += iters * settings.batch_size
             t_phase = time.perf_counter()
+            if settings.bn_recalibration_batches:
+                recal = training_dataset(train_samples, aug, batch_size=settings.batch_size,
+                                         seed=settings.seed * 1_000_003 + state.iteration + 7919,
+                                         planes=settings.planes, open_slabs=settings.open_slabs)
+                recalibrate_batch_norm(model, (x for x, _ in recal.take(settings.bn_recalibration_batches)))
             val = evaluate_slices(model, val_samples, depth=depth, planes=settings.planes,
                                   step=settings.val_slice_step, crop=settings.val_crop)
             phases["validation"] += time.perf_counter() - t_phase

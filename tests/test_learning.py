@@ -50,10 +50,34 @@ def test_a_small_unet_learns_bone_dl_and_rm_through_the_training_path(tmp_path):
     write_manifest(raw, samples)
     prepare_dataset(raw, tmp_path / "prepared")
     train, val = split_fold(load_dataset(tmp_path / "prepared"), 0, num_folds=5)
-    settings = TrainSettings(learning_rate=3e-3, max_iters=400, checkpoint_every=100, lr_patience_iters=200,
-                             batch_size=4, val_crop=32, val_slice_step=4, final_slice_step=1, open_slabs=8)
+    settings = TrainSettings(learning_rate=3e-3, max_iters=600, checkpoint_every=100, lr_patience_iters=200,
+                             batch_size=4, val_crop=32, val_slice_step=4, final_slice_step=1, open_slabs=8,
+                             bn_recalibration_batches=25)
     result = train_fold(width=6, depth=2, input_size=32, train_samples=train, val_samples=val, settings=settings,
                         augment=AugmentConfig(input_size=32), ckpt_dir=tmp_path / "ck")
     m = result.final_metrics
-    assert result.state.iteration == 400 and (tmp_path / "ck" / "best.weights.h5").is_file()
+    assert result.state.iteration == 600 and (tmp_path / "ck" / "best.weights.h5").is_file()
     assert m["iou_bone"] >= 0.8 and m["iou_degradation_layer"] >= 0.8 and m["iou_residual_material"] >= 0.8, m
+
+
+def test_batch_norm_recalibration_sets_the_statistics_of_the_current_weights():
+    import keras
+
+    from model.training import recalibrate_batch_norm
+    from model.unet import build_unet
+
+    model = build_unet(4, 2)
+    x = np.random.default_rng(0).random((3, 16, 16, 1), dtype=np.float32) * 5 + 2  # far from the initial 0 / 1
+    before = np.asarray(model(x, training=False))
+    assert not np.allclose(before, np.asarray(model(x, training=True)), atol=1e-3)
+    assert recalibrate_batch_norm(model, [x, x, x]) == 3
+    # The same batch three times: the population statistics are that batch's, so inference == training mode.
+    np.testing.assert_allclose(np.asarray(model(x, training=False)), np.asarray(model(x, training=True)), atol=1e-3)
+    assert all(layer.momentum == 0.99 for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization))
+    # Two different batches: the average of their statistics (first BN layer: the input conv's output).
+    conv = keras.Model(model.inputs, model.get_layer("enc0_conv1").output)
+    y = x[::-1] * 0.5
+    recalibrate_batch_norm(model, [x, y])
+    means = [np.asarray(conv(b)).mean(axis=(0, 1, 2)) for b in (x, y)]
+    np.testing.assert_allclose(model.get_layer("enc0_bn1").moving_mean.numpy(), np.mean(means, axis=0), rtol=1e-4,
+                               atol=1e-5)
