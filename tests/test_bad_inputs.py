@@ -99,6 +99,18 @@ def _show_missing(root: Path) -> list[str]:
     return ["-m", "data.show", str(root / "nope"), "--sample", "a", "--out", str(root / "x.png")]
 
 
+def _volume(root: Path, shape=(8, 16, 16)) -> Path:
+    with h5py.File(root / "vol.h5", "w") as f:
+        f["image"] = np.random.default_rng(0).random(shape, dtype=np.float32)
+    return root / "vol.h5"
+
+
+def _garbage_model(root: Path) -> list[str]:
+    (root / "model.keras").write_bytes(b"garbage, not a zip archive" * 10)
+    return ["-m", "model.predict", str(root / "model.keras"), str(_volume(root)), "--out", str(root / "seg.h5"),
+            "--no-progress"]
+
+
 def _analysis(what: str, uri: tp.Callable[[Path], str], out: tp.Optional[tp.Callable[[Path], str]] = None):
     def setup(root: Path) -> list[str]:
         args = ["-m", "analysis", what, "--tracking-uri", uri(root)]
@@ -131,6 +143,7 @@ CASES = [
     Case("prepare: folder without manifest", _prepare_no_manifest, "empty"),
     Case("synth: --size 0", _synth_size, "size"),
     Case("show: missing dataset", _show_missing, "nope"),
+    Case("predict: a garbage file named model.keras", _garbage_model, "not a Keras model file"),
     Case("analysis reports: --out is a file", _analysis("reports", lambda r: f"sqlite:///{r / 'none.db'}", _file_as_out),
          "--out"),
     Case("analysis reports: sqlite file that is not a database", _analysis("reports", _not_a_database), "mlflow.db"),
@@ -150,3 +163,18 @@ def test_bad_input_gives_one_clear_error_and_writes_nothing(case: Case, tmp_path
     assert_one_clear_error(proc, case.names, case.exit_code)
     assert tree_snapshot(tmp_path) == before, "files were written or changed"
     assert sorted(p for p in tmp_path.rglob("*") if p.is_dir()) == dirs_before, "folders were created"
+
+
+def test_a_model_without_pooling_is_accepted(tmp_path: Path):
+    # Issue 13, 15: a fully convolutional model needs no padding multiple (depth 0); it was refused.
+    import keras
+
+    inp = keras.Input((None, None, 1))
+    model = keras.Model(inp, keras.layers.Conv2D(4, 3, padding="same")(inp))
+    model.save(tmp_path / "flat.keras")
+    vol = _volume(tmp_path, shape=(5, 13, 11))
+    proc = run_cli(["-m", "model.predict", str(tmp_path / "flat.keras"), str(vol), "--planes", "rc",
+                    "--out", str(tmp_path / "seg.h5"), "--no-progress"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with h5py.File(tmp_path / "seg.h5") as f:
+        assert f["labels"].shape == (5, 13, 11)
