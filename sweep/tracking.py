@@ -10,21 +10,14 @@ exponential backoff up to ~4 min per call); :class:`RunRecorder` retries stack o
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
 import logging
 import os
-import re
 import socket
-import ssl
 import subprocess
 import time
 import typing as tp
 import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, Run, RunTag
@@ -49,8 +42,6 @@ TAG_SLURM_ARRAY_JOB_ID = "slurm_array_job_id"
 TAG_SLURM_ARRAY_TASK_ID = "slurm_array_task_id"
 TAG_HOSTNAME = "hostname"
 
-DEFAULT_CONFIG_KEY_EXCLUDE = ("fold", "mlflow", "hydra", "paths")
-TRUNCATED_SUFFIX = "...[truncated]"
 # Errors that no retry can fix: fail at once instead of backing off.
 PERMANENT_ERROR_CODES = frozenset({
     "INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE", "BAD_REQUEST",
@@ -61,113 +52,10 @@ _SLURM_ENV = {
     TAG_SLURM_ARRAY_JOB_ID: "SLURM_ARRAY_JOB_ID",
     TAG_SLURM_ARRAY_TASK_ID: "SLURM_ARRAY_TASK_ID",
 }
-_USERINFO_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/@\s]*@")
-
-
-class TrackingError(RuntimeError):
-    """An MLflow tracking problem; the message names the (redacted) tracking URI."""
-
-
-# ----------------------------------------------------------------------------------------------- URIs
-
-
-def redact_uri(uri: str) -> str:
-    """``uri`` without ``user:pass@`` (also inside longer text such as exception messages)."""
-    return _USERINFO_RE.sub(r"\g<scheme>", str(uri))
-
-
-def _local_store_dir(uri: str) -> tuple[str, Path] | None:
-    """(kind, folder that must be writable) for sqlite / file stores; None for other schemes."""
-    if uri.startswith("sqlite:"):
-        db = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
-        return None if db in ("", ":memory:") else ("sqlite", Path(db).expanduser().parent)
-    parsed = urllib.parse.urlsplit(uri)
-    if parsed.scheme == "file":
-        return "file", Path(urllib.request.url2pathname(parsed.path)).expanduser()
-    if parsed.scheme == "":
-        return "file", Path(uri).expanduser()
-    return None
-
-
-def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast (before any training) when the tracking store cannot be reached or written."""
-    if not uri:
-        raise TrackingError("MLflow tracking URI is empty; set it explicitly (no silent ./mlflow.db in the cwd)")
-    red = redact_uri(uri)
-    parsed = urllib.parse.urlsplit(uri)
-    if parsed.scheme in ("http", "https"):
-        _check_http(uri, parsed, timeout_s)
-        return
-    local = _local_store_dir(uri)
-    if local is None:
-        log.info("check_tracking_uri: no reachability check for scheme of %s", red)
-        return
-    kind, folder = local
-    if kind == "file" and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
-        raise TrackingError(f"MLflow tracking URI {red} is a file store, which mlflow 3 refuses unless "
-                            "MLFLOW_ALLOW_FILE_STORE=true; use sqlite:///<path>/mlflow.db instead")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise TrackingError(f"MLflow {kind} store {red}: cannot create folder {folder}: {e}") from e
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise TrackingError(f"MLflow {kind} store {red}: folder {folder} is not a writable directory")
-    if kind == "sqlite":
-        db = Path(uri[len("sqlite:///"):].split("?", 1)[0]).expanduser()
-        if db.exists() and not os.access(db, os.R_OK | os.W_OK):
-            raise TrackingError(f"MLflow sqlite store {red}: database file {db} is not readable and writable")
-
-
-def _check_http(uri: str, parsed: urllib.parse.SplitResult, timeout_s: float) -> None:
-    red = redact_uri(uri)
-    netloc = parsed.hostname or ""
-    if ":" in netloc:
-        netloc = f"[{netloc}]"  # IPv6 literal
-    if parsed.port:
-        netloc = f"{netloc}:{parsed.port}"
-    base = urllib.parse.urlunsplit((parsed.scheme, netloc, parsed.path.rstrip("/"), "", ""))
-    # The same credentials and TLS settings the MLflow client would use, so the probe sees what it will see.
-    user, password = parsed.username, parsed.password
-    if user is None and os.environ.get("MLFLOW_TRACKING_USERNAME"):
-        user, password = os.environ["MLFLOW_TRACKING_USERNAME"], os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
-    headers = {}
-    if user is not None:
-        token = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password or '')}"
-        headers["Authorization"] = "Basic " + base64.b64encode(token.encode()).decode()
-    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
-        headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
-    context = None
-    if parsed.scheme == "https":
-        if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() in ("1", "true"):
-            context = ssl._create_unverified_context()
-        else:
-            context = ssl.create_default_context(cafile=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or None)
-
-    def get(path: str) -> tuple[int, str]:
-        req = urllib.request.Request(base + path, headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=timeout_s, context=context) as r:
-                return r.status, r.read(2000).decode(errors="replace")
-        except urllib.error.HTTPError as e:
-            return e.code, e.read(2000).decode(errors="replace")
-
-    try:
-        status, body = get("/health")
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise TrackingError(f"MLflow tracking server at {red} is unreachable: {redact_uri(str(e))}") from e
-    if status != 200:
-        raise TrackingError(f"MLflow tracking server at {red} is unreachable: /health answered {status}: {body[:200]}")
-    # /health answers 200 even when the API refuses this Host header (platform-facts), so probe the API too.
-    try:
-        status, body = get("/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default")
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise TrackingError(f"MLflow tracking server at {red} is unreachable: {redact_uri(str(e))}") from e
-    if status in (401, 403):
-        hint = " (start the server with --allowed-hosts naming this host)" if "Host header" in body else ""
-        raise TrackingError(f"MLflow tracking server at {red} refuses API requests: {status} {body[:200]}{hint}")
-
-
-# ----------------------------------------------------------------------------------------------- retries
+# The store checks and the config values live in their own modules; their names stay importable from here.
+from sweep.params import (DEFAULT_CONFIG_KEY_EXCLUDE, TRUNCATED_SUFFIX, _flat_items, config_key,  # noqa: E402,F401
+                          flatten, sanitize)
+from sweep.store import TrackingError, _local_store_dir, check_tracking_uri, redact_uri  # noqa: E402,F401
 
 
 def _retry(fn: tp.Callable[[], T], what: str, uri: str, retries: int, backoff_s: float) -> T:
@@ -242,98 +130,6 @@ def ensure_experiment(uri: str, name: str, *, artifact_location: str | None = No
         return exp.experiment_id
 
     return _retry(get_or_create, f"get-or-create experiment {name!r}", uri, retries, backoff_s)
-
-
-# ----------------------------------------------------------------------------------------------- configs & values
-
-
-def _plain(obj: tp.Any) -> tp.Any:
-    """Mappings/sequences (OmegaConf containers included) as dicts/lists, for canonical JSON."""
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def _drop(tree: dict, dotted: str) -> None:
-    head, _, rest = dotted.partition(".")
-    if head not in tree:
-        return
-    if not rest:
-        del tree[head]
-    elif isinstance(tree[head], dict):
-        _drop(tree[head], rest)
-
-
-def config_key(cfg: Mapping, exclude: tp.Iterable[str] = DEFAULT_CONFIG_KEY_EXCLUDE) -> str:
-    """12-hex sha256 of the canonical JSON of ``cfg`` without ``fold`` and the (dotted) keys in ``exclude``.
-
-    The folds of one configuration share the key; bookkeeping sections (mlflow, hydra, paths) do not change it.
-    """
-    tree = _plain(cfg)
-    if not isinstance(tree, dict):
-        raise TypeError(f"config_key needs a mapping, got {type(cfg).__name__}")
-    for key in ("fold", *exclude):
-        _drop(tree, key)
-    text = json.dumps(tree, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def _flat_items(d: Mapping, sep: str, prefix: str = "") -> tp.Iterator[tuple[str, tp.Any]]:
-    for k, v in d.items():
-        key = f"{prefix}{sep}{k}" if prefix else str(k)
-        if isinstance(v, Mapping):
-            yield from _flat_items(v, sep, key)
-        else:
-            yield key, v
-
-
-def flatten(d: Mapping, sep: str = ".") -> dict[str, str]:
-    """Nested mapping -> ``{"a.b.c": "value"}``, values as strings (a list stays one JSON value)."""
-    out = {}
-    for key, v in _flat_items(d, sep):
-        plain = _plain(v)
-        out[key] = json.dumps(plain, default=str) if isinstance(plain, list) else str(plain)
-    return out
-
-
-def _truncate(text: str, limit: int) -> str:
-    if len(text) <= limit:
-        return text
-    log.warning("MLflow value truncated from %d to %d characters", len(text), limit)
-    return text[: limit - len(TRUNCATED_SUFFIX)] + TRUNCATED_SUFFIX
-
-
-_PATH_START = r"(?<![\w.~/-])"  # the root must start a path, not sit inside a longer one
-_PATH_END = r"(?=$|[\s,;:'\"\]\)}=])"
-
-
-def _replace_root(text: str, root: str, as_prefix: str, as_whole: str) -> str:
-    root = root.rstrip("/")
-    if not root:
-        return text  # "/" as home or cwd would rewrite every path
-    text = re.sub(_PATH_START + re.escape(root) + "/", lambda _: as_prefix, text)
-    return re.sub(_PATH_START + re.escape(root) + _PATH_END, lambda _: as_whole, text)
-
-
-def sanitize(value: tp.Any, limit: int | None = MAX_PARAM_VAL_LENGTH) -> str:
-    """``str(value)`` with cwd-absolute paths made relative and the home prefix as ``~``, truncated to ``limit``.
-
-    ``limit=None`` keeps the whole text (for artifacts such as a config YAML, which have no length limit).
-    """
-    text = value if isinstance(value, str) else str(value)
-    home = os.path.expanduser("~")
-    homes = {home, os.path.realpath(home)} if home not in ("", "/", "~") else set()
-    cwd = os.getcwd()
-    # cwd first: it usually lies under home, and the relative form is the shorter one (cwd == home stays "~").
-    for root in sorted({cwd, os.path.realpath(cwd)} - homes, key=len, reverse=True):
-        text = _replace_root(text, root, "", ".")
-    for root in sorted(homes, key=len, reverse=True):
-        text = _replace_root(text, root, "~/", "~")
-    return text if limit is None else _truncate(text, limit)
 
 
 def environment_tags() -> dict[str, str]:
