@@ -65,6 +65,8 @@ def check_jobs(jobs: tp.Sequence[tuple[int, tp.Sequence[str], DictConfig]]) -> l
             planned.append(Job(idx, list(overrides), cfg, plan_run(cfg)))
         except ConfigError as exc:
             errors.append(f"  #{idx} {' '.join(overrides)}: {exc}")
+    if len(errors) == 1:  # one line, as a single run says it
+        raise SweepConfigError(f"{errors[0].strip()} (1 of {len(jobs)} configs is invalid; nothing was queued)")
     if errors:
         raise SweepConfigError(f"{len(errors)} of {len(jobs)} configs are invalid; nothing was queued:\n" + "\n".join(errors))
     uris = {j.plan.tracking_uri for j in planned}
@@ -130,6 +132,11 @@ def prepare_sweep(jobs: tp.Sequence[tuple[int, tp.Sequence[str], DictConfig]]) -
             raise SweepConfigError(f"{len(errors)} of {len(planned)} fusing jobs cannot run; nothing was queued:\n"
                                    + "\n".join(errors))
         experiment = fusing_experiment(planned[0].cfg)
+    made = set()  # before anything is written to MLflow: a bad dataset leaves the store as it was
+    for j in planned:  # one synthetic dataset per distinct setting, made here rather than by racing jobs
+        if str(j.plan.dataset) not in made:
+            ensure_dataset(j.cfg)
+            made.add(str(j.plan.dataset))
     experiment_id = tracking.ensure_experiment(uri, experiment)
     if skipped:
         from sweep.resources import record_skipped
@@ -137,11 +144,6 @@ def prepare_sweep(jobs: tp.Sequence[tuple[int, tp.Sequence[str], DictConfig]]) -
         for j, why in skipped:
             record_skipped(uri, experiment_id, j.plan, why, str(j.cfg.get("experiment_name", "single")))
             log.warning("%s: skipped, %s", j.plan.run_name, why)
-    made = set()
-    for j in planned:  # one synthetic dataset per distinct setting, made here rather than by racing jobs
-        if str(j.plan.dataset) not in made:
-            ensure_dataset(j.cfg)
-            made.add(str(j.plan.dataset))
     t2 = time.perf_counter()
     done = finished_fusing(uri, experiment_id) if task == "fusing" else finished_fold_runs(uri, experiment_id)
     todo, finished, duplicates, seen = [], [], [], set()

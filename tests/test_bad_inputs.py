@@ -178,3 +178,29 @@ def test_a_model_without_pooling_is_accepted(tmp_path: Path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     with h5py.File(tmp_path / "seg.h5") as f:
         assert f["labels"].shape == (5, 13, 11)
+
+
+SWEEP_TINY = ["model.depth=2", "data.synth.size=32", "data.synth.n_train=4", "data.synth.n_test=1",
+              "train.batch_size=2", "train.max_iters=2", "train.checkpoint_every=2", "train.val_crop=32"]
+
+
+@pytest.mark.parametrize("multirun", [False, True], ids=["single run", "-m"])
+@pytest.mark.parametrize("bad,names", [
+    (lambda raw: ["data=prepared", f"data.dataset={raw}"], "not prepared data"),
+    (lambda raw: ["model.input_size=390"], "model.input_size"),
+    (lambda raw: ["data=prepared", f"data.dataset={raw.parent / 'nonexistent'}"], "data.dataset"),
+], ids=["raw dataset as prepared", "input size not divisible", "missing dataset"])
+def test_sweep_refuses_bad_input_alike_with_and_without_multirun(tmp_path: Path, bad, names, multirun):
+    # Issue 13, 2 and 12: a raw dataset would train on grey values and record a FINISHED run that later
+    # sweeps skip; under -m each check failed inside Hydra's traceback with status 1.
+    raw = _raw(tmp_path)
+    before = tree_snapshot(tmp_path)
+    env_work = tmp_path / "work"
+    args = ["-m", "sweep", *bad(raw), *SWEEP_TINY, f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"]
+    proc = subprocess.run([sys.executable, *args, *(["-m"] if multirun else [])], cwd=tmp_path,
+                          env={**os.environ, "SCALING_UNET_WORK": str(env_work), "TF_CPP_MIN_LOG_LEVEL": "3"},
+                          capture_output=True, text=True, timeout=300)
+    assert_one_clear_error(proc, names)
+    after = tree_snapshot(tmp_path)
+    hydra_logs = {p for p in after if p.startswith(("work/hydra/", "work/multirun/"))}  # Hydra's own run folder
+    assert {p: after[p] for p in set(after) - hydra_logs} == before

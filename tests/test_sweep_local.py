@@ -58,7 +58,7 @@ def test_bad_config_in_a_sweep_stops_everything_before_training(tmp_path):
     # Under -m as for a single run: exit status 2 and one error line, not Hydra's traceback.
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert len([ln for ln in res.stderr.splitlines() if "error:" in ln]) == 1
-    assert "1 of 2 configs are invalid; nothing was queued" in res.stderr and "model.width: must be positive" in res.stderr
+    assert "1 of 2 configs is invalid; nothing was queued" in res.stderr and "model.width: must be positive" in res.stderr
     assert not (work / "checkpoints").exists()
 
 

@@ -154,9 +154,11 @@ def test_cli_errors_are_one_line_and_nothing_is_trained(tmp_path):
 
 
 def test_dataset_without_training_samples_is_refused(tmp_path):
+    from data.prepare import prepare_dataset
     from tests.conftest import write_raw_dataset
 
-    write_raw_dataset(tmp_path / "only_test", n_train=0, n_test=2, shape=(8, 8, 8))
+    write_raw_dataset(tmp_path / "raw", n_train=0, n_test=2, shape=(8, 8, 8))
+    prepare_dataset(tmp_path / "raw", tmp_path / "only_test")
     proc = _sweep(tmp_path / "work", "data=prepared", f"data.dataset={tmp_path / 'only_test'}",
                   f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db")
     out, _ = proc.communicate(timeout=120)
