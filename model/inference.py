@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import os
 import shutil
@@ -34,8 +35,9 @@ import numpy as np
 
 from data.errors import DataError
 from data.rotation import other_axes, rotated_volume_shape
-from data.volume import CLASS_NAMES, NUM_CLASSES, VolumeRef, atomic_path, iter_slabs, open_volume, read_checked
-from model.fusion import mean_probabilities, quantize_probabilities, vote
+from data.volume import (CLASS_NAMES, NUM_CLASSES, VolumeRef, atomic_output, atomic_path, create_zarr_array,
+                         create_zarr_group, is_zarr_path, iter_slabs, open_volume, read_checked, write_label_pyramid)
+from model.fusion import UNCERTAINTY_MAPS, mean_probabilities, quantize_probabilities, uncertainty_maps, vote
 
 AXIS_PLANES = ("rc", "cp", "pr")  # plane set whose slices are indexed by axis 0, 1, 2
 PLANE_FILE_DATASET = "probabilities"
@@ -365,29 +367,58 @@ def fuse_blocks(plane_paths: tp.Sequence[Path], *, budget_bytes: int = 64 << 20
 
 def fuse_planes(plane_paths: tp.Sequence[Path], out_path: Path, *, method: str, probabilities: bool = False,
                 tiff_path: tp.Optional[Path] = None, attrs: tp.Optional[dict] = None, inputs: tp.Sequence[Path] = (),
-                progress: bool = True) -> Path:
-    """The fuse step: ``labels`` (uint8) by ``method`` vote, optionally ``probabilities`` (float16, P_avr of Eq. 4)."""
+                progress: bool = True, uncertainty: bool = False, times: tp.Optional[PhaseTimes] = None) -> Path:
+    """The fuse step: ``labels`` (uint8) by ``method`` vote, optionally ``probabilities`` (float16, P_avr of Eq. 4)
+    and, with ``uncertainty``, the uint8 maps of :func:`model.fusion.uncertainty_maps` on the same grid.
+
+    ``out_path`` ending in ``.zarr`` gives an OME-Zarr store (NGFF 0.4): the labels as its multiscale
+    image (arrays ``0``, ``1``, … halving each axis), the other outputs as full-resolution arrays of
+    the same names; otherwise an HDF5 file with those datasets.
+    """
     plane_paths = [Path(p) for p in plane_paths]
+    times = times or _NoTimes()
     with h5py.File(plane_paths[0], "r") as f:
         shape = tuple(f[PLANE_FILE_DATASET].shape)
+    meta = {"vote": method, "planes": [_plane_of(p) for p in plane_paths], "class_names": list(CLASS_NAMES)}
+    meta.update(attrs or {})
+    zarr_out = is_zarr_path(out_path)
     bars = _Progress(progress)
     with contextlib.ExitStack() as stack:
-        tmp = stack.enter_context(atomic_path(out_path, inputs=inputs))
+        tmp = stack.enter_context(atomic_output(out_path, inputs=inputs))
         tiff_tmp = stack.enter_context(atomic_path(tiff_path, inputs=inputs)) if tiff_path else None
-        with h5py.File(tmp, "w") as f:
-            labels = _create(f, "labels", shape[:3], np.uint8, compression="gzip")
-            probs = _create(f, "probabilities", shape, np.float16) if probabilities else None
-            f.attrs.update({"vote": method, "planes": [_plane_of(p) for p in plane_paths],
-                            "class_names": list(CLASS_NAMES)})
-            f.attrs.update(attrs or {})
-            writer = stack.enter_context(_tiff_writer(tiff_tmp)) if tiff_tmp else None
-            with bars.bar(shape[0], f"fuse {method} ({len(plane_paths)} planes)") as bar:
-                pages = np.empty((0,), np.uint8)
-                for key, block in fuse_blocks(plane_paths):
+        if zarr_out:
+            group = create_zarr_group(tmp)
+            make = functools.partial(create_zarr_array, group, chunk=CHUNK)
+            labels = make("0", shape[:3], np.uint8)
+            group.attrs.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in meta.items()})
+        else:
+            group = stack.enter_context(h5py.File(tmp, "w"))
+            make = functools.partial(_create, group, compression="gzip")
+            labels = make("labels", shape[:3], np.uint8)
+            group.attrs.update(meta)
+        probs = (make("probabilities", shape, np.float16) if zarr_out else _create(group, "probabilities", shape, np.float16)
+                 ) if probabilities else None
+        maps = {name: make(name, shape[:3], np.uint8) for name in UNCERTAINTY_MAPS} if uncertainty else {}
+        writer = stack.enter_context(_tiff_writer(tiff_tmp)) if tiff_tmp else None
+        with bars.bar(shape[0], f"fuse {method} ({len(plane_paths)} planes)") as bar:
+            pages = np.empty((0,), np.uint8)
+            blocks = fuse_blocks(plane_paths)
+            while True:
+                with times.phase("read"):
+                    item = next(blocks, None)
+                if item is None:
+                    break
+                key, block = item
+                with times.phase("fuse"):
                     lab = vote(block, method)
+                    mean = mean_probabilities(block).astype(np.float16) if probs is not None else None
+                    extra = uncertainty_maps(block, lab) if maps else {}
+                with times.phase("write"):
                     labels[key] = lab
                     if probs is not None:
-                        probs[key] = mean_probabilities(block).astype(np.float16)
+                        probs[key] = mean
+                    for name, arr in extra.items():
+                        maps[name][key] = arr
                     if writer is not None:  # TIFF pages are whole slices: collect the slab's bands, then write
                         if key[1].start == 0:
                             pages = np.empty((lab.shape[0],) + shape[1:3], np.uint8)
@@ -396,6 +427,11 @@ def fuse_planes(plane_paths: tp.Sequence[Path], out_path: Path, *, method: str, 
                         for page in pages if writer is not None else ():
                             writer.write(page, contiguous=True)
                         bar.update(lab.shape[0])
+        if zarr_out:
+            with times.phase("write"):
+                write_label_pyramid(group)
+        else:
+            group.close()
     return Path(out_path)
 
 
@@ -417,10 +453,12 @@ def _tiff_writer(path: Path):
 
 
 def evaluate_methods(plane_files: dict[str, Path], reference: VolumeRef, methods: tp.Mapping[str, tuple[str, str]],
-                     num_classes: int = NUM_CLASSES, save: tp.Optional[dict[str, Path]] = None) -> dict[str, np.ndarray]:
+                     num_classes: int = NUM_CLASSES, save: tp.Optional[dict[str, Path]] = None,
+                     uncertainty: bool = False) -> dict[str, np.ndarray]:
     """Confusion matrices of several fusing methods against ``reference``, one pass over the plane files.
 
-    ``methods``: name → (plane set, vote). ``save``: name → HDF5 path that receives that method's labels.
+    ``methods``: name → (plane set, vote). ``save``: name → HDF5 path that receives that method's labels
+    (and, with ``uncertainty``, its maps of :func:`model.fusion.uncertainty_maps`).
     """
     from model.evaluation import confusion_matrix
 
@@ -440,7 +478,9 @@ def evaluate_methods(plane_files: dict[str, Path], reference: VolumeRef, methods
         for m, path in (save or {}).items():
             tmp = stack.enter_context(atomic_path(path))
             f = stack.enter_context(h5py.File(tmp, "w"))
-            writers[m] = _create(f, "labels", tuple(ref.shape), np.uint8, compression="gzip")
+            writers[m] = {"labels": _create(f, "labels", tuple(ref.shape), np.uint8, compression="gzip")}
+            for name in UNCERTAINTY_MAPS if uncertainty else ():
+                writers[m][name] = _create(f, name, tuple(ref.shape), np.uint8, compression="gzip")
             f.attrs.update({"method": m, "planes": list(plane_set(methods[m][0])), "vote": methods[m][1]})
         for key, block in fuse_blocks([plane_files[p] for p in needed]):
             truth = read_checked(ref, key, ref=reference, field="label")
@@ -449,15 +489,18 @@ def evaluate_methods(plane_files: dict[str, Path], reference: VolumeRef, methods
                 lab = vote(sub, how)  # one plane: its argmax (a baseline row)
                 cms[m] += confusion_matrix(truth, lab, num_classes)
                 if m in writers:
-                    writers[m][key] = lab
+                    writers[m]["labels"][key] = lab
+                    if uncertainty:
+                        for name, arr in uncertainty_maps(sub, lab).items():
+                            writers[m][name][key] = arr
     return cms
 
 
 def estimate_disk_bytes(shape: tp.Sequence[int], planes: tp.Sequence[str], *, num_classes: int = NUM_CLASSES,
-                        probabilities: bool = False, tiff: bool = False) -> dict[str, int]:
+                        probabilities: bool = False, tiff: bool = False, uncertainty: bool = False) -> dict[str, int]:
     """Upper bounds (uncompressed) of what a prediction writes: final outputs and plane/temporary files."""
     n = int(np.prod(shape))
-    out = n + (2 * n * num_classes if probabilities else 0) + (n if tiff else 0)
+    out = n + (2 * n * num_classes if probabilities else 0) + (n if tiff else 0) + (3 * n if uncertainty else 0)
     planes_b = n * num_classes * len(planes)
     rot = 0
     for p in planes:

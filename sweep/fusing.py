@@ -229,7 +229,7 @@ def run_fusing(cfg: DictConfig) -> dict[str, float]:
                                   batch_size=int(cfg.fusing.batch_size), tmp_dir=work,
                                   progress=bool(cfg.fusing.progress)) for p in PLANE_SETS["9"]}
         save = {save_method: root / f"{s.id}_{save_method}.h5"} if save_method else None
-        for m, cm in evaluate_methods(files, s.label, methods, save=save).items():
+        for m, cm in evaluate_methods(files, s.label, methods, save=save, uncertainty=True).items():
             cms[m] = cm if m not in cms else cms[m] + cm
         if save_method:
             saved[s.id] = str(root / f"{s.id}_{save_method}.h5")
