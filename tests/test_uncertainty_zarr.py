@@ -150,3 +150,22 @@ def test_max_disk_overrides_the_estimate(files, tmp_path, capsys):  # noqa: F811
     assert rc == 2 and "max-disk" in msg
     rc, msg = run(capsys, files / "oracle.keras", files / "vol.h5", "--out", tmp_path / "o.h5", "--max-disk", "1G")
     assert rc == 0, msg
+
+
+def test_table3_prints_the_mean_interval_over_folds():
+    from analysis.tables import table3, table3_latex, table3_markdown
+
+    values = {"s1": {"HQ": {"dr_mm_per_year": 0.2, "bic_percent": 50.0, "bv_tv_percent": 40.0}, "WF": None,
+                     "ML": [{"dr_mm_per_year": 0.21, "bic_percent": 45.0, "bv_tv_percent": 42.0},
+                            {"dr_mm_per_year": 0.23, "bic_percent": 55.0, "bv_tv_percent": 44.0}],
+                     "ML_interval": [{"dr_mm_per_year": (0.20, 0.22), "bic_percent": (40.0, 47.0),
+                                      "bv_tv_percent": (41.0, 43.0)},
+                                     {"dr_mm_per_year": (0.22, 0.26), "bic_percent": (50.0, 57.0),
+                                      "bv_tv_percent": (43.0, 45.0)}],
+                     "folds": [0, 1, 2, 3], "days": 28.0, "methods": {"avr_9"}}}
+    df = table3(values)
+    md = table3_markdown(df)
+    assert "| s1 | ML | 0.220 (+10.0%) [0.210, 0.240] | 50.0 (+0.0%) [45.0, 52.0] | 43.0 (+7.5%) [42.0, 44.0] |" in md
+    assert "| s1 | HQ | 0.200 | 50.0 | 40.0 |" in md
+    assert "plane-disagreement interval" in md
+    assert r"0.220 (+10.0\%) [0.210, 0.240]" in table3_latex(df)
