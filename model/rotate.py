@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from data.rotation import rotate_planes, rotation_table, unrotate_planes, unrotation_table
+from data.rotation import rotate_planes, rotated_plane_shape, rotation_table, unrotate_planes, unrotation_table
 
 ROTATE_ON = ("auto", "cpu", "device")
 
@@ -69,11 +69,8 @@ class CpuRotation:
     def rotate(self, planes: np.ndarray) -> np.ndarray:
         """(m, H, W) → (m, h, w) float32, rotated by 45°."""
         planes = np.asarray(planes)
-        first = rotate_planes(planes[:1])
-        out = np.empty((planes.shape[0],) + first.shape[1:], np.float32)
-        out[:1] = first
-        self._map(lambda sl: rotate_planes(planes[sl.start + 1:sl.stop + 1], out=out[sl.start + 1:sl.stop + 1]),
-                  planes.shape[0] - 1)
+        out = np.empty((planes.shape[0],) + rotated_plane_shape(planes.shape[1:]), np.float32)
+        self._map(lambda sl: rotate_planes(planes[sl], out=out[sl]), planes.shape[0])
         return out
 
     def unrotate_probabilities(self, block: np.ndarray, plane_shape: tp.Sequence[int]) -> np.ndarray:
@@ -129,8 +126,6 @@ class DeviceRotation:
 
     def rotate(self, planes: np.ndarray) -> np.ndarray:
         """(m, H, W) → (m, h, w) float32, rotated by 45° on the device."""
-        from data.rotation import rotated_plane_shape
-
         planes = np.asarray(planes, np.float32)
         m, hh, ww = planes.shape
         rot = rotated_plane_shape((hh, ww))
