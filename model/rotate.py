@@ -76,14 +76,16 @@ class CpuRotation:
     def unrotate_probabilities(self, block: np.ndarray, plane_shape: tp.Sequence[int]) -> np.ndarray:
         """(m, h, w, K) uint8 on the rotated grid → (m, H, W, K) uint8 on the original (H, W) grid."""
         m, k = block.shape[0], block.shape[-1]
-        fg = np.empty((m,) + tuple(plane_shape) + (k - 1,), np.float32)
+        res = np.empty((m,) + tuple(plane_shape) + (k,), np.uint8)
 
-        def work(sl: slice) -> None:
+        def work(sl: slice) -> None:  # each thread also casts and rounds its own planes: no serial tail
+            fg = np.empty((sl.stop - sl.start,) + tuple(plane_shape) + (k - 1,), np.float32)
             for cls in range(1, k):
-                fg[sl, ..., cls - 1] = unrotate_planes(block[sl, ..., cls], plane_shape)
+                fg[..., cls - 1] = unrotate_planes(np.ascontiguousarray(block[sl, ..., cls], np.float32), plane_shape)
+            res[sl] = back_to_probabilities(fg)
 
         self._map(work, m)
-        return back_to_probabilities(fg)
+        return res
 
     def close(self) -> None:
         if self._pool is not None:
