@@ -313,10 +313,11 @@ def predict_plane(source: Source, plane: str, predictor: SlicePredictor, out_pat
                 rshape = rotated_volume_shape(source.shape, a)
                 with _temp_h5(tmp_dir, f"{out_path.stem}.rotated") as rf:
                     # float16 halves the temporary file; its 1e-3 relative step is below scan noise.
-                    rimg = _create(rf, "image", rshape, np.float16)
+                    # Temporary files uncompressed: lzf runs under h5py's GIL and would serialise the threads.
+                    rimg = _create(rf, "image", rshape, np.float16, compression=None)
                     _rotate_volume(vol, a, rimg, progress=bars, desc=f"{plane} rotate", ref=source.ref,
                                    rotation=rotation, overlap=overlap, times=times)
-                    rprob = _create(rf, "probabilities", rshape + (num_classes,), np.uint8)
+                    rprob = _create(rf, "probabilities", rshape + (num_classes,), np.uint8, compression=None)
                     _predict_along(rimg, p.slice_axis, rprob, predictor, batch_size=batch_size,
                                    desc=f"{plane} predict", progress=bars, overlap=overlap, times=times)
                     _unrotate_probabilities(rprob, a, out, progress=bars, desc=f"{plane} rotate back",
