@@ -16,6 +16,7 @@ import tempfile
 import typing as tp
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from analysis.results import (EXPECTED_FOLDS, IOU_METRICS, RunRecord, atomic_write_csv,
@@ -298,6 +299,15 @@ def table3_values(predictions: tp.Mapping[int, dict], *, roi_um: float = 100.0,
         return fn(arr, voxel_size_um=sample.voxel_size_um, roi_um=roi_um, initial_volume_mm3=sample.initial_volume_mm3,
                   initial_surface_mm2=sample.initial_surface_mm2, days=sample.implantation_days, slab=slab)
 
+    def interval(f, sample, fused: dict) -> dict:
+        from analysis.measures import measure_intervals
+
+        return measure_intervals(f["labels"], f["disagreement"], f["plane_classes"], fused=fused,
+                                 voxel_size_um=sample.voxel_size_um, roi_um=roi_um,
+                                 initial_volume_mm3=sample.initial_volume_mm3,
+                                 initial_surface_mm2=sample.initial_surface_mm2, days=sample.implantation_days,
+                                 slab=slab) if measures_fn is None else {}
+
     for fold, doc in sorted(predictions.items()):
         folder = _path(doc["dataset"])
         if folder not in datasets:
@@ -323,7 +333,12 @@ def table3_values(predictions: tp.Mapping[int, dict], *, roi_um: float = 100.0,
                 v = values[sid] = {"HQ": hq, "WF": wf, "ML": [], "folds": [], "days": sample.implantation_days,
                                    "methods": set()}
             with h5py.File(_path(pred_path), "r") as f:
-                v["ML"].append(measure(f["labels"], sample))
+                ml = measure(f["labels"], sample)
+                v["ML"].append(ml)
+                if "disagreement" in f and "plane_classes" in f:  # written by fusing with uncertainty maps
+                    v.setdefault("ML_interval", []).append(interval(f, sample, ml))
+                else:
+                    notes.append(f"fold {fold}, sample {sid!r}: {pred_path} has no uncertainty maps; no ML interval")
             v["folds"].append(fold)
             v["methods"].add(doc.get("method", ""))
     for sid, v in values.items():
@@ -353,14 +368,24 @@ def table3(values: tp.Mapping[str, dict], *, expected_folds: tp.Sequence[int] = 
                 ref = float(hq.get(key, math.nan))
                 rel = math.nan if seg == "HQ" or math.isnan(x) or math.isnan(ref) or ref == 0 else (x - ref) / ref * 100
                 row[key], row[f"{key}_rel_percent"], row[f"{key}_se"] = x, rel, se
+                ends = [i[key] for i in v.get("ML_interval", []) if key in i] if seg == "ML" else []
+                # mean over folds of each end (folds without maps give none)
+                row[f"{key}_lo"] = float(np.mean([e[0] for e in ends])) if ends else math.nan
+                row[f"{key}_hi"] = float(np.mean([e[1] for e in ends])) if ends else math.nan
             rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _t3_cell(x: float, rel: float, fmt: str) -> str:
+def _t3_cell(x: float, rel: float, fmt: str, lo: float = math.nan, hi: float = math.nan) -> str:
     if math.isnan(x):
         return "–"
-    return f"{x:{fmt}}" if math.isnan(rel) else f"{x:{fmt}} ({rel:+.1f}%)"
+    cell = f"{x:{fmt}}" if math.isnan(rel) else f"{x:{fmt}} ({rel:+.1f}%)"
+    return cell if math.isnan(lo) or math.isnan(hi) else f"{cell} [{lo:{fmt}}, {hi:{fmt}}]"
+
+
+def _t3_cells(r, fmt_of=lambda c: c) -> list[str]:
+    return [fmt_of(_t3_cell(getattr(r, k), getattr(r, f"{k}_rel_percent"), f, getattr(r, f"{k}_lo", math.nan),
+                            getattr(r, f"{k}_hi", math.nan))) for k, _h, f in MEASURES]
 
 
 def _t3_notes(df: pd.DataFrame, roi_um: float, method: str, config: str, n_expected: int) -> list[str]:
@@ -369,6 +394,10 @@ def _t3_notes(df: pd.DataFrame, roi_um: float, method: str, config: str, n_expec
     notes = [f"Relative difference to HQ, (x − HQ)/HQ, in brackets. ML: mean of the measures over the predictions "
              f"of the {'/'.join(map(str, n)) or 0} fold models (fusing method {method}{', ' + config if config else ''}). "
              f"BV/TV in a region of interest of {roi_um:g} µm around the implant."]
+    if any(not math.isnan(x) for k, _h, _f in MEASURES for x in ml.get(f"{k}_lo", [])):
+        notes[0] += (" ML [lo, hi]: the plane-disagreement interval (README, 'Uncertainty'): the measure with the "
+                     "uncertain voxels of its class (RM for DR, bone for BIC and BV/TV) removed where any plane "
+                     "disagrees, and added where any plane assigns the class; mean over folds.")
     for r in ml.itertuples():
         if not r.complete:
             notes.append(f"{r.sample}: ML mean over {int(r.n_folds)} of {n_expected} folds only (folds {r.folds}).")
@@ -382,7 +411,7 @@ def table3_markdown(df: pd.DataFrame, *, roi_um: float = 100.0, method: str = DE
     lines.append("|---|---|" + "---:|" * len(MEASURES))
     for r in df.itertuples():
         seg = r.segmentation + ("*" if not r.complete else "")
-        cells = [_t3_cell(getattr(r, k), getattr(r, f"{k}_rel_percent"), f) for k, _h, f in MEASURES]
+        cells = _t3_cells(r)
         lines.append(f"| {r.sample} | {seg} | " + " | ".join(cells) + " |")
     lines.append("")
     notes = _t3_notes(df, roi_um, method, config, n_expected)
@@ -404,8 +433,7 @@ def table3_latex(df: pd.DataFrame, *, roi_um: float = 100.0, method: str = DEFAU
         if last is not None and r.sample != last:
             out.append(r"\midrule")
         seg = r.segmentation + ("$^{*}$" if not r.complete else "")
-        cells = [_tex_unicode(_t3_cell(getattr(r, k), getattr(r, f"{k}_rel_percent"), f).replace("%", r"\%"))
-                 for k, _h, f in MEASURES]
+        cells = _t3_cells(r, lambda c: _tex_unicode(c.replace("%", r"\%")))
         out.append(f"{_tex_escape(r.sample) if r.sample != last else ''} & {seg} & " + " & ".join(cells) + r" \\")
         last = r.sample
     out += [r"\bottomrule", r"\end{tabular}"]

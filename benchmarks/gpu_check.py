@@ -22,6 +22,13 @@ it measures, in mixed precision (bfloat16 where the card has it, else float16):
 * full-slice inference images/s on 1200×1200 slices (padded to a multiple of 2^d as in prediction);
 * achieved TFLOP/s (training: 3× the forward FLOPs per image; inference: 1×) and its share of the
   card's dense bf16/fp16 peak (vendor figures, table below).
+Then ``volume9`` (fresh process): whole-volume 9-plane prediction with c0=64, d=5 (random weights)
+through ``model.inference`` exactly as ``python -m model.predict`` runs it, rotations on the GPU
+(``model.rotate.DeviceRotation``, ``--rotate-on device``), seconds per phase (read / rotate /
+predict / rotate back / fuse / write) and voxels/s. The volume is 512³ (``--volume-size``): the
+paper's 1200×1200×1000 needs ~60 GB of plane and temporary files, more than the machine's disk
+beside the input; the time for that size is extrapolated linearly in voxels (the network's work
+and every phase are per voxel), and printed as an extrapolation.
 Prints one table and, with ``--json``, writes every number.
 """
 
@@ -45,6 +52,9 @@ CONFIGS = {
     "best": dict(width=64, depth=5, size=640, batch=4),
 }
 SMOKE = {"baseline": dict(width=4, depth=3, size=64, batch=2), "best": dict(width=4, depth=5, size=64, batch=2)}
+VOLUME = dict(width=64, depth=5, size=512, batch=8)
+VOLUME_SMOKE = dict(width=4, depth=3, size=40, batch=4)
+PAPER_VOLUME = (1200, 1200, 1000)  # a preprocessed sample at 5 µm (paper)
 # Dense tensor-core peak (TFLOP/s) for 16-bit inputs, vendor data sheets (SXM parts).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "V100": 125.0, "L40S": 362.0, "A10": 125.0}
 
@@ -129,6 +139,56 @@ def measure(name: str, cfg: dict, *, steps: int, precision: str, infer_slices: i
     }
 
 
+def measure_volume(cfg: dict, *, precision: str, work: Path) -> dict:
+    """9-plane prediction of a cfg['size']³ volume with a random c0/d U-net, rotations on the device."""
+    import h5py
+    import jax
+    import keras
+    import numpy as np
+
+    from data.volume import VolumeRef
+    from model.inference import PLANE_SETS, PhaseTimes, Source, fuse_planes, predict_plane
+    from model.rotate import DeviceRotation
+    from model.unet import build_unet, pad_to_multiple
+
+    keras.mixed_precision.set_global_policy(precision)
+    keras.utils.set_random_seed(0)
+    w, d, n, b = cfg["width"], cfg["depth"], cfg["size"], cfg["batch"]
+    net = build_unet(w, d)
+    # Softmax inside the compiled function: probabilities leave the GPU, not logits + a host softmax.
+    model = keras.Model(net.input, keras.layers.Activation("softmax", dtype="float32")(net.output))
+
+    def predictor(slices):
+        x, pads = pad_to_multiple(np.asarray(slices, np.float32)[..., None], d)
+        m = x.shape[0]
+        if m < b:  # a fixed batch: one compilation per slice shape, not per batch size
+            x = np.concatenate([x, np.zeros((b - m,) + x.shape[1:], x.dtype)])
+        y = np.asarray(model.predict_on_batch(x))[:m]
+        (t0, t1), (l0, l1) = pads
+        return y[:, t0:y.shape[1] - t1, l0:y.shape[2] - l1]
+
+    work.mkdir(parents=True, exist_ok=True)
+    vol = work / "volume.h5"
+    rng = np.random.default_rng(0)
+    with h5py.File(vol, "w") as f:
+        ds = f.create_dataset("image", (n, n, n), np.float32, chunks=(32, 32, 32))
+        for z in range(0, n, 32):
+            ds[z:z + 32] = rng.random((min(32, n - z), n, n), dtype=np.float32)
+    src = Source(VolumeRef(vol, "/image"), (n, n, n))
+    times, rotation = PhaseTimes(), DeviceRotation()
+    t0 = time.perf_counter()
+    files = [predict_plane(src, p, predictor, work / f"{p}.h5", model_id="gpu-check", batch_size=b, tmp_dir=work,
+                           progress=False, rotation=rotation, workers=4, times=times) for p in PLANE_SETS["9"]]
+    fuse_planes(files, work / "seg.h5", method="soft", progress=False, times=times)
+    wall = time.perf_counter() - t0
+    dev = jax.local_devices()[0]
+    scale = float(np.prod(PAPER_VOLUME)) / n ** 3
+    return {"config": "volume9", **cfg, "precision": precision, "device": getattr(dev, "device_kind", dev.platform),
+            "platform": dev.platform, "voxels": n ** 3, "wall_s": wall, "phases_s": dict(times.seconds),
+            "voxels_per_s": n ** 3 / wall, "non_network_share": 1 - times.seconds["predict"] / wall,
+            "extrapolated_paper_volume_s": wall * scale, "extrapolation_factor": scale}
+
+
 def default_precision() -> str:
     import jax
 
@@ -145,7 +205,9 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="training steps per config (default 200; smoke 80)")
     ap.add_argument("--precision", default="auto", help="auto (bf16 on A100/H100/H200, fp16 on V100), or a policy")
     ap.add_argument("--json", type=Path, help="write all numbers here")
-    ap.add_argument("--only", choices=sorted(CONFIGS), help="one config, in this process (used by the parent)")
+    ap.add_argument("--only", choices=sorted(CONFIGS) + ["volume9"], help="one config, in this process (used by the parent)")
+    ap.add_argument("--volume-size", type=int, default=None, help="edge of the 9-plane volume (default 512; smoke 40)")
+    ap.add_argument("--no-volume", action="store_true", help="skip the 9-plane whole-volume run")
     args = ap.parse_args(argv)
     if os.environ.get("KERAS_BACKEND") != "jax":
         print("error: run with KERAS_BACKEND=jax (the GPU machines have JAX, not TensorFlow)", file=sys.stderr)
@@ -153,6 +215,16 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     steps = args.steps or (80 if args.smoke else 200)
     configs = SMOKE if args.smoke else CONFIGS
     infer = (4, 96) if args.smoke else (32, 1200)
+    if args.only == "volume9":
+        import tempfile
+
+        precision = default_precision() if args.precision == "auto" else args.precision
+        cfg = dict(VOLUME_SMOKE if args.smoke else VOLUME)
+        cfg["size"] = args.volume_size or cfg["size"]
+        with tempfile.TemporaryDirectory(prefix="gpu-check-volume-") as tmp:
+            res = measure_volume(cfg, precision=precision, work=Path(tmp))
+        print("RESULT " + json.dumps(res), flush=True)
+        return 0
     if args.only:
         precision = default_precision() if args.precision == "auto" else args.precision
         res = measure(args.only, configs[args.only], steps=steps, precision=precision, infer_slices=infer[0],
@@ -162,9 +234,10 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")  # the peak is then what the config needs
     results = []
     t0 = time.perf_counter()
-    for name in configs:
+    for name in list(configs) + ([] if args.no_volume else ["volume9"]):
         cmd = [sys.executable, __file__, "--only", name, "--steps", str(steps), "--precision", args.precision]
         cmd += ["--smoke"] if args.smoke else []
+        cmd += ["--volume-size", str(args.volume_size)] if args.volume_size else []
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
         if proc.returncode or line is None:
@@ -172,7 +245,9 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
             results.append({"config": name, "failed": True, "stderr": proc.stderr[-3000:]})
             continue
         results.append(json.loads(line[len("RESULT "):]))
-    ok = [r for r in results if not r.get("failed")]
+    volume = [r for r in results if r.get("config") == "volume9" and not r.get("failed")]
+    results_volume = volume[0] if volume else None
+    ok = [r for r in results if not r.get("failed") and r.get("config") != "volume9"]
     if ok:
         r0 = ok[0]
         print(f"device: {r0['device']} ({r0['platform']}), precision {r0['precision']}, {steps} steps, "
@@ -189,9 +264,19 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
                   f"{r['train_tflops']:>8.2f} {share:>6} {r['loss_first10']:>8.3f}→{r['loss_last10']:<8.3f} "
                   f"{pk:>8} {r['estimate_bytes'] / 2**30:>8.2f} {ratio:>8} {r['infer_images_per_s']:>11.1f} "
                   f"{r['infer_tflops']:>11.2f}")
+    if results_volume:
+        r = results_volume
+        ph = r["phases_s"]
+        print(f"\n9-plane volume {r['size']}³, c0={r['width']} d={r['depth']}, {r['precision']}, rotations on the device: "
+              f"{r['wall_s']:.1f} s, {r['voxels_per_s'] / 1e6:.2f} Mvoxel/s, non-network share "
+              f"{100 * r['non_network_share']:.1f} %")
+        print("  phases (s, summed over threads): " + ", ".join(f"{k} {v:.1f}" for k, v in ph.items()))
+        print(f"  EXTRAPOLATED (linear in voxels, ×{r['extrapolation_factor']:.2f}) to "
+              f"{'×'.join(map(str, PAPER_VOLUME))}: {r['extrapolated_paper_volume_s']:.0f} s "
+              f"(paper: 20 min; aim ≤ 3 min on one H100)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
-    failed = [r["config"] for r in results if r.get("failed") or not r.get("loss_falls")]
+    failed = [r["config"] for r in results if r.get("failed") or (r.get("config") != "volume9" and not r.get("loss_falls"))]
     if failed:
         print(f"check FAILED for: {', '.join(failed)} (failed to run, or the loss did not fall)", file=sys.stderr)
         return 1

@@ -113,3 +113,47 @@ def position_after_rotation(point: tp.Sequence[float], shape: tp.Sequence[int], 
     out = [float(v) for v in point]
     out[b], out[c] = float(o[0]), float(o[1])
     return tuple(out)  # type: ignore[return-value]
+
+
+def bilinear_table(in_shape: tp.Sequence[int], out_shape: tp.Sequence[int], matrix: np.ndarray, offset: np.ndarray, *,
+                   mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """The bilinear sampling of ``affine_transform(order=1, prefilter=False)`` as 4 flat indices and weights.
+
+    Output pixel ``o`` of ``out_shape`` samples ``p = matrix o + offset`` of a plane of ``in_shape``;
+    returns int32 indices into the flattened plane and float32 weights, both (4, out_h · out_w), so
+    that any backend can rotate by a gather and a weighted sum. ``mode`` as scipy's: ``constant``
+    gives 0 for a ``p`` outside [0, n − 1] (scipy interpolates nothing beyond the edge), ``nearest``
+    clamps ``p`` into the plane.
+    """
+    if mode not in ("constant", "nearest"):
+        raise ValueError(f"mode must be 'constant' or 'nearest', got {mode!r}")
+    h, w = (int(v) for v in in_shape)
+    o = np.indices(tuple(int(v) for v in out_shape), dtype=np.float64).reshape(2, -1)
+    p = np.asarray(matrix, np.float64) @ o + np.asarray(offset, np.float64)[:, None]
+    if mode == "constant":
+        valid = (p[0] >= 0) & (p[0] <= h - 1) & (p[1] >= 0) & (p[1] <= w - 1)
+    else:
+        p = np.stack([np.clip(p[0], 0, h - 1), np.clip(p[1], 0, w - 1)])
+        valid = np.ones(p.shape[1], bool)
+    i0 = np.clip(np.floor(p[0]), 0, h - 1).astype(np.int64)
+    j0 = np.clip(np.floor(p[1]), 0, w - 1).astype(np.int64)
+    fy = np.where(valid, p[0] - i0, 0.0)
+    fx = np.where(valid, p[1] - j0, 0.0)
+    i1, j1 = np.minimum(i0 + 1, h - 1), np.minimum(j0 + 1, w - 1)
+    idx = np.stack([i0 * w + j0, i0 * w + j1, i1 * w + j0, i1 * w + j1]).astype(np.int32)
+    wts = np.stack([(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx]) * valid
+    return idx, wts.astype(np.float32)
+
+
+def rotation_table(plane_shape: tp.Sequence[int], angle_deg: float = ANGLE_DEG) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`rotate_planes` of one (H, W) plane as a :func:`bilinear_table` (zero fill, not cropped)."""
+    m = _matrix(angle_deg)
+    c_in, c_out, rot = _centres(plane_shape, angle_deg)
+    return bilinear_table(plane_shape, rot, m, c_in - m @ c_out, mode="constant")
+
+
+def unrotation_table(plane_shape: tp.Sequence[int], angle_deg: float = ANGLE_DEG) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`unrotate_planes` back onto an (H, W) plane as a :func:`bilinear_table` (edges clamped)."""
+    m = _matrix(angle_deg)
+    c_in, c_out, rot = _centres(plane_shape, angle_deg)
+    return bilinear_table(rot, plane_shape, m.T, c_out - m.T @ c_in, mode="nearest")

@@ -1,8 +1,9 @@
 """Volume references (HDF5 dataset or folder of TIFF slices), lazy reading, validation, atomic writes.
 
-A volume reference is written ``file.h5:/dataset`` (an HDF5 dataset) or ``folder/`` (a folder of
-2D TIFF slices, one per index of axis 0, read in natural sort order). Paths are relative to the
-dataset folder that holds the manifest.
+A volume reference is written ``file.h5:/dataset`` (an HDF5 dataset), ``store.zarr:key`` (a Zarr
+array, or the full resolution of an OME-Zarr multiscale image; see :func:`open_zarr_array`) or
+``folder/`` (a folder of 2D TIFF slices, one per index of axis 0, read in natural sort order).
+Paths are relative to the dataset folder that holds the manifest.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from data.errors import DataError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
+ZARR_SUFFIX = ".zarr"
 NUM_CLASSES = 4  # 0 background, 1 bone, 2 degradation layer, 3 residual material
 CLASS_NAMES = ("background", "bone", "degradation_layer", "residual_material")
 
@@ -33,15 +35,19 @@ class VolumeRef:
     dataset: tp.Optional[str] = None
 
     @property
+    def is_zarr(self) -> bool:
+        return Path(self.path).suffix.lower() == ZARR_SUFFIX
+
+    @property
     def is_hdf5(self) -> bool:
-        return self.dataset is not None
+        return self.dataset is not None and not self.is_zarr
 
     def __str__(self) -> str:
-        return f"{self.path}:{self.dataset}" if self.is_hdf5 else f"{self.path}/"
+        return f"{self.path}:{self.dataset}" if self.dataset is not None else f"{self.path}/"
 
     def relative_to(self, root: Path) -> str:
         rel = os.path.relpath(self.path, root)
-        return f"{rel}:{self.dataset}" if self.is_hdf5 else f"{rel}/"
+        return f"{rel}:{self.dataset}" if self.dataset is not None else f"{rel}/"
 
 
 def parse_volume_ref(text: str, root: tp.Union[str, Path], *, source: str, field: str) -> VolumeRef:
@@ -51,9 +57,12 @@ def parse_volume_ref(text: str, root: tp.Union[str, Path], *, source: str, field
     if not text:
         raise DataError(source, field, "empty volume reference")
     m = re.match(r"^(?P<file>.+?\.(?:h5|hdf5|hdf|nxs))(?::(?P<key>.*))?$", text)
+    z = re.match(r"^(?P<file>.+?\.zarr)/?(?::(?P<key>.*))?$", text, re.IGNORECASE)
     if m:
         file, key = m.group("file"), (m.group("key") or "/image")
         dataset = "/" + key.lstrip("/")
+    elif z:
+        file, dataset = z.group("file"), (z.group("key") or "image").strip("/")
     else:
         file, dataset = text.rstrip("/"), None
     if os.path.isabs(file):
@@ -67,6 +76,8 @@ def parse_volume_ref(text: str, root: tp.Union[str, Path], *, source: str, field
 def volume_ref(path: tp.Union[str, Path], dataset: str = "image") -> VolumeRef:
     """A volume named on a command line: ``file.h5`` with its ``dataset``, or a folder of TIFF slices."""
     p = Path(path)
+    if p.suffix.lower() == ZARR_SUFFIX:
+        return VolumeRef(p, dataset.strip("/"))
     if p.is_dir():
         return VolumeRef(p)
     return VolumeRef(p, "/" + dataset.lstrip("/"))
@@ -127,9 +138,56 @@ class TiffStack:
 ArrayLike = tp.Union[h5py.Dataset, TiffStack, np.ndarray]
 
 
+def _multiscale_level0(group) -> tp.Optional[str]:
+    """Path of the full-resolution dataset of an OME-Zarr multiscale image group, or None."""
+    attrs = dict(group.attrs)
+    ms = attrs.get("ome", {}).get("multiscales") or attrs.get("multiscales")
+    if ms and ms[0].get("datasets"):
+        return str(ms[0]["datasets"][0]["path"])
+    return None
+
+
+def open_zarr_array(path: Path, key: str):
+    """The array ``key`` of a Zarr store; a multiscale group named ``key`` gives its full resolution,
+    and a ``key`` the store lacks gives the full resolution of the store's own OME-Zarr image
+    (``seg.zarr`` written by model.predict read with ``--dataset labels`` or ``image``)."""
+    import zarr
+
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(path, key, "Zarr store does not exist")
+    try:
+        root = zarr.open(str(path), mode="r")
+    except Exception as exc:  # zarr raises several types for a folder that is not a store
+        raise DataError(path, None, f"not a Zarr store ({exc})") from exc
+    node = root
+    if isinstance(root, zarr.Group):
+        key = key.strip("/")
+        if key and key in root:
+            node = root[key]
+        elif _multiscale_level0(root) is not None:
+            node = root
+        else:
+            raise DataError(path, key, f"array key missing (has: {sorted(root.keys())})")
+        if isinstance(node, zarr.Group):
+            level0 = _multiscale_level0(node)
+            if level0 is None or level0 not in node:
+                raise DataError(path, key, "is a group without an OME-Zarr multiscale image")
+            node = node[level0]
+    return node
+
+
 @contextlib.contextmanager
 def open_volume(ref: VolumeRef) -> tp.Iterator[ArrayLike]:
     """Open a volume lazily; errors name the file and the dataset key."""
+    if ref.is_zarr:
+        arr = open_zarr_array(ref.path, ref.dataset or "")
+        if arr.ndim != 3:
+            raise DataError(ref.path, ref.dataset, f"expected a 3D volume, got shape {arr.shape}")
+        if min(arr.shape) == 0:
+            raise DataError(ref.path, ref.dataset, f"empty volume, shape {arr.shape}")
+        yield arr
+        return
     if not ref.is_hdf5:
         if not ref.path.is_dir():
             raise DataError(ref.path, None, "TIFF folder does not exist")
@@ -263,3 +321,83 @@ def write_h5_atomic(path: tp.Union[str, Path], arrays: tp.Mapping[str, np.ndarra
             for k, v in (attrs or {}).items():
                 f.attrs[k] = v
     return Path(path)
+
+
+def is_zarr_path(path: tp.Union[str, Path]) -> bool:
+    return Path(path).suffix.lower() == ZARR_SUFFIX
+
+
+@contextlib.contextmanager
+def atomic_dir(final: tp.Union[str, Path], *, inputs: tp.Iterable[Path] = ()) -> tp.Iterator[Path]:
+    """:func:`atomic_path` for a folder (a Zarr store): built beside ``final``, swapped in only on success."""
+    import shutil
+
+    final = Path(final).resolve()
+    for src in inputs:
+        if Path(src).resolve() == final:
+            raise DataError(final, None, "output would overwrite an input file")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():  # --overwrite: move the old store aside first, so a failed swap loses nothing
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+            os.replace(final, old / final.name)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_output(final: tp.Union[str, Path], *, inputs: tp.Iterable[Path] = ()):
+    """:func:`atomic_dir` for a ``.zarr`` store, else :func:`atomic_path`."""
+    return atomic_dir(final, inputs=inputs) if is_zarr_path(final) else atomic_path(final, inputs=inputs)
+
+
+OME_ZARR_FORMAT = "0.4"  # OME-NGFF 0.4 on Zarr v2: what napari, Fiji (n5-zarr) and neuroglancer all read
+
+
+def create_zarr_group(path: tp.Union[str, Path]):
+    """An empty Zarr v2 group for an OME-NGFF 0.4 store."""
+    import zarr
+
+    return zarr.open_group(str(path), mode="w", zarr_format=2)
+
+
+def create_zarr_array(group, name: str, shape: tp.Sequence[int], dtype, *, chunk: int = 32):
+    """A chunked array in ``group``: cubic spatial chunks (any slicing axis reads alike), extra axes whole."""
+    shape = tuple(int(s) for s in shape)
+    chunks = tuple(max(1, min(s, chunk)) for s in shape[:3]) + shape[3:]
+    return group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, fill_value=0)
+
+
+def write_label_pyramid(group, *, name: str = "labels", min_edge: int = 16, max_levels: int = 6,
+                        voxel_size_um: tp.Optional[float] = None, slab: int = 64) -> list[str]:
+    """Make ``group`` an OME-Zarr multiscale image of the labels in its array ``0``.
+
+    Level k+1 takes every second voxel of level k along each axis (nearest neighbour, as OME-Zarr
+    does for label images: no new label values appear), slab by slab; levels stop when an edge
+    would drop below ``min_edge``. The metadata is written by ome-zarr's own writer.
+    """
+    from ome_zarr.format import FormatV04
+    from ome_zarr.writer import write_multiscales_metadata
+
+    paths = ["0"]
+    prev = group["0"]
+    while len(paths) < max_levels and min(prev.shape) // 2 >= min_edge:
+        shape = tuple((s + 1) // 2 for s in prev.shape)
+        cur = create_zarr_array(group, str(len(paths)), shape, prev.dtype, chunk=prev.chunks[0])
+        for z0 in range(0, shape[0], slab):
+            z1 = min(z0 + slab, shape[0])
+            cur[z0:z1] = prev[2 * z0:2 * z1:2, ::2, ::2]
+        paths.append(str(len(paths)))
+        prev = cur
+    unit = float(voxel_size_um) if voxel_size_um else 1.0
+    datasets = [{"path": p, "coordinateTransformations": [{"type": "scale", "scale": [unit * 2 ** i] * 3}]}
+                for i, p in enumerate(paths)]
+    axes = [{"name": a, "type": "space", **({"unit": "micrometer"} if voxel_size_um else {})} for a in "zyx"]
+    write_multiscales_metadata(group, datasets, fmt=FormatV04(), axes=axes, name=name)
+    return paths

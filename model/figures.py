@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 
 from data.volume import VolumeRef, atomic_path, open_volume
-from model.fusion import mean_probabilities, soft_vote
+from model.fusion import mean_probabilities, soft_vote, uncertainty_maps
 
 CLASS_LABELS = ("background", "bone", "degradation layer", "residual material")
 CLASS_COLOURS = np.array([[0, 0, 0], [230, 230, 80], [60, 160, 255], [255, 70, 70]], np.float32) / 255.0
@@ -108,20 +108,31 @@ def fig5_overlay(image: VolumeRef, reference: VolumeRef, prediction: tp.Optional
         img = np.asarray(vol[z], np.float32)
     with open_volume(reference) as vol:
         ref = np.asarray(vol[z])
+    disagree = None
     if prediction is not None:
         with h5py.File(prediction, "r") as f:
             pred = f["labels"][z]
             name = str(f.attrs.get("method", "prediction"))
+            if "disagreement" in f:
+                disagree = f["disagreement"][z].astype(np.float32) / 255.0
     else:
-        pred = soft_vote(np.stack([_plane_slice(p, z) for p in plane_files.values()]))
+        stack = np.stack([_plane_slice(p, z) for p in plane_files.values()])
+        pred = soft_vote(stack)
         name = f"soft vote, {len(plane_files)} planes"
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
+    if disagree is None and plane_files:
+        stack = np.stack([_plane_slice(p, z) for p in plane_files.values()])
+        disagree = uncertainty_maps(stack, pred)["disagreement"].astype(np.float32) / 255.0
+    fig, axes = plt.subplots(1, 3 + (disagree is not None), figsize=(16 if disagree is not None else 12, 4.4))
     axes[0].imshow(img, cmap="gray", vmin=0, vmax=1)
     axes[0].set_title("image")
     axes[1].imshow(overlay(img, ref))
     axes[1].set_title("reference")
     axes[2].imshow(overlay(img, pred))
     axes[2].set_title(f"prediction ({name})")
+    if disagree is not None:
+        im = axes[3].imshow(disagree, cmap="magma", vmin=0, vmax=1)
+        axes[3].set_title("plane disagreement")
+        fig.colorbar(im, ax=axes[3], fraction=0.046, pad=0.02, label="fraction of planes ≠ fused label")
     for ax in axes:
         ax.axis("off")
     fig.legend(handles=[Patch(color=CLASS_COLOURS[c], label=CLASS_LABELS[c]) for c in (1, 2, 3)], loc="lower center",

@@ -71,3 +71,29 @@ def quantize_probabilities(probs: np.ndarray) -> np.ndarray:
     """
     return np.clip(np.rint(np.asarray(probs, np.float32) * 255.0), 0, 255).astype(np.uint8)
 
+
+
+UNCERTAINTY_MAPS = ("confidence", "disagreement", "plane_classes")
+
+
+def uncertainty_maps(stack: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-voxel uncertainty of a fused label (not in the paper; written by ``--uncertainty``), all uint8:
+
+    * ``confidence``: the soft-vote probability of the chosen class, P_avr[label] of Eq. 4, 255 = 1;
+    * ``disagreement``: the fraction of the M planes whose own label (argmax P_i) differs from the
+      fused one, 255 = all planes differ, 0 = every plane agrees;
+    * ``plane_classes``: bit c set when at least one plane's own label is class c (what any plane
+      would assign; the upper end of the measure intervals of Table 3).
+    """
+    stack = _check(stack)
+    labels = np.asarray(labels)
+    m, k = stack.shape[0], stack.shape[-1]
+    own = np.argmax(stack, axis=-1)
+    differ = (own != labels[None]).sum(axis=0)
+    p = np.take_along_axis(mean_probabilities(stack), labels[..., None].astype(np.intp), axis=-1)[..., 0]
+    classes = np.zeros(labels.shape, np.uint8)
+    for c in range(k):
+        classes |= ((own == c).any(axis=0).astype(np.uint8) << c)
+    return {"confidence": np.clip(np.rint(p * 255.0), 0, 255).astype(np.uint8),
+            "disagreement": np.rint(differ * (255.0 / m)).astype(np.uint8),
+            "plane_classes": classes}

@@ -19,20 +19,25 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import os
 import shutil
 import sys
+import threading
+import time
 import typing as tp
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from data.errors import DataError
-from data.rotation import other_axes, rotate_planes, rotated_volume_shape, unrotate_planes
-from data.volume import CLASS_NAMES, NUM_CLASSES, VolumeRef, atomic_path, iter_slabs, open_volume, read_checked
-from model.fusion import mean_probabilities, quantize_probabilities, vote
+from data.rotation import other_axes, rotated_volume_shape
+from data.volume import (CLASS_NAMES, NUM_CLASSES, VolumeRef, atomic_output, atomic_path, create_zarr_array,
+                         create_zarr_group, is_zarr_path, iter_slabs, open_volume, read_checked, write_label_pyramid)
+from model.fusion import UNCERTAINTY_MAPS, mean_probabilities, quantize_probabilities, uncertainty_maps, vote
 
 AXIS_PLANES = ("rc", "cp", "pr")  # plane set whose slices are indexed by axis 0, 1, 2
 PLANE_FILE_DATASET = "probabilities"
@@ -124,55 +129,126 @@ def _create(f: h5py.File, name: str, shape: tp.Sequence[int], dtype, *, compress
     return f.create_dataset(name, shape=tuple(int(s) for s in shape), dtype=dtype, chunks=chunks, compression=compression)
 
 
+class PhaseTimes:
+    """Seconds spent per phase (read, rotate, predict, rotate_back, fuse, write), summed over threads."""
+
+    PHASES = ("read", "rotate", "predict", "rotate_back", "fuse", "write")
+
+    def __init__(self):
+        self.seconds = {p: 0.0 for p in self.PHASES}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            with self._lock:
+                self.seconds[name] = self.seconds.get(name, 0.0) + dt
+
+
+class _NoTimes(PhaseTimes):
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        yield
+
+
+def _stream(keys: tp.Sequence, read, compute, write, *, overlap: bool, times: PhaseTimes, compute_phase: str) -> None:
+    """read → compute → write over ``keys``; with ``overlap`` the next read and the last write run in
+    background threads while the current slab is computed (I/O hidden behind interpolation or the network)."""
+    def timed(phase, fn, *a):
+        with times.phase(phase):
+            return fn(*a)
+
+    if not overlap or len(keys) < 2:
+        for k in keys:
+            x = timed("read", read, k)
+            y = timed(compute_phase, compute, k, x)
+            timed("write", write, k, y)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="read") as rd, ThreadPoolExecutor(1, thread_name_prefix="write") as wr:
+        pending = None
+        nxt = rd.submit(timed, "read", read, keys[0])
+        for i, k in enumerate(keys):
+            x = nxt.result()
+            if i + 1 < len(keys):
+                nxt = rd.submit(timed, "read", read, keys[i + 1])
+            y = timed(compute_phase, compute, k, x)
+            if pending is not None:
+                pending.result()
+            pending = wr.submit(timed, "write", write, k, y)
+        if pending is not None:
+            pending.result()
+
+
 def _predict_along(source, axis: int, out: h5py.Dataset, predictor: SlicePredictor, *, batch_size: int,
-                   desc: str, progress: _Progress, ref: tp.Optional[VolumeRef] = None) -> None:
+                   desc: str, progress: _Progress, ref: tp.Optional[VolumeRef] = None, overlap: bool = False,
+                   times: tp.Optional[PhaseTimes] = None) -> None:
     """Predict every slice of ``source`` along ``axis`` into uint8 probabilities ``out`` (shape + (K,))."""
     n = source.shape[axis]
+    k_out = out.shape[-1]
     with progress.bar(n, desc) as bar:
-        for key, _ in _slabs(n, axis):
-            slab = _read_slab(source, key, axis, ref).astype(np.float32, copy=False)
-            probs = np.empty(slab.shape + (out.shape[-1],), np.uint8)
+        def compute(key, slab):
+            slab = slab.astype(np.float32, copy=False)
+            probs = np.empty(slab.shape + (k_out,), np.uint8)
             for b in range(0, slab.shape[0], batch_size):
                 p = np.asarray(predictor(slab[b:b + batch_size]))
-                if p.shape != slab[b:b + batch_size].shape + (out.shape[-1],):
+                if p.shape != slab[b:b + batch_size].shape + (k_out,):
                     raise ValueError(f"predictor returned shape {p.shape} for slices {slab[b:b + batch_size].shape}, "
-                                     f"expected {out.shape[-1]} classes last")
+                                     f"expected {k_out} classes last")
                 probs[b:b + batch_size] = quantize_probabilities(p)
                 bar.update(p.shape[0])
+            return probs
+
+        def write(key, probs):
             out[key + (slice(None),)] = np.moveaxis(probs, 0, axis)
+
+        _stream([key for key, _ in _slabs(n, axis)], lambda key: _read_slab(source, key, axis, ref), compute, write,
+                overlap=overlap, times=times or _NoTimes(), compute_phase="predict")
 
 
 def _rotate_volume(source, axis: int, out: h5py.Dataset, *, progress: _Progress, desc: str,
-                   ref: tp.Optional[VolumeRef] = None) -> None:
+                   ref: tp.Optional[VolumeRef] = None, rotation=None, overlap: bool = False,
+                   times: tp.Optional[PhaseTimes] = None) -> None:
     """Write ``source`` rotated by 45° about ``axis`` into ``out``, slab by slab along ``axis``."""
+    from model.rotate import CpuRotation
+
+    rotation = rotation or CpuRotation()
     with progress.bar(source.shape[axis], desc) as bar:
-        for key, m in _slabs(source.shape[axis], axis):
-            rotated = rotate_planes(_read_slab(source, key, axis, ref))
+        def compute(key, slab):
+            rotated = rotation.rotate(slab)
+            bar.update(slab.shape[0])
+            return rotated
+
+        def write(key, rotated):
             out[key] = np.moveaxis(rotated.astype(out.dtype, copy=False), 0, axis)
-            bar.update(m)
+
+        _stream([key for key, _ in _slabs(source.shape[axis], axis)], lambda key: _read_slab(source, key, axis, ref),
+                compute, write, overlap=overlap, times=times or _NoTimes(), compute_phase="rotate")
 
 
-def _unrotate_probabilities(rot: h5py.Dataset, axis: int, out: h5py.Dataset, *, progress: _Progress, desc: str) -> None:
-    """Rotate uint8 probabilities of the rotated grid back onto the original grid ``out``.
+def _unrotate_probabilities(rot: h5py.Dataset, axis: int, out: h5py.Dataset, *, progress: _Progress, desc: str,
+                            rotation=None, overlap: bool = False, times: tp.Optional[PhaseTimes] = None) -> None:
+    """Rotate uint8 probabilities of the rotated grid back onto the original grid ``out`` (model.rotate)."""
+    from model.rotate import CpuRotation
 
-    Bilinear interpolation is linear, so the back-rotated probabilities still sum to 1: only the
-    foreground classes are interpolated and background is the remainder (one rotation fewer).
-    """
+    rotation = rotation or CpuRotation()
     b, c = other_axes(axis)
     plane_shape = (out.shape[b], out.shape[c])
-    n, k = out.shape[axis], out.shape[-1]
+    n = out.shape[axis]
     with progress.bar(n, desc) as bar:
-        for key, m in _slabs(n, axis):
-            block = _read_slab(rot, key + (slice(None),), axis, None)  # (m, h', w', K)
-            res = np.empty((m,) + plane_shape + (k,), np.uint8)
-            fg_sum = np.zeros((m,) + plane_shape, np.float32)
-            for cls in range(1, k):
-                back = unrotate_planes(block[..., cls], plane_shape)
-                fg_sum += back
-                res[..., cls] = np.clip(np.rint(back), 0, 255).astype(np.uint8)
-            res[..., 0] = np.clip(np.rint(255.0 - fg_sum), 0, 255).astype(np.uint8)
+        def compute(key, block):
+            res = rotation.unrotate_probabilities(block, plane_shape)
+            bar.update(block.shape[0])
+            return res
+
+        def write(key, res):
             out[key + (slice(None),)] = np.moveaxis(res, 0, axis)
-            bar.update(m)
+
+        _stream([key for key, _ in _slabs(n, axis)], lambda key: _read_slab(rot, key + (slice(None),), axis, None),
+                compute, write, overlap=overlap, times=times or _NoTimes(), compute_phase="rotate_back")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,13 +279,26 @@ def plane_file_matches(path: Path, source: Source, plane: str, model_id: str) ->
 
 def predict_plane(source: Source, plane: str, predictor: SlicePredictor, out_path: Path, *, model_id: str,
                   num_classes: int = NUM_CLASSES, batch_size: int = 4, tmp_dir: tp.Optional[Path] = None,
-                  progress: bool = True) -> Path:
-    """One plane task: class probabilities of ``plane`` on the original grid → ``out_path`` (atomic, reused)."""
+                  progress: bool = True, rotation=None, workers: int = 1,
+                  times: tp.Optional[PhaseTimes] = None) -> Path:
+    """One plane task: class probabilities of ``plane`` on the original grid → ``out_path`` (atomic, reused).
+
+    ``rotation``: where the 45° rotations run (model.rotate; default scipy on ``workers`` threads);
+    ``workers`` > 1 also overlaps slab reads and writes with the computation; ``times`` collects
+    seconds per phase.
+    """
     p = PLANES[plane]
     out_path = Path(out_path)
     if plane_file_matches(out_path, source, plane, model_id):
         return out_path
     bars = _Progress(progress)
+    times = times or _NoTimes()
+    overlap = workers > 1
+    own_rotation = rotation is None and p.rotated
+    if own_rotation:
+        from model.rotate import CpuRotation
+
+        rotation = CpuRotation(workers)
     tmp_dir = Path(tmp_dir or out_path.parent)
     tmp_dir.mkdir(parents=True, exist_ok=True)
     with open_volume(source.ref) as vol, atomic_path(out_path, inputs=[source.ref.path]) as tmp:
@@ -218,18 +307,23 @@ def predict_plane(source: Source, plane: str, predictor: SlicePredictor, out_pat
             f.attrs.update({"plane": plane, "source": source.key, "model": model_id, "scale": 255})
             if not p.rotated:
                 _predict_along(vol, p.slice_axis, out, predictor, batch_size=batch_size, desc=f"{plane} predict",
-                               progress=bars, ref=source.ref)
+                               progress=bars, ref=source.ref, overlap=overlap, times=times)
             else:
                 a = tp.cast(int, p.rotation_axis)
                 rshape = rotated_volume_shape(source.shape, a)
                 with _temp_h5(tmp_dir, f"{out_path.stem}.rotated") as rf:
                     # float16 halves the temporary file; its 1e-3 relative step is below scan noise.
-                    rimg = _create(rf, "image", rshape, np.float16)
-                    _rotate_volume(vol, a, rimg, progress=bars, desc=f"{plane} rotate", ref=source.ref)
-                    rprob = _create(rf, "probabilities", rshape + (num_classes,), np.uint8)
+                    # Temporary files uncompressed: lzf runs under h5py's GIL and would serialise the threads.
+                    rimg = _create(rf, "image", rshape, np.float16, compression=None)
+                    _rotate_volume(vol, a, rimg, progress=bars, desc=f"{plane} rotate", ref=source.ref,
+                                   rotation=rotation, overlap=overlap, times=times)
+                    rprob = _create(rf, "probabilities", rshape + (num_classes,), np.uint8, compression=None)
                     _predict_along(rimg, p.slice_axis, rprob, predictor, batch_size=batch_size,
-                                   desc=f"{plane} predict", progress=bars)
-                    _unrotate_probabilities(rprob, a, out, progress=bars, desc=f"{plane} rotate back")
+                                   desc=f"{plane} predict", progress=bars, overlap=overlap, times=times)
+                    _unrotate_probabilities(rprob, a, out, progress=bars, desc=f"{plane} rotate back",
+                                            rotation=rotation, overlap=overlap, times=times)
+    if own_rotation:
+        rotation.close()
     return out_path
 
 
@@ -274,29 +368,58 @@ def fuse_blocks(plane_paths: tp.Sequence[Path], *, budget_bytes: int = 64 << 20
 
 def fuse_planes(plane_paths: tp.Sequence[Path], out_path: Path, *, method: str, probabilities: bool = False,
                 tiff_path: tp.Optional[Path] = None, attrs: tp.Optional[dict] = None, inputs: tp.Sequence[Path] = (),
-                progress: bool = True) -> Path:
-    """The fuse step: ``labels`` (uint8) by ``method`` vote, optionally ``probabilities`` (float16, P_avr of Eq. 4)."""
+                progress: bool = True, uncertainty: bool = False, times: tp.Optional[PhaseTimes] = None) -> Path:
+    """The fuse step: ``labels`` (uint8) by ``method`` vote, optionally ``probabilities`` (float16, P_avr of Eq. 4)
+    and, with ``uncertainty``, the uint8 maps of :func:`model.fusion.uncertainty_maps` on the same grid.
+
+    ``out_path`` ending in ``.zarr`` gives an OME-Zarr store (NGFF 0.4): the labels as its multiscale
+    image (arrays ``0``, ``1``, … halving each axis), the other outputs as full-resolution arrays of
+    the same names; otherwise an HDF5 file with those datasets.
+    """
     plane_paths = [Path(p) for p in plane_paths]
+    times = times or _NoTimes()
     with h5py.File(plane_paths[0], "r") as f:
         shape = tuple(f[PLANE_FILE_DATASET].shape)
+    meta = {"vote": method, "planes": [_plane_of(p) for p in plane_paths], "class_names": list(CLASS_NAMES)}
+    meta.update(attrs or {})
+    zarr_out = is_zarr_path(out_path)
     bars = _Progress(progress)
     with contextlib.ExitStack() as stack:
-        tmp = stack.enter_context(atomic_path(out_path, inputs=inputs))
+        tmp = stack.enter_context(atomic_output(out_path, inputs=inputs))
         tiff_tmp = stack.enter_context(atomic_path(tiff_path, inputs=inputs)) if tiff_path else None
-        with h5py.File(tmp, "w") as f:
-            labels = _create(f, "labels", shape[:3], np.uint8, compression="gzip")
-            probs = _create(f, "probabilities", shape, np.float16) if probabilities else None
-            f.attrs.update({"vote": method, "planes": [_plane_of(p) for p in plane_paths],
-                            "class_names": list(CLASS_NAMES)})
-            f.attrs.update(attrs or {})
-            writer = stack.enter_context(_tiff_writer(tiff_tmp)) if tiff_tmp else None
-            with bars.bar(shape[0], f"fuse {method} ({len(plane_paths)} planes)") as bar:
-                pages = np.empty((0,), np.uint8)
-                for key, block in fuse_blocks(plane_paths):
+        if zarr_out:
+            group = create_zarr_group(tmp)
+            make = functools.partial(create_zarr_array, group, chunk=CHUNK)
+            labels = make("0", shape[:3], np.uint8)
+            group.attrs.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in meta.items()})
+        else:
+            group = stack.enter_context(h5py.File(tmp, "w"))
+            make = functools.partial(_create, group, compression="gzip")
+            labels = make("labels", shape[:3], np.uint8)
+            group.attrs.update(meta)
+        probs = (make("probabilities", shape, np.float16) if zarr_out else _create(group, "probabilities", shape, np.float16)
+                 ) if probabilities else None
+        maps = {name: make(name, shape[:3], np.uint8) for name in UNCERTAINTY_MAPS} if uncertainty else {}
+        writer = stack.enter_context(_tiff_writer(tiff_tmp)) if tiff_tmp else None
+        with bars.bar(shape[0], f"fuse {method} ({len(plane_paths)} planes)") as bar:
+            pages = np.empty((0,), np.uint8)
+            blocks = fuse_blocks(plane_paths)
+            while True:
+                with times.phase("read"):
+                    item = next(blocks, None)
+                if item is None:
+                    break
+                key, block = item
+                with times.phase("fuse"):
                     lab = vote(block, method)
+                    mean = mean_probabilities(block).astype(np.float16) if probs is not None else None
+                    extra = uncertainty_maps(block, lab) if maps else {}
+                with times.phase("write"):
                     labels[key] = lab
                     if probs is not None:
-                        probs[key] = mean_probabilities(block).astype(np.float16)
+                        probs[key] = mean
+                    for name, arr in extra.items():
+                        maps[name][key] = arr
                     if writer is not None:  # TIFF pages are whole slices: collect the slab's bands, then write
                         if key[1].start == 0:
                             pages = np.empty((lab.shape[0],) + shape[1:3], np.uint8)
@@ -305,6 +428,11 @@ def fuse_planes(plane_paths: tp.Sequence[Path], out_path: Path, *, method: str, 
                         for page in pages if writer is not None else ():
                             writer.write(page, contiguous=True)
                         bar.update(lab.shape[0])
+        if zarr_out:
+            with times.phase("write"):
+                write_label_pyramid(group)
+        else:
+            group.close()
     return Path(out_path)
 
 
@@ -326,10 +454,12 @@ def _tiff_writer(path: Path):
 
 
 def evaluate_methods(plane_files: dict[str, Path], reference: VolumeRef, methods: tp.Mapping[str, tuple[str, str]],
-                     num_classes: int = NUM_CLASSES, save: tp.Optional[dict[str, Path]] = None) -> dict[str, np.ndarray]:
+                     num_classes: int = NUM_CLASSES, save: tp.Optional[dict[str, Path]] = None,
+                     uncertainty: bool = False) -> dict[str, np.ndarray]:
     """Confusion matrices of several fusing methods against ``reference``, one pass over the plane files.
 
-    ``methods``: name → (plane set, vote). ``save``: name → HDF5 path that receives that method's labels.
+    ``methods``: name → (plane set, vote). ``save``: name → HDF5 path that receives that method's labels
+    (and, with ``uncertainty``, its maps of :func:`model.fusion.uncertainty_maps`).
     """
     from model.evaluation import confusion_matrix
 
@@ -349,7 +479,9 @@ def evaluate_methods(plane_files: dict[str, Path], reference: VolumeRef, methods
         for m, path in (save or {}).items():
             tmp = stack.enter_context(atomic_path(path))
             f = stack.enter_context(h5py.File(tmp, "w"))
-            writers[m] = _create(f, "labels", tuple(ref.shape), np.uint8, compression="gzip")
+            writers[m] = {"labels": _create(f, "labels", tuple(ref.shape), np.uint8, compression="gzip")}
+            for name in UNCERTAINTY_MAPS if uncertainty else ():
+                writers[m][name] = _create(f, name, tuple(ref.shape), np.uint8, compression="gzip")
             f.attrs.update({"method": m, "planes": list(plane_set(methods[m][0])), "vote": methods[m][1]})
         for key, block in fuse_blocks([plane_files[p] for p in needed]):
             truth = read_checked(ref, key, ref=reference, field="label")
@@ -358,15 +490,18 @@ def evaluate_methods(plane_files: dict[str, Path], reference: VolumeRef, methods
                 lab = vote(sub, how)  # one plane: its argmax (a baseline row)
                 cms[m] += confusion_matrix(truth, lab, num_classes)
                 if m in writers:
-                    writers[m][key] = lab
+                    writers[m]["labels"][key] = lab
+                    if uncertainty:
+                        for name, arr in uncertainty_maps(sub, lab).items():
+                            writers[m][name][key] = arr
     return cms
 
 
 def estimate_disk_bytes(shape: tp.Sequence[int], planes: tp.Sequence[str], *, num_classes: int = NUM_CLASSES,
-                        probabilities: bool = False, tiff: bool = False) -> dict[str, int]:
+                        probabilities: bool = False, tiff: bool = False, uncertainty: bool = False) -> dict[str, int]:
     """Upper bounds (uncompressed) of what a prediction writes: final outputs and plane/temporary files."""
     n = int(np.prod(shape))
-    out = n + (2 * n * num_classes if probabilities else 0) + (n if tiff else 0)
+    out = n + (2 * n * num_classes if probabilities else 0) + (n if tiff else 0) + (3 * n if uncertainty else 0)
     planes_b = n * num_classes * len(planes)
     rot = 0
     for p in planes:

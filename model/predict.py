@@ -4,11 +4,19 @@ Segment a whole preprocessed volume (values in [0, 1]) with a trained model by m
 prediction fusing (paper, Eq. 4/5). MODEL is a ``.keras`` file or an MLflow model URI
 (``runs:/<run id>/model``, with ``--tracking-uri``). VOLUME is an HDF5 file (``--dataset``) or a
 folder of TIFF slices. OUT.h5 gets ``labels`` (uint8, the input's shape) and, with
-``--probabilities``, ``probabilities`` (float16, classes last, the plane average P_avr).
+``--probabilities``, ``probabilities`` (float16, classes last, the plane average P_avr); with
+``--uncertainty`` the uint8 maps ``confidence``, ``disagreement`` and ``plane_classes`` (see
+model.fusion.uncertainty_maps). ``--out seg.zarr`` writes an OME-Zarr store instead (labels as a
+multiscale pyramid, the other outputs beside them). VOLUME may also be a ``.zarr`` store.
+
+Rotations of the 9-plane path run where ``--rotate-on`` says: ``device`` (Keras ops on the
+network's device), ``cpu`` (scipy on ``--workers`` threads, default all cores of this process),
+``auto`` (the device when it is a GPU). ``--workers`` > 1 also overlaps slab I/O with compute.
 
 Everything that can be wrong is checked before the first slice is predicted: OUT exists
 (``--overwrite``), the volume (NaN, values outside [0, 1]), the model's number of classes, free
-disk. Outputs are written to temporary files and renamed at the end: an interrupted run leaves no
+disk (the uncompressed upper bound, or ``--max-disk``; before each further plane again, from the
+sizes of the plane files actually written). Outputs are written to temporary files and renamed at the end: an interrupted run leaves no
 half-written OUT. Per-plane files go to ``--work-dir`` (default ``OUT.planes/``) and are reused
 when a run is restarted; they are deleted after the fuse step unless ``--keep-planes``.
 ``--plane NAME`` runs one plane task only and ``--fuse-only`` only the fuse step (how the SLURM
@@ -28,8 +36,9 @@ import typing as tp
 from pathlib import Path
 
 from data.errors import DataError
-from data.volume import NUM_CLASSES, VolumeRef, check_image, open_volume, volume_ref
+from data.volume import NUM_CLASSES, VolumeRef, check_image, is_zarr_path, open_volume, volume_ref
 from model.fusion import VOTES
+from model.rotate import ROTATE_ON, available_cores, make_rotation
 from model.inference import (PLANE_SETS, PLANES, Source, SlicePredictor, check_disk, estimate_disk_bytes, file_digest,
                              fuse_planes, plane_set, predict_plane)
 
@@ -108,8 +117,22 @@ def default_work_dir(out: Path) -> Path:
     return Path(out).with_name(Path(out).name + ".planes")
 
 
+def parse_size(text: str) -> int:
+    """``20G``, ``512M``, ``1.5T`` or plain bytes → bytes (powers of 1024)."""
+    t = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if scale > 1 else t)
+    except ValueError:
+        raise PredictError(f"--max-disk: {text!r} is not a size (e.g. 20G, 512M, or bytes)") from None
+    if value <= 0:
+        raise PredictError(f"--max-disk: must be positive, got {text!r}")
+    return int(value * scale)
+
+
 def check_inputs(volume: VolumeRef, out: Path, *, planes: tp.Sequence[str], overwrite: bool, probabilities: bool,
-                 tiff: tp.Optional[Path], work_dir: Path, check_out: bool = True, scan_values: bool = True) -> Source:
+                 tiff: tp.Optional[Path], work_dir: Path, check_out: bool = True, scan_values: bool = True,
+                 uncertainty: bool = False, max_disk: tp.Optional[int] = None) -> Source:
     """All input checks that need no model: OUT, the volume's values, free disk. Returns the source.
 
     ``scan_values=False`` reads only the shape: for the fuse step (it never reads the volume) and for
@@ -127,11 +150,34 @@ def check_inputs(volume: VolumeRef, out: Path, *, planes: tp.Sequence[str], over
         with open_volume(volume) as vol:
             shape = tuple(vol.shape)
     source = Source(volume, tp.cast(tuple, tuple(int(s) for s in shape)))
-    need = estimate_disk_bytes(source.shape, planes, probabilities=probabilities, tiff=tiff is not None)
+    need = estimate_disk_bytes(source.shape, planes, probabilities=probabilities, tiff=tiff is not None,
+                               uncertainty=uncertainty)
+    # Plane files already written (a restart) are not needed again.
+    done = sum(plane_path(work_dir, p).stat().st_size for p in planes if plane_path(work_dir, p).is_file())
+    work_need = max(0, need["planes"] - done) + need["temporary"]
+    if max_disk is not None:  # the user's bound replaces the uncompressed upper bound
+        check_disk(work_dir, max_disk, f"--max-disk {max_disk / 2**30:.2f} GiB (output, plane and temporary files)")
+        return source
     if check_out:
         check_disk(Path(out).parent, need["output"], f"the output {out}")
-    check_disk(work_dir, need["planes"] + need["temporary"], f"the plane files in {work_dir}")
+    check_disk(work_dir, work_need, f"the plane files in {work_dir}")
     return source
+
+
+def check_disk_as_written(work_dir: Path, written: tp.Sequence[Path], remaining: tp.Sequence[str], shape,
+                          max_disk: tp.Optional[int]) -> None:
+    """Before the next plane: the remaining planes need as much as the largest plane file so far (they
+    hold the same probabilities, compressed alike), plus the temporary rotated files; with ``--max-disk``
+    what is written already counts against that bound."""
+    if not written or not remaining:
+        return
+    sizes = [p.stat().st_size for p in written if p.is_file()]
+    need = max(sizes, default=0) * len(remaining) + estimate_disk_bytes(shape, remaining)["temporary"]
+    if max_disk is not None and sum(sizes) + need > max_disk:
+        raise PredictError(f"--max-disk: {sum(sizes) / 2**30:.2f} GiB written, the {len(remaining)} remaining planes "
+                           f"need ~{need / 2**30:.2f} GiB more, over {max_disk / 2**30:.2f} GiB; the plane files "
+                           f"in {work_dir} are kept, a rerun with a larger --max-disk resumes")
+    check_disk(work_dir, need, f"the remaining {len(remaining)} plane files in {work_dir} (from the sizes written)")
 
 
 def plane_path(work_dir: Path, plane: str) -> Path:
@@ -143,7 +189,8 @@ def run_prediction(model_spec: str, volume: VolumeRef, out: Path, *, planes: str
                    work_dir: tp.Optional[Path] = None, keep_planes: bool = False, batch_size: int = 4,
                    tracking_uri: tp.Optional[str] = None, only_plane: tp.Optional[str] = None,
                    fuse_only: bool = False, progress: bool = True, model: tp.Optional[tuple] = None,
-                   values_checked: bool = False) -> Path:
+                   values_checked: bool = False, uncertainty: bool = False, workers: tp.Optional[int] = None,
+                   rotate_on: str = "auto", max_disk: tp.Optional[int] = None, times=None) -> Path:
     """The whole CLI as a function; returns OUT (or the plane file with ``only_plane``).
 
     ``model``: an already loaded (model, identity) from :func:`load_model`; ``values_checked``: the
@@ -156,15 +203,31 @@ def run_prediction(model_spec: str, volume: VolumeRef, out: Path, *, planes: str
         raise PredictError(f"--plane: {only_plane!r} is not one of the planes of --planes {planes}: {list(names)}")
     out = Path(out)
     work_dir = Path(work_dir) if work_dir else default_work_dir(out)
+    if rotate_on not in ROTATE_ON:
+        raise PredictError(f"--rotate-on: must be one of {ROTATE_ON}, got {rotate_on!r}")
+    if workers is not None and workers < 1:
+        raise PredictError(f"--workers: must be at least 1, got {workers}")
+    if tiff is not None and is_zarr_path(tiff):
+        raise PredictError(f"--tiff: {tiff} ends in .zarr; give the Zarr store as --out")
     source = check_inputs(volume, out, planes=[only_plane] if only_plane else names, overwrite=overwrite,
                           probabilities=probabilities, tiff=tiff, work_dir=work_dir, check_out=only_plane is None,
-                          scan_values=not (values_checked or fuse_only))
+                          scan_values=not (values_checked or fuse_only), uncertainty=uncertainty, max_disk=max_disk)
+    workers = workers or available_cores()
     if not fuse_only:
         keras_model, model_id = model or load_model(model_spec, tracking_uri=tracking_uri)
         predictor = keras_predictor(keras_model, batch_size=batch_size)
-        for name in [only_plane] if only_plane else names:
-            predict_plane(source, name, predictor, plane_path(work_dir, name), model_id=model_id,
-                          batch_size=batch_size, tmp_dir=work_dir, progress=progress)
+        todo = [only_plane] if only_plane else list(names)
+        rotation = make_rotation(rotate_on, workers) if any(PLANES[n].rotated for n in todo) else None
+        try:
+            for i, name in enumerate(todo):
+                check_disk_as_written(work_dir, [plane_path(work_dir, n) for n in todo[:i]], todo[i:], source.shape,
+                                      max_disk)
+                predict_plane(source, name, predictor, plane_path(work_dir, name), model_id=model_id,
+                              batch_size=batch_size, tmp_dir=work_dir, progress=progress, rotation=rotation,
+                              workers=workers, times=times)
+        finally:
+            if rotation is not None:
+                rotation.close()
         if only_plane:
             return plane_path(work_dir, only_plane)
     paths = [plane_path(work_dir, n) for n in names]
@@ -172,7 +235,8 @@ def run_prediction(model_spec: str, volume: VolumeRef, out: Path, *, planes: str
     if missing:
         raise PredictError(f"--work-dir: plane files missing for the fuse step: {missing}")
     fuse_planes(paths, out, method=vote, probabilities=probabilities, tiff_path=tiff, inputs=[volume.path],
-                attrs={"source": str(volume), "planes_set": planes}, progress=progress)
+                attrs={"source": str(volume), "planes_set": planes}, progress=progress, uncertainty=uncertainty,
+                times=times)
     if not keep_planes:
         for p in paths:
             p.unlink(missing_ok=True)
@@ -185,12 +249,22 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m model.predict", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", metavar="MODEL", help=".keras file or runs:/<run id>/model")
-    ap.add_argument("volume", metavar="VOLUME", help="HDF5 file (see --dataset) or folder of TIFF slices")
-    ap.add_argument("--dataset", default="image", help="HDF5 dataset of VOLUME (default: image)")
+    ap.add_argument("volume", metavar="VOLUME", help="HDF5 file or Zarr store (see --dataset) or folder of TIFF slices")
+    ap.add_argument("--dataset", default="image", help="HDF5 dataset / Zarr array of VOLUME (default: image)")
     ap.add_argument("--planes", default="3", choices=list(PLANE_SETS), help="slicing planes (default: 3)")
     ap.add_argument("--vote", default="soft", choices=VOTES, help="soft (Eq. 4) or majority (Eq. 5) voting")
-    ap.add_argument("--out", required=True, type=Path, help="output HDF5 file (dataset labels)")
+    ap.add_argument("--out", required=True, type=Path,
+                    help="output HDF5 file (dataset labels), or OME-Zarr store NAME.zarr (labels pyramid)")
     ap.add_argument("--probabilities", action="store_true", help="also write probabilities (float16, classes last)")
+    ap.add_argument("--uncertainty", action="store_true",
+                    help="also write uint8 maps: confidence (soft-vote probability of the label), disagreement "
+                         "(fraction of planes whose label differs), plane_classes (bit c: some plane says c)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="CPU threads for rotations and slab I/O (default: all cores of this process)")
+    ap.add_argument("--rotate-on", default="auto", choices=ROTATE_ON,
+                    help="where 45° rotations run: device (with the network), cpu (threads), auto (device if a GPU)")
+    ap.add_argument("--max-disk", default=None,
+                    help="disk this run may use (e.g. 20G) instead of the uncompressed upper bound")
     ap.add_argument("--tiff", type=Path, help="also write the labels as one multi-page TIFF (Fiji, Avizo, 3D Slicer)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing OUT / --tiff")
     ap.add_argument("--work-dir", type=Path, help="per-plane files (default: OUT.planes/)")
@@ -214,7 +288,9 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
                                 vote=args.vote, probabilities=args.probabilities, tiff=args.tiff,
                                 overwrite=args.overwrite, work_dir=args.work_dir, keep_planes=args.keep_planes,
                                 batch_size=args.batch_size, tracking_uri=args.tracking_uri, only_plane=args.plane,
-                                fuse_only=args.fuse_only, progress=not args.no_progress)
+                                fuse_only=args.fuse_only, progress=not args.no_progress,
+                                uncertainty=args.uncertainty, workers=args.workers, rotate_on=args.rotate_on,
+                                max_disk=None if args.max_disk is None else parse_size(args.max_disk))
     except (PredictError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -208,6 +208,7 @@ def run_fusing(cfg: DictConfig) -> dict[str, float]:
 
     from model.figures import fig4_plane_probabilities, fig5_overlay
     from model.inference import PLANE_SETS, evaluate_methods, predict_plane
+    from model.rotate import make_rotation
     from model.evaluation import iou_metrics
     from model.predict import check_inputs, keras_predictor, load_model
 
@@ -217,6 +218,8 @@ def run_fusing(cfg: DictConfig) -> dict[str, float]:
     t0 = time.perf_counter()
     model, model_id = load_model(f"runs:/{train_run.info.run_id}/model", tracking_uri=plan.tracking_uri)
     predictor = keras_predictor(model, batch_size=int(cfg.fusing.batch_size))
+    # Rotations beside the network on a GPU; on CPU one thread (pool workers share the cores).
+    rotation = make_rotation("auto", 1)
     cms: dict[str, tp.Any] = {}
     saved: dict[str, str] = {}
     figures: list[Path] = []
@@ -227,9 +230,9 @@ def run_fusing(cfg: DictConfig) -> dict[str, float]:
         work = root / s.id
         files = {p: predict_plane(source, p, predictor, work / f"{p}.h5", model_id=model_id,
                                   batch_size=int(cfg.fusing.batch_size), tmp_dir=work,
-                                  progress=bool(cfg.fusing.progress)) for p in PLANE_SETS["9"]}
+                                  progress=bool(cfg.fusing.progress), rotation=rotation) for p in PLANE_SETS["9"]}
         save = {save_method: root / f"{s.id}_{save_method}.h5"} if save_method else None
-        for m, cm in evaluate_methods(files, s.label, methods, save=save).items():
+        for m, cm in evaluate_methods(files, s.label, methods, save=save, uncertainty=True).items():
             cms[m] = cm if m not in cms else cms[m] + cm
         if save_method:
             saved[s.id] = str(root / f"{s.id}_{save_method}.h5")

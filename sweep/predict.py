@@ -79,7 +79,7 @@ def _check_all(cfg: DictConfig, jobs: tp.Sequence[VolumeJob]) -> tuple:
     Returns the loaded (model, identity), so the local path does not load it again.
     """
     from model.inference import plane_set
-    from model.predict import PredictError, check_inputs, load_model
+    from model.predict import PredictError, check_inputs, load_model, parse_size
 
     errors, model = [], None
     try:
@@ -90,7 +90,9 @@ def _check_all(cfg: DictConfig, jobs: tp.Sequence[VolumeJob]) -> tuple:
         try:
             check_inputs(volume_ref(j.volume, j.dataset), j.out, planes=plane_set(str(cfg.planes)),
                          overwrite=bool(cfg.overwrite), probabilities=bool(cfg.probabilities),
-                         tiff=j.out.with_suffix(".tif") if cfg.tiff else None, work_dir=j.work_dir)
+                         tiff=j.out.with_suffix(".tif") if cfg.tiff else None, work_dir=j.work_dir,
+                         uncertainty=bool(cfg.get("uncertainty", False)),
+                         max_disk=None if cfg.get("max_disk") is None else parse_size(str(cfg.max_disk)))
         except (ValueError, DataError) as exc:
             errors.append(f"  {j.volume}: {exc}")
     if errors:
@@ -99,11 +101,15 @@ def _check_all(cfg: DictConfig, jobs: tp.Sequence[VolumeJob]) -> tuple:
 
 
 def _predict_kwargs(cfg: DictConfig, job: VolumeJob) -> dict:
+    from model.predict import parse_size
+
     return dict(planes=str(cfg.planes), vote=str(cfg.vote), probabilities=bool(cfg.probabilities),
                 tiff=job.out.with_suffix(".tif") if cfg.tiff else None, overwrite=bool(cfg.overwrite),
                 work_dir=job.work_dir, batch_size=int(cfg.batch_size), tracking_uri=cfg.get("tracking_uri"),
                 values_checked=True,  # _check_all scanned every volume before anything ran
-                progress=bool(cfg.progress))
+                progress=bool(cfg.progress), uncertainty=bool(cfg.get("uncertainty", False)),
+                workers=cfg.get("workers"), rotate_on=str(cfg.get("rotate_on", "auto")),
+                max_disk=None if cfg.get("max_disk") is None else parse_size(str(cfg.max_disk)))
 
 
 class PlaneTask:

@@ -1,0 +1,177 @@
+"""Whole-volume prediction with a real U-net (c0=32, d=3, random weights), split by phase.
+
+    .venv/bin/python benchmarks/predict_volume.py                       # 128³ and 256³, 3 and 9 planes
+    .venv/bin/python benchmarks/predict_volume.py --sizes 128 --planes 9 --workers 1 2
+    .venv/bin/python benchmarks/predict_volume.py --scaling --sizes 256  # rotations only, 1 vs 2 cores
+
+Each (size, planes, workers) runs in a fresh process (peak RSS is that run's alone) through
+``model.inference.predict_plane`` + ``fuse_planes`` exactly as ``python -m model.predict`` does,
+and reports seconds per phase — read, rotate, predict, rotate back, fuse, write — summed over
+threads (reads and writes overlap the computation when workers > 1, so the phases can add up to
+more than the wall time), voxels/s and the non-network share of the wall time, 1 − predict / wall.
+``--scaling`` times the rotate + rotate-back of one rotated plane with a trivial predictor, on 1 and
+on 2 cores (``os.sched_setaffinity`` + that many worker threads): the CPU interpolation's scaling.
+Random weights: the network's cost does not depend on them (the labels are meaningless).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PHASES = ("read", "rotate", "predict", "rotate_back", "fuse", "write")
+
+
+def make_volume(path: Path, n: int) -> None:
+    """Smooth random structure in [0, 1], chunked like a prepared volume."""
+    import h5py
+    import numpy as np
+    from scipy import ndimage
+
+    rng = np.random.default_rng(n)
+    low = ndimage.zoom(rng.random((n // 8 + 1,) * 3).astype(np.float32), 8, order=1)[:n, :n, :n]
+    with h5py.File(path, "w") as f:
+        f.create_dataset("image", data=np.clip(low, 0, 1), chunks=(32, 32, 32), compression="lzf")
+
+
+def child(args) -> dict:
+    import numpy as np
+
+    from data.volume import VolumeRef
+    from model.inference import PLANE_SETS, PhaseTimes, Source, fuse_planes, predict_plane
+    from model.rotate import CpuRotation, make_rotation
+
+    n, work = args.size, Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    src = Source(VolumeRef(Path(args.volume), "/image"), (n, n, n))
+    times = PhaseTimes()
+    if args.child == "scaling":
+        os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:args.workers]))
+
+        def trivial(slices):  # no network: only the interpolation and I/O are timed
+            p = np.zeros(slices.shape + (4,), np.float32)
+            p[..., 0] = 1.0
+            return p
+
+        rotation = CpuRotation(args.workers)
+        t0 = time.perf_counter()
+        predict_plane(src, "cp_r0", trivial, work / "cp_r0.h5", model_id="trivial", progress=False, tmp_dir=work,
+                      rotation=rotation, workers=args.workers, times=times)
+        wall = time.perf_counter() - t0
+        return {"kind": "scaling", "size": n, "workers": args.workers, "wall_s": wall, **times.seconds,
+                "rotate_wall_s": times.seconds["rotate"] + times.seconds["rotate_back"]}
+    import keras
+
+    from model.predict import keras_predictor
+    from model.unet import build_unet
+
+    keras.utils.set_random_seed(0)
+    model = build_unet(32, 3)
+    predictor = keras_predictor(model, batch_size=args.batch_size)
+    predictor(np.zeros((1, 64, 64), np.float32))  # build/trace once, outside the timing
+    rotation = make_rotation(args.rotate_on, args.workers)
+    t0 = time.perf_counter()
+    files = [predict_plane(src, p, predictor, work / f"{p}.h5", model_id="bench", batch_size=args.batch_size,
+                           tmp_dir=work, progress=False, rotation=rotation, workers=args.workers, times=times)
+             for p in PLANE_SETS[args.planes]]
+    fuse_planes(files, work / "seg.h5", method="soft", progress=False, times=times)
+    wall = time.perf_counter() - t0
+    return {"kind": "predict", "size": n, "planes": args.planes, "workers": args.workers, "rotation": rotation.name,
+            "wall_s": wall, **times.seconds, "voxels_per_s": n ** 3 / wall,
+            "non_network_share": 1 - times.seconds["predict"] / wall}
+
+
+def run_child(kind: str, vol: Path, work: Path, n: int, planes: str, workers: int, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, "--volume", str(vol), "--work", str(work), "--size", str(n),
+           "--planes-one", planes, "--workers-one", str(workers), "--rotate-on", args.rotate_on,
+           "--batch-size", str(args.batch_size)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    shutil.rmtree(work, ignore_errors=True)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if out.returncode or line is None:
+        return {"kind": kind, "size": n, "planes": planes, "workers": workers,
+                "error": (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]}
+    return json.loads(line[len("RESULT "):])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
+    ap.add_argument("--planes", nargs="+", default=["3", "9"], choices=["3", "9"])
+    ap.add_argument("--workers", type=int, nargs="+", default=[len(os.sched_getaffinity(0))])
+    ap.add_argument("--rotate-on", default="auto", choices=["auto", "cpu", "device"])
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--scaling", action="store_true", help="rotations only, on 1 and 2 cores")
+    ap.add_argument("--dir", type=Path, help="scratch folder (default: a temp dir, removed)")
+    ap.add_argument("--json", type=Path, help="write all rows here")
+    ap.add_argument("--child", choices=["predict", "scaling"], help=argparse.SUPPRESS)
+    ap.add_argument("--volume", help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--planes-one", dest="planes_one", help=argparse.SUPPRESS)
+    ap.add_argument("--workers-one", dest="workers_one", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        args.planes, args.workers = args.planes_one, args.workers_one
+        res = child(args)
+        res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print("RESULT " + json.dumps(res), flush=True)
+        return 0
+    root = args.dir or Path(tempfile.mkdtemp(prefix="predict-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    try:
+        for n in args.sizes:
+            vol = root / f"vol{n}.h5"
+            make_volume(vol, n)
+            jobs = ([("scaling", "9", w) for w in (1, 2)] if args.scaling else
+                    [("predict", p, w) for p in args.planes for w in args.workers])
+            for kind, planes, w in jobs:
+                res = run_child(kind, vol, root / f"work{n}_{planes}_{w}", n, planes, w, args)
+                rows.append(res)
+                print(json.dumps(res), flush=True)
+            vol.unlink()
+    finally:
+        if not args.dir:
+            shutil.rmtree(root, ignore_errors=True)
+    ok = [r for r in rows if "error" not in r]
+    for r in rows:
+        if "error" in r:
+            print(f"{r['size']}³ {r.get('planes')} planes, {r['workers']} workers: FAILED: {r['error']}")
+    if args.scaling:
+        print(f"\n{'size':>5} {'cores':>5} {'rotate s':>9} {'rotate back s':>13} {'wall s':>7} {'Mvox/s rot':>10}")
+        for r in ok:
+            print(f"{r['size']:>5} {r['workers']:>5} {r['rotate']:>9.2f} {r['rotate_back']:>13.2f} {r['wall_s']:>7.2f} "
+                  f"{r['size'] ** 3 / r['rotate_wall_s'] / 1e6:>10.1f}")
+        by = {(r["size"], r["workers"]): r for r in ok}
+        for n in args.sizes:
+            if (n, 1) in by and (n, 2) in by:
+                print(f"{n}³: 1 → 2 cores, rotate + rotate back {by[(n, 1)]['rotate_wall_s'] / by[(n, 2)]['rotate_wall_s']:.2f}×, "
+                      f"whole plane task {by[(n, 1)]['wall_s'] / by[(n, 2)]['wall_s']:.2f}×")
+    else:
+        print(f"\n{'size':>5} {'planes':>6} {'wk':>3} {'rot':>6} " + " ".join(f"{p:>11}" for p in PHASES)
+              + f" {'wall s':>8} {'Mvox/s':>7} {'RSS GiB':>7} {'non-net':>7}")
+        for r in ok:
+            print(f"{r['size']:>5} {r['planes']:>6} {r['workers']:>3} {r['rotation']:>6} "
+                  + " ".join(f"{r[p]:>11.1f}" for p in PHASES)
+                  + f" {r['wall_s']:>8.1f} {r['voxels_per_s'] / 1e6:>7.3f} {r['peak_rss_bytes'] / 2**30:>7.2f}"
+                  f" {100 * r['non_network_share']:>6.1f}%")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

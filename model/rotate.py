@@ -1,0 +1,189 @@
+"""Where the 45° rotations of 9-plane prediction run: CPU threads (scipy) or the network's device (Keras ops).
+
+Both give the paper's rotation (bilinear, constant fill 0, about the centre, not cropped; see
+data.rotation) of a slab of planes, and rotate uint8 class probabilities back onto the original
+grid. ``CpuRotation`` spreads the planes of a slab over ``workers`` threads (scipy's
+``affine_transform`` releases the GIL). ``DeviceRotation`` does the same sampling as a gather and a
+weighted sum in ``keras.ops``, so with the model on a GPU the interpolation runs there too and the
+host only reads and writes slabs. The two agree to float rounding (tests: probabilities within
+1/255, labels identical apart from exact ties).
+"""
+
+from __future__ import annotations
+
+import os
+import typing as tp
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from data.rotation import rotate_planes, rotated_plane_shape, rotation_table, unrotate_planes, unrotation_table
+
+ROTATE_ON = ("auto", "cpu", "device")
+
+
+def available_cores() -> int:
+    """Cores this process may run on (the affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _split(n: int, parts: int) -> list[slice]:
+    parts = max(1, min(parts, n))
+    edges = np.linspace(0, n, parts + 1).astype(int)
+    return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def back_to_probabilities(foreground: np.ndarray) -> np.ndarray:
+    """uint8 probabilities (…, K) from back-rotated foreground classes (…, K − 1) in units of 1/255.
+
+    Bilinear interpolation is linear, so the back-rotated probabilities still sum to 1: only the
+    foreground classes are interpolated and background is the remainder (one rotation fewer).
+    """
+    res = np.empty(foreground.shape[:-1] + (foreground.shape[-1] + 1,), np.uint8)
+    res[..., 1:] = np.clip(np.rint(foreground), 0, 255)
+    res[..., 0] = np.clip(np.rint(255.0 - foreground.sum(-1, dtype=np.float32)), 0, 255)
+    return res
+
+
+class CpuRotation:
+    """scipy's ``affine_transform`` on ``workers`` threads, planes of a slab split between them."""
+
+    name = "cpu"
+
+    def __init__(self, workers: int = 1):
+        self.workers = max(1, int(workers))
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="rotate") if self.workers > 1 else None
+
+    def _map(self, fn, n: int) -> None:
+        parts = _split(n, self.workers)
+        if self._pool is None or len(parts) == 1:
+            for sl in parts:
+                fn(sl)
+            return
+        for f in [self._pool.submit(fn, sl) for sl in parts]:
+            f.result()
+
+    def rotate(self, planes: np.ndarray) -> np.ndarray:
+        """(m, H, W) → (m, h, w) float32, rotated by 45°."""
+        planes = np.asarray(planes)
+        out = np.empty((planes.shape[0],) + rotated_plane_shape(planes.shape[1:]), np.float32)
+        self._map(lambda sl: rotate_planes(planes[sl], out=out[sl]), planes.shape[0])
+        return out
+
+    def unrotate_probabilities(self, block: np.ndarray, plane_shape: tp.Sequence[int]) -> np.ndarray:
+        """(m, h, w, K) uint8 on the rotated grid → (m, H, W, K) uint8 on the original (H, W) grid."""
+        m, k = block.shape[0], block.shape[-1]
+        res = np.empty((m,) + tuple(plane_shape) + (k,), np.uint8)
+
+        def work(sl: slice) -> None:  # each thread also casts and rounds its own planes: no serial tail
+            fg = np.empty((sl.stop - sl.start,) + tuple(plane_shape) + (k - 1,), np.float32)
+            for cls in range(1, k):
+                fg[..., cls - 1] = unrotate_planes(np.ascontiguousarray(block[sl, ..., cls], np.float32), plane_shape)
+            res[sl] = back_to_probabilities(fg)
+
+        self._map(work, m)
+        return res
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+
+class DeviceRotation:
+    """The same bilinear sampling as a gather + weighted sum in ``keras.ops`` on the backend's device.
+
+    Sampling tables (4 indices and weights per output pixel, data.rotation.bilinear_table) are made
+    once per plane shape and kept on the device; planes go through in groups of at most
+    ``max_elements`` gathered values so device memory stays bounded.
+    """
+
+    name = "device"
+
+    def __init__(self, max_elements: int = 1 << 26):
+        import keras
+
+        self.ops = keras.ops
+        self.max_elements = int(max_elements)
+        self._tables: dict[tuple, tuple] = {}
+
+    def _table(self, kind: str, plane_shape: tuple[int, int]):
+        key = (kind, plane_shape)
+        if key not in self._tables:
+            idx, w = (rotation_table if kind == "rotate" else unrotation_table)(plane_shape)
+            self._tables[key] = (self.ops.convert_to_tensor(idx), self.ops.convert_to_tensor(w))
+        return self._tables[key]
+
+    def _sample(self, flat, idx, w):
+        """flat (m, N, …) gathered at 4 index rows and summed with their weights → (m, P, …)."""
+        ops = self.ops
+        out = None
+        for t in range(4):
+            wt = w[t] if len(flat.shape) == 2 else ops.expand_dims(w[t], -1)
+            term = ops.take(flat, idx[t], axis=1) * wt
+            out = term if out is None else out + term
+        return out
+
+    def rotate(self, planes: np.ndarray) -> np.ndarray:
+        """(m, H, W) → (m, h, w) float32, rotated by 45° on the device."""
+        planes = np.asarray(planes, np.float32)
+        m, hh, ww = planes.shape
+        rot = rotated_plane_shape((hh, ww))
+        idx, w = self._table("rotate", (hh, ww))
+        step = max(1, self.max_elements // max(1, rot[0] * rot[1]))
+        out = np.empty((m,) + rot, np.float32)
+        for a in range(0, m, step):
+            x = self.ops.convert_to_tensor(planes[a:a + step].reshape(-1, hh * ww))
+            out[a:a + step] = self.ops.convert_to_numpy(self._sample(x, idx, w)).reshape((-1,) + rot)
+        return out
+
+    def unrotate_probabilities(self, block: np.ndarray, plane_shape: tp.Sequence[int]) -> np.ndarray:
+        """(m, h, w, K) uint8 → (m, H, W, K) uint8; the rounding (and background) done on the device."""
+        ops = self.ops
+        plane_shape = (int(plane_shape[0]), int(plane_shape[1]))
+        m, h, w_, k = block.shape
+        idx, w = self._table("unrotate", plane_shape)
+        n_out = plane_shape[0] * plane_shape[1]
+        step = max(1, self.max_elements // max(1, n_out * (k - 1)))
+        out = np.empty((m,) + plane_shape + (k,), np.uint8)
+        for a in range(0, m, step):
+            x = ops.cast(ops.convert_to_tensor(block[a:a + step, ..., 1:].reshape(-1, h * w_, k - 1)), "float32")
+            fg = self._sample(x, idx, w)
+            bg = ops.clip(ops.round(255.0 - ops.sum(fg, axis=-1, keepdims=True)), 0, 255)
+            res = ops.concatenate([bg, ops.clip(ops.round(fg), 0, 255)], axis=-1)
+            out[a:a + step] = ops.convert_to_numpy(ops.cast(res, "uint8")).reshape((-1,) + plane_shape + (k,))
+        return out
+
+    def close(self) -> None:
+        self._tables.clear()
+
+
+def device_has_accelerator() -> bool:
+    """True when the Keras backend sees a GPU (or TPU): then rotations belong there."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.default_backend() != "cpu"
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return bool(tf.config.list_logical_devices("GPU"))
+    if backend == "torch":
+        import torch
+
+        return bool(torch.cuda.is_available())
+    return False
+
+
+def make_rotation(rotate_on: str = "auto", workers: tp.Optional[int] = None):
+    """``cpu``, ``device``, or ``auto`` (the device when it is an accelerator, else CPU threads)."""
+    if rotate_on not in ROTATE_ON:
+        raise ValueError(f"rotate_on must be one of {ROTATE_ON}, got {rotate_on!r}")
+    if rotate_on == "device" or (rotate_on == "auto" and device_has_accelerator()):
+        return DeviceRotation()
+    return CpuRotation(workers or available_cores())

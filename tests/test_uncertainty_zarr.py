@@ -1,0 +1,171 @@
+"""Uncertainty maps, their measure intervals, OME-Zarr in and out, and the --max-disk override."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from analysis.measures import IntervalLabels, implant_measures, measure_intervals
+from data.volume import VolumeRef, open_volume
+from model.fusion import soft_vote, uncertainty_maps
+from model.inference import PLANE_SETS, fuse_planes
+from model.predict import main
+from tests.test_predict import plane_files, volume  # noqa: F401 (module fixtures)
+from tests.test_predict_cli import SHAPE as CLI_SHAPE
+from tests.test_predict_cli import files, run  # noqa: F401
+
+
+def test_uncertainty_maps_by_hand():
+    # 3 planes, 2 voxels. Voxel 0: planes say bone, bone, DL. Voxel 1: all three say RM.
+    p = np.array([[[0.1, 0.6, 0.3, 0.0], [0.0, 0.0, 0.1, 0.9]],
+                  [[0.1, 0.5, 0.4, 0.0], [0.0, 0.1, 0.1, 0.8]],
+                  [[0.1, 0.3, 0.6, 0.0], [0.1, 0.0, 0.2, 0.7]]], np.float32)
+    lab = soft_vote(p)
+    assert lab.tolist() == [1, 3]
+    m = uncertainty_maps(p, lab)
+    assert m["confidence"].tolist() == [round(255 * 1.4 / 3), round(255 * 2.4 / 3)]
+    assert m["disagreement"].tolist() == [85, 0]  # 1 of 3 planes differs → 255/3
+    assert m["plane_classes"].tolist() == [0b0110, 0b1000]
+
+
+def test_fuse_writes_maps_and_an_ome_zarr_pyramid(volume, plane_files, tmp_path):  # noqa: F811
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    paths = [plane_files[p] for p in PLANE_SETS["9"]]
+    fuse_planes(paths, tmp_path / "seg.h5", method="soft", uncertainty=True, progress=False)
+    fuse_planes(paths, tmp_path / "seg.zarr", method="soft", uncertainty=True, probabilities=True, progress=False)
+    with h5py.File(tmp_path / "seg.h5") as f:
+        labels = f["labels"][...]
+        maps = {k: f[k][...] for k in ("confidence", "disagreement", "plane_classes")}
+    assert maps["disagreement"].mean() < 0.05 * 255 and maps["disagreement"].max() > 0  # the oracle mostly agrees
+    assert np.all(maps["confidence"][maps["disagreement"] == 0] > 128)
+    with open_volume(VolumeRef(tmp_path / "seg.zarr", "labels")) as z:  # absent key → the OME image's level 0
+        np.testing.assert_array_equal(z[...], labels)
+    for k, v in maps.items():
+        with open_volume(VolumeRef(tmp_path / "seg.zarr", k)) as z:
+            np.testing.assert_array_equal(z[...], v)
+    # The maintained reader sees a multiscale image: level 0 = labels, level 1 = every second voxel.
+    nodes = list(Reader(parse_url(str(tmp_path / "seg.zarr")))())
+    levels = [np.asarray(a) for a in nodes[0].data]
+    assert len(levels) == 2 and levels[0].shape == labels.shape
+    np.testing.assert_array_equal(levels[1], labels[::2, ::2, ::2])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seg.h5", "seg.zarr"]  # no temporary left
+
+
+def _implant(shape=(24, 24, 24)):
+    z, y, x = np.indices(shape)
+    r = np.hypot(y - 11.5, x - 11.5)
+    lab = np.zeros(shape, np.uint8)
+    lab[r < 10] = 1
+    lab[r < 6] = 2
+    lab[r < 4] = 3
+    return lab, r
+
+
+def test_measure_interval_holds_the_fused_value_and_moves_with_disagreement():
+    lab, r = _implant()
+    dis = np.zeros_like(lab)
+    classes = (1 << lab).astype(np.uint8)
+    dis[(r >= 6) & (r < 7)] = 85  # the bone ring touching the implant is uncertain
+    classes[(r >= 6) & (r < 7)] |= 1 << 2
+    dis[(r >= 3) & (r < 4)] = 85  # the outer RM ring too
+    classes[(r >= 3) & (r < 4)] |= 1 << 2
+    classes[(r >= 10) & (r < 11)] |= 1 << 1  # a plane sees bone just outside
+    kw = dict(voxel_size_um=5.0, roi_um=40.0, initial_volume_mm3=0.01, initial_surface_mm2=0.5, days=28)
+    fused = implant_measures(lab, **kw)
+    iv = measure_intervals(lab, dis, classes, **kw)
+    for key, (lo, hi) in iv.items():
+        assert lo <= fused[key] <= hi and hi > lo, key
+    narrow_rm = IntervalLabels(lab, dis, classes, 3, "narrow")[:]
+    assert (narrow_rm == 3).sum() < (lab == 3).sum()  # fewer RM voxels → larger DR
+    assert iv["dr_mm_per_year"][1] > fused["dr_mm_per_year"]
+    assert iv["bic_percent"][0] < fused["bic_percent"]  # uncertain contact bone removed → less contact
+
+
+def test_predict_cli_reads_and_writes_zarr_with_uncertainty(files, tmp_path, capsys):  # noqa: F811
+    import zarr
+
+    with h5py.File(files / "vol.h5") as f:
+        image, ref = f["image"][...], f["label"][...]
+    store = zarr.open_group(str(tmp_path / "scan.zarr"), mode="w")
+    store.create_array("image", data=image, chunks=(8, 8, 8))
+    rc, msg = run(capsys, files / "oracle.keras", tmp_path / "scan.zarr", "--planes", "3", "--out", tmp_path / "seg.zarr",
+                  "--uncertainty", "--workers", "2")
+    assert rc == 0, msg
+    with open_volume(VolumeRef(tmp_path / "seg.zarr", "labels")) as z:
+        np.testing.assert_array_equal(z[...], ref)
+        assert z.shape == CLI_SHAPE
+    with open_volume(VolumeRef(tmp_path / "seg.zarr", "disagreement")) as z:
+        assert z.dtype == np.uint8 and z.shape == CLI_SHAPE
+    # The measures CLI takes the store as its labels.
+    from analysis.measures import main as measures_main
+
+    assert measures_main([str(tmp_path / "seg.zarr"), "--dataset", "labels", "--voxel-size-um", "5", "--json"]) == 0
+    assert '"bv_tv_percent"' in capsys.readouterr().out
+    # An existing store is kept without --overwrite.
+    rc, msg = run(capsys, files / "oracle.keras", tmp_path / "scan.zarr", "--out", tmp_path / "seg.zarr")
+    assert rc == 2 and "exists" in msg
+
+
+def test_prepare_accepts_a_zarr_volume(tmp_path):
+    import zarr
+
+    from data.manifest import Sample, write_manifest
+    from data.prepare import prepare_dataset
+
+    rng = np.random.default_rng(4)
+    image = rng.integers(0, 4096, (12, 16, 20)).astype(np.uint16)
+    label = rng.integers(0, 4, image.shape).astype(np.uint8)
+    for name, kind in (("h5", "h5"), ("zarr", "zarr")):
+        root = tmp_path / name
+        root.mkdir()
+        if kind == "h5":
+            with h5py.File(root / "v.h5", "w") as f:
+                f["image"], f["label"] = image, label
+            refs = VolumeRef(root / "v.h5", "/image"), VolumeRef(root / "v.h5", "/label")
+        else:
+            g = zarr.open_group(str(root / "v.zarr"), mode="w")
+            g.create_array("image", data=image, chunks=(4, 8, 8))
+            g.create_array("label", data=label, chunks=(4, 8, 8))
+            refs = VolumeRef(root / "v.zarr", "image"), VolumeRef(root / "v.zarr", "label")
+        write_manifest(root, [Sample(id="a", image=refs[0], label=refs[1], voxel_size_um=2.4, alloy="Mg-5Gd",
+                                     beamline="P05", implantation_days=28, label_quality="WF", split="train")])
+        prepare_dataset(root, tmp_path / f"out_{name}")
+    with h5py.File(tmp_path / "out_h5" / "a.h5") as a, h5py.File(tmp_path / "out_zarr" / "a.h5") as b:
+        np.testing.assert_array_equal(a["image"][...], b["image"][...])
+        np.testing.assert_array_equal(a["label"][...], b["label"][...])
+
+
+def test_max_disk_overrides_the_estimate(files, tmp_path, capsys):  # noqa: F811
+    # 1 KiB is less than one plane file: the run stops after the first plane, from the size it wrote,
+    # and keeps that plane for a resumed run; no output.
+    rc, msg = run(capsys, files / "oracle.keras", files / "vol.h5", "--planes", "9", "--out", tmp_path / "o.h5",
+                  "--max-disk", "1K")
+    assert rc == 2 and "--max-disk" in msg and "remaining planes" in msg, msg
+    assert not (tmp_path / "o.h5").exists()
+    assert sorted(p.name for p in (tmp_path / "o.h5.planes").iterdir()) == ["rc.h5"]
+    rc, msg = run(capsys, files / "oracle.keras", files / "vol.h5", "--out", tmp_path / "o.h5", "--max-disk", "lots")
+    assert rc == 2 and "max-disk" in msg
+    rc, msg = run(capsys, files / "oracle.keras", files / "vol.h5", "--out", tmp_path / "o.h5", "--max-disk", "1G")
+    assert rc == 0, msg
+
+
+def test_table3_prints_the_mean_interval_over_folds():
+    from analysis.tables import table3, table3_latex, table3_markdown
+
+    values = {"s1": {"HQ": {"dr_mm_per_year": 0.2, "bic_percent": 50.0, "bv_tv_percent": 40.0}, "WF": None,
+                     "ML": [{"dr_mm_per_year": 0.21, "bic_percent": 45.0, "bv_tv_percent": 42.0},
+                            {"dr_mm_per_year": 0.23, "bic_percent": 55.0, "bv_tv_percent": 44.0}],
+                     "ML_interval": [{"dr_mm_per_year": (0.20, 0.22), "bic_percent": (40.0, 47.0),
+                                      "bv_tv_percent": (41.0, 43.0)},
+                                     {"dr_mm_per_year": (0.22, 0.26), "bic_percent": (50.0, 57.0),
+                                      "bv_tv_percent": (43.0, 45.0)}],
+                     "folds": [0, 1, 2, 3], "days": 28.0, "methods": {"avr_9"}}}
+    df = table3(values)
+    md = table3_markdown(df)
+    assert "| s1 | ML | 0.220 (+10.0%) [0.210, 0.240] | 50.0 (+0.0%) [45.0, 52.0] | 43.0 (+7.5%) [42.0, 44.0] |" in md
+    assert "| s1 | HQ | 0.200 | 50.0 | 40.0 |" in md
+    assert "plane-disagreement interval" in md
+    assert r"0.220 (+10.0\%) [0.210, 0.240]" in table3_latex(df)
