@@ -49,6 +49,29 @@ class PredictError(ValueError):
     """A bad argument or input; the message names the file or option."""
 
 
+def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
+    """An http(s) tracking server must answer /health within ``timeout_s``: MLflow's own retries would take
+    minutes to say the same."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    parsed = urllib.parse.urlsplit(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    safe = urllib.parse.urlunsplit((parsed.scheme, parsed.hostname + (f":{parsed.port}" if parsed.port else ""),
+                                    parsed.path, "", ""))  # no user:password in messages
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
+            status = r.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise PredictError(f"--tracking-uri: MLflow server {safe} is unreachable ({getattr(exc, 'reason', exc)})") from None
+    if status != 200:
+        raise PredictError(f"--tracking-uri: MLflow server {safe} answered /health with {status}")
+
+
 def load_model(spec: str, *, tracking_uri: tp.Optional[str] = None):
     """A Keras model from a ``.keras`` file or ``runs:/<id>/<path>``; returns (model, identity string)."""
     import keras
@@ -57,6 +80,8 @@ def load_model(spec: str, *, tracking_uri: tp.Optional[str] = None):
     dst: tp.Optional[Path] = None
     if spec.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
         import mlflow
+
+        check_tracking_server(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""))
 
         dst = Path(tempfile.mkdtemp(prefix="scaling-unet-model-"))
         try:
@@ -138,8 +163,18 @@ def check_inputs(volume: VolumeRef, out: Path, *, planes: tp.Sequence[str], over
     ``scan_values=False`` reads only the shape: for the fuse step (it never reads the volume) and for
     tasks whose volumes the submitting process has already scanned.
     """
+    for target, opt in ((out, "--out"), (tiff, "--tiff"), (work_dir, "--work-dir")):
+        if target is None or (opt != "--work-dir" and not check_out):
+            continue
+        blocked = next((p for p in Path(target).absolute().parents if p.exists() and not p.is_dir()), None)
+        if blocked is not None:
+            raise PredictError(f"{opt}: {target}: {blocked} is a file, not a folder")
+    if Path(work_dir).exists() and not Path(work_dir).is_dir():
+        raise PredictError(f"--work-dir: {work_dir} is an existing file, not a folder")
     if check_out:
         for target, opt in ((out, "--out"), (tiff, "--tiff")):
+            if target is not None and Path(target).is_dir() and not (opt == "--out" and is_zarr_path(target)):
+                raise PredictError(f"{opt}: {target} is a directory; give a file name (--overwrite replaces files only)")
             if target is not None and Path(target).exists() and not overwrite:
                 raise PredictError(f"{opt}: {target} exists; give --overwrite to replace it")
             if target is not None and Path(target).resolve() == volume.path.resolve():
@@ -279,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # MLflow's default backs off for minutes
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.batch_size < 1:
         print("error: --batch-size: must be at least 1", file=sys.stderr)

@@ -111,6 +111,31 @@ def _garbage_model(root: Path) -> list[str]:
             "--no-progress"]
 
 
+def _tiny_model(root: Path) -> Path:
+    import keras
+
+    inp = keras.Input((None, None, 1))
+    keras.Model(inp, keras.layers.Conv2D(4, 3, padding="same")(inp)).save(root / "m.keras")
+    return root / "m.keras"
+
+
+def _predict(out: tp.Callable[[Path], list[str]]) -> tp.Callable[[Path], list[str]]:
+    def setup(root: Path) -> list[str]:
+        return ["-m", "model.predict", str(_tiny_model(root)), str(_volume(root)), "--planes", "rc", "--no-progress",
+                *out(root)]
+    return setup
+
+
+def _file(root: Path, name: str) -> Path:
+    (root / name).write_text("x")
+    return root / name
+
+
+def _predict_unreachable_server(root: Path) -> list[str]:
+    return ["-m", "model.predict", "runs:/0123456789abcdef/model", str(_volume(root)), "--out", str(root / "s.h5"),
+            "--tracking-uri", "http://127.0.0.1:1", "--no-progress"]
+
+
 def _analysis(what: str, uri: tp.Callable[[Path], str], out: tp.Optional[tp.Callable[[Path], str]] = None):
     def setup(root: Path) -> list[str]:
         args = ["-m", "analysis", what, "--tracking-uri", uri(root)]
@@ -144,6 +169,13 @@ CASES = [
     Case("synth: --size 0", _synth_size, "size"),
     Case("show: missing dataset", _show_missing, "nope"),
     Case("predict: a garbage file named model.keras", _garbage_model, "not a Keras model file"),
+    Case("predict: --out under an existing file", _predict(lambda r: ["--out", str(_file(r, "vol2.h5") / "x.h5")]),
+         "vol2.h5"),
+    Case("predict: --work-dir is an existing file",
+         _predict(lambda r: ["--out", str(r / "s.h5"), "--work-dir", str(_file(r, "planes"))]), "--work-dir"),
+    Case("predict: --out an existing directory with --overwrite",
+         _predict(lambda r: ["--out", str((r / "outdir").mkdir() or r / "outdir"), "--overwrite"]), "is a directory"),
+    Case("predict: runs:/ URI with an unreachable server", _predict_unreachable_server, "127.0.0.1:1"),
     Case("analysis reports: --out is a file", _analysis("reports", lambda r: f"sqlite:///{r / 'none.db'}", _file_as_out),
          "--out"),
     Case("analysis reports: sqlite file that is not a database", _analysis("reports", _not_a_database), "mlflow.db"),
