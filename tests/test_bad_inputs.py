@@ -136,6 +136,20 @@ def _predict_unreachable_server(root: Path) -> list[str]:
             "--tracking-uri", "http://127.0.0.1:1", "--no-progress"]
 
 
+def _measures_on_an_image(root: Path) -> list[str]:
+    return ["-m", "analysis.measures", str(_volume(root)), "--dataset", "image", "--voxel-size-um", "5"]
+
+
+def _summary_width_zero(root: Path) -> list[str]:
+    return ["-m", "model.summary", "--width", "0", "--depth", "3", "--input-size", "384"]
+
+
+def _sweep_predict_missing(root: Path) -> list[str]:
+    # Hydra's run folder goes to an absolute path outside the case folder (the check compares the folder).
+    return ["-m", "sweep.predict", f"model_uri={root / 'nope.keras'}", f"volumes=[{root / 'nope.h5'}]",
+            f"hydra.run.dir={root.parent / (root.name + '-hydra')}"]
+
+
 def _analysis(what: str, uri: tp.Callable[[Path], str], out: tp.Optional[tp.Callable[[Path], str]] = None):
     def setup(root: Path) -> list[str]:
         args = ["-m", "analysis", what, "--tracking-uri", uri(root)]
@@ -176,6 +190,9 @@ CASES = [
     Case("predict: --out an existing directory with --overwrite",
          _predict(lambda r: ["--out", str((r / "outdir").mkdir() or r / "outdir"), "--overwrite"]), "is a directory"),
     Case("predict: runs:/ URI with an unreachable server", _predict_unreachable_server, "127.0.0.1:1"),
+    Case("model.summary: --width 0", _summary_width_zero, "width"),
+    Case("sweep.predict: missing model and volume", _sweep_predict_missing, "nothing was queued"),
+    Case("analysis.measures: an image instead of labels", _measures_on_an_image, "vol.h5"),
     Case("analysis reports: --out is a file", _analysis("reports", lambda r: f"sqlite:///{r / 'none.db'}", _file_as_out),
          "--out"),
     Case("analysis reports: sqlite file that is not a database", _analysis("reports", _not_a_database), "mlflow.db"),
