@@ -43,7 +43,8 @@ def expand_sweep(overrides: tp.Sequence[str]) -> tuple[DictConfig, list[list[str
     fixed = [o.input_line for o in parser.parse_overrides(list(overrides)) if not o.is_sweep_override()]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         base = compose("config", overrides=fixed, return_hydra_config=True)
-    params = OmegaConf.to_container(base.hydra.sweeper.get("params") or {}, resolve=False)
+    params = base.hydra.sweeper.get("params")
+    params = OmegaConf.to_container(params, resolve=False) if params else {}  # no experiment: no sweep params
     lines = [f"{k}={v}" for k, v in params.items()] + list(overrides)
     final: dict[str, list[str]] = {}
     for o in parser.parse_overrides(lines):
