@@ -165,13 +165,30 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         print(f"error: {refusal}", file=sys.stderr)
         return 2
     if is_slurm and todo:
-        folder = str(launcher_params(base)["submitit_folder"])
+        from sweep.groups import job_groups
+
+        params = launcher_params(base)
+        folder = str(params["submitit_folder"])
+        groups = job_groups(todo, params)
         print()
-        print(f"sbatch script (one array of {len(todo)} tasks):")
-        try:
-            print(render_sbatch(launcher_params(base), len(todo), folder=folder, python=sys.executable))
-        except RuntimeError as exc:  # submitit needs srun on PATH to render
-            print(f"  (not rendered here: {exc})")
+        print(f"arrays: {len(groups)} (time_groups={params.get('time_groups', 1)}), runs by predicted wall time "
+              f"({params.get('tflops_per_gpu', 30.0):g} TFLOP/s per GPU), longest first inside each array:")
+        for g in groups:
+            print(f"  {g.name}: {len(g.items):>4} runs, predicted {g.predicted_s[0] / 3600:.2f} h .. "
+                  f"{g.predicted_s[-1] / 3600:.2f} h, --time={g.time_min} min, "
+                  f"at most {g.parallelism or params.get('array_parallelism')} at once "
+                  f"({', '.join(sorted({j.plan.run_name.rsplit('-fold', 1)[0] for j in g.items})[:4])}"
+                  f"{', ...' if len({j.plan.config_key for j in g.items}) > 4 else ''})")
+        for g in groups:
+            print()
+            print(f"sbatch script of array {g.name} (one array of {len(g.items)} tasks):")
+            try:
+                print(render_sbatch(dict(params, timeout_min=g.time_min,
+                                         array_parallelism=g.parallelism or params.get("array_parallelism")),
+                                    len(g.items), folder=folder,
+                                    python=sys.executable))
+            except RuntimeError as exc:  # submitit needs srun on PATH to render
+                print(f"  (not rendered here: {exc})")
     return 0
 
 

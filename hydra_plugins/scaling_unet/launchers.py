@@ -37,6 +37,10 @@ class ScalingUnetSlurmConf(SlurmQueueConf):
     parent_runs: bool = True  # one MLflow parent run per config after the sweep
     gpu_mem_gb: tp.Optional[float] = None  # memory of one GPU: runs estimated above it are refused/skipped/halved (on_oom)
     wait: bool = True  # false: submit, print the array ids and how to follow/cancel, and exit (python -m sweep.status)
+    time_groups: int = 1  # at most this many arrays, grouped by predicted run time, each with its own --time (sweep.groups)
+    time_factor: float = 2.0  # a group's --time: factor × its longest predicted run + time_margin_min, ≤ timeout_min
+    time_margin_min: float = 10.0
+    tflops_per_gpu: float = 30.0  # sustained training throughput assumed for the prediction (until runs FINISHED)
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="scaling_unet_slurm", node=ScalingUnetSlurmConf,
@@ -44,9 +48,9 @@ ConfigStore.instance().store(group="hydra/launcher", name="scaling_unet_slurm", 
 
 
 def _compose(launcher, job_overrides: tp.Sequence[tp.Sequence[str]], initial_job_idx: int) -> list:
-    loader = launcher.hydra_context.config_loader
-    return [(initial_job_idx + i, list(o), loader.load_sweep_config(launcher.config, list(o)))
-            for i, o in enumerate(job_overrides)]
+    from sweep.compose import compose_jobs
+
+    return compose_jobs(launcher.hydra_context.config_loader, launcher.config, job_overrides, initial_job_idx)
 
 
 def _skipped_return(job, metrics) -> JobReturn:
@@ -271,8 +275,12 @@ class SlurmArrayLauncher(BaseSubmititLauncher):
     _EXECUTOR = "slurm"
 
     def __init__(self, poll_interval_s: float = 5.0, parent_runs: bool = True, gpu_mem_gb: tp.Optional[float] = None,
-                 wait: bool = True, **params: tp.Any) -> None:
+                 wait: bool = True, time_groups: int = 1, time_factor: float = 2.0, time_margin_min: float = 10.0,
+                 tflops_per_gpu: float = 30.0, **params: tp.Any) -> None:
         self.poll_interval_s = float(poll_interval_s)
+        self.group_params = {"time_groups": time_groups, "time_factor": time_factor,
+                             "time_margin_min": time_margin_min, "tflops_per_gpu": tflops_per_gpu}
+        self.rate = 1.0
         self.parent_runs = parent_runs
         self.gpu_mem_gb = gpu_mem_gb  # read by sweep.resources from the composed config, never passed to sbatch
         self.wait = bool(wait)
@@ -306,18 +314,23 @@ class SlurmArrayLauncher(BaseSubmititLauncher):
                                       if k not in ("submitit_folder", "max_num_timeout")})
         return executor
 
-    def _groups(self, todo: list) -> list[tuple[str, list, int]]:
-        """(name, jobs longest first, --time in minutes) of each array to submit."""
-        return [("all", sorted(todo, key=lambda j: -_run_cost(j)), int(self.params["timeout_min"]))]
+    def _groups(self, todo: list) -> list[tuple[str, list, int, tp.Optional[int]]]:
+        """(name, jobs longest first, --time in minutes, %N or None) of each array to submit."""
+        from sweep.groups import job_groups
+
+        groups = job_groups(todo, {**self.params, **self.group_params}, self.rate)
+        return [(g.name, g.items, g.time_min, g.parallelism) for g in groups]
 
     def _submit(self, todo: list, rec, work: Path) -> list[tuple[tp.Any, tp.Any]]:
         """One sbatch --array per group; each submission recorded at once (file, then MLflow)."""
         from sweep import record as sweep_record
 
         out = []
-        for name, group, time_min in self._groups(todo):
+        for name, group, time_min, parallelism in self._groups(todo):
             executor = self.executor()
             executor.update_parameters(timeout_min=time_min)
+            if parallelism:
+                executor.update_parameters(slurm_array_parallelism=parallelism)
             params = []
             for j in group:
                 log.info("\t#%d : %s", j.idx, " ".join(filter_overrides(j.overrides)))
@@ -329,7 +342,7 @@ class SlurmArrayLauncher(BaseSubmititLauncher):
                                           submitted_at=time.time(), group=name)
             rec = sweep_record.update(work, rec, lambda r, s=sub: r.submissions.append(s))
             log.info("submitted %d runs as ONE SLURM job array %s (group %s, --time=%d, at most %s at a time)",
-                     len(jobs), array_id, name, time_min, self.params.get("array_parallelism"))
+                     len(jobs), array_id, name, time_min, parallelism or self.params.get("array_parallelism"))
             out.extend(zip(jobs, group))
         return out
 
@@ -352,6 +365,9 @@ class SlurmArrayLauncher(BaseSubmititLauncher):
         work = Path(str(composed[0][2].paths.work))
         rec = self._record(prepared)
         self._experiment = rec.experiment
+        from sweep.groups import measured_rate
+
+        self.rate = measured_rate(prepared.finished, {**self.params, **self.group_params})
         try:
             live = sweep_record.live_pairs(work, rec.experiment, {j.pair: j.plan.ckpt_dir for j in prepared.todo},
                                            leases=prepared.task == "train")
