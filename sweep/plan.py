@@ -55,8 +55,14 @@ def expand_sweep(overrides: tp.Sequence[str]) -> tuple[DictConfig, list[list[str
 
 
 def compose_jobs(jobs: list[list[str]]) -> list[tuple[int, list[str], DictConfig]]:
+    """Every job's config, composed once per config-group choice as the launchers do (sweep.compose)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from sweep.compose import compose_jobs as compose_once
+
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return [(i, o, compose("config", overrides=o, return_hydra_config=True)) for i, o in enumerate(jobs)]
+        master = compose("config", return_hydra_config=True)
+        return compose_once(GlobalHydra.instance().config_loader(), master, jobs)
 
 
 def finished_pairs(uri: str, experiment: str) -> set[tuple[str, int]]:

@@ -217,8 +217,8 @@ def render(st: SweepStatus) -> str:
     return "\n".join(lines)
 
 
-def resolve(overrides: tp.Sequence[str], sid: tp.Optional[str]) -> tuple[sweep_record.SweepRecord, str, Path]:
-    """The sweep's record, the tracking URI and the work folder; raises ValueError naming the problem."""
+def resolve(overrides: tp.Sequence[str], sid: tp.Optional[str]) -> tuple[sweep_record.SweepRecord, str, tp.Any]:
+    """The sweep's record, the tracking URI and the base config; raises ValueError naming the problem."""
     from sweep.plan import compose_jobs, expand_sweep
 
     base, job_overrides = expand_sweep(list(overrides))
@@ -229,7 +229,7 @@ def resolve(overrides: tp.Sequence[str], sid: tp.Optional[str]) -> tuple[sweep_r
         if rec is None:
             raise ValueError(f"--sweep-id {sid}: no record {sweep_record.record_path(work, sid)} "
                              f"(paths.work={work}; set SCALING_UNET_WORK or paths.work as for the sweep)")
-        return rec, uri, work
+        return rec, uri, base
     from sweep.dispatch import check_jobs
     from sweep.resources import apply_memory_policy
 
@@ -251,7 +251,7 @@ def resolve(overrides: tp.Sequence[str], sid: tp.Optional[str]) -> tuple[sweep_r
                                                     "config_key": j.plan.config_key, "fold": j.plan.fold}
                    for j in all_jobs},
             skipped={sweep_record.pair_name(j.pair): why for j, why in skipped})
-    return rec, uri, work
+    return rec, uri, base
 
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
@@ -260,17 +260,24 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     ap.add_argument("--sweep-id", help="the id printed at submission (instead of the overrides' grid)")
     ap.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until nothing is alive")
     ap.add_argument("--no-parents", action="store_true", help="do not build the parent runs of complete configs")
+    ap.add_argument("--sync", action="store_true",
+                    help="first copy the runs' offline stores (mlflow.offline=true) to the server (sweep.sync)")
     args = ap.parse_args(argv)
     if args.watch is not None and args.watch <= 0:
         print("error: --watch: must be a positive number of seconds", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        rec, uri, work = resolve(args.overrides, args.sweep_id)
+        rec, uri, base = resolve(args.overrides, args.sweep_id)
+        work = Path(str(base.paths.work))
         if not rec.experiment_id:
             print(render(SweepStatus(rec, [PairStatus(sweep_record.parse_pair(n), i["run_name"], "NEVER_QUEUED")
                                            for n, i in rec.pairs.items()], 0.0, None, [])))
             return EXIT_FAILED
         while True:
+            if args.sync:
+                from sweep.offline import sync_all
+
+                print(f"synced: {sync_all(Path(str(base.paths.checkpoints)), uri, rec.experiment)}")
             st = collect(rec, uri, build_parents=not args.no_parents)
             if args.watch is not None and sys.stdout.isatty():
                 print("\033[H\033[J", end="")

@@ -210,6 +210,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Train one (config, fold), recorded as ONE MLflow run; resumes a killed run; skips a finished one."""
     t_setup = time.perf_counter()
     plan = plan_run(cfg)
+    if OmegaConf.select(cfg, "mlflow.offline", default=False):
+        from sweep.offline import offline_uri
+
+        # A compute node without the server: this run's own store, synced later (python -m sweep.sync).
+        plan = dataclasses.replace(plan, tracking_uri=offline_uri(plan.ckpt_dir))
     tracking.check_tracking_uri(plan.tracking_uri)
     dataset = load_dataset(ensure_dataset(cfg))
     try:
