@@ -12,7 +12,7 @@ WORK   := $(abspath $(DEMO))/work
 TABLE2 := mlflow.experiment=scaling-unet-table2 model.width=112 model.depth=3 model.input_size=384 \
           train.max_iters=3000 train.checkpoint_every=250 train.lr_patience_iters=500 \
           train.early_stop_patience_iters=2000 train.batch_size=8
-SAMPLE := $(WORK)/data/synthetic-64-seed0-dl2.0/prepared
+SAMPLE := $(WORK)/data/synthetic-64-seed0-dl2.5-n14-3/prepared
 
 .PHONY: demo test venv bench clean
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import typing as tp
+from pathlib import Path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,6 +64,13 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     from analysis import reports as R
     from analysis.results import StoreError, read_runs
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        print(f"error: --out {out}: an existing file, not a folder", file=sys.stderr)
+        return 2
+    if any(p.exists() and not p.is_dir() for p in out.parents):
+        print(f"error: --out {out}: a parent path is a file, not a folder", file=sys.stderr)
+        return 2
     need_training = args.what not in ("table2", "table3")
     try:
         runs = read_runs(args.tracking_uri, args.experiment, args.fusing_experiment, need_training=need_training)

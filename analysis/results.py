@@ -116,8 +116,15 @@ def check_store(uri: str, timeout_s: float = 5.0) -> None:
         path = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
         if path in ("", ":memory:"):
             raise StoreError(f"tracking URI {uri} names no sqlite file")
-        if not Path(path).expanduser().is_file():
-            raise StoreError(f"no MLflow store at {uri} (file {Path(path).expanduser()} does not exist)")
+        db = Path(path).expanduser()
+        if not db.is_file():
+            raise StoreError(f"no MLflow store at {uri} (file {db} does not exist)")
+        with open(db, "rb") as fh:
+            head = fh.read(16)
+        if not head:  # mlflow would create its tables in it: a write, from a read-only command
+            raise StoreError(f"{db} is empty, not an MLflow store (tracking URI {uri})")
+        if head != b"SQLite format 3\x00":
+            raise StoreError(f"{db} is not an SQLite database (tracking URI {uri})")
         return
     parsed = urllib.parse.urlsplit(uri)
     if parsed.scheme in ("http", "https"):
@@ -136,6 +143,10 @@ def check_store(uri: str, timeout_s: float = 5.0) -> None:
         folder = Path(urllib.request.url2pathname(parsed.path) if parsed.scheme else uri).expanduser()
         if not folder.is_dir():
             raise StoreError(f"no MLflow file store at {uri}")
+        return
+    if parsed.scheme.split("+", 1)[0] not in ("postgresql", "mysql", "mssql", "databricks"):
+        raise StoreError(f"tracking URI {redact(uri)}: unknown scheme {parsed.scheme!r} "
+                         "(use sqlite:///<file>, http(s)://<server> or a database URI)")
 
 
 def _client(uri: str):
@@ -164,8 +175,8 @@ def read_runs(tracking_uri: str, experiment: str, fusing_experiment: tp.Optional
     check_store(tracking_uri)
     fusing_experiment = fusing_experiment or f"{experiment}-fusing"
     t0 = time.perf_counter()
-    client = _client(tracking_uri)
     try:
+        client = _client(tracking_uri)
         exp = client.get_experiment_by_name(experiment)
         fexp = client.get_experiment_by_name(fusing_experiment)
     except Exception as e:  # noqa: BLE001 - any store failure is "cannot read", with the reason
@@ -173,7 +184,10 @@ def read_runs(tracking_uri: str, experiment: str, fusing_experiment: tp.Optional
     if exp is None and need_training:
         raise StoreError(f"no experiment {experiment!r} at {redact(tracking_uri)}")
     ids = [e.experiment_id for e in (exp, fexp) if e is not None]
-    records, calls = search_all(client, ids) if ids else ([], 0)
+    try:
+        records, calls = search_all(client, ids) if ids else ([], 0)
+    except Exception as e:  # noqa: BLE001 - as above
+        raise StoreError(f"cannot read MLflow store {redact(tracking_uri)}: {e}") from None
     train_id = None if exp is None else exp.experiment_id
     fusing_id = None if fexp is None else fexp.experiment_id
     return Runs(tracking_uri=tracking_uri, experiment=experiment, fusing_experiment=fusing_experiment,

@@ -19,6 +19,9 @@ import time
 import typing as tp
 from pathlib import Path
 
+import os
+import shutil
+
 import h5py
 import numpy as np
 
@@ -32,6 +35,7 @@ log = logging.getLogger(__name__)
 PAPER_VOXEL_SIZE_UM = 5.0
 PAPER_CLIP_PERCENTILES = (0.5, 99.9)
 HIST_BINS = 1 << 16
+PREPARED_MARKER = "prepared_by"  # HDF5 attribute of every image data.prepare writes
 LABEL_FIELDS = ("label", "wf_label")
 
 
@@ -94,6 +98,13 @@ def resampled_slabs(vol, ref: VolumeRef, maps: tp.Sequence[AxisMap], out_depth: 
         yield slice(o0, o1), block
 
 
+def histogram_counts(block: np.ndarray, lo: float, hi: float, bins: int = HIST_BINS) -> np.ndarray:
+    """Counts in ``bins`` equal bins over [lo, hi], in float64: np.histogram on float32 refuses narrow ranges."""
+    scale = bins / (hi - lo)
+    idx = ((block.astype(np.float64, copy=False).ravel() - lo) * scale).astype(np.int64)
+    return np.bincount(np.clip(idx, 0, bins - 1), minlength=bins)
+
+
 def percentiles_from_histogram(counts: np.ndarray, edges: np.ndarray, q: tp.Sequence[float]) -> list[float]:
     """Percentiles of a histogrammed volume, linear within a bin (error below one bin width)."""
     cum = np.cumsum(counts, dtype=np.float64)
@@ -142,12 +153,12 @@ def prepare_sample(sample: Sample, stats: ImageStats, out_root: Path, *, voxel_s
     shape_out = output_shape(stats.shape, sample.voxel_size_um, voxel_size_um)
     maps = [axis_map(n, m, sample.voxel_size_um, voxel_size_um) for n, m in zip(stats.shape, shape_out)]
     depth = slab_depth_for(stats.shape, shape_out, slab_bytes)
-    lo_edge, hi_edge = stats.min, stats.max if stats.max > stats.min else stats.min + 1.0
+    lo_edge, hi_edge = float(stats.min), float(stats.max)
     edges = np.linspace(lo_edge, hi_edge, HIST_BINS + 1)
     counts = np.zeros(HIST_BINS, np.int64)
     with open_volume(sample.image) as vol:
         for _, block in resampled_slabs(vol, sample.image, maps, depth, nearest=False, field="image"):
-            counts += np.histogram(block, bins=HIST_BINS, range=(lo_edge, hi_edge))[0]
+            counts += histogram_counts(block, lo_edge, hi_edge)
     clip_low, clip_high = percentiles_from_histogram(counts, edges, clip_percentiles)
 
     target = out_root / f"{sample.id}.h5"
@@ -170,7 +181,7 @@ def prepare_sample(sample: Sample, stats: ImageStats, out_root: Path, *, voxel_s
                     for zs, block in resampled_slabs(vol, ref, maps, depth, nearest=True, field=name):
                         ds[zs] = block.astype(np.uint8)
                 refs[name] = VolumeRef(target, f"/{name}")
-            f.attrs.update({"sample_id": sample.id, "voxel_size_um": voxel_size_um,
+            f.attrs.update({PREPARED_MARKER: "data.prepare", "sample_id": sample.id, "voxel_size_um": voxel_size_um,
                             "source_voxel_size_um": sample.voxel_size_um, "source_shape": stats.shape,
                             "clip_low": clip_low, "clip_high": clip_high,
                             "clip_percentiles": list(clip_percentiles)})
@@ -180,11 +191,13 @@ def prepare_sample(sample: Sample, stats: ImageStats, out_root: Path, *, voxel_s
 
 
 def prepare_dataset(src: tp.Union[str, Path], out: tp.Union[str, Path], *, voxel_size_um: float = PAPER_VOXEL_SIZE_UM,
-                    clip_percentiles: tp.Sequence[float] = PAPER_CLIP_PERCENTILES, slab_mb: int = 256,
+                    clip_percentiles: tp.Sequence[float] = PAPER_CLIP_PERCENTILES, slab_mb: float = 256,
                     overwrite: bool = False) -> list[PreparedSample]:
     """Check every input first (so bad input writes nothing), then prepare sample by sample."""
     if not (voxel_size_um > 0 and math.isfinite(voxel_size_um)):
         raise DataError(None, "voxel_size_um", f"must be a positive number, got {voxel_size_um}")
+    if not (isinstance(slab_mb, (int, float)) and math.isfinite(slab_mb) and slab_mb > 0):
+        raise DataError(None, "slab_mb", f"must be a positive number of MB, got {slab_mb}")
     lo, hi = clip_percentiles
     if not 0 <= lo < hi <= 100:
         raise DataError(None, "clip_percentiles", f"need 0 <= low < high <= 100, got {lo}, {hi}")
@@ -192,25 +205,76 @@ def prepare_dataset(src: tp.Union[str, Path], out: tp.Union[str, Path], *, voxel
     out = Path(out).resolve()
     if out == dataset.root:
         raise DataError(out, None, "output folder is the input dataset folder; choose another")
+    if out.exists() and not out.is_dir():
+        raise DataError(out, None, "output path is an existing file, not a folder")
+    if any(p.exists() and not p.is_dir() for p in out.parents):
+        raise DataError(out, None, "a parent of the output path is a file, not a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise DataError(out, None, "output folder is not empty (use --overwrite to replace prepared files)")
     stats: dict[str, ImageStats] = {}
     for s in dataset.samples:
         stats[s.id] = check_image(s.image)
+        if not stats[s.id].max > stats[s.id].min:
+            raise DataError(s.image.path, "image", f"sample {s.id}: every voxel is {stats[s.id].min:g}: "
+                            "a constant image has no contrast to segment")
         for name in LABEL_FIELDS:
             ref = getattr(s, name)
             if ref is not None:
                 check_labels(ref, field=name, expected_shape=stats[s.id].shape)
-    out.mkdir(parents=True, exist_ok=True)
-    done = []
+    # Everything is written into a staging folder and moved into ``out`` only when every sample is done,
+    # so a failure leaves ``out`` as it was (and no half-written folder that blocks the next run).
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(out, None, f"cannot create the output folder: {exc.strerror}") from None
+    staging = out.parent / f".{out.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        done = []
+        for s in dataset.samples:
+            p = prepare_sample(s, stats[s.id], staging, voxel_size_um=voxel_size_um, clip_percentiles=clip_percentiles,
+                               slab_bytes=int(slab_mb * (1 << 20)))
+            log.info("%s: %s -> %s, clip [%.4g, %.4g], %.1f s", s.id, p.shape_in, p.shape_out, p.clip_low, p.clip_high, p.seconds)
+            done.append(p)
+        write_manifest(staging, [p.sample for p in done],
+                       header=f"# prepared by data.prepare: {voxel_size_um} um voxels, clipped to percentiles {lo}/{hi}, scaled to [0, 1]")
+        out.mkdir(exist_ok=True)
+        names = sorted(os.listdir(staging), key=lambda n: n.startswith("manifest"))  # the manifest last
+        for name in names:
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [dataclasses.replace(p, sample=_moved(p.sample, staging, out)) for p in done]
+
+
+def _moved(sample: Sample, old: Path, new: Path) -> Sample:
+    refs = {n: dataclasses.replace(r, path=new / Path(r.path).relative_to(old))
+            for n in ("image", "label", "wf_label") if (r := getattr(sample, n)) is not None}
+    return dataclasses.replace(sample, **refs)
+
+
+def check_prepared(root: tp.Union[str, Path]) -> Dataset:
+    """Refuse a dataset data.prepare did not write (or whose images are not in [0, 1]): training on raw grey values
+    runs without a word and records a FINISHED run that every later sweep skips."""
+    dataset = load_dataset(root)
     for s in dataset.samples:
-        p = prepare_sample(s, stats[s.id], out, voxel_size_um=voxel_size_um, clip_percentiles=clip_percentiles,
-                           slab_bytes=slab_mb << 20)
-        log.info("%s: %s -> %s, clip [%.4g, %.4g], %.1f s", s.id, p.shape_in, p.shape_out, p.clip_low, p.clip_high, p.seconds)
-        done.append(p)
-    write_manifest(out, [p.sample for p in done],
-                   header=f"# prepared by data.prepare: {voxel_size_um} um voxels, clipped to percentiles {lo}/{hi}, scaled to [0, 1]")
-    return done
+        hint = f"sample {s.id} is not prepared data; prepare the raw dataset with `python -m data.prepare SRC --out DST`"
+        with open_volume(s.image) as vol:
+            attrs = getattr(vol, "attrs", None)
+            file_attrs = getattr(getattr(vol, "file", None), "attrs", None)
+            marked = any(a is not None and (PREPARED_MARKER in a or "clip_high" in a) for a in (attrs, file_attrs))
+            if marked:
+                continue
+            if not np.issubdtype(vol.dtype, np.floating):
+                raise DataError(s.image.path, "image", f"{hint} (dtype {vol.dtype}, prepared images are float in [0, 1])")
+            n = int(vol.shape[0])
+            for z in sorted({0, n // 2, n - 1}):  # unmarked float data: sample three slices for the range
+                a = read_checked(vol, slice(z, z + 1), ref=s.image, field="image")
+                if a.size and (float(a.min()) < 0 or float(a.max()) > 1):
+                    raise DataError(s.image.path, "image", f"{hint} (values {float(a.min()):.4g}..{float(a.max()):.4g} "
+                                    f"in slice {z}, prepared images are in [0, 1])")
+    return dataset
 
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
@@ -219,7 +283,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     ap.add_argument("--out", required=True, help="output dataset folder")
     ap.add_argument("--voxel-size-um", type=float, default=PAPER_VOXEL_SIZE_UM, help="target voxel size (paper: 5)")
     ap.add_argument("--clip-percentiles", type=float, nargs=2, default=PAPER_CLIP_PERCENTILES, metavar=("LOW", "HIGH"))
-    ap.add_argument("--slab-mb", type=int, default=256, help="memory per slab; peak RSS is a few slabs")
+    ap.add_argument("--slab-mb", type=float, default=256, help="memory per slab; peak RSS is a few slabs")
     ap.add_argument("--overwrite", action="store_true", help="allow a non-empty output folder")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import tempfile
+import zipfile
 import typing as tp
 from pathlib import Path
 
@@ -65,6 +66,10 @@ def load_model(spec: str, *, tracking_uri: tp.Optional[str] = None):
         if path.suffix != ".keras":
             raise PredictError(f"MODEL: {path}: expected a .keras file or runs:/<id>/model")
         model_id = file_digest(path)
+    if not zipfile.is_zipfile(path):  # Keras says "File not found" for a file that exists but is no archive
+        if dst is not None:
+            shutil.rmtree(dst, ignore_errors=True)
+        raise PredictError(f"MODEL: {path}: not a Keras model file (a .keras file is a zip archive)")
     try:
         model = keras.saving.load_model(path, compile=False)
     except Exception as exc:  # Keras raises ValueError/OSError/zipfile errors for broken files

@@ -144,11 +144,9 @@ def build_unet(
 
 
 def infer_depth(model: keras.Model) -> int:
-    """Depth of a model built by :func:`build_unet` (= number of MaxPooling2D layers)."""
-    n = sum(isinstance(layer, keras.layers.MaxPooling2D) for layer in model.layers)
-    if n < 1:
-        raise ValueError("depth: cannot infer it from the model (no MaxPooling2D layer); pass depth=")
-    return n
+    """Depth of a model built by :func:`build_unet` (= number of MaxPooling2D layers). A fully convolutional
+    model without pooling has depth 0: any slice size works, nothing is padded."""
+    return sum(isinstance(layer, keras.layers.MaxPooling2D) for layer in model.layers)
 
 
 def _spatial_axes(ndim: int) -> tp.Tuple[int, int]:
@@ -176,7 +174,7 @@ def pad_to_multiple(image_batch, depth: int, mode: str = "reflect") -> tp.Tuple[
     (then "constant" is equally fine). The network's own "same" zero padding still applies at
     every layer either way.
     """
-    depth = check_depth(depth)
+    depth = check_positive_int(depth, "depth", minimum=0)  # 0: a model without pooling, no padding
     m = 2**depth
     ndim = len(image_batch.shape)
     ah, aw = _spatial_axes(ndim)
@@ -225,7 +223,7 @@ def predict_full_slice(
     back to H x W. Returns float32 logits (softmax probabilities with ``probabilities=True``) of
     shape (H, W, K) for a 2-D input, else (N, H, W, K). ``depth=None`` infers it from the model.
     """
-    depth = infer_depth(model) if depth is None else check_depth(depth)
+    depth = infer_depth(model) if depth is None else check_positive_int(depth, "depth", minimum=0)
     batch_size = check_positive_int(batch_size, "batch_size")
     x = np.asarray(slice2d_or_batch)
     single = x.ndim == 2

@@ -73,6 +73,20 @@ def check_jobs(jobs: tp.Sequence[tuple[int, tp.Sequence[str], DictConfig]]) -> l
     return planned
 
 
+def prepare_sweep_or_exit(jobs: tp.Sequence[tuple[int, tp.Sequence[str], DictConfig]]) -> PreparedSweep:
+    """:func:`prepare_sweep` for a launcher: a bad sweep ends the command with one ``error:`` line and exit
+    status 2, as a single run does, instead of Hydra's traceback and status 1."""
+    import sys
+
+    from data.errors import DataError
+
+    try:
+        return prepare_sweep(jobs)
+    except (SweepConfigError, ConfigError, DataError, tracking.TrackingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def prepare_sweep(jobs: tp.Sequence[tuple[int, tp.Sequence[str], DictConfig]]) -> PreparedSweep:
     t0 = time.perf_counter()
     planned = check_jobs(jobs)

@@ -69,6 +69,11 @@ def holder_alive(lease: tp.Mapping[str, tp.Any]) -> tuple[bool, str]:
             return False, "process gone"
         except (PermissionError, ValueError, TypeError):
             return True, "process exists"
+        try:  # a killed child its parent has not reaped yet still answers kill(pid, 0)
+            if Path(f"/proc/{int(lease['pid'])}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return False, "process gone (zombie)"
+        except (OSError, IndexError, KeyError, ValueError):
+            pass
         return True, "process running"
     return True, "on another host, not a SLURM job: cannot be checked"
 

@@ -55,7 +55,9 @@ def test_local_sweep_records_folds_and_parents_and_resumes(tmp_path):
 def test_bad_config_in_a_sweep_stops_everything_before_training(tmp_path):
     work = tmp_path / "work"
     res = _sweep(work, "+experiment=compound", "model.width=32,0", "model.input_size=384", "fold=0")
-    assert res.returncode != 0
+    # Under -m as for a single run: exit status 2 and one error line, not Hydra's traceback.
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert len([ln for ln in res.stderr.splitlines() if "error:" in ln]) == 1
     assert "1 of 2 configs are invalid; nothing was queued" in res.stderr and "model.width: must be positive" in res.stderr
     assert not (work / "checkpoints").exists()
 
@@ -125,3 +127,37 @@ def test_runs_over_the_gpu_memory_are_skipped_recorded_and_reported(tmp_path):
     md = (tmp_path / "reports" / "missing.md").read_text()
     row = next(line for line in md.splitlines() if "| 64 | 2 | 384 |" in line)
     assert "fold 0: skipped, estimated peak GPU memory" in row
+
+
+def test_pool_workers_die_with_a_killed_sweep(tmp_path):
+    # SIGKILL of the sweep process (no Ctrl-C clean-up) must not leave workers training on as orphans.
+    import signal
+    import time
+
+    work = tmp_path / "work"
+    env = dict(os.environ, SCALING_UNET_WORK=str(work), TF_CPP_MIN_LOG_LEVEL="3")
+    args = [a for a in TINY if not a.startswith(("train.max_iters", "train.checkpoint_every"))]
+    proc = subprocess.Popen([sys.executable, "-m", "sweep", "fold=0,1", *args, "train.max_iters=100000",
+                             "train.checkpoint_every=100000", "-m"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def children() -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    deadline = time.time() + 120
+    while time.time() < deadline and not (work / "checkpoints").exists():  # a worker has started training
+        time.sleep(0.5)
+    workers = children()
+    assert workers and proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    alive = workers
+    while alive and time.time() < deadline:
+        alive = [p for p in workers if Path(f"/proc/{p}").exists() and "Z" not in
+                 Path(f"/proc/{p}/stat").read_text().split()[2]]
+        time.sleep(0.5)
+    for p in alive:
+        os.kill(p, signal.SIGKILL)
+    assert not alive, f"workers {alive} outlived the killed sweep"

@@ -10,6 +10,7 @@ Imports of TensorFlow and MLflow are lazy: Hydra imports this module during plug
 import dataclasses
 import logging
 import os
+import sys
 import time
 import typing as tp
 from pathlib import Path
@@ -116,7 +117,19 @@ def _sweep_dir(config: DictConfig) -> None:
 
 # ----------------------------------------------------------------------------- local process pool
 
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this worker when the sweep process dies (killed, not Ctrl-C), so no orphan trains on."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux/glibc: workers may outlive a killed sweep
+        pass
+
+
 def _init_worker(threads: tp.Optional[int]) -> None:
+    _die_with_parent()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if threads:  # several TensorFlow processes on few cores: don't oversubscribe
         os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
@@ -194,13 +207,13 @@ class PoolLauncher(Launcher):
 
         import cloudpickle
 
-        from sweep.dispatch import prepare_sweep
+        from sweep.dispatch import prepare_sweep_or_exit
 
         assert self.config is not None and self.hydra_context is not None
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         _sweep_dir(self.config)
-        prepared = prepare_sweep(_compose(self, job_overrides, initial_job_idx))
+        prepared = prepare_sweep_or_exit(_compose(self, job_overrides, initial_job_idx))
         results = _prepared_returns(prepared)
         failed: list = []
         threads = self.threads_per_worker or max(1, (os.cpu_count() or 1) // self.n_workers)
@@ -348,17 +361,18 @@ class SlurmArrayLauncher(BaseSubmititLauncher):
 
     def launch(self, job_overrides: tp.Sequence[tp.Sequence[str]], initial_job_idx: int) -> tp.Sequence[JobReturn]:
         from sweep import record as sweep_record
-        from sweep.dispatch import prepare_sweep
+        from sweep.dispatch import prepare_sweep_or_exit
         from sweep.slurm_state import SlurmQueryError
 
         assert self.config is not None
         if not self.wait and "optuna" in str(self.config.hydra.sweeper.get("_target_", "")).lower():
-            raise ValueError("hydra.launcher.wait=false: the Optuna sweeper needs each trial's result; "
-                             "use wait=true with +experiment=optuna")
+            print("error: hydra.launcher.wait=false: the Optuna sweeper needs each trial's result; "
+                  "use wait=true with +experiment=optuna", file=sys.stderr)
+            raise SystemExit(2)
         t0 = time.perf_counter()
         composed = _compose(self, job_overrides, initial_job_idx)
         log.info("composed %d job configs in %.1f s", len(composed), time.perf_counter() - t0)
-        prepared = prepare_sweep(composed)
+        prepared = prepare_sweep_or_exit(composed)
         results = _prepared_returns(prepared)
         failed: list = []
         _sweep_dir(self.config)
@@ -371,8 +385,9 @@ class SlurmArrayLauncher(BaseSubmititLauncher):
         try:
             live = sweep_record.live_pairs(work, rec.experiment, {j.pair: j.plan.ckpt_dir for j in prepared.todo},
                                            leases=prepared.task == "train")
-        except SlurmQueryError as exc:
-            raise RuntimeError(f"cannot tell which runs SLURM still runs ({exc}); nothing was queued") from None
+        except SlurmQueryError as exc:  # queueing blind could start a second job on a pair
+            print(f"error: cannot tell which runs SLURM still runs ({exc}); nothing was queued", file=sys.stderr)
+            raise SystemExit(1)
         left = [j for j in prepared.todo if j.pair in live]
         todo = [j for j in prepared.todo if j.pair not in live]
         if left:
