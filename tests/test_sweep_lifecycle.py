@@ -108,7 +108,8 @@ def test_killed_sweep_rerun_queues_nothing_for_live_pairs_and_status_builds_the_
 def test_two_jobs_on_one_pair_one_trains_the_other_exits_naming_the_holder(tmp_path, slurm_cluster, mlflow_server):
     work = tmp_path / "work"
     work.mkdir(parents=True)
-    overrides = [*TINY, "fold=0", "train.max_iters=60", "train.checkpoint_every=30",
+    overrides = [*TINY, "fold=0", "train.max_iters=300", "train.checkpoint_every=150",
+                 "train.early_stop_patience_iters=1000",
                  f"mlflow.tracking_uri={mlflow_server.uri}", "mlflow.experiment=lease"]
     # Data and experiment first, as the sweep launcher does, so both jobs race only for the run itself.
     prep = subprocess.run([sys.executable, "-c", "import sys; from sweep.plan import compose_jobs; "
@@ -165,6 +166,7 @@ def test_status_reports_a_cancelled_task_as_failed_with_its_slurm_state(tmp_path
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     (task, _), = _tasks(slurm_cluster, "stfail")
     slurm_cluster.submitted.append(task.split("_")[0])
+    slurm_cluster.wait_running(task, timeout=120)
     slurm_cluster.run("scancel", task)
     slurm_cluster.wait_state(task, "CANCELLED", timeout=60)
     st = _status(work, *args, "--no-parents")
