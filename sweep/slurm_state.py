@@ -26,7 +26,7 @@ class SlurmQueryError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class LiveTask:
-    array_id: str
+    array_id: str  # the job's own id for a plain (non-array) job
     task: int
     job_id: str  # its own job id once started; the array's id while pending
     state: str  # PENDING, RUNNING, REQUEUED, COMPLETING, ...
@@ -60,8 +60,10 @@ def live_tasks(array_ids: tp.Optional[tp.Iterable[str]] = None) -> dict[TaskId, 
         if len(parts) != 5 or parts[3] in DONE_STATES:
             continue
         array_id, task, job_id, state, _ = parts
-        if not task.isdigit() or (wanted is not None and array_id not in wanted):
-            continue  # not an array task (N/A)
+        if not task.isdigit():  # not an array: submitit submits a single run as a plain job, task 0 of "itself"
+            array_id, task = job_id, "0"
+        if wanted is not None and array_id not in wanted:
+            continue
         live[(array_id, int(task))] = LiveTask(array_id, int(task), job_id, state)
     return live
 
@@ -109,9 +111,10 @@ def task_history(array_ids: tp.Iterable[str]) -> dict[TaskId, TaskHistory]:
     hist: dict[TaskId, TaskHistory] = {}
     for line in out.splitlines():
         parts = line.split("|")
-        if len(parts) != 5 or "_" not in parts[0]:
+        if len(parts) != 5:
             continue
         array_id, _, task = parts[0].partition("_")
+        task = task or "0"  # a plain job (a sweep of one run): task 0, as in the record
         if not task.isdigit():  # "12_[3-9]": tasks not started yet, no accounting of their own
             continue
         h = hist.setdefault((array_id, int(task)), TaskHistory(array_id, int(task)))

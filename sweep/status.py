@@ -69,9 +69,9 @@ class SweepStatus:
 
 def stderr_tail(sub: sweep_record.Submission, task: int, lines: int = 5) -> str:
     """Last lines of a task's stderr, where submitit writes it (folder with %j → <array>_<task>)."""
-    name = f"{sub.array_id}_{task}"
-    folder = Path(sub.submitit_folder.replace("%j", name))
-    files = sorted(folder.glob(f"{name}_*_log.err"))
+    files: list[Path] = []
+    for name in (f"{sub.array_id}_{task}", sub.array_id):  # an array task; a plain job (a sweep of one run)
+        files = files or sorted(Path(sub.submitit_folder.replace("%j", name)).glob(f"{name}_*_log.err"))
     if not files:
         return ""
     try:
