@@ -87,7 +87,9 @@ def test_killed_sweep_rerun_queues_nothing_for_live_pairs_and_status_builds_the_
     assert running.returncode in (0, 3), running.stdout + running.stderr
     done = _status(work, *args, "--watch", "2")  # the same overrides find the same sweep
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr
-    total = next(line for line in done.stdout.splitlines() if line.startswith("total")).split()
+    renders = [line.split() for line in done.stdout.splitlines() if line.startswith("total")]
+    assert len(renders) >= 1
+    total = renders[-1]  # --watch printed one table per refresh: the last is the final state
     assert total[1:] == ["4", "0", "0", "0", "0", "0"], done.stdout
     assert "parent runs built for 1 config(s)" in done.stdout and "status: finished" in done.stdout
     assert "GPU-hours spent: 0.00" not in done.stdout  # 4 tasks × 4 fake GPUs × their elapsed time
