@@ -51,6 +51,10 @@ ConfigStore.instance().store(group="hydra/launcher", name="scaling_unet_slurm", 
 def _compose(launcher, job_overrides: tp.Sequence[tp.Sequence[str]], initial_job_idx: int) -> list:
     from sweep.compose import compose_jobs
 
+    pre = getattr(launcher, "_precomposed", None) or {}  # ComposeOnceSweeper composed this batch already
+    launcher._precomposed = None  # the SLURM launcher is pickled into every job: never with all configs
+    if all(tuple(o) in pre for o in job_overrides):
+        return [(initial_job_idx + i, list(o), pre[tuple(o)]) for i, o in enumerate(job_overrides)]
     return compose_jobs(launcher.hydra_context.config_loader, launcher.config, job_overrides, initial_job_idx)
 
 
@@ -492,3 +496,33 @@ def sweep_record_path(work: Path, sid: str) -> Path:
     from sweep.record import record_path
 
     return record_path(work, sid)
+
+
+# ----------------------------------------------------------------------------- sweeper: compose once
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper, BasicSweeperConf  # noqa: E402
+
+
+@dataclasses.dataclass
+class ScalingUnetSweeperConf(BasicSweeperConf):
+    _target_: str = "hydra_plugins.scaling_unet.launchers.ComposeOnceSweeper"
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="scaling_unet", node=ScalingUnetSweeperConf,
+                             provider="scaling_unet")
+
+
+class ComposeOnceSweeper(BasicSweeper):
+    """Hydra's basic sweeper, but the configs it composes to validate a batch are handed to our launchers.
+
+    BasicSweeper composes every job once to validate it and the launcher composes it again to check it
+    (192 compound jobs: ~30 s of the 33 s to queue). Here the batch is composed once, the fast way
+    (sweep.compose), and our launchers reuse those configs; other launchers compose as usual.
+    """
+
+    def validate_batch_is_legal(self, batch: tp.Sequence[tp.Sequence[str]]) -> None:
+        from sweep.compose import compose_jobs
+
+        composed = compose_jobs(self.hydra_context.config_loader, self.config, batch)  # raises as Hydra would
+        if isinstance(self.launcher, (PoolLauncher, SlurmArrayLauncher)):
+            self.launcher._precomposed = {tuple(o): cfg for _, o, cfg in composed}
