@@ -8,7 +8,7 @@ small real sweep (4 tasks) measures the overhead per job: seconds from the job's
 the end of its first training step (MLflow metric ``startup_s``; includes Python, TensorFlow and
 Hydra start-up, data and MLflow checks, model build and tracing of the training step).
 
-    bash slurm/install.sh && bash slurm/start.sh && python benchmarks/sweep_queue.py
+    bash slurm/install.sh && bash slurm/start.sh && python benchmarks/sweep_queue.py [--queue-only]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 GRID = ["+a=1,2,3,4", "+b=1,2,3,4", "+c=1,2,3", "+d=0,1,2,3"]
+TAG = str(os.getpid())  # job names of this run only: scancel -n never hits someone else's benchmark
 COMMON = ["hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4", "hydra.launcher.cpus_per_task=1",
           "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=10", "hydra.launcher.array_parallelism=1"]
 
@@ -78,13 +79,17 @@ def main() -> None:
         tmp = Path(tmp)
         ours_env = dict(env, SCALING_UNET_WORK=str(tmp / "ours"))
         ours = time_to_queued([sys.executable, "-m", "sweep", "+experiment=compound",
-                               "hydra/launcher=slurm_v100", *COMMON, "hydra.launcher.name=bench-ours", "-m"],
-                              "bench-ours", 192, ours_env, tmp)
+                               "hydra/launcher=slurm_v100", *COMMON, f"hydra.launcher.name=bench-ours-{TAG}", "-m"],
+                              f"bench-ours-{TAG}", 192, ours_env, tmp)
         plain = time_to_queued([sys.executable, str(REPO / "benchmarks" / "trivial_app.py"),
-                                "hydra/launcher=submitit_slurm", *GRID, *COMMON, "hydra.launcher.name=bench-plain",
-                                f"hydra.sweep.dir={tmp}/plain", "-m"], "bench-plain", 192, env, tmp)
+                                "hydra/launcher=submitit_slurm", *GRID, *COMMON, f"hydra.launcher.name=bench-plain-{TAG}",
+                                f"hydra.sweep.dir={tmp}/plain", "-m"], f"bench-plain-{TAG}", 192, env, tmp)
         print(f"192 tasks queued: scaling-unet sweep {ours:.1f} s, plain hydra-submitit-launcher {plain:.1f} s "
               f"(ratio {ours / plain:.2f})", flush=True)
+        if "--queue-only" in sys.argv[1:]:  # the queueing comparison alone (no training jobs)
+            print(json.dumps({"benchmark": "sweep_queue", "ours_s": round(ours, 2), "plain_s": round(plain, 2),
+                              "ratio": round(ours / plain, 3)}))
+            return
         overhead = job_overhead(tmp, env)
         print(f"per-job overhead, process start to end of first training step (4 SLURM tasks): "
               f"{', '.join(f'{x:.1f}' for x in overhead)} s")

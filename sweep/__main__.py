@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from data.errors import DataError
 from sweep.dispatch import objective_values
+from sweep.lease import LeaseHeld
 from sweep.task import ConfigError, run
 from sweep.tracking import TrackingError
 
@@ -41,6 +42,12 @@ def main(cfg: DictConfig) -> tp.Any:
         log.error("error: %s", exc)
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except LeaseHeld as exc:  # not bad input: another live job trains this (config, fold)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
+        log.error("error: %s", exc)
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,8 @@ def expand_sweep(overrides: tp.Sequence[str]) -> tuple[DictConfig, list[list[str
     fixed = [o.input_line for o in parser.parse_overrides(list(overrides)) if not o.is_sweep_override()]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         base = compose("config", overrides=fixed, return_hydra_config=True)
-    params = OmegaConf.to_container(base.hydra.sweeper.get("params") or {}, resolve=False)
+    params = base.hydra.sweeper.get("params")
+    params = OmegaConf.to_container(params, resolve=False) if params else {}  # no experiment: no sweep params
     lines = [f"{k}={v}" for k, v in params.items()] + list(overrides)
     final: dict[str, list[str]] = {}
     for o in parser.parse_overrides(lines):
@@ -54,8 +55,14 @@ def expand_sweep(overrides: tp.Sequence[str]) -> tuple[DictConfig, list[list[str
 
 
 def compose_jobs(jobs: list[list[str]]) -> list[tuple[int, list[str], DictConfig]]:
+    """Every job's config, composed once per config-group choice as the launchers do (sweep.compose)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from sweep.compose import compose_jobs as compose_once
+
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return [(i, o, compose("config", overrides=o, return_hydra_config=True)) for i, o in enumerate(jobs)]
+        master = compose("config", return_hydra_config=True)
+        return compose_once(GlobalHydra.instance().config_loader(), master, jobs)
 
 
 def finished_pairs(uri: str, experiment: str) -> set[tuple[str, int]]:
@@ -164,13 +171,30 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         print(f"error: {refusal}", file=sys.stderr)
         return 2
     if is_slurm and todo:
-        folder = str(launcher_params(base)["submitit_folder"])
+        from sweep.groups import job_groups
+
+        params = launcher_params(base)
+        folder = str(params["submitit_folder"])
+        groups = job_groups(todo, params)
         print()
-        print(f"sbatch script (one array of {len(todo)} tasks):")
-        try:
-            print(render_sbatch(launcher_params(base), len(todo), folder=folder, python=sys.executable))
-        except RuntimeError as exc:  # submitit needs srun on PATH to render
-            print(f"  (not rendered here: {exc})")
+        print(f"arrays: {len(groups)} (time_groups={params.get('time_groups', 1)}), runs by predicted wall time "
+              f"({params.get('tflops_per_gpu', 30.0):g} TFLOP/s per GPU), longest first inside each array:")
+        for g in groups:
+            print(f"  {g.name}: {len(g.items):>4} runs, predicted {g.predicted_s[0] / 3600:.2f} h .. "
+                  f"{g.predicted_s[-1] / 3600:.2f} h, --time={g.time_min} min, "
+                  f"at most {g.parallelism or params.get('array_parallelism')} at once "
+                  f"({', '.join(sorted({j.plan.run_name.rsplit('-fold', 1)[0] for j in g.items})[:4])}"
+                  f"{', ...' if len({j.plan.config_key for j in g.items}) > 4 else ''})")
+        for g in groups:
+            print()
+            print(f"sbatch script of array {g.name} (one array of {len(g.items)} tasks):")
+            try:
+                print(render_sbatch(dict(params, timeout_min=g.time_min,
+                                         array_parallelism=g.parallelism or params.get("array_parallelism")),
+                                    len(g.items), folder=folder,
+                                    python=sys.executable))
+            except RuntimeError as exc:  # submitit needs srun on PATH to render
+                print(f"  (not rendered here: {exc})")
     return 0
 
 

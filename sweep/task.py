@@ -22,7 +22,7 @@ from data.manifest import MANIFEST_NAMES, load_dataset
 from data.augment import AugmentConfig
 from model.complexity import count_flops, count_params, paper_receptive_field, receptive_field
 from model.schedule import TrainSettings, load_state, paper_batch_size
-from sweep import tracking
+from sweep import lease, tracking
 
 log = logging.getLogger(__name__)
 
@@ -209,10 +209,24 @@ def _params(cfg: DictConfig, plan: RunPlan) -> dict:
     return params
 
 
+def _finished(plan: RunPlan, experiment_id: str) -> tp.Optional[dict[str, float]]:
+    done = tracking.find_runs(plan.tracking_uri, experiment_id, config_key=plan.config_key, fold=plan.fold,
+                              status="FINISHED")
+    if not done:
+        return None
+    log.info("%s already FINISHED as MLflow run %s; skipping", plan.run_name, done[0].info.run_id)
+    return {k: v for k, v in done[0].data.metrics.items()}
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train one (config, fold), recorded as ONE MLflow run; resumes a killed run; skips a finished one."""
     t_setup = time.perf_counter()
     plan = plan_run(cfg)
+    if OmegaConf.select(cfg, "mlflow.offline", default=False):
+        from sweep.offline import offline_uri
+
+        # A compute node without the server: this run's own store, synced later (python -m sweep.sync).
+        plan = dataclasses.replace(plan, tracking_uri=offline_uri(plan.ckpt_dir))
     tracking.check_tracking_uri(plan.tracking_uri)
     dataset = load_dataset(ensure_dataset(cfg))
     try:
@@ -220,12 +234,26 @@ def run(cfg: DictConfig) -> dict[str, float]:
     except DataError as exc:
         raise ConfigError("data.dataset", str(exc)) from None
     experiment_id = tracking.ensure_experiment(plan.tracking_uri, plan.experiment)
-    done = tracking.find_runs(plan.tracking_uri, experiment_id, config_key=plan.config_key, fold=plan.fold,
-                              status="FINISHED")
-    if done:
-        log.info("%s already FINISHED as MLflow run %s; skipping", plan.run_name, done[0].info.run_id)
-        return {k: v for k, v in done[0].data.metrics.items()}
+    done = _finished(plan, experiment_id)
+    if done is not None:
+        return done
+    # Before the checkpoint or the MLflow run is touched: another live job may be training this pair.
+    mine = lease.acquire(plan.ckpt_dir, plan.run_name)
+    try:
+        done = _finished(plan, experiment_id)  # the last holder may have finished it just before its lease went
+        if done is not None:
+            lease.release(plan.ckpt_dir, mine)
+            return done
+        metrics = _train(cfg, plan, experiment_id, train_samples, val_samples, t_setup)
+    except Exception:
+        lease.release(plan.ckpt_dir, mine)
+        raise
+    lease.release(plan.ckpt_dir, mine)  # not on SystemExit (USR2 requeue): the requeued job keeps its lease
+    return metrics
 
+
+def _train(cfg: DictConfig, plan: RunPlan, experiment_id: str, train_samples, val_samples,
+           t_setup: float) -> dict[str, float]:
     run_id_file = plan.ckpt_dir / RUN_ID_FILE
     run_id = run_id_file.read_text().strip() if run_id_file.is_file() else None
     if run_id and load_state(plan.ckpt_dir) is None:

@@ -14,6 +14,7 @@ from sweep.plan import CONF_DIR, expand_sweep, launcher_params, render_sbatch
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden" / "sbatch_slurm_v100.txt"
+GOLDEN_GROUPS = REPO / "tests" / "golden" / "plan_groups_slurm_v100.txt"  # sweep.plan's arrays of the compound grid
 
 
 def _plan(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -70,14 +71,25 @@ def test_launcher_options_are_overridable(tmp_path):
         assert line in text
 
 
-def test_plan_prints_runs_configs_estimate_and_sbatch(tmp_path):
-    res = _plan(tmp_path, "+experiment=compound", "hydra/launcher=slurm_v100", "profile=paper", "on_oom=skip")
+def test_plan_prints_runs_configs_estimate_and_the_sbatch_of_each_time_group(tmp_path):
+    res = _plan(tmp_path, "+experiment=compound", "hydra/launcher=slurm_v100", "profile=paper", "on_oom=skip",
+                "hydra.sweep.dir=/sweeps/compound")
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert "runs: 192" in out and "to queue: 176" in out and "finished: 0 already FINISHED" in out
     assert "not fitting the GPUs: 16 runs skipped (on_oom)" in out
     assert "279,873,796" in out  # c0=96, d=5: the paper's ~280 M parameters
-    assert "GPU-hours, upper bound" in out and "#SBATCH --array=0-175%16" in out
+    assert "GPU-hours, upper bound" in out
+    # The 176 runs in 3 arrays by predicted time: each its own --time, together at most 16 tasks at once.
+    arrays = [line.split("=")[1] for line in out.splitlines() if line.startswith("#SBATCH --array=")]
+    times = [int(line.split("=")[1]) for line in out.splitlines() if line.startswith("#SBATCH --time=")]
+    assert len(arrays) == 3 and sum(int(a.split("%")[0].split("-")[1]) + 1 for a in arrays) == 176
+    assert sum(int(a.split("%")[1]) for a in arrays) == 16
+    assert times == sorted(times, reverse=True) and len(set(times)) == 3 and times[0] == 2880
+    groups = out[out.index("arrays: "):].replace(sys.executable, "PYTHON")
+    if os.environ.get("UPDATE_GOLDEN"):
+        GOLDEN_GROUPS.write_text(groups)
+    assert groups == GOLDEN_GROUPS.read_text()
     assert not (tmp_path / "work").exists()  # planning writes nothing
 
 

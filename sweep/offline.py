@@ -1,0 +1,143 @@
+"""Offline compute nodes: each run logs to a SQLite store in its own folder, synced to the server later.
+
+With ``mlflow.offline=true`` a training job records its run in ``<checkpoint folder>/mlflow/mlflow.db``
+(artifacts next to it) instead of ``mlflow.tracking_uri``, which only the login node must reach.
+
+    python -m sweep.sync +experiment=compound mlflow=server     # or: python -m sweep.status ... --sync
+
+copies every offline run under ``paths.checkpoints`` to the server: the server run is found by the
+tag ``offline_run_id`` (the local run id), and only what it lacks is added (params, metric values
+by key, step and timestamp, artifacts by path, tags, the end status), so syncing twice adds nothing
+and a run synced while it was still RUNNING is completed by the next sync.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+import tempfile
+import typing as tp
+from pathlib import Path
+
+from sweep import tracking
+
+log = logging.getLogger(__name__)
+
+STORE_DIR = "mlflow"
+TAG_OFFLINE_ID = "offline_run_id"
+
+
+def offline_uri(ckpt_dir: Path) -> str:
+    return f"sqlite:///{Path(ckpt_dir).resolve() / STORE_DIR / 'mlflow.db'}"
+
+
+def stores(checkpoints: Path) -> list[Path]:
+    """Offline stores of all runs under the checkpoint folder (``<key>/fold<k>/mlflow/mlflow.db``)."""
+    return sorted(Path(checkpoints).glob(f"*/fold*/{STORE_DIR}/mlflow.db"))
+
+
+@dataclasses.dataclass
+class SyncCounts:
+    runs_created: int = 0
+    params: int = 0
+    metrics: int = 0
+    artifacts: int = 0
+    finished: int = 0
+    unchanged: int = 0
+
+    def __str__(self) -> str:
+        return (f"{self.runs_created} runs created, {self.params} params, {self.metrics} metric values, "
+                f"{self.artifacts} artifacts, {self.finished} runs ended, {self.unchanged} runs already in sync")
+
+
+def _artifact_paths(client, run_id: str, path: tp.Optional[str] = None) -> set[str]:
+    out = set()
+    for f in client.list_artifacts(run_id, path):
+        out |= _artifact_paths(client, run_id, f.path) if f.is_dir else {f.path}
+    return out
+
+
+def sync_store(db: Path, uri: str, experiment: str, counts: SyncCounts) -> None:
+    """Copy the runs of one offline store into ``experiment`` on ``uri``, adding only what is missing."""
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    local = MlflowClient(f"sqlite:///{db}")
+    exp = local.get_experiment_by_name(experiment)
+    if exp is None:
+        return
+    remote = MlflowClient(uri)
+    experiment_id = tracking.ensure_experiment(uri, experiment)
+    for run in local.search_runs([exp.experiment_id], max_results=1000):
+        rid = run.info.run_id
+        found = remote.search_runs([experiment_id], filter_string=f"tags.{TAG_OFFLINE_ID} = '{rid}'", max_results=2)
+        tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
+        tags[TAG_OFFLINE_ID] = rid
+        if found:
+            target = found[0]
+        else:
+            target = remote.create_run(experiment_id, run_name=run.info.run_name, start_time=run.info.start_time,
+                                       tags=tags)
+            counts.runs_created += 1
+        tid = target.info.run_id
+        changed = not found
+        new_tags = [RunTag(k, v) for k, v in tags.items() if target.data.tags.get(k) != v]
+        params = [Param(k, v) for k, v in run.data.params.items() if k not in target.data.params]
+        metrics = []
+        for key in run.data.metrics:
+            have = {(m.step, m.timestamp, m.value) for m in remote.get_metric_history(tid, key)} \
+                if key in target.data.metrics else set()
+            metrics += [Metric(key, m.value, m.timestamp, m.step) for m in local.get_metric_history(rid, key)
+                        if (m.step, m.timestamp, m.value) not in have]
+        for i in range(0, max(len(params), len(metrics), len(new_tags)), 100):
+            remote.log_batch(tid, metrics=metrics[i:i + 100], params=params[i:i + 100], tags=new_tags[i:i + 100])
+        counts.params += len(params)
+        counts.metrics += len(metrics)
+        changed |= bool(params or metrics or new_tags)
+        missing = sorted(_artifact_paths(local, rid) - _artifact_paths(remote, tid))
+        if missing:
+            with tempfile.TemporaryDirectory() as tmp:
+                for path in missing:
+                    got = local.download_artifacts(rid, path, tmp)
+                    parent = os.path.dirname(path) or None
+                    remote.log_artifact(tid, got, parent)
+            counts.artifacts += len(missing)
+            changed = True
+        if run.info.status != "RUNNING" and target.info.status != run.info.status:
+            remote.set_terminated(tid, status=run.info.status, end_time=run.info.end_time)
+            counts.finished += 1
+            changed = True
+        if not changed:
+            counts.unchanged += 1
+
+
+def sync_all(checkpoints: Path, uri: str, experiment: str) -> SyncCounts:
+    tracking.check_tracking_uri(uri)
+    counts = SyncCounts()
+    for db in stores(checkpoints):
+        sync_store(db, uri, experiment, counts)
+    return counts
+
+
+def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m sweep.sync", description=__doc__.split("\n\n")[0])
+    ap.add_argument("overrides", nargs="*", help="the sweep's Hydra overrides (paths.work, mlflow.*)")
+    args = ap.parse_args(argv)
+    from sweep.plan import expand_sweep
+
+    try:
+        base, _ = expand_sweep(list(args.overrides))
+        counts = sync_all(Path(str(base.paths.checkpoints)), str(base.mlflow.tracking_uri), str(base.mlflow.experiment))
+    except tracking.TrackingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"synced: {counts}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
