@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import shlex
 import sys
 import typing as tp
 from pathlib import Path
@@ -28,6 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from sweep import tracking
 from sweep.dispatch import SweepConfigError, check_jobs, finished_fold_runs
+from sweep.sbatch import render_sbatch  # noqa: F401 - also this module's API (tests, users)
+from sweep.task import ConfigError, check_dataset
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 V100_TFLOPS = 30.0  # sustained mixed-precision conv throughput per V100 assumed for the estimate
@@ -90,18 +91,6 @@ def launcher_params(cfg: DictConfig) -> dict:
     return params
 
 
-def render_sbatch(params: dict, n_tasks: int, *, folder: str, python: str) -> str:
-    """The sbatch script submitit writes for ONE array of ``n_tasks`` runs with these launcher params."""
-    from submitit.slurm.slurm import _make_sbatch_string
-
-    from hydra_plugins.scaling_unet.launchers import SlurmArrayLauncher
-
-    params = dict(params, submitit_folder=folder)
-    ex = SlurmArrayLauncher(**params).executor(folder=folder)._executor
-    command = " ".join([shlex.quote(python), "-u -m submitit.core._submit", shlex.quote(folder)])
-    return _make_sbatch_string(command=command, folder=folder, map_count=n_tasks, **ex.parameters)
-
-
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sweep.plan", description=__doc__.split("\n\n")[0])
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for `python -m sweep ... -m`")
@@ -113,8 +102,13 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         base, job_overrides = expand_sweep(args.overrides)
         jobs = check_jobs(compose_jobs(job_overrides))
         first = jobs[0].plan
+        checked: set[str] = set()
+        for j in jobs:  # the sweep's dataset checks, without making a synthetic dataset
+            if str(j.plan.dataset) not in checked:
+                check_dataset(j.cfg)
+                checked.add(str(j.plan.dataset))
         done = finished_pairs(first.tracking_uri, first.experiment)
-    except (SweepConfigError, tracking.TrackingError) as exc:
+    except (SweepConfigError, ConfigError, tracking.TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # composition errors from Hydra: one line, not a traceback

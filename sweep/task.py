@@ -130,6 +130,22 @@ def ensure_dataset(cfg: DictConfig) -> Path:
     return target
 
 
+def check_dataset(cfg: DictConfig) -> None:
+    """The dataset checks of :func:`ensure_dataset` without making anything (for ``sweep.plan``): a synthetic
+    dataset not made yet passes, it is made and checked when the sweep starts."""
+    from data.prepare import check_prepared
+
+    target = Path(cfg.data.dataset)
+    if not any((target / name).is_file() for name in MANIFEST_NAMES):
+        if cfg.data.synthesize:
+            return
+        raise ConfigError("data.dataset", f"{target} has no manifest (prepare it with `python -m data.prepare`)")
+    try:
+        check_prepared(target)
+    except DataError as exc:
+        raise ConfigError("data.dataset", str(exc)) from None
+
+
 def _make_dataset(cfg: DictConfig) -> Path:
     target = Path(cfg.data.dataset)
 

@@ -253,3 +253,20 @@ def test_sweep_refuses_bad_input_alike_with_and_without_multirun(tmp_path: Path,
     after = tree_snapshot(tmp_path)
     hydra_logs = {p for p in after if p.startswith(("work/hydra/", "work/multirun/"))}  # Hydra's own run folder
     assert {p: after[p] for p in set(after) - hydra_logs} == before
+
+
+def test_plan_runs_the_sweeps_dataset_checks_and_plans_a_single_run(tmp_path: Path):
+    # Issue 13, 10 and 11: the plan said "to queue: 16" for a dataset the sweep refuses; a plan of a
+    # single run (no experiment) failed with "Input cfg is not an OmegaConf config object".
+    env = {**os.environ, "SCALING_UNET_WORK": str(tmp_path / "work"), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    plan = [sys.executable, "-m", "sweep.plan"]
+    proc = subprocess.run(plan + ["+experiment=depth", "data=prepared", f"data.dataset={tmp_path / 'nonexistent'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert_one_clear_error(proc, "data.dataset")
+    raw = _raw(tmp_path)
+    proc = subprocess.run(plan + ["data=prepared", f"data.dataset={raw}"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert_one_clear_error(proc, "not prepared data")
+    proc = subprocess.run(plan, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "runs: 1" in proc.stdout, proc.stderr[-3000:]
+    assert not (tmp_path / "work").exists()

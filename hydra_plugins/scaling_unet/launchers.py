@@ -315,21 +315,10 @@ class SlurmArrayLauncher(BaseSubmititLauncher):
         return super().checkpoint(*args, **kwargs)
 
     def executor(self, folder: tp.Optional[str] = None):
-        """The submitit executor with this launcher's parameters (also used by sweep.plan to render sbatch)."""
-        import submitit
-        from omegaconf import OmegaConf
+        """The submitit executor with this launcher's parameters (sweep.sbatch, which sweep.plan renders with)."""
+        from sweep.sbatch import slurm_executor
 
-        from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-
-        params = dict(self.params)
-        init = {"folder": folder or params["submitit_folder"]}
-        if "max_num_timeout" in params:
-            init[f"{self._EXECUTOR}_max_num_timeout"] = params["max_num_timeout"]
-        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init)
-        base = set(OmegaConf.structured(BaseQueueConf).keys())
-        executor.update_parameters(**{k if k in base else f"{self._EXECUTOR}_{k}": v for k, v in params.items()
-                                      if k not in ("submitit_folder", "max_num_timeout")})
-        return executor
+        return slurm_executor(self.params, folder)
 
     def _groups(self, todo: list) -> list[tuple[str, list, int, tp.Optional[int]]]:
         """(name, jobs longest first, --time in minutes, %N or None) of each array to submit."""
