@@ -150,6 +150,10 @@ def _sweep_predict_missing(root: Path) -> list[str]:
             f"hydra.run.dir={root.parent / (root.name + '-hydra')}"]
 
 
+def _status_unknown_sweep(root: Path) -> list[str]:
+    return ["-m", "sweep.status", "--sweep-id", "nope", f"paths.work={root / 'work'}"]
+
+
 def _analysis(what: str, uri: tp.Callable[[Path], str], out: tp.Optional[tp.Callable[[Path], str]] = None):
     def setup(root: Path) -> list[str]:
         args = ["-m", "analysis", what, "--tracking-uri", uri(root)]
@@ -193,6 +197,7 @@ CASES = [
     Case("model.summary: --width 0", _summary_width_zero, "width"),
     Case("sweep.predict: missing model and volume", _sweep_predict_missing, "nothing was queued"),
     Case("analysis.measures: an image instead of labels", _measures_on_an_image, "vol.h5"),
+    Case("sweep.status: unknown --sweep-id", _status_unknown_sweep, "--sweep-id nope"),
     Case("analysis reports: --out is a file", _analysis("reports", lambda r: f"sqlite:///{r / 'none.db'}", _file_as_out),
          "--out"),
     Case("analysis reports: sqlite file that is not a database", _analysis("reports", _not_a_database), "mlflow.db"),
