@@ -306,7 +306,7 @@ def table3_values(predictions: tp.Mapping[int, dict], *, roi_um: float = 100.0,
                                  voxel_size_um=sample.voxel_size_um, roi_um=roi_um,
                                  initial_volume_mm3=sample.initial_volume_mm3,
                                  initial_surface_mm2=sample.initial_surface_mm2, days=sample.implantation_days,
-                                 slab=slab) if measures_fn is None else {}
+                                 slab=slab) if fn is default_measures() else {}  # a stand-in measure has no interval
 
     for fold, doc in sorted(predictions.items()):
         folder = _path(doc["dataset"])

@@ -169,3 +169,22 @@ def test_table3_prints_the_mean_interval_over_folds():
     assert "| s1 | HQ | 0.200 | 50.0 | 40.0 |" in md
     assert "plane-disagreement interval" in md
     assert r"0.220 (+10.0\%) [0.210, 0.240]" in table3_latex(df)
+
+
+def test_table3_values_compute_the_interval_with_the_real_measures(tmp_path):
+    # The reports pass the real measures function explicitly; the interval was skipped on that path.
+    from analysis.tables import default_measures, table3_values
+    from tests.conftest import write_raw_dataset
+
+    samples = write_raw_dataset(tmp_path / "ds", n_train=0, n_test=1, shape=(12, 16, 16))
+    with h5py.File(samples[0].label.path) as f:
+        label = f["label"][...]
+    with h5py.File(tmp_path / "pred.h5", "w") as f:
+        f["labels"] = label
+        f["disagreement"] = np.where(label == 1, 128, 0).astype(np.uint8)  # planes split on all bone
+        f["plane_classes"] = (1 << label).astype(np.uint8)
+    preds = {0: {"dataset": str(tmp_path / "ds"), "method": "avr_9", "samples": {samples[0].id: str(tmp_path / "pred.h5")}}}
+    values, _ = table3_values(preds, measures_fn=default_measures())
+    (interval,) = values[samples[0].id]["ML_interval"]
+    lo, hi = interval["bv_tv_percent"]
+    assert lo < hi  # narrow drops the disputed bone, so BV/TV falls
