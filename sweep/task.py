@@ -120,13 +120,8 @@ def plan_run(cfg: DictConfig) -> RunPlan:
 def ensure_dataset(cfg: DictConfig) -> Path:
     """The prepared dataset (refused if data.prepare did not make it); with ``data.synthesize`` it is generated
     and prepared once (under a file lock)."""
-    from data.prepare import check_prepared
-
-    target = Path(_make_dataset(cfg))
-    try:
-        check_prepared(target)
-    except DataError as exc:
-        raise ConfigError("data.dataset", str(exc)) from None
+    target = _make_dataset(cfg)
+    check_dataset(cfg)
     return target
 
 
