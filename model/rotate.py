@@ -66,11 +66,18 @@ class CpuRotation:
         for f in [self._pool.submit(fn, sl) for sl in parts]:
             f.result()
 
-    def rotate(self, planes: np.ndarray) -> np.ndarray:
-        """(m, H, W) → (m, h, w) float32, rotated by 45°."""
+    def rotate(self, planes: np.ndarray, dtype=np.float32) -> np.ndarray:
+        """(m, H, W) → (m, h, w) ``dtype``, rotated by 45°; each thread casts its own planes."""
         planes = np.asarray(planes)
-        out = np.empty((planes.shape[0],) + rotated_plane_shape(planes.shape[1:]), np.float32)
-        self._map(lambda sl: rotate_planes(planes[sl], out=out[sl]), planes.shape[0])
+        out = np.empty((planes.shape[0],) + rotated_plane_shape(planes.shape[1:]), dtype)
+
+        def work(sl: slice) -> None:
+            if out.dtype == np.float32:
+                rotate_planes(planes[sl], out=out[sl])
+            else:  # scipy writes float32; the cast is the thread's, not the writer's (serial) work
+                out[sl] = rotate_planes(planes[sl])
+
+        self._map(work, planes.shape[0])
         return out
 
     def unrotate_probabilities(self, block: np.ndarray, plane_shape: tp.Sequence[int]) -> np.ndarray:
@@ -126,14 +133,14 @@ class DeviceRotation:
             out = term if out is None else out + term
         return out
 
-    def rotate(self, planes: np.ndarray) -> np.ndarray:
-        """(m, H, W) → (m, h, w) float32, rotated by 45° on the device."""
+    def rotate(self, planes: np.ndarray, dtype=np.float32) -> np.ndarray:
+        """(m, H, W) → (m, h, w) ``dtype``, rotated by 45° on the device."""
         planes = np.asarray(planes, np.float32)
         m, hh, ww = planes.shape
         rot = rotated_plane_shape((hh, ww))
         idx, w = self._table("rotate", (hh, ww))
         step = max(1, self.max_elements // max(1, rot[0] * rot[1]))
-        out = np.empty((m,) + rot, np.float32)
+        out = np.empty((m,) + rot, dtype)
         for a in range(0, m, step):
             x = self.ops.convert_to_tensor(planes[a:a + step].reshape(-1, hh * ww))
             out[a:a + step] = self.ops.convert_to_numpy(self._sample(x, idx, w)).reshape((-1,) + rot)
