@@ -47,16 +47,24 @@ def open_storage(spec: str):
     """
     import optuna
 
-    spec = str(spec)
+    spec = check_storage(spec)
     if spec.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
         path = Path(spec[len("journal:"):].removeprefix("//")).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
-    if "://" not in spec:
-        raise StudyError(f"hydra.sweeper.storage: expected journal:<file> or an RDB URL (sqlite:///…), got {spec!r}")
     return spec
+
+
+def check_storage(spec: tp.Any) -> str:
+    """The storage setting, checked before anything is written: ``journal:<file>`` or an RDB URL."""
+    spec = str(spec)
+    if spec.startswith("journal:") and spec[len("journal:"):].removeprefix("//").strip():
+        return spec
+    if not spec.startswith("journal:") and "://" in spec:
+        return spec
+    raise StudyError(f"hydra.sweeper.storage: expected journal:<file> or an RDB URL (sqlite:///…), got {spec!r}")
 
 
 @dataclasses.dataclass
@@ -367,8 +375,19 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         print(f"error: {args.folder / STUDY_RECORD}: not a study record ({exc})", file=sys.stderr)
         return 2
     counts = study_summary(rec["storage"], rec["study_name"])
-    print(f"study {rec['study_name']}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-          + f" of {rec['n_trials']} trials; arrays {','.join(rec.get('array_ids', [])) or '-'}")
+    arrays = rec.get("array_ids", [])
+    workers = ""
+    if arrays:
+        from sweep.slurm_state import SlurmQueryError, live_tasks
+
+        try:
+            live = live_tasks(arrays)
+            states = sorted({t.state for t in live.values()})
+            workers = f"; {len(live)} worker slot(s) alive in SLURM" + (f" ({', '.join(states)})" if states else "")
+        except SlurmQueryError as exc:
+            workers = f"; SLURM could not be asked ({exc})"
+    print(f"study {rec['study_name']}: " + (", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no trials yet")
+          + f" of {rec['n_trials']} trials; arrays {','.join(arrays) or '-'}{workers}")
     print(format_idle(idle_share(trial_intervals(read_timelines(args.folder)), int(rec["n_slots"]))))
     left = rec["n_trials"] - counts.get("COMPLETE", 0) - counts.get("FAIL", 0)
     return 0 if left <= 0 else 3

@@ -150,6 +150,11 @@ def _sweep_predict_missing(root: Path) -> list[str]:
             f"hydra.run.dir={root.parent / (root.name + '-hydra')}"]
 
 
+def _optuna_bad_storage(root: Path) -> list[str]:
+    return ["-m", "sweep", "+experiment=optuna", "hydra.sweeper.storage=optuna.db", f"paths.work={root / 'work'}",
+            f"hydra.sweep.dir={root.parent / (root.name + '-hydra')}", "-m"]
+
+
 def _status_unknown_sweep(root: Path) -> list[str]:
     return ["-m", "sweep.status", "--sweep-id", "nope", f"paths.work={root / 'work'}"]
 
@@ -198,6 +203,7 @@ CASES = [
     Case("sweep.predict: missing model and volume", _sweep_predict_missing, "nothing was queued"),
     Case("analysis.measures: an image instead of labels", _measures_on_an_image, "vol.h5"),
     Case("sweep.status: unknown --sweep-id", _status_unknown_sweep, "--sweep-id nope"),
+    Case("sweep: Optuna storage neither journal:<file> nor a URL", _optuna_bad_storage, "hydra.sweeper.storage"),
     Case("analysis reports: --out is a file", _analysis("reports", lambda r: f"sqlite:///{r / 'none.db'}", _file_as_out),
          "--out"),
     Case("analysis reports: sqlite file that is not a database", _analysis("reports", _not_a_database), "mlflow.db"),

@@ -63,13 +63,23 @@ def test_bad_config_in_a_sweep_stops_everything_before_training(tmp_path):
 
 
 def test_optuna_two_objectives_through_the_local_launcher(tmp_path):
+    """Asynchronous slots as local processes; the same command again resumes the study instead of adding trials."""
+    import json
+
     work = tmp_path / "work"
-    res = _sweep(work, "+experiment=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2")
+    res = _sweep(work, "+experiment=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=2")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Number of Pareto solutions" in res.stderr + res.stdout
-    assert (work / "optuna.db").is_file()
+    assert (work / "optuna" / "scaling-unet-laptop.journal").is_file()
     folds = [r for r in _runs(work) if "fold" in r.data.tags]
-    assert len(folds) == 2 and {r.data.tags["experiment"] for r in folds} == {"optuna"}
+    assert len(folds) == 3 and {r.data.tags["experiment"] for r in folds} == {"optuna"}
+    slots = work / "optuna" / "scaling-unet-laptop" / "slots"
+    events = [json.loads(line) for p in sorted(slots.glob("*.jsonl")) for line in p.read_text().splitlines()]
+    assert {e["slot"] for e in events if e["event"] == "end"} == {0, 1}  # both slots ran trials
+    again = _sweep(work, "+experiment=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "3 of 3 trials exist" in again.stderr + again.stdout
+    assert len([r for r in _runs(work) if "fold" in r.data.tags]) == 3
 
 
 def test_split_for_idle_workers_splits_only_when_configs_run_out():

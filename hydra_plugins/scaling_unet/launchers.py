@@ -358,9 +358,10 @@ class SlurmArrayLauncher(BaseSubmititLauncher):
         from sweep.slurm_state import SlurmQueryError
 
         assert self.config is not None
-        if not self.wait and "optuna" in str(self.config.hydra.sweeper.get("_target_", "")).lower():
-            print("error: hydra.launcher.wait=false: the Optuna sweeper needs each trial's result; "
-                  "use wait=true with +experiment=optuna", file=sys.stderr)
+        if not self.wait and "hydra_optuna_sweeper" in str(self.config.hydra.sweeper.get("_target_", "")):
+            print("error: hydra.launcher.wait=false: hydra-optuna-sweeper's batches need each trial's result; "
+                  "use wait=true, or the asynchronous slots (hydra/sweeper=optuna_async, +experiment=optuna's "
+                  "default)", file=sys.stderr)
             raise SystemExit(2)
         t0 = time.perf_counter()
         composed = _compose(self, job_overrides, initial_job_idx)

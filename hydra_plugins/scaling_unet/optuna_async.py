@@ -31,8 +31,7 @@ log = logging.getLogger(__name__)
 class AsyncOptunaSweeperConf(OptunaSweeperConf):
     _target_: str = "hydra_plugins.scaling_unet.optuna_async.AsyncOptunaSweeper"
     _recursive_: bool = False  # the sampler stays a config: each worker builds its own, with its own seed
-    poll_interval_s: float = 10.0  # how often the waiting sweep process reports the study
-    wait: bool = True  # false: start the workers, print how to follow and cancel, and exit
+    poll_interval_s: float = 10.0  # how long a slot waits for a trial that another slot runs with the same params
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="optuna_async", node=AsyncOptunaSweeperConf,
@@ -44,8 +43,8 @@ CHECK_LIMIT = 1024  # configs composed and checked before any trial runs (every 
 class AsyncOptunaSweeper(Sweeper):
     def __init__(self, sampler: tp.Any, direction: tp.Any, storage: tp.Optional[str], study_name: tp.Optional[str],
                  n_trials: int, n_jobs: int, max_failure_rate: float, search_space: tp.Any = None,
-                 custom_search_space: tp.Optional[str] = None, params: tp.Any = None, poll_interval_s: float = 10.0,
-                 wait: bool = True) -> None:
+                 custom_search_space: tp.Optional[str] = None, params: tp.Any = None,
+                 poll_interval_s: float = 10.0) -> None:
         if search_space or custom_search_space:
             raise ValueError("hydra.sweeper: search_space and custom_search_space are not supported by optuna_async; "
                              "use hydra.sweeper.params")
@@ -58,12 +57,12 @@ class AsyncOptunaSweeper(Sweeper):
         self.max_failure_rate = float(max_failure_rate)
         self.params = params
         self.poll_interval_s = float(poll_interval_s)
-        self.wait = bool(wait)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
         self.launcher = Plugins.instance().instantiate_launcher(config=config, hydra_context=hydra_context,
                                                                 task_function=task_function)
+        self.wait = bool(getattr(self.launcher, "wait", True))  # hydra.launcher.wait=false: start the slots and exit
 
     def _directions(self) -> list[str]:
         d = self.direction
@@ -112,15 +111,16 @@ class AsyncOptunaSweeper(Sweeper):
 
         distributions, fixed = self._search_space(arguments)
         directions = self._directions()
-        cfg0, _ = self._check(distributions, fixed)
         study_name = self.study_name or "scaling-unet"
-        storage = self.storage or f"journal:{Path(str(cfg0.paths.work)) / 'optuna' / (study_name + '.journal')}"
-        try:
-            study = optuna.create_study(study_name=study_name, storage=trials.open_storage(storage),
-                                        directions=directions, load_if_exists=True)
+        try:  # before anything is written
+            storage = trials.check_storage(
+                self.storage or f"journal:{Path(str(self.config.paths.work)) / 'optuna' / (study_name + '.journal')}")
         except trials.StudyError as exc:
             print(f"error: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
+        cfg0, _ = self._check(distributions, fixed)
+        study = optuna.create_study(study_name=study_name, storage=trials.open_storage(storage),
+                                    directions=directions, load_if_exists=True)
         if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in directions]:
             print(f"error: hydra.sweeper.direction: study {study_name!r} in {storage} was created with "
                   f"{[d.name.lower() for d in study.directions]}, not {directions}; choose another study_name",
@@ -140,10 +140,6 @@ class AsyncOptunaSweeper(Sweeper):
         if isinstance(self.launcher, SlurmArrayLauncher):
             self._on_slurm(worker, spec)
         elif isinstance(self.launcher, PoolLauncher):
-            if not self.wait:
-                print("error: hydra.sweeper.wait=false needs hydra/launcher=slurm_v100 (local workers end with "
-                      "this process)", file=sys.stderr)
-                raise SystemExit(2)
             self._local(worker, spec)
         else:
             print(f"error: hydra/sweeper=optuna_async runs on hydra/launcher=local or slurm_v100, not "
