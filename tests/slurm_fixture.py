@@ -15,6 +15,7 @@ warm in ~1 s); ``slurm/stop.sh`` stops it. ``SLURM_CONF`` is set in ``os.environ
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -169,3 +170,16 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> tp.Iterator[Slurm
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = old_conf
+
+
+def checkpoint_at(work: Path, iteration: int) -> tp.Callable[[], tp.Optional[Path]]:
+    """For ``wait_for``: the ``state.json`` of a fold-0 run under ``work`` once it is at ``iteration`` or later."""
+    def check() -> tp.Optional[Path]:
+        for f in (Path(work) / "checkpoints").glob("*/fold0/state.json"):
+            try:
+                if json.loads(f.read_text())["iteration"] >= iteration:
+                    return f
+            except ValueError:  # being replaced
+                pass
+        return None
+    return check

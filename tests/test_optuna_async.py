@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from sweep.trials import StudySpec, claim, idle_share, read_timelines, trial_intervals
-from tests.slurm_fixture import slurm_cluster  # noqa: F401
+from tests.slurm_fixture import checkpoint_at, slurm_cluster  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,6 @@ def test_claims_from_four_processes_never_exceed_n_trials(tmp_path):
 
 
 def test_a_worker_resumes_its_own_trial_and_adopts_a_dead_workers_trial(tmp_path):
-    from sweep.lease import my_lease
     from sweep.trials import TRIAL_WORKER_ATTR, open_storage
 
     spec = _spec(tmp_path, 3)
@@ -114,16 +113,7 @@ def test_async_optuna_on_slurm_one_array_of_slots_a_preempted_worker_resumes_its
     env = dict(os.environ, SCALING_UNET_WORK=str(work), TF_CPP_MIN_LOG_LEVEL="3", MLFLOW_HTTP_REQUEST_MAX_RETRIES="1")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     try:
-        def first_checkpoint():
-            for f in (work / "checkpoints").glob("*/fold0/state.json"):
-                try:
-                    if json.loads(f.read_text())["iteration"] >= 100:
-                        return f
-                except ValueError:
-                    pass
-            return None
-
-        state = slurm_cluster.wait_for("a first checkpoint", first_checkpoint, timeout=240, interval=0.5)
+        state = slurm_cluster.wait_for("a first checkpoint", checkpoint_at(work, 100), timeout=240, interval=0.5)
         lease = json.loads((state.parent / "lease.json").read_text())
         victim = lease["slurm_task"]  # array_task: the numeric id of one task can be the whole array's id
         slurm_cluster.run("scancel", "--signal=USR2", victim)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.slurm_fixture import slurm_cluster  # noqa: F401
+from tests.slurm_fixture import checkpoint_at, slurm_cluster  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.width=32", "model.depth=2", "data.synth.size=32", "data.synth.n_train=4", "data.synth.n_test=1",
@@ -91,18 +91,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path, slurm_cluster,
     work = tmp_path / "work"
     proc, log = _launch(work, mlflow_server.uri, "slurm-preempt", "preempt", "model.input_size=384", "fold=0",
                         "train.max_iters=600", "train.checkpoint_every=100", "train.early_stop_patience_iters=100000")
-    state_files = lambda: list((work / "checkpoints").glob("*/fold0/state.json"))  # noqa: E731
-
-    def first_checkpoint():
-        for f in state_files():
-            try:
-                if json.loads(f.read_text())["iteration"] >= 100:
-                    return f
-            except ValueError:
-                pass
-        return None
-
-    state = slurm_cluster.wait_for("the first checkpoint", first_checkpoint, timeout=240, interval=0.5)
+    state = slurm_cluster.wait_for("the first checkpoint", checkpoint_at(work, 100), timeout=240, interval=0.5)
     (job_id, job_state), = _array_ids(slurm_cluster, "preempt")
     assert job_state == "RUNNING"
     slurm_cluster.run("scancel", "--signal=USR2", job_id)
