@@ -23,6 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import IntervalSweep
 from omegaconf import DictConfig, OmegaConf
 
 from sweep import tracking
@@ -39,6 +40,8 @@ def expand_sweep(overrides: tp.Sequence[str]) -> tuple[DictConfig, list[list[str
 
     Like BasicSweeper.split_arguments: ``hydra.sweeper.params`` first, then the command line; a key
     given again later (``model.depth=3`` after the experiment's ``model.depth: 3,4,5,6``) replaces it.
+    An Optuna search space becomes its categorical grid, continuous parameters at their low end: the
+    configs the asynchronous sweeper checks before its slots start.
     """
     parser = OverridesParser.create()
     fixed = [o.input_line for o in parser.parse_overrides(list(overrides)) if not o.is_sweep_override()]
@@ -50,7 +53,10 @@ def expand_sweep(overrides: tp.Sequence[str]) -> tuple[DictConfig, list[list[str
     final: dict[str, list[str]] = {}
     for o in parser.parse_overrides(lines):
         key = o.get_key_element()
-        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        if o.is_sweep_override() and isinstance(o.value(), IntervalSweep):  # Optuna: checked at its low end
+            values = [str(o.value().start)]
+        else:
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
         final[key] = [f"{key}={v}" for v in values]
     return base, [list(combo) for combo in itertools.product(*final.values())]
 
@@ -129,6 +135,11 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     is_slurm = "SlurmArrayLauncher" in str(base.hydra.launcher.get("_target_", ""))
     gpus = int(base.hydra.launcher.get("gpus_per_node") or 0) if is_slurm else 0
     budget = gpu_budget(base)
+    sweeper = base.hydra.sweeper
+    if "optuna" in str(sweeper.get("_target_", "")).lower():
+        print(f"optuna: {sweeper.get('n_trials')} trials on {sweeper.get('n_jobs')} slots; below, every categorical "
+              f"combination of the search space (continuous parameters at their low end), as checked before the "
+              f"slots start")
     print(f"runs: {len(jobs) + len(skipped)}")
     print(f"finished: {len([j for j in jobs if j.pair in done])} already FINISHED in MLflow ({first.tracking_uri}, "
           f"experiment {first.experiment!r}); skipped")

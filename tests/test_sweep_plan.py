@@ -126,4 +126,11 @@ def test_optuna_experiment_composes_with_two_objectives(tmp_path):
     assert "optuna" in cfg.hydra.sweeper._target_.lower()
     assert list(cfg.hydra.sweeper.direction) == ["maximize", "minimize"]
     assert list(cfg.objectives) == ["mean_iou", "flops"]
-    assert cfg.hydra.sweeper.storage.startswith("sqlite:///")
+    assert cfg.hydra.sweeper._target_.endswith("AsyncOptunaSweeper")
+    assert cfg.hydra.sweeper.storage == f"journal:{tmp_path}/optuna/scaling-unet-laptop.journal"
+
+
+def test_optuna_experiment_plans_its_categorical_grid(tmp_path):
+    _, jobs = expand_sweep(["+experiment=optuna", f"paths.work={tmp_path}"])
+    assert len(jobs) == 4 * 4 * 3  # width × depth × input size; the learning rate at its low end
+    assert all("train.learning_rate=0.0001" in j for j in jobs)
