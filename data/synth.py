@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 import time
 import typing as tp
@@ -456,10 +457,46 @@ def sample_plan(n_train: int = 14, n_test: int = 3) -> list[dict]:
     return plan
 
 
+def _timed_explant(args: tuple) -> tuple[SyntheticExplant, float]:
+    shape, seed, p, options = args
+    t0 = time.perf_counter()
+    ex = generate_explant(shape, seed, beamline=p["beamline"], alloy=p["alloy"], days=p["days"], **options)
+    return ex, time.perf_counter() - t0
+
+
+def _explants(plan: list[dict], shape: tuple[int, int, int], seed: int, options: dict,
+              workers: tp.Optional[int]) -> tp.Iterator[tuple[SyntheticExplant, float]]:
+    """(explant, seconds) of every planned sample, in plan order; in worker processes when it pays (numpy and
+    scipy.ndimage hold the GIL for much of a sample: threads do not help)."""
+    jobs = [(shape, (seed, p["index"]), p, options) for p in plan]
+    if workers is None:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cores = os.cpu_count() or 1
+        # Not for tiny samples (process start-up costs more) nor huge ones (finished samples wait in memory).
+        workers = cores if len(jobs) >= 4 and 48 ** 3 <= math.prod(shape) <= 256 ** 3 else 1
+    workers = max(1, min(int(workers), len(jobs)))
+    if workers == 1:
+        yield from map(_timed_explant, jobs)
+        return
+    import concurrent.futures as cf
+    import multiprocessing
+
+    # spawn: the caller may hold TensorFlow/MLflow threads, after which fork is unsafe
+    with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(_timed_explant, jobs)
+
+
 def write_dataset(out: tp.Union[str, Path], *, n_train: int = 14, n_test: int = 3,
                   shape: tp.Union[int, tp.Sequence[int]] = 128, seed: int = 0, voxel_size_um: float = 5.0,
-                  degradation_scale: float = 1.0, overwrite: bool = False, log: tp.Optional[tp.Callable[[str], None]] = None) -> list[Sample]:
-    """Generate a dataset folder: one HDF5 file per sample and ``manifest.yaml`` (written last)."""
+                  degradation_scale: float = 1.0, overwrite: bool = False, log: tp.Optional[tp.Callable[[str], None]] = None,
+                  workers: tp.Optional[int] = None) -> list[Sample]:
+    """Generate a dataset folder: one HDF5 file per sample and ``manifest.yaml`` (written last).
+
+    ``workers`` processes generate the samples (default: the cores, for 4+ samples of 48³ or more); each
+    sample has its own seed, so the files are the same for any number of workers.
+    """
     out = Path(out)
     shape = _check_shape(shape)
     if n_train < 0 or n_test < 0 or n_train + n_test == 0:
@@ -476,12 +513,11 @@ def write_dataset(out: tp.Union[str, Path], *, n_train: int = 14, n_test: int = 
     width = max(2, len(str(n_train + n_test)))
     samples: list[Sample] = []
     written: list[Path] = []
+    plan = sample_plan(n_train, n_test)
+    options = {"voxel_size_um": voxel_size_um, "degradation_scale": degradation_scale}
     try:
-        for p in sample_plan(n_train, n_test):
+        for p, (ex, seconds) in zip(plan, _explants(plan, shape, seed, options, workers)):
             sid = f"synth{p['index'] + 1:0{width}d}"
-            t0 = time.perf_counter()
-            ex = generate_explant(shape, (seed, p["index"]), beamline=p["beamline"], alloy=p["alloy"],
-                                  days=p["days"], voxel_size_um=voxel_size_um, degradation_scale=degradation_scale)
             label = ex.label_hq if p["label_quality"] == "HQ" else ex.label_wf
             path = root / f"{sid}.h5"
             arrays = {"image": ex.image, "label": label, "label_hq": ex.label_hq, "label_wf": ex.label_wf}
@@ -496,8 +532,7 @@ def write_dataset(out: tp.Union[str, Path], *, n_train: int = 14, n_test: int = 
                 initial_volume_mm3=float(f"{ex.initial_volume_mm3:.10g}"),
                 initial_surface_mm2=float(f"{ex.initial_surface_mm2:.10g}")))
             if log:
-                log(f"{sid}: {p['split']} {p['alloy']} {p['beamline']} {p['days']:g} d  "
-                    f"{time.perf_counter() - t0:.2f} s")
+                log(f"{sid}: {p['split']} {p['alloy']} {p['beamline']} {p['days']:g} d  {seconds:.2f} s")
             written.append(path)
         write_manifest(root, samples, header=f"# synthetic explants: data.synth v{GENERATOR_VERSION}, "
                                              f"seed {seed}, shape {'x'.join(map(str, shape))}, "

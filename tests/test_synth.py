@@ -42,8 +42,9 @@ def test_same_seed_gives_identical_arrays():
 
 
 def test_dataset_files_are_deterministic(dataset, tmp_path):
+    """Also across worker processes: the fixture's dataset was made serially (3 samples), this one by 2 workers."""
     out, samples = dataset
-    synth.write_dataset(tmp_path / "again", n_train=2, n_test=1, shape=48, seed=3)
+    synth.write_dataset(tmp_path / "again", n_train=2, n_test=1, shape=48, seed=3, workers=2)
     for s in samples:
         with h5py.File(out / f"{s.id}.h5", "r") as f1, h5py.File(tmp_path / "again" / f"{s.id}.h5", "r") as f2:
             for key in ("image", "label", "label_hq", "label_wf"):
