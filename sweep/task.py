@@ -27,7 +27,8 @@ from sweep import lease, tracking
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "mlflow_run_id"
-KEY_EXCLUDE = ("fold", "mlflow", "paths", "hydra", "experiment_name", "objectives", "task", "fusing", "on_oom")
+KEY_EXCLUDE = ("fold", "mlflow", "paths", "hydra", "experiment_name", "objectives", "task", "fusing", "on_oom",
+               "optuna_trial")
 
 
 class ConfigError(ValueError):
@@ -215,6 +216,7 @@ def training_curves_png(history: tp.Sequence[dict], path: Path) -> Path:
 
 def _params(cfg: DictConfig, plan: RunPlan) -> dict:
     params = tracking.flatten(OmegaConf.to_container(cfg, resolve=True))
+    params = {k: v for k, v in params.items() if not k.startswith("optuna_trial")}  # tags, not parameters
     params.update({"effective.width": plan.width, "effective.input_size": plan.input_size,
                    "effective.batch_size": plan.settings.batch_size})
     return params
@@ -273,6 +275,8 @@ def _train(cfg: DictConfig, plan: RunPlan, experiment_id: str, train_samples, va
         run_id = None
     tags = {tracking.TAG_CONFIG_KEY: plan.config_key, tracking.TAG_FOLD: str(plan.fold),
             "experiment": str(cfg.get("experiment_name", "single")), **tracking.environment_tags()}
+    if cfg.get("optuna_trial"):  # set by the asynchronous Optuna slots: the run ↔ trial link in the MLflow UI
+        tags.update({"optuna_study": str(cfg.optuna_trial.study), "optuna_trial": str(cfg.optuna_trial.number)})
     recorder = tracking.RunRecorder(plan.tracking_uri, experiment_id, run_id=run_id, run_name=plan.run_name, tags=tags)
     with recorder:
         run_id = recorder.start()

@@ -295,7 +295,8 @@ class TrialWorker:
             c = claim(study, self.spec, me)
             if c is None:
                 break
-            overrides = self.base_overrides + trial_overrides(c, self.spec.fixed_params)
+            overrides = self.base_overrides + trial_overrides(c, self.spec.fixed_params) + [
+                f"optuna_trial={{study:'{self.spec.study_name.replace(chr(39), '')}',number:{c.number}}}"]
             log.info("slot %d: trial %d (%s): %s", slot, c.number, c.how, " ".join(trial_overrides(c, {})))
             slog.write("start", trial=c.number, how=c.how)
             while True:

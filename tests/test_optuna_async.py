@@ -140,6 +140,10 @@ def test_async_optuna_on_slurm_one_array_of_slots_a_preempted_worker_resumes_its
     exp = client.get_experiment_by_name("slurm-optuna")
     runs = [r for r in client.search_runs([exp.experiment_id]) if "fold" in r.data.tags]
     assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
+    # Each run names its trial (MLflow tags); the trial link is not a parameter and not part of the config key.
+    assert sorted(int(r.data.tags["optuna_trial"]) for r in runs) == [0, 1, 2]
+    assert {r.data.tags["optuna_study"] for r in runs} == {"scaling-unet-laptop"}
+    assert not any(k.startswith("optuna_trial") for r in runs for k in r.data.params)
     assert sum("resumed_from_iteration" in r.data.tags for r in runs) == 1
     events = read_timelines(folder)
     pre = [e for e in events if e["event"] == "preempted"]
