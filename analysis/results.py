@@ -18,7 +18,6 @@ import math
 import os
 import time
 import typing as tp
-import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -128,13 +127,11 @@ def check_store(uri: str, timeout_s: float = 5.0) -> None:
         return
     parsed = urllib.parse.urlsplit(uri)
     if parsed.scheme in ("http", "https"):
-        base = uri.rstrip("/")
+        from model.server_health import UNREACHABLE, health
+
         try:
-            with urllib.request.urlopen(f"{base}/health", timeout=timeout_s) as r:
-                status = r.status
-        except urllib.error.HTTPError as e:
-            status = e.code
-        except (urllib.error.URLError, OSError, ValueError) as e:
+            status, _ = health(uri, timeout_s)
+        except UNREACHABLE as e:
             raise StoreError(f"MLflow tracking server at {redact(uri)} is unreachable: {e}") from None
         if status != 200:
             raise StoreError(f"MLflow tracking server at {redact(uri)} is unreachable: /health answered {status}")

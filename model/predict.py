@@ -52,9 +52,9 @@ class PredictError(ValueError):
 def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
     """An http(s) tracking server must answer /health within ``timeout_s``: MLflow's own retries would take
     minutes to say the same."""
-    import urllib.error
     import urllib.parse
-    import urllib.request
+
+    from model.server_health import UNREACHABLE, health
 
     parsed = urllib.parse.urlsplit(uri)
     if parsed.scheme not in ("http", "https"):
@@ -62,11 +62,8 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
     safe = urllib.parse.urlunsplit((parsed.scheme, parsed.hostname + (f":{parsed.port}" if parsed.port else ""),
                                     parsed.path, "", ""))  # no user:password in messages
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
-            status = r.status
-    except urllib.error.HTTPError as exc:
-        status = exc.code
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+        status, _ = health(uri, timeout_s)
+    except UNREACHABLE as exc:
         raise PredictError(f"--tracking-uri: MLflow server {safe} is unreachable ({getattr(exc, 'reason', exc)})") from None
     if status != 200:
         raise PredictError(f"--tracking-uri: MLflow server {safe} answered /health with {status}")

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
 import re
-import ssl
-import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -47,7 +44,7 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
     red = redact_uri(uri)
     parsed = urllib.parse.urlsplit(uri)
     if parsed.scheme in ("http", "https"):
-        _check_http(uri, parsed, timeout_s)
+        _check_http(uri, timeout_s)
         return
     local = _local_store_dir(uri)
     if local is None:
@@ -69,49 +66,20 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
             raise TrackingError(f"MLflow sqlite store {red}: database file {db} is not readable and writable")
 
 
-def _check_http(uri: str, parsed: urllib.parse.SplitResult, timeout_s: float) -> None:
+def _check_http(uri: str, timeout_s: float) -> None:
+    from model.server_health import UNREACHABLE, health, server_get
+
     red = redact_uri(uri)
-    netloc = parsed.hostname or ""
-    if ":" in netloc:
-        netloc = f"[{netloc}]"  # IPv6 literal
-    if parsed.port:
-        netloc = f"{netloc}:{parsed.port}"
-    base = urllib.parse.urlunsplit((parsed.scheme, netloc, parsed.path.rstrip("/"), "", ""))
-    # The same credentials and TLS settings the MLflow client would use, so the probe sees what it will see.
-    user, password = parsed.username, parsed.password
-    if user is None and os.environ.get("MLFLOW_TRACKING_USERNAME"):
-        user, password = os.environ["MLFLOW_TRACKING_USERNAME"], os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
-    headers = {}
-    if user is not None:
-        token = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password or '')}"
-        headers["Authorization"] = "Basic " + base64.b64encode(token.encode()).decode()
-    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
-        headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
-    context = None
-    if parsed.scheme == "https":
-        if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() in ("1", "true"):
-            context = ssl._create_unverified_context()
-        else:
-            context = ssl.create_default_context(cafile=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or None)
-
-    def get(path: str) -> tuple[int, str]:
-        req = urllib.request.Request(base + path, headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=timeout_s, context=context) as r:
-                return r.status, r.read(2000).decode(errors="replace")
-        except urllib.error.HTTPError as e:
-            return e.code, e.read(2000).decode(errors="replace")
-
     try:
-        status, body = get("/health")
-    except (urllib.error.URLError, OSError, ValueError) as e:
+        status, body = health(uri, timeout_s)
+    except UNREACHABLE as e:
         raise TrackingError(f"MLflow tracking server at {red} is unreachable: {redact_uri(str(e))}") from e
     if status != 200:
         raise TrackingError(f"MLflow tracking server at {red} is unreachable: /health answered {status}: {body[:200]}")
     # /health answers 200 even when the API refuses this Host header (platform-facts), so probe the API too.
     try:
-        status, body = get("/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default")
-    except (urllib.error.URLError, OSError, ValueError) as e:
+        status, body = server_get(uri, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default", timeout_s)
+    except UNREACHABLE as e:
         raise TrackingError(f"MLflow tracking server at {red} is unreachable: {redact_uri(str(e))}") from e
     if status in (401, 403):
         hint = " (start the server with --allowed-hosts naming this host)" if "Host header" in body else ""

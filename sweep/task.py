@@ -231,6 +231,20 @@ def _finished(plan: RunPlan, experiment_id: str) -> tp.Optional[dict[str, float]
     return {k: v for k, v in done[0].data.metrics.items()}
 
 
+def checkpoint_before_requeue(what: str) -> None:
+    """submitit's USR2 hook (preemption, time-out) of a job running ``what``: save the running training, if any.
+
+    Never raises: the job is requeued anyway, and the last chunk checkpoint is still there.
+    """
+    try:
+        from model.training import save_active_checkpoint
+
+        saved = save_active_checkpoint()
+        log.warning("USR2: %s; requeueing %s", "checkpoint saved" if saved else "no training running", what)
+    except Exception as exc:
+        log.error("USR2: saving the checkpoint failed: %s", exc)
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train one (config, fold), recorded as ONE MLflow run; resumes a killed run; skips a finished one."""
     t_setup = time.perf_counter()

@@ -325,13 +325,9 @@ class TrialWorker:
         worker; it takes its RUNNING trial back (same SLURM job id) and the training resumes."""
         import submitit
 
-        try:
-            from model.training import save_active_checkpoint
+        from sweep.task import checkpoint_before_requeue
 
-            saved = save_active_checkpoint()
-            log.warning("USR2: %s; requeueing slot %d", "checkpoint saved" if saved else "no training running", slot)
-        except Exception as exc:  # requeue anyway; the last chunk checkpoint is still there
-            log.error("USR2: saving the checkpoint failed: %s", exc)
+        checkpoint_before_requeue(f"slot {slot}")
         SlotLog(self.spec.path, slot).write("preempted")
         return submitit.helpers.DelayedSubmission(self, slot)
 

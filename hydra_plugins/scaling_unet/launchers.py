@@ -305,13 +305,9 @@ class SlurmArrayLauncher(BaseSubmititLauncher):
 
     def checkpoint(self, *args: tp.Any, **kwargs: tp.Any) -> tp.Any:
         """submitit calls this on USR2 (preemption / time-out): save the running training, then requeue."""
-        try:
-            from model.training import save_active_checkpoint
+        from sweep.task import checkpoint_before_requeue
 
-            saved = save_active_checkpoint()
-            log.warning("USR2: %s; requeueing", "checkpoint saved" if saved else "no training running")
-        except Exception as exc:  # requeue anyway; the last chunk checkpoint is still there
-            log.error("USR2: saving the checkpoint failed: %s", exc)
+        checkpoint_before_requeue("the run")
         return super().checkpoint(*args, **kwargs)
 
     def executor(self, folder: tp.Optional[str] = None):

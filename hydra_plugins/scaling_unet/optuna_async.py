@@ -83,7 +83,7 @@ class AsyncOptunaSweeper(Sweeper):
             distributions = {k: to_new(v) for k, v in distributions.items() if k not in fixed}
         return distributions, fixed
 
-    def _check(self, distributions: dict, fixed: dict):
+    def _check(self, distributions: dict, fixed: dict) -> DictConfig:
         """Compose and check every categorical combination (continuous parameters at their low end) before
         any slot starts: a bad config, dataset or tracking server is one error line, not N failed workers."""
         from hydra_plugins.scaling_unet.launchers import _sweep_dir
@@ -96,11 +96,11 @@ class AsyncOptunaSweeper(Sweeper):
         overrides = [[f"{n}={v}" for n, v in zip(names, combo)] + [f"{k}={v}" for k, v in fixed.items()]
                      for combo in combos]
         composed = compose_jobs(self.hydra_context.config_loader, self.config, overrides)
-        prepared = prepare_sweep_or_exit(composed)
+        prepare_sweep_or_exit(composed)
         _sweep_dir(self.config)
         log.info("optuna_async: checked %d configs (every categorical combination%s)", len(combos),
                  f", the first {CHECK_LIMIT}" if len(combos) == CHECK_LIMIT else "")
-        return composed[0][2], prepared
+        return composed[0][2]
 
     def sweep(self, arguments: tp.List[str]) -> None:
         import optuna
@@ -118,7 +118,7 @@ class AsyncOptunaSweeper(Sweeper):
         except trials.StudyError as exc:
             print(f"error: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
-        cfg0, _ = self._check(distributions, fixed)
+        cfg0 = self._check(distributions, fixed)
         study = optuna.create_study(study_name=study_name, storage=trials.open_storage(storage),
                                     directions=directions, load_if_exists=True)
         if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in directions]:
