@@ -42,6 +42,7 @@ class TrainSettings:
     open_slabs: int = 8
     jit_compile: bool = False  # XLA: slower on CPU and costs seconds of compile per run (platform facts)
     bn_recalibration_batches: int = 0  # before each validation (not in the paper; model.training.recalibrate_batch_norm)
+    cpu_replicas: tp.Optional[int] = None  # N logical CPU devices under MirroredStrategy, standing in for N GPUs
 
     def __post_init__(self) -> None:
         for name in ("lr_patience_iters", "early_stop_patience_iters", "max_iters", "checkpoint_every", "batch_size",
@@ -52,6 +53,8 @@ class TrainSettings:
             raise ValueError(f"train.learning_rate must be positive, got {self.learning_rate}")
         if int(self.bn_recalibration_batches) < 0:
             raise ValueError(f"train.bn_recalibration_batches must be >= 0, got {self.bn_recalibration_batches}")
+        if self.cpu_replicas is not None and (isinstance(self.cpu_replicas, bool) or int(self.cpu_replicas) < 1):
+            raise ValueError(f"train.cpu_replicas must be null or a positive integer, got {self.cpu_replicas!r}")
         if self.precision not in ("float32", "mixed_float16", "mixed_bfloat16"):
             raise ValueError(f"train.precision must be float32, mixed_float16 or mixed_bfloat16, got {self.precision!r}")
 

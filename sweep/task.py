@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 RUN_ID_FILE = "mlflow_run_id"
 KEY_EXCLUDE = ("fold", "mlflow", "paths", "hydra", "experiment_name", "objectives", "task", "fusing", "on_oom",
                "optuna_trial")
+TRAIN_KEY_EXCLUDE = ("cpu_replicas",)
 
 
 class ConfigError(ValueError):
@@ -107,6 +108,8 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     # A launcher's composed config still holds hydra.* with job-time values (hydra.job.num): leave it out.
     user_cfg = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
     key_cfg = {k: v for k, v in user_cfg.items() if k not in KEY_EXCLUDE}
+    # Where a run trains (N CPU stand-ins or N GPUs) is not what it computes: the same key either way.
+    key_cfg["train"] = {k: v for k, v in key_cfg.get("train", {}).items() if k not in TRAIN_KEY_EXCLUDE}
     key = tracking.config_key(key_cfg)
     dataset = OmegaConf.select(cfg, "data.dataset")
     if dataset in (None, "???"):
