@@ -14,10 +14,14 @@ import math
 import typing as tp
 from pathlib import Path
 
+# A checkpoint holds each tensor once: the weights, the optimizer's variables, the schedule state. The best
+# weights (no optimizer) are kept beside it; the finished run's model (best weights, no optimizer) is EXPORT_FILE.
 STATE_FILE = "state.json"
-MODEL_FILE = "last.keras"
-BEST_FILE = "best.weights.h5"
+WEIGHTS_FILE = "last.weights.h5"  # all model variables (BN statistics included), no optimizer
 OPTIMIZER_FILE = "optimizer.npz"  # optimizer variables in order: Keras 3.15 does not restore a LossScaleOptimizer
+BEST_FILE = "best.weights.h5"  # weights of the lowest validation loss, no optimizer
+EXPORT_FILE = "model.keras"  # architecture + best weights, written when the run finishes (the MLflow artifact)
+LEGACY_MODEL_FILE = "last.keras"  # checkpoints before 2026-12: model + optimizer; read on resume, then removed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,8 +119,10 @@ def update_schedule(state: ScheduleState, val_loss: float, iters: int, s: TrainS
 
 
 def load_state(ckpt_dir: Path) -> tp.Optional[ScheduleState]:
+    """The schedule state of a complete checkpoint (weights and optimizer written), else None."""
     path = ckpt_dir / STATE_FILE
-    if not path.is_file() or not (ckpt_dir / MODEL_FILE).is_file() or not (ckpt_dir / OPTIMIZER_FILE).is_file():
+    weights = (ckpt_dir / WEIGHTS_FILE).is_file() or (ckpt_dir / LEGACY_MODEL_FILE).is_file()
+    if not path.is_file() or not weights or not (ckpt_dir / OPTIMIZER_FILE).is_file():
         return None
     raw = json.loads(path.read_text())
     raw["best_val_loss"] = math.inf if raw.get("best_val_loss") is None else raw["best_val_loss"]

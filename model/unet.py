@@ -48,7 +48,7 @@ Pads = tp.Tuple[tp.Tuple[int, int], tp.Tuple[int, int]]
 _KERNEL_INIT = "he_normal"
 
 
-def _conv_block(x, filters: int, prefix: str):
+def _conv_block(x, filters: int, prefix: str, synchronized_bn: bool = False):
     for i in (1, 2):
         x = keras.layers.Conv2D(
             filters,
@@ -59,7 +59,7 @@ def _conv_block(x, filters: int, prefix: str):
             data_format="channels_last",
             name=f"{prefix}_conv{i}",
         )(x)
-        x = keras.layers.BatchNormalization(axis=-1, name=f"{prefix}_bn{i}")(x)
+        x = keras.layers.BatchNormalization(axis=-1, synchronized=synchronized_bn, name=f"{prefix}_bn{i}")(x)
         x = keras.layers.Activation(keras.activations.mish, name=f"{prefix}_mish{i}")(x)
     return x
 
@@ -92,12 +92,16 @@ def build_unet(
     num_classes: int = 4,
     input_shape: tp.Sequence[tp.Optional[int]] = (None, None, 1),
     name: tp.Optional[str] = None,
+    synchronized_bn: bool = False,
 ) -> keras.Model:
     """Build the U-net with width c0 = ``width`` and depth d = ``depth`` (paper, Model section).
 
     ``input_shape`` is (H, W, C) with H and W ``None`` (any multiple of 2^d at call time: train
     on IS x IS patches, predict on full slices padded with :func:`pad_to_multiple`) or fixed
     multiples of 2^d. Output: (batch, H, W, num_classes) float32 logits.
+    ``synchronized_bn`` (TensorFlow backend only): batch statistics over the global batch of all replicas
+    of a tf.distribute strategy, so data-parallel training computes what one device would
+    (:func:`model.training.global_batch_statistics`).
     Parameters: :func:`model.complexity.count_params` (279,873,796 for c0=96, d=5).
     Raises ``ValueError`` naming the field for width < 1, depth < 1, num_classes < 1 or a bad
     input_shape.
@@ -113,10 +117,10 @@ def build_unet(
     x = inputs
     skips = []
     for level in range(depth):
-        x = _conv_block(x, width * 2**level, f"enc{level}")
+        x = _conv_block(x, width * 2**level, f"enc{level}", synchronized_bn)
         skips.append(x)
         x = keras.layers.MaxPooling2D(2, strides=2, data_format="channels_last", name=f"pool{level}")(x)
-    x = _conv_block(x, width * 2**depth, "bottleneck")
+    x = _conv_block(x, width * 2**depth, "bottleneck", synchronized_bn)
     for level in reversed(range(depth)):
         filters = width * 2**level
         x = keras.layers.Conv2DTranspose(
@@ -130,7 +134,7 @@ def build_unet(
             name=f"dec{level}_up",
         )(x)
         x = keras.layers.Concatenate(axis=-1, name=f"dec{level}_concat")([skips[level], x])
-        x = _conv_block(x, filters, f"dec{level}")
+        x = _conv_block(x, filters, f"dec{level}", synchronized_bn)
     logits = keras.layers.Conv2D(
         num_classes,
         1,
@@ -220,7 +224,8 @@ def predict_full_slice(
     ``slice2d_or_batch``: one slice (H, W), a batch of slices (N, H, W) or (N, H, W, C); any
     H, W. The slices are padded to a multiple of 2^depth (:func:`pad_to_multiple`, ``mode``),
     run through ``model`` in inference mode ``batch_size`` at a time, and the output is cropped
-    back to H x W. Returns float32 logits (softmax probabilities with ``probabilities=True``) of
+    back to H x W. A model built under a multi-replica ``tf.distribute`` strategy spreads each batch over
+    its replicas (:func:`model.devices.replica_call`). Returns float32 logits (softmax probabilities with ``probabilities=True``) of
     shape (H, W, K) for a 2-D input, else (N, H, W, K). ``depth=None`` infers it from the model.
     """
     depth = infer_depth(model) if depth is None else check_positive_int(depth, "depth", minimum=0)
@@ -235,9 +240,15 @@ def predict_full_slice(
         raise ValueError(f"slice2d_or_batch must be (H, W), (N, H, W) or (N, H, W, C), got shape {x.shape}")
     x = x.astype(np.float32, copy=False)
     padded, pads = pad_to_multiple(x, depth, mode=mode)
+    strategy = getattr(model, "distribute_strategy", None)  # the TensorFlow trainer's; other backends: one device
+    distributed = strategy is not None and strategy.num_replicas_in_sync > 1
+    if distributed:
+        from model.devices import replica_call  # TensorFlow only where a model has several replicas
     outputs = []
     for start in range(0, padded.shape[0], batch_size):
-        y = model(padded[start : start + batch_size], training=False)
+        chunk = padded[start : start + batch_size]
+        # Paper: data parallel over the node's GPUs; each batch of slices is spread over the replicas.
+        y = replica_call(model, chunk) if distributed else model(chunk, training=False)
         if probabilities:
             y = keras.ops.softmax(y, axis=-1)
         outputs.append(np.asarray(keras.ops.convert_to_numpy(y), dtype=np.float32))

@@ -19,7 +19,9 @@ from omegaconf import DictConfig
 
 from data.errors import DataError
 from sweep.dispatch import objective_values
+from model.devices import DeviceError
 from sweep.lease import LeaseHeld
+from sweep.standin import check_stand_in
 from sweep.task import ConfigError, run
 from sweep.tracking import TrackingError
 
@@ -29,6 +31,8 @@ log = logging.getLogger("sweep")
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> tp.Any:
     try:
+        if HydraConfig.get().mode != RunMode.MULTIRUN:  # a sweep's jobs were checked by its launcher (prepare_sweep)
+            check_stand_in([cfg], launcher=HydraConfig.get().launcher, log=log)
         if cfg.get("task", "train") == "fusing":
             from sweep.fusing import run_fusing
 
@@ -36,7 +40,7 @@ def main(cfg: DictConfig) -> tp.Any:
         if cfg.get("task", "train") != "train":
             raise ConfigError("task", f"must be train or fusing, got {cfg.task!r}")
         return objective_values(cfg, run(cfg))
-    except (ConfigError, DataError, TrackingError) as exc:
+    except (ConfigError, DataError, TrackingError, DeviceError) as exc:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise
         log.error("error: %s", exc)

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "mlflow_run_id"
 KEY_EXCLUDE = ("fold", "mlflow", "paths", "hydra", "experiment_name", "objectives", "task", "fusing", "on_oom",
-               "optuna_trial")
+               "optuna_trial", "batch_halved", "allow_stand_in")
 TRAIN_KEY_EXCLUDE = ("cpu_replicas",)
 
 
@@ -100,6 +100,9 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         settings = TrainSettings(batch_size=int(batch), seed=int(cfg.seed), planes=tuple(train.pop("planes")), **train)
     except (TypeError, ValueError) as exc:
         raise ConfigError("train", str(exc)) from None
+    if settings.cpu_replicas and settings.batch_size % settings.cpu_replicas:
+        raise ConfigError("train.batch_size", f"{settings.batch_size} does not split evenly over train.cpu_replicas="
+                                              f"{settings.cpu_replicas}; use a multiple of {settings.cpu_replicas}")
     aug = OmegaConf.to_container(cfg.data.augment, resolve=True)
     try:
         augment = AugmentConfig(input_size=eff_size, **{k: tuple(v) if isinstance(v, list) else v for k, v in aug.items()})
@@ -219,7 +222,7 @@ def training_curves_png(history: tp.Sequence[dict], path: Path) -> Path:
 
 def _params(cfg: DictConfig, plan: RunPlan) -> dict:
     params = tracking.flatten(OmegaConf.to_container(cfg, resolve=True))
-    params = {k: v for k, v in params.items() if not k.startswith("optuna_trial")}  # tags, not parameters
+    params = {k: v for k, v in params.items() if not k.startswith(("optuna_trial", "batch_halved"))}  # tags
     params.update({"effective.width": plan.width, "effective.input_size": plan.input_size,
                    "effective.batch_size": plan.settings.batch_size})
     return params
@@ -294,6 +297,10 @@ def _train(cfg: DictConfig, plan: RunPlan, experiment_id: str, train_samples, va
             "experiment": str(cfg.get("experiment_name", "single")), **tracking.environment_tags()}
     if cfg.get("optuna_trial"):  # set by the asynchronous Optuna slots: the run ↔ trial link in the MLflow UI
         tags.update({"optuna_study": str(cfg.optuna_trial.study), "optuna_trial": str(cfg.optuna_trial.number)})
+    if cfg.get("batch_halved"):  # set by the sweep (on_oom=halve_batch): why this run trains at a smaller batch
+        from sweep.resources import halved_tags
+
+        tags.update(halved_tags(cfg))
     recorder = tracking.RunRecorder(plan.tracking_uri, experiment_id, run_id=run_id, run_name=plan.run_name, tags=tags)
     with recorder:
         run_id = recorder.start()
@@ -308,11 +315,13 @@ def _train(cfg: DictConfig, plan: RunPlan, experiment_id: str, train_samples, va
                   "paper_params": count_params(plan.paper_width, plan.depth)}
         recorder.log_metrics(static)
 
-        def on_start(state, model) -> None:
+        def on_start(state, model, devices) -> None:
+            from model.devices import replicas_of
             from model.training import compute_dtype
 
-            # The dtype the built model computes in, which is what trains, whatever train.precision says.
-            recorder.set_tags({"compute_dtype": compute_dtype(model)})
+            # What trains, read from the built model, whatever the config says: its dtype and its replicas.
+            recorder.set_tags({"compute_dtype": compute_dtype(model), **devices.tags,
+                               "replicas": str(replicas_of(model))})
             if state.resumed_from:
                 recorder.set_tags({"resumed_from_iteration": ",".join(map(str, state.resumed_from))})
                 log.info("%s: resuming from iteration %d", plan.run_name, state.iteration)

@@ -41,6 +41,7 @@ TAG_SLURM_JOB_ID = "slurm_job_id"
 TAG_SLURM_ARRAY_JOB_ID = "slurm_array_job_id"
 TAG_SLURM_ARRAY_TASK_ID = "slurm_array_task_id"
 TAG_HOSTNAME = "hostname"
+TAG_FAILURE_REASON = "failure_reason"  # the exception that ended a FAILED run, one line
 
 # Errors that no retry can fix: fail at once instead of backing off.
 PERMANENT_ERROR_CODES = frozenset({
@@ -275,7 +276,11 @@ class RunRecorder:
     def __exit__(self, exc_type, exc, tb) -> bool:
         # On success the caller decides when to finish; on failure mark the run FAILED with one quick try.
         if exc_type is not None and self._started:
-            try:
+            try:  # why, in one line, beside the status (the MLflow UI shows tags; the job log may be gone)
+                reason = f"{exc_type.__name__}: {' '.join(str(exc).split())}"
+                _retry(lambda: self.client.set_tag(self.run_id, TAG_FAILURE_REASON,
+                                                   sanitize(reason[-MAX_TAG_VAL_LENGTH:], MAX_TAG_VAL_LENGTH)),
+                       f"tag run {self.run_id} with its failure", self.uri, 1, 0.0)
                 _retry(lambda: self.client.set_terminated(self.run_id, status="FAILED"),
                        f"mark run {self.run_id} FAILED", self.uri, 1, 0.0)
             except Exception as e:  # noqa: BLE001 - best effort: the original exception matters more

@@ -12,6 +12,13 @@ import h5py
 import numpy as np
 import pytest
 
+from model.devices import ensure_cpu_devices
+
+# Before TensorFlow starts: 4 logical CPU devices, so one pytest process trains on 1 replica (the default
+# strategy) and on 4 (train.cpu_replicas=4, MirroredStrategy) and compares them (tests/test_distributed.py).
+CPU_STAND_INS = 4
+ensure_cpu_devices(CPU_STAND_INS)
+
 from data.manifest import Sample, write_manifest
 from data.volume import VolumeRef
 

@@ -56,11 +56,12 @@ def test_tiny_run_is_one_finished_mlflow_run_with_the_schema(tmp_path, mlflow_se
     assert p["model.width"] == "32" and p["effective.width"] == "2" and p["fold"] == "1" and p["train.max_iters"] == "4"
     assert not any(str(Path.home()) in v for v in p.values() if str(Path.home()) != "/")
     assert t["fold"] == "1" and len(t["config_key"]) == 12 and t["git_commit"] and t["compute_dtype"] == "float32"
+    assert t["replicas"] == "1" and t["device_kind"] == "CPU"  # read from the trained model's strategy
     client = MlflowClient(mlflow_server.uri)
     assert [h.step for h in client.get_metric_history(run.info.run_id, "train_loss")] == [2, 4]
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "model", "training_curves.png"} <= arts
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/last.keras"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/model.keras"]
     # The same command again finds the FINISHED run and trains nothing.
     again = _sweep(work, f"mlflow.tracking_uri={mlflow_server.uri}", "mlflow.experiment=schema",
                    "train.max_iters=4", "train.checkpoint_every=2", "fold=1")
@@ -84,7 +85,7 @@ def test_mixed_precision_run_records_the_dtype_its_model_computes_in(tmp_path, m
     (run,) = _runs(mlflow_server.uri, "mixed")
     assert run.info.status == "FINISHED" and run.data.params["train.precision"] == "mixed_float16"
     assert run.data.tags["compute_dtype"] == "float16"
-    local = MlflowClient(mlflow_server.uri).download_artifacts(run.info.run_id, "model/last.keras", str(tmp_path))
+    local = MlflowClient(mlflow_server.uri).download_artifacts(run.info.run_id, "model/model.keras", str(tmp_path))
     assert compute_dtype(keras.models.load_model(local, compile=False)) == "float16"
 
 
