@@ -3,7 +3,12 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-stamp
+# GPU=1 (or `make venv-gpu`): the gpu extra, NVIDIA's CUDA wheels for tensorflow (GPU nodes; docs/cluster.md).
+GPU    ?=
+COMMA  := ,
+IS_GPU := $(filter 1 yes true,$(GPU))
+EXTRAS := test$(if $(IS_GPU),$(COMMA)gpu)
+STAMP  := $(VENV)/.installed-stamp$(if $(IS_GPU),-gpu)
 DEMO   ?= demo
 WORK   := $(abspath $(DEMO))/work
 # Table 2/3 of the demo: one config (c0=112 → 7 channels, d=3, IS=384² → 64²) trained 3000 iterations at
@@ -14,15 +19,21 @@ TABLE2 := mlflow.experiment=scaling-unet-table2 model.width=112 model.depth=3 mo
           train.early_stop_patience_iters=2000 train.batch_size=8
 SAMPLE := $(WORK)/data/synthetic-64-seed0-dl2.5-n14-3/prepared
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test venv venv-gpu bench clean
 
 venv: $(STAMP)
+
+venv-gpu:
+	$(MAKE) venv GPU=1
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "scaling-unet needs Python 3.11, found " + sys.version' 
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# A venv made when the pin was tensorflow-cpu: tensorflow-cpu and tensorflow write the same module files, so
+	# both go before tensorflow is installed (uninstalling tensorflow-cpu after would delete tensorflow's files).
+	if $(PY) -m pip show -q tensorflow-cpu 2>/dev/null; then $(PY) -m pip uninstall -y -q tensorflow-cpu tensorflow; fi
 	# compat mode puts the checkout on sys.path, so Hydra finds hydra_plugins/ (our launchers).
-	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]' --config-settings editable_mode=compat
 	# hydra-optuna-sweeper 1.3.0 declares optuna<3 but works with optuna 5 (platform-facts): no deps.
 	$(PY) -m pip install -q --no-deps hydra-optuna-sweeper==1.3.0
 	touch $(STAMP)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.results import (EXPECTED_FOLDS, Runs, atomic_write_csv, atomic_write_text, config_table_from_runs,
-                              fig3_configs, fmt_int, missing_training, read_runs, skipped_configs)
+                              fig3_configs, fmt_int, halved_configs, missing_training, read_runs, skipped_configs)
 
 MISSING_COLUMNS = ["kind", "config_key", "width", "depth", "input_size", "method", "present_folds", "missing_folds",
                    "note"]
@@ -32,7 +32,7 @@ class Part:
 
 def fig3_part(runs: Runs, out: tp.Union[str, Path]) -> Part:
     """Fig. 3 (PNG, PDF) and configs.csv from the training runs (Optuna trials left out)."""
-    from analysis.fig3 import plot_fig3
+    from analysis.fig3 import fig3_note, plot_fig3
 
     part = Part("Fig. 3")
     table = config_table_from_runs(runs.training)
@@ -49,7 +49,13 @@ def fig3_part(runs: Runs, out: tp.Union[str, Path]) -> Part:
     skipped = skipped_configs(runs.training)
     for (w, d, s), why in sorted(skipped.items()):
         part.warnings.append(f"c0={w} d={d} IS={s}: not trained, {why}")
-    part.written += plot_fig3(chosen, out, skipped=skipped)
+    halved = halved_configs(chosen)
+    for (w, d, s), why in sorted(halved.items()):
+        part.warnings.append(f"c0={w} d={d} IS={s}: trained at a halved batch, {why}")
+    part.written += plot_fig3(chosen, out, skipped=skipped, halved=halved)
+    if skipped or halved:  # what the note under the figure says about them, also on the console
+        part.notes.append("note under the figure: " + fig3_note(chosen, n_expected=len(EXPECTED_FOLDS),
+                                                                 skipped=skipped, halved=halved))
     table = table.assign(in_fig3=table.config_key.isin(chosen.config_key))
     part.written.append(atomic_write_csv(table, Path(out) / "configs.csv"))
     part.notes.append(f"{len(chosen)} configs plotted from {int(table.n_folds.sum())} fold runs")
@@ -165,6 +171,11 @@ def missing_markdown(df: pd.DataFrame, runs: Runs) -> str:
              f"`{runs.experiment}`, and for each config with fusing runs in `{runs.fusing_experiment}` all 7 fusing "
              "methods × 4 folds. Incomplete configs are marked in the figures and tables (hollow markers, *), "
              "never averaged as if complete.", ""]
+    halved = halved_configs(fig3_configs(config_table_from_runs(runs.training))[0])
+    if halved:  # not missing, but not trained as configured either
+        lines += [f"Trained at a halved global batch (GPU memory estimate; not missing, `batch_halved` in "
+                  f"configs.csv): " + "; ".join(f"c0={w} d={d} IS={s}: {why}" for (w, d, s), why in sorted(halved.items())),
+                  ""]
     if df.empty:
         return "\n".join(lines + ["No missing runs.", ""])
     lines += ["| kind | config | c0 | d | IS | method | folds present | folds missing | note |",

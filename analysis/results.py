@@ -30,6 +30,8 @@ CLASS_METRICS = ("iou_bone", "iou_degradation_layer", "iou_residual_material")
 IOU_METRICS = CLASS_METRICS + ("mean_iou",)
 OPTUNA = "optuna"
 TAG_IS_PARENT = "is_parent"  # sweep.dispatch.TAG_IS_PARENT (analysis never imports sweep/)
+TAG_SKIPPED = "skipped_reason"  # sweep.resources: a run the sweep did not queue (estimated GPU memory)
+TAG_HALVED = "batch_halved"  # sweep.resources: a run trained at a smaller global batch than configured (GPU memory)
 
 
 class StoreError(ValueError):
@@ -257,6 +259,7 @@ def config_rows(done: tp.Mapping[tuple, RunRecord], *, expected_folds: tp.Sequen
             "n_folds": len(kids), "folds": ",".join(map(str, folds)),
             "complete": set(expected_folds) <= set(folds),
             "experiment": ",".join(sorted({r.tags.get("experiment", "") for r in kids} - {""})),
+            "batch_halved": next((r.tags[TAG_HALVED] for r in kids if r.tags.get(TAG_HALVED)), ""),
         }
         for name in IOU_METRICS:
             vals = [r.metric(name) for r in kids]
@@ -266,7 +269,7 @@ def config_rows(done: tp.Mapping[tuple, RunRecord], *, expected_folds: tp.Sequen
             row[f"{name}_n"] = sum(not math.isnan(v) for v in vals)
         rows.append(row)
     cols = ["config_key", "width", "depth", "input_size", "flops", "params", "paper_flops", "n_folds", "folds",
-            "complete", "experiment"] + [f"{m}{s}" for m in IOU_METRICS for s in ("", "_se", "_n")]
+            "complete", "experiment"] + [f"{m}{s}" for m in IOU_METRICS for s in ("", "_se", "_n")] + ["batch_halved"]
     if not rows:
         return pd.DataFrame(columns=cols)
     return pd.DataFrame(rows)[cols].sort_values(["input_size", "depth", "width", "config_key"]).reset_index(drop=True)
@@ -317,9 +320,6 @@ def fig3_configs(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return chosen.sort_values(["input_size", "depth", "width"]).reset_index(drop=True), left.reset_index(drop=True)
 
 
-TAG_SKIPPED = "skipped_reason"  # sweep.resources: a run the sweep did not queue (estimated GPU memory)
-
-
 def skipped_configs(training: tp.Iterable[RunRecord]) -> dict[tuple[int, int, int], str]:
     """(width, depth, input size) → why, for configs the sweep skipped and that have no FINISHED fold run."""
     finished = {(r.int_param("model.width"), r.int_param("model.depth"), r.int_param("model.input_size"))
@@ -331,6 +331,14 @@ def skipped_configs(training: tp.Iterable[RunRecord]) -> dict[tuple[int, int, in
         if why and None not in point and point not in finished:
             out.setdefault(point, why)  # type: ignore[arg-type]
     return out
+
+
+def halved_configs(chosen: pd.DataFrame) -> dict[tuple[int, int, int], str]:
+    """(width, depth, input size) → why, for the configs of ``chosen`` (Fig. 3's) trained at a halved batch."""
+    if chosen.empty or "batch_halved" not in chosen:
+        return {}
+    return {(int(r.width), int(r.depth), int(r.input_size)): str(r.batch_halved)
+            for r in chosen.itertuples() if isinstance(r.batch_halved, str) and r.batch_halved}
 
 
 def expected_grid() -> list[tuple[int, int, int]]:
@@ -353,12 +361,20 @@ def missing_training(training: tp.Iterable[RunRecord], *, expected_folds: tp.Seq
 
     def why(key: str, missing: list[int]) -> str:
         notes = []
+        skips: dict[str, list[int]] = {}  # one note for the folds skipped for the same reason (its estimate)
         for r in sorted(unfinished_by_key.get(key, []), key=lambda r: (r.fold() or 0, r.start_time)):
             if r.fold() in missing and not ((key, r.fold()) in done):
                 skipped = r.tags.get(TAG_SKIPPED)
-                notes.append(f"fold {r.fold()}: skipped, {skipped}" if skipped else
-                             f"fold {r.fold()}: {r.status} run {r.run_id[:8]}")
-        return "; ".join(notes)
+                if skipped:
+                    if skipped not in skips:
+                        notes.append(skipped)
+                    folds = skips.setdefault(skipped, [])
+                    if r.fold() not in folds:
+                        folds.append(r.fold())
+                else:
+                    notes.append(f"fold {r.fold()}: {r.status} run {r.run_id[:8]}")
+        return "; ".join(f"{'folds' if len(skips[n]) > 1 else 'fold'} {','.join(map(str, skips[n]))}: skipped, {n}"
+                         if n in skips else n for n in notes)
 
     present = {(int(r.width), int(r.depth), int(r.input_size)): r for r in chosen.itertuples()}
     for w, d, s in expected_grid():

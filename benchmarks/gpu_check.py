@@ -29,6 +29,10 @@ predict / rotate back / fuse / write) and voxels/s. The volume is 512³ (``--vol
 paper's 1200×1200×1000 needs ~60 GB of plane and temporary files, more than the machine's disk
 beside the input; the time for that size is extrapolated linearly in voxels (the network's work
 and every phase are per voxel), and printed as an extrapolation.
+Where the machine also has TensorFlow, ``tf_train`` (fresh process, KERAS_BACKEND=tensorflow) runs the
+project's own training path, ``model.training.train_fold``, over every GPU under MirroredStrategy and reports
+its replicas, images/s and TF's peak GPU memory against the estimate; where it has JAX alone, the check
+prints which parts it did NOT check (``NOT_CHECKED_WITHOUT_TF``).
 Prints one table and, with ``--json``, writes every number.
 """
 
@@ -199,16 +203,73 @@ def default_precision() -> str:
     return "mixed_float16" if "V100" in kind or "T4" in kind else "mixed_bfloat16"
 
 
+#: What only a TensorFlow machine can check: printed (and in --json) when the GPU machine has JAX alone.
+NOT_CHECKED_WITHOUT_TF = (
+    "model.training.train_fold on the GPUs (the project's own training path; here Keras on JAX runs the same U-net)",
+    "MirroredStrategy over every visible GPU (model.devices), synchronized BN over the global batch, NCCL all-reduce",
+    "model.devices' check that a job sees the GPUs it was given (a CPU-only TensorFlow build)",
+    "TensorFlow's GPU allocator peak against model.complexity.training_memory (the JAX peak is XLA's, not TF's)",
+    "checkpoint write time of the largest configs under TensorFlow (docs/training.md gives an estimate)",
+)
+
+
+def tensorflow_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def measure_tf_training(*, steps: int, smoke: bool) -> dict:
+    """The project's own training path (model.training.train_fold) on every GPU TensorFlow sees, mixed precision,
+    on a small synthetic prepared dataset: replicas, images/s after the first chunk, TF's peak GPU memory."""
+    import tempfile
+
+    import tensorflow as tf
+
+    from data.folds import split_fold
+    from data.manifest import load_dataset
+    from data.pipeline import AugmentConfig
+    from data.prepare import prepare_dataset
+    from data.synth import main as synth_main
+    from model.complexity import training_memory
+    from model.training import TrainSettings, train_fold
+
+    cfg = SMOKE["baseline"] if smoke else CONFIGS["baseline"]
+    gpus = tf.config.list_logical_devices("GPU")
+    replicas = max(1, len(gpus))
+    with tempfile.TemporaryDirectory(prefix="gpu-check-tf-") as tmp:
+        raw, prep = Path(tmp) / "raw", Path(tmp) / "prepared"
+        synth_main(["--out", str(raw), "--size", "64" if smoke else "256", "--n-train", "4", "--n-test", "1"])
+        prepare_dataset(raw, prep)
+        train, val = split_fold(load_dataset(prep), 0)
+        chunk = max(1, steps // 2)
+        settings = TrainSettings(max_iters=2 * chunk, checkpoint_every=chunk, batch_size=cfg["batch"] * replicas,
+                                 precision="float32" if not gpus else "mixed_float16", val_crop=64 if smoke else 256,
+                                 val_slice_step=16, final_slice_step=16, open_slabs=4)
+        res = train_fold(width=cfg["width"], depth=cfg["depth"], input_size=cfg["size"], train_samples=train,
+                         val_samples=val, settings=settings, augment=AugmentConfig(), ckpt_dir=Path(tmp) / "ck")
+    peak = tf.config.experimental.get_memory_info("GPU:0")["peak"] if gpus else None
+    est = training_memory(cfg["width"], cfg["depth"], cfg["size"], cfg["batch"], settings.precision).total
+    return {"config": "tf_train", "replicas": res.replicas, "device_kind": res.device_kind,
+            "compute_dtype": res.compute_dtype, "iterations": res.state.iteration,
+            "images_per_s_second_chunk": res.state.history[-1]["images_per_s"], "phases_s": res.phases,
+            "peak_gpu_bytes": peak, "estimate_bytes": est, "measured_over_estimate": peak / est if peak else None,
+            "mean_iou": res.final_metrics["mean_iou"], **{k: cfg[k] for k in ("width", "depth", "size", "batch")}}
+
+
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny configs and few steps (CPU wiring check)")
     ap.add_argument("--steps", type=int, default=None, help="training steps per config (default 200; smoke 80)")
     ap.add_argument("--precision", default="auto", help="auto (bf16 on A100/H100/H200, fp16 on V100), or a policy")
     ap.add_argument("--json", type=Path, help="write all numbers here")
-    ap.add_argument("--only", choices=sorted(CONFIGS) + ["volume9"], help="one config, in this process (used by the parent)")
+    ap.add_argument("--only", choices=sorted(CONFIGS) + ["volume9", "tf_train"], help="one config, in this process (used by the parent)")
     ap.add_argument("--volume-size", type=int, default=None, help="edge of the 9-plane volume (default 512; smoke 40)")
     ap.add_argument("--no-volume", action="store_true", help="skip the 9-plane whole-volume run")
     args = ap.parse_args(argv)
+    if args.only == "tf_train":  # KERAS_BACKEND=tensorflow, in its own process (parent below)
+        print("RESULT " + json.dumps(measure_tf_training(steps=args.steps or 40, smoke=args.smoke)), flush=True)
+        return 0
     if os.environ.get("KERAS_BACKEND") != "jax":
         print("error: run with KERAS_BACKEND=jax (the GPU machines have JAX, not TensorFlow)", file=sys.stderr)
         return 2
@@ -245,9 +306,20 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
             results.append({"config": name, "failed": True, "stderr": proc.stderr[-3000:]})
             continue
         results.append(json.loads(line[len("RESULT "):]))
+    if tensorflow_available():  # the project's own training path, where TensorFlow is installed
+        proc = subprocess.run([sys.executable, __file__, "--only", "tf_train"] + (["--smoke"] if args.smoke else []),
+                              env=dict(os.environ, KERAS_BACKEND="tensorflow"), capture_output=True, text=True)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        tf_result = json.loads(line[len("RESULT "):]) if line else {"config": "tf_train", "failed": True,
+                                                                     "stderr": proc.stderr[-3000:]}
+        results.append(tf_result)
+        print(f"TensorFlow training path: {json.dumps(tf_result)[:1500]}")
+    else:
+        results.append({"config": "not_checked", "without_tensorflow": list(NOT_CHECKED_WITHOUT_TF)})
+        print("NOT CHECKED on this machine (JAX only, no TensorFlow):\n  - " + "\n  - ".join(NOT_CHECKED_WITHOUT_TF))
     volume = [r for r in results if r.get("config") == "volume9" and not r.get("failed")]
     results_volume = volume[0] if volume else None
-    ok = [r for r in results if not r.get("failed") and r.get("config") != "volume9"]
+    ok = [r for r in results if not r.get("failed") and r.get("config") in configs]
     if ok:
         r0 = ok[0]
         print(f"device: {r0['device']} ({r0['platform']}), precision {r0['precision']}, {steps} steps, "
@@ -276,7 +348,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
               f"(paper: 20 min; aim ≤ 3 min on one H100)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
-    failed = [r["config"] for r in results if r.get("failed") or (r.get("config") != "volume9" and not r.get("loss_falls"))]
+    failed = [r["config"] for r in results if r.get("failed") or (r.get("config") in configs and not r.get("loss_falls"))]
     if failed:
         print(f"check FAILED for: {', '.join(failed)} (failed to run, or the loss did not fall)", file=sys.stderr)
         return 1

@@ -48,12 +48,14 @@ def run_mode(mode: str, root: Path, args, env: dict) -> dict:
     sweeper = ["hydra/sweeper=optuna", "hydra/sweeper/sampler=random",
                f"hydra.sweeper.storage=sqlite:///{work}/optuna.db"] if mode == "batch" else \
         ["hydra/sweeper/sampler=random"]
+    # The laptop profile on synthetic data on the fake GPUs: a stand-in, allowed explicitly (sweep/standin.py).
     cmd = [sys.executable, "-m", "sweep", "+experiment=optuna", "hydra/launcher=slurm_v100", *sweeper,
            "hydra.launcher.partition=gpu", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
            "hydra.launcher.timeout_min=30", "hydra.launcher.poll_interval_s=1", "hydra.launcher.array_parallelism=8",
            f"hydra.launcher.name=su-bench-{mode}", f"hydra.sweeper.n_trials={args.trials}",
            f"hydra.sweeper.n_jobs={args.slots}", "hydra.sweeper.sampler.seed=0",
-           f"train.max_iters=choice({','.join(str(i) for i in args.iters)})", *TINY, f"mlflow.experiment=bench-{mode}",
+           f"train.max_iters=choice({','.join(str(i) for i in args.iters)})", *TINY,
+           "allow_stand_in=true", "train.cpu_replicas=4", "train.batch_size=4", f"mlflow.experiment=bench-{mode}",
            "-m"]
     t0 = time.time()
     p = subprocess.run(cmd, cwd=work.parent, capture_output=True, text=True,

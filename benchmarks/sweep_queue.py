@@ -29,6 +29,9 @@ GRID = ["+a=1,2,3,4", "+b=1,2,3,4", "+c=1,2,3", "+d=0,1,2,3"]
 TAG = str(os.getpid())  # job names of this run only: scancel -n never hits someone else's benchmark
 COMMON = ["hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4", "hydra.launcher.cpus_per_task=1",
           "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=10", "hydra.launcher.array_parallelism=1"]
+# Our sweeps on the test cluster's fake GPUs train the laptop profile on synthetic data: a stand-in, allowed
+# explicitly (sweep/standin.py), on 4 logical CPU devices standing in for the 4 GPUs (a global batch they split).
+STAND_IN = ["allow_stand_in=true", "train.cpu_replicas=4", "train.batch_size=4"]
 
 
 def _squeue_count(name: str) -> int:
@@ -60,7 +63,7 @@ def job_overhead(tmp: Path, env: dict) -> list[float]:
     cmd = [sys.executable, "-m", "sweep", "+experiment=compound", "hydra/launcher=slurm_v100",
            "model.width=32", "model.depth=2", "model.input_size=384", "data.synth.size=32", "data.synth.n_train=4",
            "data.synth.n_test=1", "train.batch_size=2", "train.max_iters=4", "train.checkpoint_every=4",
-           "train.val_crop=32", "train.val_slice_step=8", "train.final_slice_step=8", *COMMON[:-1],
+           "train.val_crop=32", "train.val_slice_step=8", "train.final_slice_step=8", *COMMON[:-1], *STAND_IN,
            "hydra.launcher.array_parallelism=2", "hydra.launcher.poll_interval_s=1",
            "hydra.launcher.name=bench-overhead", f"mlflow.tracking_uri=sqlite:///{db}", "-m"]
     subprocess.run(cmd, cwd=tmp, env=dict(env, SCALING_UNET_WORK=str(tmp / "overhead")), check=True,
@@ -81,7 +84,8 @@ def main() -> None:
         tmp = Path(tmp)
         ours_env = dict(env, SCALING_UNET_WORK=str(tmp / "ours"))
         ours = time_to_queued([sys.executable, "-m", "sweep", "+experiment=compound",
-                               "hydra/launcher=slurm_v100", *COMMON, f"hydra.launcher.name=bench-ours-{TAG}", "-m"],
+                               "hydra/launcher=slurm_v100", *COMMON, *STAND_IN,
+                               f"hydra.launcher.name=bench-ours-{TAG}", "-m"],
                               f"bench-ours-{TAG}", 192, ours_env, tmp)
         plain = time_to_queued([sys.executable, str(REPO / "benchmarks" / "trivial_app.py"),
                                 "hydra/launcher=submitit_slurm", *GRID, *COMMON, f"hydra.launcher.name=bench-plain-{TAG}",
@@ -89,7 +93,8 @@ def main() -> None:
         # Again in the same work folder: the dataset and the MLflow store exist, as on a cluster (prepared data,
         # a tracking server) and on every rerun; the cancelled arrays are dead, so all 192 are queued again.
         warm = time_to_queued([sys.executable, "-m", "sweep", "+experiment=compound",
-                               "hydra/launcher=slurm_v100", *COMMON, f"hydra.launcher.name=bench-warm-{TAG}", "-m"],
+                               "hydra/launcher=slurm_v100", *COMMON, *STAND_IN,
+                               f"hydra.launcher.name=bench-warm-{TAG}", "-m"],
                               f"bench-warm-{TAG}", 192, ours_env, tmp)
         print(f"192 tasks queued: scaling-unet sweep {ours:.1f} s in a fresh work folder (makes the synthetic "
               f"dataset and the MLflow store), {warm:.1f} s with them in place; plain hydra-submitit-launcher "

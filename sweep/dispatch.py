@@ -17,6 +17,7 @@ import typing as tp
 from omegaconf import DictConfig
 
 from sweep import tracking
+from sweep.standin import check_stand_in
 from sweep.task import ConfigError, RunPlan, ensure_dataset, plan_run
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,8 @@ def prepare_sweep_or_exit(jobs: tp.Sequence[tuple[int, tp.Sequence[str], DictCon
 def prepare_sweep(jobs: tp.Sequence[tuple[int, tp.Sequence[str], DictConfig]]) -> PreparedSweep:
     t0 = time.perf_counter()
     planned = check_jobs(jobs)
+    # A laptop/synthetic stand-in on GPUs, or the paper profile on this CPU: refused before anything is queued.
+    check_stand_in([j.cfg for j in planned], log=log)
     t1 = time.perf_counter()
     uri, experiment = planned[0].plan.tracking_uri, planned[0].plan.experiment
     tasks = {str(j.cfg.get("task", "train")) for j in planned}
@@ -155,10 +158,11 @@ def prepare_sweep(jobs: tp.Sequence[tuple[int, tp.Sequence[str], DictConfig]]) -
         else:
             todo.append(j)
         seen.add(j.pair)
+    n_halved = sum(1 for j in planned if j.cfg.get("batch_halved"))
     log.info("sweep: %d jobs, %d already FINISHED in MLflow (skipped), %d duplicates, %d not fitting the GPUs "
-             "(skipped), %d to run (checked in %.1f s, MLflow and data %.1f s, finished runs %.1f s)",
-             len(planned) + len(skipped), len(finished), len(duplicates), len(skipped), len(todo), t1 - t0, t2 - t1,
-             time.perf_counter() - t2)
+             "(skipped), %d at a halved batch, %d to run (checked in %.1f s, MLflow and data %.1f s, finished runs "
+             "%.1f s)", len(planned) + len(skipped), len(finished), len(duplicates), len(skipped), n_halved, len(todo),
+             t1 - t0, t2 - t1, time.perf_counter() - t2)
     return PreparedSweep(todo, finished, duplicates, uri, experiment_id, task, skipped)
 
 

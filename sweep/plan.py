@@ -1,13 +1,16 @@
 """``python -m sweep.plan``: check a whole sweep and print what it would queue, before anything runs.
 
     python -m sweep.plan +experiment=compound
-    python -m sweep.plan +experiment=compound hydra/launcher=slurm_v100 profile=paper hydra.launcher.array_parallelism=8
+    python -m sweep.plan +experiment=compound hydra/launcher=slurm_v100 profile=paper data=prepared \\
+        data.dataset=/data/prepared hydra.launcher.array_parallelism=8
 
 Composes every job of the sweep (``hydra.sweeper.params`` of the experiment plus sweep overrides
 on the command line), validates every config (all bad ones are listed, exit code 2), and prints:
 ``runs: N``, the runs already FINISHED in MLflow (the sweep will skip them), parameters and FLOPs
 per config, an upper bound of GPU-hours (every run to the iteration cap at an assumed sustained
-throughput), and, for a SLURM launcher, the sbatch script that would be submitted. Writes nothing.
+throughput), each config that does not fit its GPUs at the configured batch, halved or skipped
+(``on_oom``), with its estimate, and, for a SLURM launcher, the sbatch script that would be submitted.
+Writes nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sweep import tracking
 from sweep.dispatch import SweepConfigError, check_jobs, finished_fold_runs
+from sweep.standin import check_stand_in
 from sweep.sbatch import render_sbatch  # noqa: F401 - also this module's API (tests, users)
 from sweep.task import ConfigError, check_dataset
 
@@ -97,6 +101,35 @@ def launcher_params(cfg: DictConfig) -> dict:
     return params
 
 
+def print_memory_section(jobs: list, skipped: list, decisions: dict, done: set) -> None:
+    """The configs that do not fit their GPUs at the configured batch, each with its estimate: those
+    halved (queued at a smaller global batch) and those skipped (not queued, recorded in MLflow)."""
+    from sweep.resources import GB, on_oom_setting
+
+    halved: dict[str, list] = {}
+    for j in jobs:
+        if decisions[j.idx].action == "halved":
+            halved.setdefault(j.plan.config_key, []).append(j)
+    skip: dict[str, list] = {}
+    for j, _why in skipped:
+        skip.setdefault(j.plan.config_key, []).append(j)
+    if not halved and not skip:
+        return
+    policies = sorted({on_oom_setting(j.cfg) for g in (*halved.values(), *skip.values()) for j in g})
+    budget = decisions[next(iter((*halved.values(), *skip.values())))[0].idx].budget
+    print()
+    print(f"GPU memory: {len(halved)} config(s) halved, {len(skip)} skipped (on_oom={','.join(policies)}, "
+          f"gpu_mem_gb {(budget.memory_bytes or 0) / GB:g} per GPU, {budget.gpus} GPUs per run):")
+    for what, groups in (("halved", halved), ("skipped", skip)):
+        for group in groups.values():
+            p, d = group[0].plan, decisions[group[0].idx]
+            folds = ",".join(str(j.plan.fold) for j in group)
+            state = (f"folds {folds}" + (" (" + ",".join(str(j.plan.fold) for j in group if j.pair in done)
+                                          + " FINISHED)" if any(j.pair in done for j in group) else "")
+                     if what == "halved" else f"folds {folds} not queued (KILLED MLflow runs tagged skipped_reason)")
+            print(f"  {what}: c0={p.paper_width} d={p.depth} IS={p.paper_input_size}: {d.reason}; {state}")
+
+
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sweep.plan", description=__doc__.split("\n\n")[0])
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for `python -m sweep ... -m`")
@@ -107,6 +140,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     try:
         base, job_overrides = expand_sweep(args.overrides)
         jobs = check_jobs(compose_jobs(job_overrides))
+        stand_in = check_stand_in([j.cfg for j in jobs])  # as the sweep and a single run refuse it
         first = jobs[0].plan
         checked: set[str] = set()
         for j in jobs:  # the sweep's dataset checks, without making a synthetic dataset
@@ -141,10 +175,17 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
               f"combination of the search space (continuous parameters at their low end), as checked before the "
               f"slots start")
     print(f"runs: {len(jobs) + len(skipped)}")
+    if stand_in is not None:
+        print(f"stand-in ({stand_in.field}, allowed by allow_stand_in=true): {stand_in.what}")
     print(f"finished: {len([j for j in jobs if j.pair in done])} already FINISHED in MLflow ({first.tracking_uri}, "
           f"experiment {first.experiment!r}); skipped")
+    halved_jobs = [j for j in jobs if decisions[j.idx].action == "halved"]
+    if halved_jobs:
+        print(f"halved batch: {len(halved_jobs)} runs of {len({j.plan.config_key for j in halved_jobs})} config(s) "
+              f"queued at a smaller global batch (on_oom; each named below with its estimate)")
     if skipped:
-        print(f"not fitting the GPUs: {len(skipped)} runs skipped (on_oom)")
+        print(f"not fitting the GPUs: {len(skipped)} runs skipped (on_oom)"
+              + ("" if refusal is not None else "; each config named below with its estimate"))
     print(f"to queue: {len(todo)}")
     print(f"launcher: {base.hydra.launcher._target_.rsplit('.', 1)[-1]}"
           + (f", {gpus} GPUs per run" if is_slurm else "")
@@ -172,6 +213,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
           "Adam, activations kept for the backward pass)")
     print(f"GPU-hours, upper bound (every run to train.max_iters, {args.tflops_per_gpu:g} TFLOP/s per GPU, "
           f"4 GPUs per run): {total_h:,.0f}; early stopping usually ends runs far sooner")
+    if refusal is None:
+        print_memory_section(jobs, skipped, decisions, done)
     if refusal is not None:
         print(f"error: {refusal}", file=sys.stderr)
         return 2

@@ -69,6 +69,7 @@ class SweepRecord:
     pairs: dict[str, dict[str, tp.Any]]  # pair name -> run_name, cost, config_key, fold
     submissions: list[Submission] = dataclasses.field(default_factory=list)
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # pair name -> why not queued
+    halved: dict[str, str] = dataclasses.field(default_factory=dict)  # pair name -> why its batch was halved
     parallelism: tp.Optional[int] = None
     mlflow_run_id: tp.Optional[str] = None
     created_at: float = dataclasses.field(default_factory=time.time)
@@ -134,6 +135,7 @@ def update(work: tp.Union[str, Path], fresh: SweepRecord,
         if rec is not fresh:
             rec.pairs.update(fresh.pairs)
             rec.skipped.update(fresh.skipped)
+            rec.halved.update(fresh.halved)
             rec.parallelism = fresh.parallelism or rec.parallelism
         change(rec)
         _atomic_write(path, rec.to_json())

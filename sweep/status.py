@@ -53,6 +53,7 @@ class SweepStatus:
     time_left_s: tp.Optional[float]
     parents_built: list[str]
     slurm_note: str = ""
+    halved: dict[str, str] = dataclasses.field(default_factory=dict)  # pair name -> why its batch was halved
 
     def counts(self, pairs: tp.Optional[tp.Iterable[PairStatus]] = None) -> collections.Counter:
         return collections.Counter(p.state for p in (self.pairs if pairs is None else pairs))
@@ -84,11 +85,18 @@ def stderr_tail(sub: sweep_record.Submission, task: int, lines: int = 5) -> str:
 def collect(rec: sweep_record.SweepRecord, uri: str, *, build_parents: bool = True) -> SweepStatus:
     from sweep.dispatch import TAG_IS_PARENT
 
+    from sweep.resources import TAG_HALVED
+
     runs = tracking.find_runs(uri, rec.experiment_id)
     finished: dict[sweep_record.Pair, tp.Any] = {}
     parents_complete = set()
+    halved = dict(rec.halved)
     for r in runs:
         tags = r.data.tags
+        if tags.get(TAG_HALVED) and tracking.TAG_CONFIG_KEY in tags and tracking.TAG_FOLD in tags:  # the run says so
+            name = sweep_record.pair_name((tags[tracking.TAG_CONFIG_KEY], int(tags[tracking.TAG_FOLD])))
+            if name in rec.pairs:
+                halved.setdefault(name, tags[TAG_HALVED])
         if tags.get(TAG_IS_PARENT) == "true":
             if tags.get("complete") == "true":
                 parents_complete.add((tags.get(tracking.TAG_CONFIG_KEY), tags.get("n_folds")))
@@ -146,7 +154,7 @@ def collect(rec: sweep_record.SweepRecord, uri: str, *, build_parents: bool = Tr
     built: list[str] = []
     if build_parents:
         built = _build_parents(rec, uri, out, parents_complete)
-    return SweepStatus(rec, out, gpu_hours, time_left, built, note)
+    return SweepStatus(rec, out, gpu_hours, time_left, built, note, halved)
 
 
 def _time_left(rec, pairs: list[PairStatus], finished: dict, live: dict) -> tp.Optional[float]:
@@ -203,10 +211,12 @@ def render(st: SweepStatus) -> str:
         lines.append(f"{name:<24} " + " ".join(f"{c[s]:>12}" for s in STATES))
     c = st.counts()
     lines.append(f"{'total':<24} " + " ".join(f"{c[s]:>12}" for s in STATES))
-    details = [p for p in st.pairs if p.state in ("FAILED", "REQUEUED") or (p.state == "NEVER_QUEUED" and p.detail)]
+    details = [p for p in st.pairs if p.state in ("FAILED", "REQUEUED") or (  # skipped (on_oom): below, by config
+        p.state == "NEVER_QUEUED" and p.detail and sweep_record.pair_name(p.pair) not in rec.skipped)]
     if details:
         lines.append("")
         lines += [f"  {p.state:<12} {p.run_name}: {p.detail}" for p in details]
+    lines += _memory_lines(st)
     lines.append("")
     lines.append(f"GPU-hours spent: {st.gpu_hours:.2f} (sacct elapsed × GPUs, every attempt)")
     lines.append(f"time left (estimate): {_hms(st.time_left_s)}")
@@ -215,6 +225,24 @@ def render(st: SweepStatus) -> str:
     verdict = {EXIT_FINISHED: "finished", EXIT_RUNNING: "running", EXIT_FAILED: "failed"}[st.exit_code]
     lines.append(f"status: {verdict}")
     return "\n".join(lines)
+
+
+def _memory_lines(st: SweepStatus) -> list[str]:
+    """The configs halved or skipped for GPU memory (on_oom), one line each with the estimate and the folds."""
+    by_reason: dict[tuple[str, str, str], list[int]] = collections.defaultdict(list)
+    names = {sweep_record.pair_name(p.pair): p.run_name.rsplit("-fold", 1)[0] for p in st.pairs}
+    for what, reasons in (("halved", {**st.rec.halved, **st.halved}), ("skipped", st.rec.skipped)):
+        for name, why in reasons.items():
+            if name in names:
+                by_reason[(what, names[name], why)].append(sweep_record.parse_pair(name)[1])
+    if not by_reason:
+        return []
+    n_halved = len({k[1] for k in by_reason if k[0] == "halved"})
+    n_skipped = len({k[1] for k in by_reason if k[0] == "skipped"})
+    lines = ["", f"GPU memory (on_oom): {n_halved} config(s) trained at a halved batch, {n_skipped} skipped"]
+    for (what, cfg, why), folds in sorted(by_reason.items()):
+        lines.append(f"  {what}: {cfg} (folds {','.join(map(str, sorted(folds)))}): {why}")
+    return lines
 
 
 def resolve(overrides: tp.Sequence[str], sid: tp.Optional[str]) -> tuple[sweep_record.SweepRecord, str, tp.Any]:
@@ -231,7 +259,7 @@ def resolve(overrides: tp.Sequence[str], sid: tp.Optional[str]) -> tuple[sweep_r
                              f"(paths.work={work}; set SCALING_UNET_WORK or paths.work as for the sweep)")
         return rec, uri, base
     from sweep.dispatch import check_jobs
-    from sweep.resources import apply_memory_policy
+    from sweep.resources import apply_memory_policy, halved_reason
 
     jobs = check_jobs(compose_jobs(job_overrides))
     kept, skipped, _ = apply_memory_policy(jobs)
@@ -250,7 +278,8 @@ def resolve(overrides: tp.Sequence[str], sid: tp.Optional[str]) -> tuple[sweep_r
             pairs={sweep_record.pair_name(j.pair): {"run_name": j.plan.run_name, "cost": 0.0,
                                                     "config_key": j.plan.config_key, "fold": j.plan.fold}
                    for j in all_jobs},
-            skipped={sweep_record.pair_name(j.pair): why for j, why in skipped})
+            skipped={sweep_record.pair_name(j.pair): why for j, why in skipped},
+            halved={sweep_record.pair_name(j.pair): halved_reason(j.cfg) for j in kept if halved_reason(j.cfg)})
     return rec, uri, base
 
 

@@ -155,6 +155,15 @@ def _optuna_bad_storage(root: Path) -> list[str]:
             f"hydra.sweep.dir={root.parent / (root.name + '-hydra')}", "-m"]
 
 
+def _stand_in(module: str, *overrides: str, multirun: bool = False) -> tp.Callable[[Path], list[str]]:
+    """A stand-in (sweep/standin.py); Hydra's own folders outside the case folder."""
+    def setup(root: Path) -> list[str]:
+        outside = root.parent / (root.name + "-hydra")
+        return ["-m", module, *overrides, f"paths.work={root / 'work'}", f"hydra.run.dir={outside}",
+                f"hydra.sweep.dir={outside}", *(["-m"] if multirun else [])]
+    return setup
+
+
 def _status_unknown_sweep(root: Path) -> list[str]:
     return ["-m", "sweep.status", "--sweep-id", "nope", f"paths.work={root / 'work'}"]
 
@@ -204,6 +213,14 @@ CASES = [
     Case("analysis.measures: an image instead of labels", _measures_on_an_image, "vol.h5"),
     Case("sweep.status: unknown --sweep-id", _status_unknown_sweep, "--sweep-id nope"),
     Case("sweep: Optuna storage neither journal:<file> nor a URL", _optuna_bad_storage, "hydra.sweeper.storage"),
+    Case("sweep -m: laptop profile on synthetic data as GPU jobs",
+         _stand_in("sweep", "+experiment=depth", "hydra/launcher=slurm_v100", multirun=True),
+         "profile: 16 runs of profile=laptop"),
+    Case("sweep.plan: synthetic data as GPU jobs (profile=paper)",
+         _stand_in("sweep.plan", "+experiment=depth", "hydra/launcher=slurm_v100", "profile=paper"),
+         "data.synthesize: 16 runs of synthetic data"),
+    Case("sweep: profile=paper on this CPU (no GPU declared)", _stand_in("sweep", "profile=paper"),
+         "profile: 1 run of profile=paper on this machine's CPU, up to 1,500,000 iterations"),
     Case("analysis reports: --out is a file", _analysis("reports", lambda r: f"sqlite:///{r / 'none.db'}", _file_as_out),
          "--out"),
     Case("analysis reports: sqlite file that is not a database", _analysis("reports", _not_a_database), "mlflow.db"),

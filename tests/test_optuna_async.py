@@ -97,6 +97,10 @@ def test_a_worker_resumes_its_own_trial_and_adopts_a_dead_workers_trial(tmp_path
 TINY = ["model.width=32", "model.depth=2", "model.input_size=384", "data.synth.size=32", "data.synth.n_train=4",
         "data.synth.n_test=1", "train.batch_size=2", "train.val_crop=32", "train.val_slice_step=8",
         "train.final_slice_step=8", "train.open_slabs=2", "train.early_stop_patience_iters=100000"]
+# The test cluster's 4 fake V100s train the laptop profile on synthetic data: a stand-in, allowed explicitly,
+# on 4 logical CPU devices (train.cpu_replicas) under the same MirroredStrategy as 4 GPUs; the global batch
+# (TINY's 2, overridden) splits evenly over the 4 replicas.
+STAND_IN = ["allow_stand_in=true", "train.cpu_replicas=4", "train.batch_size=4"]
 
 
 def test_async_optuna_on_slurm_one_array_of_slots_a_preempted_worker_resumes_its_trial(
@@ -104,7 +108,7 @@ def test_async_optuna_on_slurm_one_array_of_slots_a_preempted_worker_resumes_its
     work = tmp_path / "work"
     work.mkdir()
     log = tmp_path / "sweep.log"
-    cmd = [sys.executable, "-m", "sweep", "+experiment=optuna", "hydra/launcher=slurm_v100", *TINY,
+    cmd = [sys.executable, "-m", "sweep", "+experiment=optuna", "hydra/launcher=slurm_v100", *TINY, *STAND_IN,
            "hydra.launcher.partition=gpu", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
            "hydra.launcher.timeout_min=10", "hydra.launcher.signal_delay_s=20", "hydra.launcher.poll_interval_s=1",
            "hydra.launcher.name=su-test-optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=2",

@@ -118,7 +118,7 @@ def test_runs_over_the_gpu_memory_are_skipped_recorded_and_reported(tmp_path):
     limit = (small + big) / 2 / 1e9
     work = tmp_path / "work"
     args = ("model.width=32,64", "model.input_size=384", "fold=0", f"hydra.launcher.gpu_mem_gb={limit}")
-    res = _sweep(work, *args)
+    res = _sweep(work, *args, "on_oom=refuse")
     assert res.returncode != 0 and "1 config(s) do not fit the GPUs; nothing was queued" in res.stderr
     assert "c0=64 d=2 IS=384" in res.stderr and not (work / "mlflow.db").exists()
     res = _sweep(work, *args, "on_oom=skip")
@@ -137,6 +137,69 @@ def test_runs_over_the_gpu_memory_are_skipped_recorded_and_reported(tmp_path):
     md = (tmp_path / "reports" / "missing.md").read_text()
     row = next(line for line in md.splitlines() if "| 64 | 2 | 384 |" in line)
     assert "fold 0: skipped, estimated peak GPU memory" in row
+
+
+def test_default_halves_the_batch_or_skips_and_every_report_names_the_estimate(tmp_path):
+    """on_oom=halve_batch (the default), laptop profile, tiny gpu_mem_gb: c0=32 fits at batch 2, c0=64 only at
+    batch 1 (halved), c0=96 not even at one image (skipped); MLflow, sweep.status, missing.csv and Fig. 3 say so."""
+    import pandas as pd
+
+    from model.complexity import training_memory
+
+    def gb(width: int, batch: int) -> float:  # laptop profile: widths ÷16, IS 384 → 64; TINY: depth 2, batch 2
+        return training_memory(width // 16, 2, 64, batch, "float32").total
+
+    assert gb(32, 2) < gb(96, 1) and gb(64, 1) < gb(96, 1) < gb(64, 2)
+    limit = (max(gb(32, 2), gb(64, 1)) + gb(96, 1)) / 2 / 1e9
+    work = tmp_path / "work"
+    args = ("model.width=32,64,96", "model.input_size=384", "fold=0", f"hydra.launcher.gpu_mem_gb={limit!r}")
+    res = _sweep(work, *args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "not fitting the GPUs (skipped), 1 at a halved batch" in res.stderr + res.stdout
+    runs = {r.data.params["model.width"]: r for r in _runs(work) if "fold" in r.data.tags}
+    assert runs["32"].info.status == "FINISHED" and "batch_halved" not in runs["32"].data.tags
+    halved = runs["64"]
+    assert halved.info.status == "FINISHED" and halved.data.params["train.batch_size"] == "1"
+    why = halved.data.tags["batch_halved"]
+    assert f"estimated peak GPU memory {gb(64, 2) / 1e9:.1f} GB per replica (global batch 2, 2 per GPU" in why
+    assert f"global batch halved 2 → 1 (1 per GPU, estimated {gb(64, 1) / 1e9:.1f} GB per replica)" in why
+    assert (halved.data.tags["batch_halved_from"], halved.data.tags["batch_halved_to"]) == ("2", "1")
+    assert not any(k.startswith("batch_halved") for k in halved.data.params)  # bookkeeping, not a parameter
+    skipped = runs["96"]
+    assert skipped.info.status == "KILLED" and "batch_halved" not in skipped.data.tags
+    assert f"{gb(96, 2) / 1e9:.1f} GB per replica (global batch 2" in skipped.data.tags["skipped_reason"]
+    assert f"still {gb(96, 1) / 1e9:.1f} GB per replica at one image per GPU" in skipped.data.tags["skipped_reason"]
+    # The same command again: nothing to train (the halved run's key is found FINISHED), no second skip.
+    again = _sweep(work, *args)
+    assert again.returncode == 0 and "3 jobs, 2 already FINISHED in MLflow (skipped)" in again.stderr + again.stdout
+    assert len([r for r in _runs(work) if "fold" in r.data.tags]) == 3
+    # sweep.status (same overrides): finished, with the halved and the skipped config and their estimates.
+    env = dict(os.environ, SCALING_UNET_WORK=str(work), TF_CPP_MIN_LOG_LEVEL="3")
+    st = subprocess.run([sys.executable, "-m", "sweep.status", *args, *TINY, "--no-parents"], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=300)
+    assert st.returncode == 0, st.stdout + st.stderr
+    assert "GPU memory (on_oom): 1 config(s) trained at a halved batch, 1 skipped" in st.stdout
+    assert f"  halved: c64-d2-is384 (folds 0): {why}" in st.stdout
+    assert f"  skipped: c96-d2-is384 (folds 0): {skipped.data.tags['skipped_reason']}" in st.stdout
+    # missing.csv names the skipped config with its estimate; configs.csv and missing.md the halved one;
+    # Fig. 3's note both.
+    out = tmp_path / "reports"
+    rep = subprocess.run([sys.executable, "-m", "analysis", "reports", "--tracking-uri",
+                          f"sqlite:///{work}/mlflow.db", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert rep.returncode == 0, rep.stderr
+    missing = pd.read_csv(out / "missing.csv", dtype=str).fillna("")
+    at = {w: missing[(missing.width == w) & (missing.depth == "2") & (missing.input_size == "384")] for w in ("64", "96")}
+    assert list(at["64"].missing_folds) == ["1,2,3"] and "skipped" not in at["64"].iloc[0].note  # fold 0 trained
+    assert at["96"].iloc[0].note == f"fold 0: skipped, {skipped.data.tags['skipped_reason']}"
+    configs = pd.read_csv(out / "configs.csv", dtype=str).fillna("")
+    assert configs[configs.width == "64"].iloc[0].batch_halved == why
+    assert configs[configs.width == "32"].iloc[0].batch_halved == ""
+    assert f"c0=64 d=2 IS=384: {why}" in (out / "missing.md").read_text()
+    note = rep.stdout[rep.stdout.index("Fig. 3: note under the figure: "):]
+    assert "Trained at a halved global batch" in note and f"c0=64 d=2 IS=384²: {why}" in note
+    assert "Not trained" in note and f"c0=96 d=2 IS=384²: {skipped.data.tags['skipped_reason']}" in note
+    assert f"c0=64 d=2 IS=384: trained at a halved batch, {why}" in rep.stderr
 
 
 def test_pool_workers_die_with_a_killed_sweep(tmp_path):

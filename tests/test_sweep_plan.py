@@ -17,6 +17,17 @@ GOLDEN = REPO / "tests" / "golden" / "sbatch_slurm_v100.txt"
 GOLDEN_GROUPS = REPO / "tests" / "golden" / "plan_groups_slurm_v100.txt"  # sweep.plan's arrays of the compound grid
 
 
+def _prepared(tmp_path: Path) -> Path:
+    """A tiny prepared dataset (data.synth, then data.prepare), for data=prepared."""
+    from data.prepare import prepare_dataset
+    from data.synth import main as synth_main
+
+    raw, out = tmp_path / "raw", tmp_path / "prepared"
+    synth_main(["--out", str(raw), "--size", "32", "--n-train", "4", "--n-test", "1"])
+    prepare_dataset(raw, out)
+    return out
+
+
 def _plan(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, SCALING_UNET_WORK=str(tmp_path / "work"), TF_CPP_MIN_LOG_LEVEL="3")
     return subprocess.run([sys.executable, "-m", "sweep.plan", *args], cwd=REPO, env=env, capture_output=True,
@@ -73,7 +84,7 @@ def test_launcher_options_are_overridable(tmp_path):
 
 def test_plan_prints_runs_configs_estimate_and_the_sbatch_of_each_time_group(tmp_path):
     res = _plan(tmp_path, "+experiment=compound", "hydra/launcher=slurm_v100", "profile=paper", "on_oom=skip",
-                "hydra.sweep.dir=/sweeps/compound")
+                "allow_stand_in=true", "hydra.sweep.dir=/sweeps/compound")  # synthetic data on GPUs: allowed
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert "runs: 192" in out and "to queue: 176" in out and "finished: 0 already FINISHED" in out
@@ -93,22 +104,47 @@ def test_plan_prints_runs_configs_estimate_and_the_sbatch_of_each_time_group(tmp
     assert not (tmp_path / "work").exists()  # planning writes nothing
 
 
-def test_plan_refuses_configs_that_do_not_fit_a_32_gb_v100(tmp_path):
-    res = _plan(tmp_path, "+experiment=compound", "hydra/launcher=slurm_v100", "profile=paper")
+def test_plan_at_paper_scale_halves_or_skips_what_does_not_fit_a_32_gb_v100(tmp_path):
+    """The default (on_oom=halve_batch): exit 0, every config that fits is queued, each halved or skipped
+    config is named with its estimate (GB per replica, global batch before and after)."""
+    prepared = _prepared(tmp_path)
+    res = _plan(tmp_path, "+experiment=compound", "hydra/launcher=slurm_v100", "profile=paper", "data=prepared",
+                f"data.dataset={prepared}")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "runs: 192" in out and "to queue: 188" in out
+    assert "halved batch: 12 runs of 3 config(s) queued at a smaller global batch" in out
+    assert "not fitting the GPUs: 4 runs skipped (on_oom)" in out
+    assert "GPU memory: 3 config(s) halved, 1 skipped (on_oom=halve_batch, gpu_mem_gb 32 per GPU, 4 GPUs per run):" in out
+    section = {line.split(": ", 1)[1].split(":")[0]: line.strip() for line in out.splitlines()
+               if line.startswith(("  halved: ", "  skipped: "))}
+    assert sorted(section) == ["c0=112 d=6 IS=384", "c0=112 d=6 IS=512", "c0=112 d=6 IS=640", "c0=96 d=6 IS=640"]
+    for name, gb, after in (("c0=112 d=6 IS=384", "33.8", "halved 16 → 8 (2 per GPU, estimated 31.2 GB"),
+                            ("c0=112 d=6 IS=512", "37.9", "halved 16 → 4 (1 per GPU, estimated 30.9 GB"),
+                            ("c0=96 d=6 IS=640", "33.9", "halved 16 → 8 (2 per GPU, estimated 27.6 GB")):
+        assert section[name].startswith("halved: ") and after in section[name]
+        assert f"{gb} GB per replica (global batch 16, 4 per GPU, mixed_float16) > gpu_mem_gb 32" in section[name]
+    skip = section["c0=112 d=6 IS=640"]
+    assert skip.startswith("skipped: ") and "43.3 GB per replica (global batch 16, 4 per GPU" in skip
+    assert "still 32.2 GB per replica at one image per GPU (global batch 4)" in skip and "not queued" in skip
+    rows = {tuple(line.split()[:3]): line for line in out.splitlines() if line[:4].strip().isdigit()}
+    assert rows[("112", "6", "384")].split()[6] == "8" and "batch 8" in rows[("112", "6", "384")]
+    assert "NO: skip" in rows[("112", "6", "640")] and " yes " in rows[("32", "3", "384")]
+    assert not (tmp_path / "work").exists()
+
+
+def test_plan_refuses_configs_that_do_not_fit_a_32_gb_v100_with_on_oom_refuse(tmp_path):
+    res = _plan(tmp_path, "+experiment=compound", "hydra/launcher=slurm_v100", "profile=paper", "on_oom=refuse",
+                "data=prepared", f"data.dataset={_prepared(tmp_path)}")
     assert res.returncode == 2
     assert "4 config(s) do not fit the GPUs; nothing was queued" in res.stderr
     # c0=112, d=6 at every input size, c0=96, d=6 at 640²: each named with its estimate
     for name in ("c0=112 d=6 IS=384", "c0=112 d=6 IS=512", "c0=112 d=6 IS=640", "c0=96 d=6 IS=640"):
         assert name in res.stderr
-    assert "43.3 GB per replica (batch 4 per GPU, mixed_float16) > gpu_mem_gb 32" in res.stderr
+    assert "43.3 GB per replica (global batch 16, 4 per GPU, mixed_float16) > gpu_mem_gb 32" in res.stderr
     rows = {tuple(line.split()[:3]): line for line in res.stdout.splitlines() if line.strip().endswith("0.0")
             or " NO" in line or " yes " in line}
     assert " NO" in rows[("112", "6", "640")] and " yes " in rows[("32", "3", "384")]
-    halved = _plan(tmp_path, "+experiment=compound", "hydra/launcher=slurm_v100", "profile=paper",
-                   "on_oom=halve_batch", "model.depth=6", "model.input_size=384")
-    assert halved.returncode == 0, halved.stderr
-    line = next(l for l in halved.stdout.splitlines() if l.split()[:3] == ["112", "6", "384"])
-    assert line.split()[6] == "8" and "batch 8" in line  # 16 → 8: 2 images per V100 fit
     assert not (tmp_path / "work").exists()
 
 

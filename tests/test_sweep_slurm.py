@@ -19,11 +19,15 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.width=32", "model.depth=2", "data.synth.size=32", "data.synth.n_train=4", "data.synth.n_test=1",
         "train.batch_size=2", "train.val_crop=32", "train.val_slice_step=8", "train.final_slice_step=8",
         "train.open_slabs=2"]
+# The test cluster's 4 fake V100s train the laptop profile on synthetic data: a stand-in, allowed explicitly,
+# on 4 logical CPU devices (train.cpu_replicas) under the same MirroredStrategy as 4 GPUs; the global batch
+# (TINY's 2, overridden) splits evenly over the 4 replicas.
+STAND_IN = ["allow_stand_in=true", "train.cpu_replicas=4", "train.batch_size=4"]
 
 
 def _launch(work: Path, uri: str, experiment: str, name: str, *overrides: str) -> tuple[subprocess.Popen, Path]:
     log = work.parent / f"{name}.log"
-    cmd = [sys.executable, "-m", "sweep", "+experiment=compound", "hydra/launcher=slurm_v100", *TINY,
+    cmd = [sys.executable, "-m", "sweep", "+experiment=compound", "hydra/launcher=slurm_v100", *TINY, *STAND_IN,
            "hydra.launcher.partition=gpu", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
            "hydra.launcher.timeout_min=10", "hydra.launcher.signal_delay_s=20", "hydra.launcher.poll_interval_s=1",
            "hydra.launcher.array_parallelism=4", f"hydra.launcher.name=su-test-{name}",

@@ -168,3 +168,75 @@ def test_resume_restores_weights_and_optimizer_state_exactly(prepared_dataset, t
         np.testing.assert_array_equal(a, b)
     for a, b in zip(weights, saved_weights):
         np.testing.assert_array_equal(a, b)
+
+
+def _stored_values(path) -> int:
+    """Numbers held by an .h5 / .npz file (every dataset / array)."""
+    import h5py
+
+    if str(path).endswith(".npz"):
+        with np.load(path) as npz:
+            return sum(npz[k].size for k in npz.files)
+    n = 0
+
+    def visit(_, obj):
+        nonlocal n
+        if isinstance(obj, h5py.Dataset):
+            n += obj.size
+    with h5py.File(path) as f:
+        f.visititems(visit)
+    return n
+
+
+def test_a_checkpoint_holds_each_tensor_once(prepared_dataset, tmp_path):
+    from model.complexity import count_params, trainable_params
+    from model.training import BEST_FILE, EXPORT_FILE, LEGACY_MODEL_FILE, OPTIMIZER_FILE, WEIGHTS_FILE
+
+    train, val = split_fold(load_dataset(prepared_dataset), 0)
+    width, depth = 24, 2  # big enough that file metadata is a few percent of the tensors
+    s = TrainSettings(max_iters=2, checkpoint_every=2, batch_size=2, val_crop=16, val_slice_step=12,
+                      final_slice_step=12, open_slabs=2, precision="mixed_float16")
+    train_fold(width=width, depth=depth, input_size=16, train_samples=train, val_samples=val, settings=s,
+               augment=AugmentConfig(), ckpt_dir=tmp_path / "ck")
+    ck = tmp_path / "ck"
+    params, trainable = count_params(width, depth), trainable_params(width, depth)
+    assert _stored_values(ck / WEIGHTS_FILE) == params and _stored_values(ck / BEST_FILE) == params
+    # Adam's two moments per trainable parameter, plus a handful of scalars (iterations, loss scale, ...).
+    assert 2 * trainable <= _stored_values(ck / OPTIMIZER_FILE) <= 2 * trainable + 16
+    last = (ck / WEIGHTS_FILE).stat().st_size + (ck / OPTIMIZER_FILE).stat().st_size
+    metadata = 160 * 1024  # HDF5's per-dataset headers (~1.7 kB each) and the npz index: the "little" on top
+    assert 4 * (params + 2 * trainable) <= last <= 4 * params * 3 + 2 * metadata, (last, params)
+    assert (ck / BEST_FILE).stat().st_size <= 4 * params + metadata
+    # The finished run's model (what MLflow and prediction get): best weights, no optimizer.
+    import zipfile
+
+    with zipfile.ZipFile(ck / EXPORT_FILE) as z:
+        z.extract("model.weights.h5", tmp_path / "export")
+    assert _stored_values(tmp_path / "export" / "model.weights.h5") == params
+    assert not (ck / LEGACY_MODEL_FILE).exists()
+
+
+def test_a_checkpoint_of_the_earlier_layout_resumes_and_is_replaced(prepared_dataset, tmp_path):
+    # Before 2026-12 a checkpoint was last.keras (model + optimizer) + optimizer.npz + state.json.
+    from model.training import LEGACY_MODEL_FILE, WEIGHTS_FILE
+
+    train, val = split_fold(load_dataset(prepared_dataset), 1)
+    s = TrainSettings(max_iters=4, checkpoint_every=2, batch_size=2, val_crop=16, val_slice_step=12,
+                      final_slice_step=12, open_slabs=2, precision="float32")
+    kw = dict(width=2, depth=2, input_size=16, train_samples=train, val_samples=val, augment=AugmentConfig(),
+              ckpt_dir=tmp_path / "ck")
+    models = []
+    train_fold(settings=dataclasses.replace(s, max_iters=2), on_start=lambda st, m, d: models.append(m), **kw)
+    ck = tmp_path / "ck"
+    models[0].save(ck / LEGACY_MODEL_FILE)
+    legacy = models[0].get_weights()
+    (ck / WEIGHTS_FILE).unlink()
+    raw = json.loads((ck / STATE_FILE).read_text())
+    raw["finished"] = False
+    (ck / STATE_FILE).write_text(json.dumps(raw))
+    at_start = []
+    resumed = train_fold(settings=s, on_start=lambda st, m, d: at_start.append(m.get_weights()), **kw)
+    assert resumed.state.resumed_from == [2]
+    for a, b in zip(at_start[0], legacy):
+        np.testing.assert_array_equal(a, b)
+    assert (ck / WEIGHTS_FILE).is_file() and not (ck / LEGACY_MODEL_FILE).exists()

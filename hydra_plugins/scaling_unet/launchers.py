@@ -406,6 +406,7 @@ class SlurmArrayLauncher(BaseSubmititLauncher):
 
     def _record(self, prepared):
         from sweep import record as sweep_record
+        from sweep.resources import halved_reason
 
         jobs = prepared.todo + [j for j, _ in prepared.finished] + [j for j, _ in prepared.skipped]
         pairs = {sweep_record.pair_name(j.pair): {"run_name": j.plan.run_name, "cost": _run_cost(j),
@@ -418,6 +419,7 @@ class SlurmArrayLauncher(BaseSubmititLauncher):
             experiment_id=str(prepared.experiment_id), tracking_uri=tracking_redacted(prepared.tracking_uri),
             num_folds=jobs[0].plan.num_folds, pairs=pairs,
             skipped={sweep_record.pair_name(j.pair): why for j, why in prepared.skipped},
+            halved={sweep_record.pair_name(j.pair): halved_reason(j.cfg) for j in jobs if halved_reason(j.cfg)},
             parallelism=self.params.get("array_parallelism"))
 
     def _how_to_follow(self, rec, submitted: list, left: list, work: Path) -> None:
