@@ -68,6 +68,8 @@ def test_compound_subset_is_one_array_of_4_gpu_jobs_and_resumes_only_what_is_mis
     assert "submitted 8 runs as ONE SLURM job array" in out
     runs = _fold_runs(mlflow_server.uri, "slurm-array", "FINISHED")
     assert len(runs) == 8 and len({(r.data.tags["config_key"], r.data.tags["fold"]) for r in runs}) == 8
+    # Each 4-GPU job trained on 4 replicas (CPU stand-ins for the fake GPUs), read from the trained model.
+    assert {(r.data.tags["replicas"], r.data.tags["device_kind"]) for r in runs} == {("4", "CPU stand-in")}
     array_ids = {r.data.tags["slurm_array_job_id"] for r in runs}
     assert len(array_ids) == 1, array_ids
     array_id = array_ids.pop()
