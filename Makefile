@@ -57,7 +57,7 @@ test: $(STAMP)
 	# The tests use a real single-node SLURM cluster (slurm/) and real MLflow servers they start themselves.
 	bash slurm/install.sh
 	bash slurm/start.sh > /dev/null
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=30
 
 bench: $(STAMP)
 	$(PY) benchmarks/input_pipeline.py

@@ -25,6 +25,7 @@ from model.devices import DeviceError, allocated_gpus, training_devices
 from model.training import STATE_FILE, TrainSettings, train_fold
 
 REPO = Path(__file__).resolve().parents[1]
+DEPTH = 1  # one pooling level: tracing a 4-replica step costs ~20 s here, 45 s at depth 2
 TINY = dict(batch_size=4, val_crop=16, val_slice_step=6, final_slice_step=6, open_slabs=2, precision="float32",
             bn_recalibration_batches=0)
 
@@ -34,7 +35,7 @@ def _train(prepared_dataset, tmp_path, name: str, replicas, fold: int = 0, **set
     s = TrainSettings(**{**TINY, "max_iters": 3, "checkpoint_every": 3, "learning_rate": 1e-3, **settings},
                       cpu_replicas=replicas)
     models = []
-    result = train_fold(width=2, depth=2, input_size=16, train_samples=train, val_samples=val, settings=s,
+    result = train_fold(width=2, depth=DEPTH, input_size=16, train_samples=train, val_samples=val, settings=s,
                         augment=AugmentConfig(), ckpt_dir=tmp_path / name,
                         on_start=lambda state, model, devices: models.append(model))
     return result, models[0], val
@@ -57,7 +58,7 @@ def test_four_replicas_train_the_same_weights_as_one_device(prepared_dataset, tm
         with open_volume(val[0].image) as vol:
             slices = np.stack([vol[i] for i in (3, 9, 15)]).astype(np.float32)
         weights = {v.path: np.array(v.numpy()) for v in model.weights}
-        inference = predict_full_slice(model, slices, 2, batch_size=3)
+        inference = predict_full_slice(model, slices, DEPTH, batch_size=3)
         batch_statistics = np.asarray(model(slices[..., None], training=True))  # BN over this batch: biases cancel
         out[replicas] = (weights, batch_statistics, inference, result.final_metrics)
     assert models[0] is not models[1]  # a model is reused only under the strategy it was built with
@@ -100,7 +101,7 @@ def test_usr2_checkpoint_mid_chunk_and_resume_on_four_replicas_restore_weights_a
 
     train, val = split_fold(load_dataset(prepared_dataset), 3)
     s = TrainSettings(**{**TINY, "max_iters": 6, "checkpoint_every": 3}, cpu_replicas=4)
-    kw = dict(width=2, depth=2, input_size=16, train_samples=train, val_samples=val, augment=AugmentConfig(),
+    kw = dict(width=2, depth=DEPTH, input_size=16, train_samples=train, val_samples=val, augment=AugmentConfig(),
               ckpt_dir=tmp_path / "ck", settings=s)
     seen = {}
 
@@ -116,7 +117,7 @@ def test_usr2_checkpoint_mid_chunk_and_resume_on_four_replicas_restore_weights_a
     assert state["iteration"] == 1 and not state["finished"]
     with np.load(tmp_path / "ck" / OPTIMIZER_FILE) as npz:
         on_disk = [npz[f"arr_{i}"] for i in range(len(npz.files))]
-    disk_model = build_unet(2, 2)
+    disk_model = build_unet(2, DEPTH)
     load_weights(disk_model, tmp_path / "ck" / WEIGHTS_FILE)
     at_start = []
 
@@ -141,8 +142,10 @@ def test_usr2_checkpoint_mid_chunk_and_resume_on_four_replicas_restore_weights_a
 def test_mixed_float16_on_four_replicas_keeps_a_positive_loss_scale_and_learns(prepared_dataset, tmp_path):
     import keras
 
+    # BN statistics of the current weights before each validation: after 30 steps the moving averages
+    # (momentum 0.99) still hold 74 % of their initial values, and the validation loss would not show learning.
     result, model, _ = _train(prepared_dataset, tmp_path, "mixed", 4, precision="mixed_float16", max_iters=30,
-                              checkpoint_every=10, learning_rate=1e-2)
+                              checkpoint_every=10, learning_rate=1e-2, bn_recalibration_batches=4)
     assert result.compute_dtype == "float16" and result.replicas == 4
     assert float(keras.ops.convert_to_numpy(model.optimizer.dynamic_scale)) > 0
     assert all(np.isfinite(w).all() for w in model.get_weights())
@@ -172,14 +175,17 @@ def test_bn_recalibration_and_validation_on_four_replicas_match_one_device(prepa
     rng = np.random.default_rng(0)
     batches = [rng.random((8, 16, 16, 1)).astype(np.float32) * (1 + i) for i in range(3)]
     assert recalibrate_batch_norm(one, batches) == recalibrate_batch_norm(four, batches) == 3
-    for a, b in zip(one.get_weights(), four.get_weights()):  # statistics over the global batch, not per replica
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # Statistics over the global batch, not per replica. Bounded, not bit-equal: synchronized BN computes the
+    # variance in one pass, E[x²] − E[x]² from all-reduced sums, one device in two; the float32 rounding of that
+    # compounds through the layers (measured: ≤ 2e-5 absolute, ≤ 4e-4 relative on values near 0).
+    for a, b in zip(one.get_weights(), four.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
     _, val = split_fold(load_dataset(prepared_dataset), 0)
     m1 = evaluate_slices(one, val, depth=2, planes=("rc", "cp", "pr"), step=5, crop=None, eval_batch=5)
     m4 = evaluate_slices(four, val, depth=2, planes=("rc", "cp", "pr"), step=5, crop=None, eval_batch=5)
-    assert m4["val_loss"] == pytest.approx(m1["val_loss"], rel=1e-6)
+    assert m4["val_loss"] == pytest.approx(m1["val_loss"], rel=1e-5)
     for k in ("iou_bone", "iou_degradation_layer", "iou_residual_material", "mean_iou"):
-        assert m4[k] == pytest.approx(m1[k], abs=1e-6) or (math.isnan(m1[k]) and math.isnan(m4[k]))
+        assert m4[k] == pytest.approx(m1[k], abs=1e-4) or (math.isnan(m1[k]) and math.isnan(m4[k]))
 
 
 def test_full_slice_prediction_spreads_each_batch_over_the_replicas_and_equals_one_device():

@@ -94,7 +94,7 @@ def test_a_worker_resumes_its_own_trial_and_adopts_a_dead_workers_trial(tmp_path
 
 # ----------------------------------------------------------------------------- the sweep on SLURM
 
-TINY = ["model.width=32", "model.depth=2", "model.input_size=384", "data.synth.size=32", "data.synth.n_train=4",
+TINY = ["model.width=32", "model.depth=1", "model.input_size=384", "data.synth.size=32", "data.synth.n_train=4",
         "data.synth.n_test=1", "train.batch_size=2", "train.val_crop=32", "train.val_slice_step=8",
         "train.final_slice_step=8", "train.open_slabs=2", "train.early_stop_patience_iters=100000"]
 # The test cluster's 4 fake V100s train the laptop profile on synthetic data: a stand-in, allowed explicitly,

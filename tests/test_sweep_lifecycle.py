@@ -17,7 +17,7 @@ from sweep import lease
 from tests.slurm_fixture import slurm_cluster  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["model.width=32", "model.depth=2", "model.input_size=384", "data.synth.size=32", "data.synth.n_train=4",
+TINY = ["model.width=32", "model.depth=1", "model.input_size=384", "data.synth.size=32", "data.synth.n_train=4",
         "data.synth.n_test=1", "train.batch_size=2", "train.val_crop=32", "train.val_slice_step=8",
         "train.final_slice_step=8", "train.open_slabs=2"]
 # The test cluster's 4 fake V100s train the laptop profile on synthetic data: a stand-in, allowed explicitly,
@@ -180,4 +180,4 @@ def test_status_reports_a_cancelled_task_as_failed_with_its_slurm_state(tmp_path
     assert "status: failed" in st.stdout
     line = next(line for line in st.stdout.splitlines() if line.strip().startswith("FAILED"))
     # submitit queues a sweep of one run as a plain job: task 0 of its own id in the record
-    assert "c32-d2-is384-fold0" in line and f"task {task.split('_')[0]}_0 CANCELLED" in line, st.stdout
+    assert "c32-d1-is384-fold0" in line and f"task {task.split('_')[0]}_0 CANCELLED" in line, st.stdout

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from tests.slurm_fixture import checkpoint_at, slurm_cluster  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["model.width=32", "model.depth=2", "data.synth.size=32", "data.synth.n_train=4", "data.synth.n_test=1",
+TINY = ["model.width=32", "model.depth=1", "data.synth.size=32", "data.synth.n_train=4", "data.synth.n_test=1",
         "train.batch_size=2", "train.val_crop=32", "train.val_slice_step=8", "train.final_slice_step=8",
         "train.open_slabs=2"]
 # The test cluster's 4 fake V100s train the laptop profile on synthetic data: a stand-in, allowed explicitly,
@@ -128,5 +128,5 @@ def test_cancelled_job_is_reported_as_failed_promptly(tmp_path, slurm_cluster, m
     assert seen and time.monotonic() - t0 < 45
     out = _wait(proc, log, 600)
     assert proc.returncode != 0
-    assert "1 of 2 runs FAILED" in out and "c32-d2-is384-fold" in out and "CANCELLED" in out.upper()
+    assert "1 of 2 runs FAILED" in out and "c32-d1-is384-fold" in out and "CANCELLED" in out.upper()
     assert len(_fold_runs(mlflow_server.uri, "slurm-cancel", "FINISHED")) == 1
