@@ -67,11 +67,11 @@ def _healthy(uri: str) -> bool:
         return False
 
 
-def start_mlflow_server(workdir: Path, timeout_s: float = START_TIMEOUT_S) -> ServerHandle:
+def start_mlflow_server(workdir: Path, timeout_s: float = START_TIMEOUT_S, port: int | None = None) -> ServerHandle:
     """Start ``mlflow server`` on a free local port with a sqlite store and proxied artifacts under ``workdir``."""
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()  # a given port: the same server started again (an outage test)
     uri = f"http://127.0.0.1:{port}"
     log_path = workdir / "mlflow-server.log"
     cmd = [
