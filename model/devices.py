@@ -126,6 +126,18 @@ def check_batch(global_batch: int, devices: Devices) -> None:
                           f"replicas ({devices.kind}); use a multiple of {devices.replicas}")
 
 
+JIT_MANY_REPLICAS = ("XLA cannot compile one training step over {n} replicas here (TensorFlow 2.21/Keras 3: \"Trying to "
+                     "access resource .../replica_1 located in device ...:1 from device ...:0\", measured on CPU "
+                     "replicas, float32 and mixed_float16 alike); set train.jit_compile=false for a multi-GPU job")
+
+
+def check_jit(jit_compile: bool, replicas: int) -> None:
+    """``jit_compile`` with several replicas fails at the first step (Keras compiles the whole distributed step with
+    XLA, which cannot read the other replicas' variables): refused before the model is built."""
+    if jit_compile and replicas > 1:
+        raise DeviceError("train.jit_compile: " + JIT_MANY_REPLICAS.format(n=replicas))
+
+
 def replicas_of(model) -> int:
     strategy = getattr(model, "distribute_strategy", None)  # TensorFlow trainer only
     return int(strategy.num_replicas_in_sync) if strategy is not None else 1

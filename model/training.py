@@ -25,7 +25,7 @@ import numpy as np
 from data.manifest import Sample
 from data.pipeline import AugmentConfig, centre_crop, training_dataset
 from data.slicing import iter_slices
-from model.devices import check_batch, training_devices
+from model.devices import check_batch, check_jit, training_devices
 from model.evaluation import confusion_matrix, iou_metrics
 from model.unet import build_unet
 
@@ -324,6 +324,7 @@ def train_fold(*, width: int, depth: int, input_size: int, train_samples: tp.Seq
     # Before anything is built: a job given GPUs that TensorFlow does not see stops here (model.devices).
     devices = training_devices(settings.cpu_replicas)
     check_batch(settings.batch_size, devices)
+    check_jit(settings.jit_compile, devices.replicas)
     state = load_state(ckpt_dir)
     model = _fresh_model(width, depth, settings, devices)
     if state is None:
@@ -398,7 +399,8 @@ def train_fold(*, width: int, depth: int, input_size: int, train_samples: tp.Seq
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             if improved:
                 save_weights(model, ckpt_dir / BEST_FILE)
-            state.history.append({"iteration": state.iteration, **metrics})
+            # The time stamps the chunk's metrics, so a run that logs them late (a server outage) logs them as of now.
+            state.history.append({"iteration": state.iteration, "time": time.time(), **metrics})
             state.wall_seconds += time.perf_counter() - t0
             save_checkpoint(model, state, ckpt_dir)
             phases["checkpoint"] += time.perf_counter() - t_phase

@@ -70,6 +70,13 @@ def check_jobs(jobs: tp.Sequence[tuple[int, tp.Sequence[str], DictConfig]]) -> l
         raise SweepConfigError(f"{errors[0].strip()} (1 of {len(jobs)} configs is invalid; nothing was queued)")
     if errors:
         raise SweepConfigError(f"{len(errors)} of {len(jobs)} configs are invalid; nothing was queued:\n" + "\n".join(errors))
+    from model.devices import JIT_MANY_REPLICAS
+    from sweep.resources import gpu_budget
+
+    jit = [j for j in planned if j.plan.settings.jit_compile and gpu_budget(j.cfg).gpus > 1]
+    if jit:  # every such job would fail at its first step (model.devices.check_jit)
+        raise SweepConfigError("train.jit_compile: " + JIT_MANY_REPLICAS.format(n=gpu_budget(jit[0].cfg).gpus)
+                               + f" ({len(jit)} of {len(jobs)} configs; nothing was queued)")
     uris = {j.plan.tracking_uri for j in planned}
     if len(uris) > 1:
         raise SweepConfigError(f"mlflow.tracking_uri differs between jobs ({sorted(uris)}); one sweep, one store")

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 STORE_DIR = "mlflow"
 TAG_OFFLINE_ID = "offline_run_id"
+from sweep.outbox import TAG_SERVER_RUN_ID  # noqa: E402 - an offline run that completes a server run (server away)
 
 
 def offline_uri(ckpt_dir: Path) -> str:
@@ -59,6 +60,23 @@ def _artifact_paths(client, run_id: str, path: tp.Optional[str] = None) -> set[s
     return out
 
 
+def _server_run(remote, run_id: str, experiment_id: str) -> list:
+    """[the server run ``run_id``] when it exists in ``experiment_id`` and is active; else [] (a new run is made)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = remote.get_run(run_id)
+    except MlflowException as exc:
+        log.warning("server run %s named by an offline store is gone (%s): the offline run becomes a new run",
+                    run_id, exc)
+        return []
+    if run.info.experiment_id != experiment_id or run.info.lifecycle_stage != "active":
+        log.warning("server run %s named by an offline store is not an active run of experiment %s: the offline run "
+                    "becomes a new run", run_id, experiment_id)
+        return []
+    return [run]
+
+
 def sync_store(db: Path, uri: str, experiment: str, counts: SyncCounts) -> None:
     """Copy the runs of one offline store into ``experiment`` on ``uri``, adding only what is missing."""
     from mlflow.entities import Metric, Param, RunTag
@@ -73,7 +91,10 @@ def sync_store(db: Path, uri: str, experiment: str, counts: SyncCounts) -> None:
     for run in local.search_runs([exp.experiment_id], max_results=1000):
         rid = run.info.run_id
         found = remote.search_runs([experiment_id], filter_string=f"tags.{TAG_OFFLINE_ID} = '{rid}'", max_results=2)
-        tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
+        server_run_id = run.data.tags.get(TAG_SERVER_RUN_ID)
+        if not found and server_run_id:  # the end of a run whose server was away (sweep.outbox): complete that run
+            found = _server_run(remote, server_run_id, experiment_id)
+        tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.") and k != TAG_SERVER_RUN_ID}
         tags[TAG_OFFLINE_ID] = rid
         if found:
             target = found[0]
@@ -111,6 +132,17 @@ def sync_store(db: Path, uri: str, experiment: str, counts: SyncCounts) -> None:
             changed = True
         if not changed:
             counts.unchanged += 1
+
+
+def sync_pairs(ckpt_dirs: tp.Iterable[Path], uri: str, experiment: str) -> SyncCounts:
+    """Sync the offline stores of these runs' checkpoint folders, if any (the end of a sweep: runs that ended while
+    the server was away, or ran with mlflow.offline=true), so their server runs are complete before parents."""
+    counts = SyncCounts()
+    for d in ckpt_dirs:
+        db = Path(d) / STORE_DIR / "mlflow.db"
+        if db.is_file():
+            sync_store(db, uri, experiment, counts)
+    return counts
 
 
 def sync_all(checkpoints: Path, uri: str, experiment: str) -> SyncCounts:

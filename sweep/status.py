@@ -307,6 +307,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
                 from sweep.offline import sync_all
 
                 print(f"synced: {sync_all(Path(str(base.paths.checkpoints)), uri, rec.experiment)}")
+            else:  # runs that ended while the server was away (sweep.outbox) wait in their offline stores
+                _sync_outage_endings(rec, Path(str(base.paths.checkpoints)), uri)
             st = collect(rec, uri, build_parents=not args.no_parents)
             if args.watch is not None and sys.stdout.isatty():
                 print("\033[H\033[J", end="")
@@ -326,6 +328,16 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     if st.exit_code != EXIT_RUNNING and rec.mlflow_run_id:
         _close_sweep_run(uri, rec, st.exit_code)
     return st.exit_code
+
+
+def _sync_outage_endings(rec, checkpoints: Path, uri: str) -> None:
+    """Copy the offline stores of this sweep's runs into their server runs (only what is missing; cheap when none)."""
+    from sweep.offline import sync_pairs
+
+    dirs = [checkpoints / key / f"fold{fold}" for key, fold in map(sweep_record.parse_pair, rec.pairs)]
+    counts = sync_pairs(dirs, uri, rec.experiment)
+    if counts.runs_created or counts.metrics or counts.finished or counts.artifacts:
+        print(f"synced offline stores: {counts}")
 
 
 def _close_sweep_run(uri: str, rec, code: int) -> None:

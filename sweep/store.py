@@ -18,6 +18,10 @@ class TrackingError(RuntimeError):
     """An MLflow tracking problem; the message names the (redacted) tracking URI."""
 
 
+class TrackingUnavailable(TrackingError):
+    """The tracking store did not answer (network, server down, database locked), retries included: an outage that may
+    end, unlike a refused request (a permanent MLflow error code), which stays a plain :class:`TrackingError`."""
+
 
 def redact_uri(uri: str) -> str:
     """``uri`` without ``user:pass@`` (also inside longer text such as exception messages)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import logging
+import math
 import os
 import time
 import typing as tp
@@ -23,13 +24,14 @@ from data.augment import AugmentConfig
 from model.complexity import count_flops, count_params, paper_receptive_field, receptive_field
 from model.schedule import TrainSettings, load_state, paper_batch_size
 from sweep import lease, tracking
+from sweep.outbox import DEFAULT_END_WAIT_S, DEFAULT_TOLERANCE_S, OfflineEnding, Outbox, backfill, end_offline
 
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "mlflow_run_id"
 KEY_EXCLUDE = ("fold", "mlflow", "paths", "hydra", "experiment_name", "objectives", "task", "fusing", "on_oom",
                "optuna_trial", "batch_halved", "allow_stand_in")
-TRAIN_KEY_EXCLUDE = ("cpu_replicas",)
+TRAIN_KEY_EXCLUDE = ("cpu_replicas", "jit_compile")
 
 
 class ConfigError(ValueError):
@@ -87,6 +89,8 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         raise ConfigError("fold", f"must be in 0..{num_folds - 1}, got {fold}")
     divisor = int(OmegaConf.select(cfg, "profile.width_divisor", default=1) or 1)
     size_map = {int(k): int(v) for k, v in (OmegaConf.select(cfg, "profile.input_size_map", default={}) or {}).items()}
+    for field in ("mlflow.outage_tolerance_s", "mlflow.end_wait_s", "mlflow.start_wait_s"):
+        _check_seconds(cfg, field)
     eff_width = max(1, round(width / divisor))
     eff_size = size_map.get(input_size, input_size)
     if eff_size % 2**depth:
@@ -100,6 +104,10 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         settings = TrainSettings(batch_size=int(batch), seed=int(cfg.seed), planes=tuple(train.pop("planes")), **train)
     except (TypeError, ValueError) as exc:
         raise ConfigError("train", str(exc)) from None
+    if settings.jit_compile and (settings.cpu_replicas or 1) > 1:
+        from model.devices import JIT_MANY_REPLICAS
+
+        raise ConfigError("train.jit_compile", JIT_MANY_REPLICAS.format(n=settings.cpu_replicas))
     if settings.cpu_replicas and settings.batch_size % settings.cpu_replicas:
         raise ConfigError("train.batch_size", f"{settings.batch_size} does not split evenly over train.cpu_replicas="
                                               f"{settings.cpu_replicas}; use a multiple of {settings.cpu_replicas}")
@@ -260,7 +268,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
         # A compute node without the server: this run's own store, synced later (python -m sweep.sync).
         plan = dataclasses.replace(plan, tracking_uri=offline_uri(plan.ckpt_dir))
-    tracking.check_tracking_uri(plan.tracking_uri)
+    _check_tracking_at_start(cfg, plan.tracking_uri)
     dataset = load_dataset(ensure_dataset(cfg))
     try:
         train_samples, val_samples = split_fold(dataset, plan.fold, plan.num_folds, seed=int(cfg.data.fold_seed))
@@ -302,6 +310,8 @@ def _train(cfg: DictConfig, plan: RunPlan, experiment_id: str, train_samples, va
 
         tags.update(halved_tags(cfg))
     recorder = tracking.RunRecorder(plan.tracking_uri, experiment_id, run_id=run_id, run_name=plan.run_name, tags=tags)
+    # From here on a server outage costs nothing: what the run logs waits in order until the server answers.
+    outbox = Outbox(recorder, tolerance_s=_seconds(cfg, "mlflow.outage_tolerance_s", DEFAULT_TOLERANCE_S))
     with recorder:
         run_id = recorder.start()
         plan.ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -313,26 +323,29 @@ def _train(cfg: DictConfig, plan: RunPlan, experiment_id: str, train_samples, va
                   "paper_receptive_field": paper_receptive_field(plan.depth),
                   "paper_flops": count_flops(plan.paper_width, plan.depth, plan.paper_input_size),
                   "paper_params": count_params(plan.paper_width, plan.depth)}
-        recorder.log_metrics(static)
+        outbox.log_metrics(static)
 
         def on_start(state, model, devices) -> None:
             from model.devices import replicas_of
             from model.training import compute_dtype
 
             # What trains, read from the built model, whatever the config says: its dtype and its replicas.
-            recorder.set_tags({"compute_dtype": compute_dtype(model), **devices.tags,
-                               "replicas": str(replicas_of(model))})
+            outbox.set_tags({"compute_dtype": compute_dtype(model), **devices.tags,
+                             "replicas": str(replicas_of(model))})
             if state.resumed_from:
-                recorder.set_tags({"resumed_from_iteration": ",".join(map(str, state.resumed_from))})
+                outbox.set_tags({"resumed_from_iteration": ",".join(map(str, state.resumed_from))})
                 log.info("%s: resuming from iteration %d", plan.run_name, state.iteration)
+                # A job killed during an outage held some validation points in memory only: state.json has them.
+                backfill(recorder, state.history, _chunk_metrics, outbox)
+                outbox.flush()
 
         def on_chunk(state, metrics: dict) -> None:
-            renamed = {(k if k in ("train_loss", "val_loss", "learning_rate", "images_per_s") else f"val_{k}"): v
-                       for k, v in metrics.items()}
-            recorder.log_metrics(renamed, step=state.iteration)
+            made = state.history[-1].get("time") if state.history else None
+            outbox.log_metrics(_chunk_metrics(metrics), step=state.iteration,
+                               timestamp_ms=int(made * 1000) if made else None)
 
         def on_first_step() -> None:
-            recorder.log_metrics({"startup_s": time.time() - process_start_time()})
+            outbox.log_metrics({"startup_s": time.time() - process_start_time()})
 
         from model.training import train_fold  # TensorFlow only where training happens
 
@@ -349,15 +362,84 @@ def _train(cfg: DictConfig, plan: RunPlan, experiment_id: str, train_samples, va
                  "stopped_early": float(st.stopped_early),
                  "images_per_s": st.images_seen / st.train_seconds if st.train_seconds else 0.0}
         t_log = time.perf_counter()
-        recorder.log_artifact(result.model_path, "model")
-        recorder.log_text(tracking.sanitize(OmegaConf.to_yaml(cfg, resolve=True), limit=None), "config.yaml")
+        artifacts: list[tuple[Path, tp.Optional[str]]] = [(Path(result.model_path), "model")]
         if st.history:
-            recorder.log_artifact(training_curves_png(st.history, plan.ckpt_dir / "training_curves.png"))
+            artifacts.append((training_curves_png(st.history, plan.ckpt_dir / "training_curves.png"), None))
+        texts = [(tracking.sanitize(OmegaConf.to_yaml(cfg, resolve=True), limit=None), "config.yaml")]
+        offline = not outbox.wait(_seconds(cfg, "mlflow.end_wait_s", DEFAULT_END_WAIT_S))
+        if not offline:
+            try:
+                for path, artifact_path in artifacts:
+                    recorder.log_artifact(path, artifact_path)
+                for text, artifact_file in texts:
+                    recorder.log_text(text, artifact_file)
+            except tracking.TrackingUnavailable as exc:
+                log.warning("%s: the server went away while the artifacts were uploaded: %s", plan.run_name, exc)
+                offline = True
         # Where this process's time went (tracing and start-up are in first_step), for tuning sweeps.
         phases = {"setup": setup_s, **result.phases, "artifacts": time.perf_counter() - t_log}
         final.update({f"phase_{k}_s": v for k, v in phases.items()})
-        recorder.log_metrics(final, step=st.iteration)
-        recorder.finish("FINISHED")
+        outbox.log_metrics(final, step=st.iteration)
+        if outbox.outages:
+            outbox.set_tags(outbox.outage_tag())
+        if not offline and outbox.flush(force=True):
+            try:
+                recorder.finish("FINISHED")
+            except tracking.TrackingUnavailable as exc:
+                log.warning("%s: the server went away at the run's end: %s", plan.run_name, exc)
+                offline = True
+        else:
+            offline = True
+        if offline:
+            _end_offline(cfg, plan, outbox, tags, artifacts, texts)
     log.info("%s: mean IoU %.4f after %d iterations (%.0f s in this process)", plan.run_name, final["mean_iou"],
              st.iteration, time.perf_counter() - t0)
     return {**static, **final}
+
+
+def _check_seconds(cfg: DictConfig, field: str) -> None:
+    value = OmegaConf.select(cfg, field, default=None)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(field, f"must be a finite number of seconds >= 0, got {value!r}")
+
+
+def _check_tracking_at_start(cfg: DictConfig, uri: str) -> None:
+    """The store is checked before anything trains. A SLURM job that starts during a server restart waits for the
+    server up to ``mlflow.start_wait_s`` (its sweep was checked at submission); a command run by hand fails at once."""
+    wait_s = _seconds(cfg, "mlflow.start_wait_s", 600.0) if os.environ.get("SLURM_JOB_ID") else 0.0
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            tracking.check_tracking_uri(uri)
+            return
+        except tracking.TrackingError as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("%s; waiting for it (mlflow.start_wait_s=%.0f)", exc, wait_s)
+            time.sleep(min(15.0, max(0.0, deadline - time.monotonic())))
+
+
+def _chunk_metrics(metrics: tp.Mapping[str, tp.Any]) -> dict[str, float]:
+    """A chunk's metrics under their MLflow names (validation metrics prefixed val_), history bookkeeping left out."""
+    return {(k if k in ("train_loss", "val_loss", "learning_rate", "images_per_s") else f"val_{k}"): v
+            for k, v in metrics.items() if k not in ("iteration", "time")}
+
+
+def _seconds(cfg: DictConfig, field: str, default: float) -> float:
+    value = OmegaConf.select(cfg, field, default=default)
+    return default if value is None else float(value)
+
+
+def _end_offline(cfg: DictConfig, plan: RunPlan, outbox: Outbox, tags: dict, artifacts, texts) -> None:
+    """The server is still away at the run's end: the run goes to its offline store, the job ends well."""
+    from sweep.offline import offline_uri
+
+    store = offline_uri(plan.ckpt_dir)
+    ending = OfflineEnding(params=_params(cfg, plan), tags=tags, artifacts=artifacts, texts=texts)
+    local_id = end_offline(outbox, store, plan.experiment, plan.run_name, ending)
+    log.warning("%s: MLflow at %s did not answer at the end of training; the run is recorded in its offline store "
+                "(%s, run %s, completing server run %s): `python -m sweep.sync` or `python -m sweep.status` copies it",
+                plan.run_name, tracking.redact_uri(plan.tracking_uri), f"{plan.config_key}/fold{plan.fold}/mlflow/mlflow.db",
+                local_id, outbox.recorder.run_id)

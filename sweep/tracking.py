@@ -56,7 +56,8 @@ _SLURM_ENV = {
 # The store checks and the config values live in their own modules; their names stay importable from here.
 from sweep.params import (DEFAULT_CONFIG_KEY_EXCLUDE, TRUNCATED_SUFFIX, _flat_items, config_key,  # noqa: E402,F401
                           flatten, sanitize)
-from sweep.store import TrackingError, _local_store_dir, check_tracking_uri, redact_uri  # noqa: E402,F401
+from sweep.store import (TrackingError, TrackingUnavailable, _local_store_dir, check_tracking_uri,  # noqa: E402,F401
+                         redact_uri)
 
 
 def _retry(fn: tp.Callable[[], T], what: str, uri: str, retries: int, backoff_s: float) -> T:
@@ -80,7 +81,7 @@ def _retry(fn: tp.Callable[[], T], what: str, uri: str, retries: int, backoff_s:
             log.warning("MLflow at %s: %s failed (try %d/%d), retrying in %.1f s: %s",
                         redact_uri(uri), what, attempt + 1, tries, delay, redact_uri(str(last)))
             time.sleep(delay)
-    raise TrackingError(f"MLflow at {redact_uri(uri)}: {what} failed after {tries} tries: "
+    raise TrackingUnavailable(f"MLflow at {redact_uri(uri)}: {what} failed after {tries} tries: "
                         f"{type(last).__name__}: {redact_uri(str(last))}") from last
 
 
@@ -222,10 +223,14 @@ class RunRecorder:
             self._retry(lambda b=batch: self.client.log_batch(run_id, params=b, synchronous=True),
                         f"log {len(batch)} params to run {run_id}")
 
-    def log_metrics(self, metrics: Mapping[str, tp.Any], step: int | None = None) -> None:
-        """All values in one ``log_batch`` (per 1000 metrics), same timestamp and step (``None`` -> 0)."""
+    def log_metrics(self, metrics: Mapping[str, tp.Any], step: int | None = None, *,
+                    timestamp_ms: int | None = None) -> None:
+        """All values in one ``log_batch`` (per 1000 metrics), same timestamp (default now) and step (``None`` -> 0).
+
+        A batch sent again with the same timestamp adds nothing: MLflow keys a value by (key, timestamp, step, value).
+        """
         run_id = self._run_id()
-        ts = int(time.time() * 1000)
+        ts = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
         items = []
         for k, v in _flat_items(metrics, "."):
             try:

@@ -99,6 +99,16 @@ def _finish(prepared, results: dict, failed: list, parent_runs: bool) -> list[Jo
     from sweep.aggregate import link_parent_runs
     from sweep.dispatch import summarize
 
+    if prepared.task == "train" and prepared.todo:  # runs that ended while the server was away: complete them first
+        from sweep.offline import sync_pairs
+
+        try:
+            counts = sync_pairs({j.plan.ckpt_dir for j in prepared.todo}, prepared.tracking_uri,
+                                prepared.todo[0].plan.experiment)
+            if counts.runs_created or counts.finished or counts.metrics:
+                log.info("offline stores synced: %s", counts)
+        except Exception as exc:  # the offline stores stay; python -m sweep.sync copies them later
+            log.error("could not sync the runs' offline stores: %s (python -m sweep.sync copies them later)", exc)
     if parent_runs and prepared.task == "train":  # fusing runs have their own parents (sweep.fusing)
         keys = {j.plan.config_key for j in prepared.todo} | {j.plan.config_key for j, _ in prepared.finished}
         try:

@@ -1,0 +1,197 @@
+"""Tracking-server outages cost a training run nothing (sweep.outbox): a real MLflow server is stopped while runs
+train and started again on the same database; every validation point reaches it, in order, and the runs end
+FINISHED. A run that ends while the server is away is recorded in its offline store and synced into its server run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from sweep import tracking
+from sweep.outbox import Outbox
+from tests.mlflow_server import start_mlflow_server
+from tests.slurm_fixture import slurm_cluster  # noqa: F401
+
+REPO = Path(__file__).resolve().parents[1]
+OUTAGE_S = 60.0  # a server restart as a cluster's admins do it: about a minute
+TINY = ["model.width=32", "model.depth=1", "data.synth.size=32", "data.synth.n_train=4", "data.synth.n_test=1",
+        "train.batch_size=2", "train.val_crop=32", "train.val_slice_step=8", "train.final_slice_step=8",
+        "train.open_slabs=2", "train.bn_recalibration_batches=0", "train.early_stop_patience_iters=1000000",
+        "train.lr_patience_iters=1000000"]
+
+
+@pytest.fixture
+def own_server(tmp_path):
+    """A server of this test's own (stopping the session's server would break the other tests)."""
+    handle = start_mlflow_server(tmp_path / "server")
+    box = {"handle": handle}
+    yield box
+    box["handle"].stop()
+
+
+def _restart(box: dict, tmp_path: Path) -> None:
+    """Start the stopped server again on the same port and the same database."""
+    box["handle"] = start_mlflow_server(tmp_path / "server", port=box["handle"].port)
+
+
+def test_outbox_keeps_batches_in_order_through_a_restart_and_raises_for_a_refused_request(tmp_path, own_server):
+    uri = own_server["handle"].uri
+    exp = tracking.ensure_experiment(uri, "outbox")
+    rec = tracking.RunRecorder(uri, exp, run_name="r")
+    rec.start()
+    box = Outbox(rec, tolerance_s=3600, probe_every_s=0.0)
+    box.log_metrics({"val_loss": 1.0}, step=1, timestamp_ms=1_000)
+    assert not box.pending and not box.down
+    own_server["handle"].stop()
+    t0 = time.monotonic()
+    for step in (2, 3, 4):
+        box.log_metrics({"val_loss": float(step)}, step=step, timestamp_ms=step * 1_000)
+    box.set_tags({"during": "outage"})
+    assert box.down and len(box.pending) == 4
+    assert time.monotonic() - t0 < 20, "an outage must cost the training loop seconds, not minutes of retries"
+    _restart(own_server, tmp_path)
+    assert box.flush(force=True) and not box.pending and not box.down
+    assert len(box.outages) == 1
+    client = MlflowClient(uri)
+    hist = client.get_metric_history(rec.run_id, "val_loss")
+    assert [(m.step, m.timestamp, m.value) for m in hist] == [(s, s * 1000, float(s)) for s in (1, 2, 3, 4)]
+    assert client.get_run(rec.run_id).data.tags["during"] == "outage"
+    box.log_metrics({"val_loss": 2.0}, step=2, timestamp_ms=2_000)  # a batch sent twice adds nothing
+    assert len(client.get_metric_history(rec.run_id, "val_loss")) == 4
+    # A refused request is no outage: it fails loudly at once instead of waiting.
+    with pytest.raises(tracking.TrackingError) as err:
+        box.log_metrics({"x" * 600: 1.0}, step=5)
+    assert not isinstance(err.value, tracking.TrackingUnavailable)
+
+
+def test_outbox_gives_up_after_the_tolerance_and_waits_at_the_end(tmp_path, own_server):
+    uri = own_server["handle"].uri
+    exp = tracking.ensure_experiment(uri, "tolerance")
+    rec = tracking.RunRecorder(uri, exp, run_name="r")
+    rec.start()
+    now = [0.0]
+    box = Outbox(rec, tolerance_s=100, probe_every_s=10, clock=lambda: now[0])
+    own_server["handle"].stop()
+    box.log_metrics({"a": 1.0}, step=1)
+    assert box.down and not box.gave_up
+    probes = []
+    box._probe = lambda u: probes.append(now[0]) or False
+    now[0] = 5.0
+    box.log_metrics({"a": 2.0}, step=2)  # within probe_every_s: not even a probe
+    assert probes == []
+    now[0] = 50.0
+    assert not box.wait(20, sleep=lambda s: now.__setitem__(0, now[0] + s))  # waited 20 s of fake time
+    assert probes and 70.0 <= now[0] <= 71.0 and not box.gave_up
+    now[0] = 101.0
+    box.log_metrics({"a": 3.0}, step=3)
+    assert box.gave_up and len(box.pending) == 3
+    n = len(probes)
+    assert not box.wait(1000) and len(probes) == n  # gave up: no more tries, the run ends offline
+
+
+def _sweep(tmp_path: Path, uri: str, experiment: str, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, SCALING_UNET_WORK=str(tmp_path / "work"), TF_CPP_MIN_LOG_LEVEL="3")
+    cmd = [sys.executable, "-m", "sweep", *TINY, f"mlflow.tracking_uri={uri}", f"mlflow.experiment={experiment}",
+           "hydra/launcher=local", "hydra.launcher.n_workers=2", "hydra.launcher.threads_per_worker=1", *extra, "-m"]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(tmp_path / "sweep.log", "w"),
+                            stderr=subprocess.STDOUT)
+
+
+def _wait_for_points(uri: str, experiment: str, n_runs: int, timeout: float, log: Path) -> list:
+    client = MlflowClient(uri)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        exp = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        runs = [r for r in runs if "fold" in r.data.tags]
+        if len(runs) == n_runs and all("val_mean_iou" in r.data.metrics for r in runs):
+            return runs
+        time.sleep(0.5)
+    pytest.fail(f"no validation point of {n_runs} runs after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def test_two_training_runs_live_through_a_60_s_server_outage(tmp_path, own_server):
+    """Stopped after the first validation point, started again 60 s later on the same database: both runs FINISHED
+    with every validation point, including those made while the server was away; the sweep exits 0."""
+    uri = own_server["handle"].uri
+    proc = _sweep(tmp_path, uri, "outage", "model.input_size=384,512", "fold=0", "train.max_iters=3000",
+                  "train.checkpoint_every=300")
+    _wait_for_points(uri, "outage", 2, 300, tmp_path / "sweep.log")
+    own_server["handle"].stop()
+    down = time.time()
+    time.sleep(OUTAGE_S)
+    assert proc.poll() is None, "the sweep must keep training while the server is away"
+    _restart(own_server, tmp_path)
+    up = time.time()
+    proc.wait(timeout=600)
+    out = (tmp_path / "sweep.log").read_text()
+    assert proc.returncode == 0, out[-4000:]
+    client = MlflowClient(uri)
+    runs = [r for r in client.search_runs([client.get_experiment_by_name("outage").experiment_id])
+            if "fold" in r.data.tags]
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    made_during = 0
+    for r in runs:
+        hist = client.get_metric_history(r.info.run_id, "val_mean_iou")
+        assert sorted(m.step for m in hist) == list(range(300, 3001, 300)), r.info.run_name
+        made_during += sum(down * 1000 <= m.timestamp <= up * 1000 for m in hist)
+        assert "mean_iou" in r.data.metrics and {a.path for a in client.list_artifacts(r.info.run_id)} >= {"model"}
+    assert made_during >= 2, "validation points made while the server was away, logged with their own time"
+    assert "does not answer" in out and "answers again" in out
+
+
+def test_an_array_whose_runs_end_during_the_outage_exits_well_and_status_brings_them_in(tmp_path, own_server,
+                                                                                         slurm_cluster):
+    """On the test cluster: both array tasks end while the server is away (mlflow.end_wait_s=0), each records its
+    run in its offline store and exits 0 (COMPLETED); once the server is back, sweep.status completes the server
+    runs: FINISHED with every validation point, made before and during the outage."""
+    uri = own_server["handle"].uri
+    work = tmp_path / "work"
+    name = "su-test-outage"
+    common = [*TINY, f"mlflow.tracking_uri={uri}", "mlflow.experiment=outage-slurm", "model.input_size=384,512",
+              "fold=0", "train.max_iters=900", "train.checkpoint_every=150", "mlflow.end_wait_s=0"]
+    cmd = [sys.executable, "-m", "sweep", *common, "hydra/launcher=slurm_v100", "allow_stand_in=true",
+           "train.cpu_replicas=1", "hydra.launcher.partition=gpu", "hydra.launcher.cpus_per_task=1",
+           "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=10", "hydra.launcher.poll_interval_s=1",
+           "hydra.launcher.array_parallelism=2", f"hydra.launcher.name={name}", "-m"]
+    env = dict(os.environ, SCALING_UNET_WORK=str(work), TF_CPP_MIN_LOG_LEVEL="3")
+    log = tmp_path / "sweep.log"
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    _wait_for_points(uri, "outage-slurm", 2, 400, log)
+    own_server["handle"].stop()
+    down = time.time()
+    ended = slurm_cluster.wait_for("both tasks to end while the server is away", lambda: (
+        lambda out: out if out.count("COMPLETED") + out.count("FAILED") >= 2 else None)(
+        slurm_cluster.run("sacct", "-n", "-X", "-P", f"--name={name}", "--format=JobID,State,ExitCode").stdout),
+        timeout=OUTAGE_S - 5, interval=1)
+    assert ended.count("COMPLETED|0:0") == 2, ended
+    time.sleep(max(0.0, OUTAGE_S - (time.time() - down)))
+    _restart(own_server, tmp_path)
+    up = time.time()
+    proc.wait(timeout=300)
+    assert proc.returncode == 0, log.read_text()[-4000:]
+    stores = sorted(work.glob("checkpoints/*/fold0/mlflow/mlflow.db"))
+    assert len(stores) == 2
+
+    status = subprocess.run([sys.executable, "-m", "sweep.status", *common], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert "synced offline stores: 0 runs created" in status.stdout and "2 runs ended" in status.stdout, \
+        status.stdout[-3000:] + status.stderr[-3000:]
+    assert status.returncode == 0, status.stdout[-3000:] + status.stderr[-3000:]
+    client = MlflowClient(uri)
+    runs = [r for r in client.search_runs([client.get_experiment_by_name("outage-slurm").experiment_id])
+            if "fold" in r.data.tags]
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    for r in runs:
+        hist = client.get_metric_history(r.info.run_id, "val_mean_iou")
+        assert sorted(m.step for m in hist) == list(range(150, 901, 150)), r.info.run_name
+        assert any(m.timestamp < down * 1000 for m in hist) and any(down * 1000 <= m.timestamp <= up * 1000
+                                                                   for m in hist)
+        assert r.info.end_time <= up * 1000 and "mean_iou" in r.data.metrics
+        assert {"model", "config.yaml"} <= {a.path for a in client.list_artifacts(r.info.run_id)}
