@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 RUN_ID_FILE = "mlflow_run_id"
 KEY_EXCLUDE = ("fold", "mlflow", "paths", "hydra", "experiment_name", "objectives", "task", "fusing", "on_oom",
                "optuna_trial", "batch_halved", "allow_stand_in")
+START_POLL_S = 15.0  # a SLURM job that starts while the tracking server is away asks it again this often
 TRAIN_KEY_EXCLUDE = ("cpu_replicas", "jit_compile")
 
 
@@ -418,7 +419,7 @@ def _check_tracking_at_start(cfg: DictConfig, uri: str) -> None:
             if time.monotonic() >= deadline:
                 raise
             log.warning("%s; waiting for it (mlflow.start_wait_s=%.0f)", exc, wait_s)
-            time.sleep(min(15.0, max(0.0, deadline - time.monotonic())))
+            time.sleep(min(START_POLL_S, max(0.0, deadline - time.monotonic())))
 
 
 def _chunk_metrics(metrics: tp.Mapping[str, tp.Any]) -> dict[str, float]:

@@ -195,3 +195,45 @@ def test_an_array_whose_runs_end_during_the_outage_exits_well_and_status_brings_
                                                                    for m in hist)
         assert r.info.end_time <= up * 1000 and "mean_iou" in r.data.metrics
         assert {"model", "config.yaml"} <= {a.path for a in client.list_artifacts(r.info.run_id)}
+
+
+def test_a_resumed_run_backfills_the_points_a_killed_job_held_in_memory(tmp_path, own_server):
+    """A job preempted during an outage held validation points in memory only; state.json has them all."""
+    from sweep.outbox import backfill
+    from sweep.task import _chunk_metrics
+
+    uri = own_server["handle"].uri
+    rec = tracking.RunRecorder(uri, tracking.ensure_experiment(uri, "backfill"), run_name="r")
+    rec.start()
+    history = [{"iteration": it, "time": 1000.0 + it, "train_loss": 1.0 / it, "val_loss": 2.0, "learning_rate": 1e-3,
+                "images_per_s": 5.0, "mean_iou": it / 1000} for it in (100, 200, 300)]
+    rec.log_metrics(_chunk_metrics(history[0]), step=100)
+    box = Outbox(rec)
+    assert backfill(rec, history, _chunk_metrics, box) == 2 and box.flush()
+    hist = MlflowClient(uri).get_metric_history(rec.run_id, "val_mean_iou")
+    assert sorted((m.step, m.value) for m in hist) == [(100, 0.1), (200, 0.2), (300, 0.3)]
+    assert {m.timestamp for m in hist if m.step > 100} == {1_200_000, 1_300_000}  # as of when they were made
+    assert backfill(rec, history, _chunk_metrics, box) == 0
+
+
+def test_a_slurm_job_that_starts_during_a_restart_waits_for_the_server(tmp_path, own_server, monkeypatch):
+    import threading
+
+    from sweep import task
+
+    uri = own_server["handle"].uri
+    own_server["handle"].stop()
+    cfg = task.OmegaConf.create({"mlflow": {"start_wait_s": 120}})
+    with pytest.raises(tracking.TrackingError, match="unreachable"):
+        task._check_tracking_at_start(cfg, uri)  # by hand (no SLURM job): one clear error at once
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    monkeypatch.setattr(task, "START_POLL_S", 0.5)
+    restart = threading.Timer(3.0, _restart, (own_server, tmp_path))
+    restart.start()
+    t0 = time.monotonic()
+    task._check_tracking_at_start(cfg, uri)
+    restart.join()
+    assert 3.0 <= time.monotonic() - t0 < 60
+    own_server["handle"].stop()
+    with pytest.raises(tracking.TrackingError, match="unreachable"):
+        task._check_tracking_at_start(task.OmegaConf.create({"mlflow": {"start_wait_s": 1}}), uri)
