@@ -8,7 +8,6 @@ a requeued job finds its own job id in the lease, so it resumes its own run.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -17,10 +16,13 @@ import time
 import typing as tp
 from pathlib import Path
 
+from sweep import locks
+
 log = logging.getLogger(__name__)
 
 LEASE_FILE = "lease.json"
-LOCK_FILE = ".lease.lock"
+LOCK_FILE = ".lease.lock.held"  # a lock file (sweep.locks); the old flock file .lease.lock is not read
+LOCK_TIMEOUT_S = 120.0  # the lease's lock is held for a read and a write: a live holder for minutes is a fault
 
 
 class LeaseHeld(RuntimeError):
@@ -95,8 +97,8 @@ def acquire(ckpt_dir: Path, run_name: str) -> dict[str, tp.Any]:
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     mine = my_lease()
-    with open(ckpt_dir / LOCK_FILE, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two jobs starting together: one decides after the other
+    # Two jobs starting together, on any nodes: one decides after the other (a lock file, not flock: sweep.locks).
+    with locks.locked(ckpt_dir / LOCK_FILE, timeout_s=LOCK_TIMEOUT_S):
         held = read_lease(ckpt_dir)
         if held and not _same_holder(held, mine):
             alive, why = holder_alive(held)
@@ -112,10 +114,9 @@ def release(ckpt_dir: Path, mine: tp.Mapping[str, tp.Any]) -> None:
     """Remove the lease if it is still ours (a run that ended; a requeued job keeps it by not calling this)."""
     ckpt_dir = Path(ckpt_dir)
     try:
-        with open(ckpt_dir / LOCK_FILE, "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with locks.locked(ckpt_dir / LOCK_FILE, timeout_s=LOCK_TIMEOUT_S):
             held = read_lease(ckpt_dir)
             if held and _same_holder(held, mine):
                 (ckpt_dir / LEASE_FILE).unlink()
-    except OSError as exc:  # a leftover lease of a finished job is harmless: it is taken over
+    except (OSError, locks.LockTimeout) as exc:  # a leftover lease of a finished job is harmless: it is taken over
         log.warning("could not remove the lease in %s: %s", ckpt_dir, exc)

@@ -11,7 +11,6 @@ the sweep id and the array ids, with the record as its artifact.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
@@ -20,7 +19,7 @@ import time
 import typing as tp
 from pathlib import Path
 
-from sweep import tracking
+from sweep import locks, tracking
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +128,8 @@ def update(work: tp.Union[str, Path], fresh: SweepRecord,
     """Merge ``fresh`` (pairs, skipped) into the stored record of its id, apply ``change``, write atomically."""
     path = record_path(work, fresh.sweep_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two commands on one sweep must not drop each other's arrays
+    # Two commands on one sweep (any nodes) must not drop each other's arrays: a lock file (sweep.locks), not flock.
+    with locks.locked(path.parent / ".lock.held", timeout_s=300.0):
         rec = load(work, fresh.sweep_id) or fresh
         if rec is not fresh:
             rec.pairs.update(fresh.pairs)

@@ -7,7 +7,6 @@ done before the first training step: config fields, the dataset, the tracking se
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import logging
 import math
 import os
@@ -23,7 +22,7 @@ from data.manifest import MANIFEST_NAMES, load_dataset
 from data.augment import AugmentConfig
 from model.complexity import count_flops, count_params, paper_receptive_field, receptive_field
 from model.schedule import TrainSettings, load_state, paper_batch_size
-from sweep import lease, tracking
+from sweep import lease, locks, tracking
 from sweep.outbox import DEFAULT_END_WAIT_S, DEFAULT_TOLERANCE_S, OfflineEnding, Outbox, backfill, end_offline
 
 log = logging.getLogger(__name__)
@@ -31,6 +30,7 @@ log = logging.getLogger(__name__)
 RUN_ID_FILE = "mlflow_run_id"
 KEY_EXCLUDE = ("fold", "mlflow", "paths", "hydra", "experiment_name", "objectives", "task", "fusing", "on_oom",
                "optuna_trial", "batch_halved", "allow_stand_in")
+DATASET_LOCK_TIMEOUT_S = 3600.0  # making a synthetic dataset takes seconds to minutes
 START_POLL_S = 15.0  # a SLURM job that starts while the tracking server is away asks it again this often
 TRAIN_KEY_EXCLUDE = ("cpu_replicas", "jit_compile")
 
@@ -171,8 +171,8 @@ def _make_dataset(cfg: DictConfig) -> Path:
     from data.synth import main as synth_main
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel jobs: one makes the data, the others wait for it
+    # Parallel jobs on any nodes: one makes the data, the others wait for it (a lock file, not flock: sweep.locks).
+    with locks.locked(target.parent / ".lock.held", timeout_s=DATASET_LOCK_TIMEOUT_S, poll_s=1.0):
         if not has_manifest():
             raw = target.parent / "raw"
             s = cfg.data.synth

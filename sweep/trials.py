@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
 import os
@@ -82,6 +81,7 @@ class StudySpec:
     folder: str  # lock file and slot timelines (on the file system the workers share)
     max_failure_rate: float = 0.0
     poll_interval_s: float = 10.0
+    lease_wait_s: float = 600.0  # a trial whose params another slot trains: waited for this long, then given up
 
     @property
     def path(self) -> Path:
@@ -95,13 +95,11 @@ def study_folder(work: Path, study_name: str) -> Path:
 @contextlib.contextmanager
 def claim_lock(folder: Path) -> tp.Iterator[None]:
     """One claimer at a time: counting the trials and asking for a new one must not interleave."""
+    from sweep import locks
+
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "claim.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with locks.locked(folder / "claim.lock.held", timeout_s=600.0, poll_s=0.05):  # slots on any nodes: not flock
+        yield
 
 
 @dataclasses.dataclass
@@ -299,14 +297,30 @@ class TrialWorker:
                 f"optuna_trial={{study:'{self.spec.study_name.replace(chr(39), '')}',number:{c.number}}}"]
             log.info("slot %d: trial %d (%s): %s", slot, c.number, c.how, " ".join(trial_overrides(c, {})))
             slog.write("start", trial=c.number, how=c.how)
+            waiting_since: tp.Optional[float] = None
             while True:
                 ret = self._run_job(c.number, overrides)
                 try:
                     values = objective_list(ret.return_value, len(self.spec.directions))
                 except LeaseHeld as exc:  # the same params run in another slot: its FINISHED run is reused after
-                    log.warning("slot %d: trial %d waits: %s", slot, c.number, exc)
-                    time.sleep(self.spec.poll_interval_s)
-                    continue
+                    if waiting_since is None:
+                        waiting_since = time.monotonic()
+                        slog.write("lease_wait", trial=c.number, holder=str(exc)[:300])
+                    if time.monotonic() - waiting_since < self.spec.lease_wait_s:
+                        log.warning("slot %d: trial %d waits: %s", slot, c.number, exc)
+                        time.sleep(self.spec.poll_interval_s)
+                        continue
+                    # Bounded: the slot gives this duplicate up and asks for another trial instead of idling. PRUNED,
+                    # not FAIL: the config did not fail (its twin trains), and max_failure_rate must not stop slots.
+                    why = (f"duplicate of a trial another slot trains; waited {self.spec.lease_wait_s:.0f} s "
+                           f"(lease_wait_s): {exc}")[:500]
+                    trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, c.number)
+                    study._storage.set_trial_user_attr(trial_id, "given_up", why)
+                    study.tell(c.number, state=optuna.trial.TrialState.PRUNED)
+                    slog.write("end", trial=c.number, state="PRUNED", error=why)
+                    log.warning("slot %d: trial %d given up: %s", slot, c.number, why)
+                    done["given_up"] = done.get("given_up", 0) + 1
+                    break
                 except Exception as exc:
                     study.tell(c.number, state=optuna.trial.TrialState.FAIL)
                     slog.write("end", trial=c.number, state="FAIL", error=f"{type(exc).__name__}: {exc}"[-500:])
@@ -330,6 +344,16 @@ class TrialWorker:
         checkpoint_before_requeue(f"slot {slot}")
         SlotLog(self.spec.path, slot).write("preempted")
         return submitit.helpers.DelayedSubmission(self, slot)
+
+
+def lease_waits(events: tp.Sequence[tp.Mapping[str, tp.Any]]) -> list[str]:
+    """One line per slot whose last event is a wait on another slot's lease (the same params trained there)."""
+    last: dict[int, tp.Mapping[str, tp.Any]] = {}
+    for e in sorted(events, key=lambda e: e["t"]):
+        last[int(e["slot"])] = e
+    return [f"slot {s}: trial {e.get('trial')} waits since {time.strftime('%H:%M:%S', time.localtime(e['t']))} "
+            f"({time.time() - e['t']:.0f} s) on a lease: {e.get('holder', '')}"
+            for s, e in sorted(last.items()) if e.get("event") == "lease_wait"]
 
 
 def write_record(spec: StudySpec, **extra: tp.Any) -> Path:
@@ -385,7 +409,10 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
             workers = f"; SLURM could not be asked ({exc})"
     print(f"study {rec['study_name']}: " + (", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no trials yet")
           + f" of {rec['n_trials']} trials; arrays {','.join(arrays) or '-'}{workers}")
-    print(format_idle(idle_share(trial_intervals(read_timelines(args.folder)), int(rec["n_slots"]))))
+    events = read_timelines(args.folder)
+    print(format_idle(idle_share(trial_intervals(events), int(rec["n_slots"]))))
+    for line in lease_waits(events):
+        print(line)
     left = rec["n_trials"] - counts.get("COMPLETE", 0) - counts.get("FAIL", 0)
     return 0 if left <= 0 else 3
 

@@ -11,6 +11,7 @@ trial the study holds, so rerunning the command resumes a half-done study instea
 import dataclasses
 import itertools
 import logging
+import math
 import sys
 import time
 import typing as tp
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 class AsyncOptunaSweeperConf(OptunaSweeperConf):
     _target_: str = "hydra_plugins.scaling_unet.optuna_async.AsyncOptunaSweeper"
     _recursive_: bool = False  # the sampler stays a config: each worker builds its own, with its own seed
-    poll_interval_s: float = 10.0  # how long a slot waits for a trial that another slot runs with the same params
+    poll_interval_s: float = 10.0  # how often a slot looks again at a trial that another slot runs with the same params
+    lease_wait_s: float = 600.0  # how long it waits for that trial, then gives its duplicate up (FAIL) and asks again
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="optuna_async", node=AsyncOptunaSweeperConf,
@@ -44,7 +46,7 @@ class AsyncOptunaSweeper(Sweeper):
     def __init__(self, sampler: tp.Any, direction: tp.Any, storage: tp.Optional[str], study_name: tp.Optional[str],
                  n_trials: int, n_jobs: int, max_failure_rate: float, search_space: tp.Any = None,
                  custom_search_space: tp.Optional[str] = None, params: tp.Any = None,
-                 poll_interval_s: float = 10.0) -> None:
+                 poll_interval_s: float = 10.0, lease_wait_s: float = 600.0) -> None:
         if search_space or custom_search_space:
             raise ValueError("hydra.sweeper: search_space and custom_search_space are not supported by optuna_async; "
                              "use hydra.sweeper.params")
@@ -57,6 +59,10 @@ class AsyncOptunaSweeper(Sweeper):
         self.max_failure_rate = float(max_failure_rate)
         self.params = params
         self.poll_interval_s = float(poll_interval_s)
+        self.lease_wait_s = float(lease_wait_s)
+        for name, value in (("poll_interval_s", self.poll_interval_s), ("lease_wait_s", self.lease_wait_s)):
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"hydra.sweeper.{name}: must be a finite number of seconds >= 0, got {value}")
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
@@ -132,7 +138,8 @@ class AsyncOptunaSweeper(Sweeper):
                                 n_trials=self.n_trials, n_slots=n_slots, distributions=distributions,
                                 fixed_params=fixed, sampler=self.sampler_cfg,
                                 folder=str(trials.study_folder(Path(str(cfg0.paths.work)), study_name)),
-                                max_failure_rate=self.max_failure_rate, poll_interval_s=self.poll_interval_s)
+                                max_failure_rate=self.max_failure_rate, poll_interval_s=self.poll_interval_s,
+                                lease_wait_s=self.lease_wait_s)
         log.info("study %s (%s): %d of %d trials exist; %d worker slots, each asks for its next trial when its "
                  "last one ends (no batches)", study_name, storage, have, self.n_trials, n_slots)
         worker = trials.TrialWorker(self.hydra_context, self.config, self.task_function, [], spec,
