@@ -71,6 +71,7 @@ class SweepRecord:
     halved: dict[str, str] = dataclasses.field(default_factory=dict)  # pair name -> why its batch was halved
     parallelism: tp.Optional[int] = None
     mlflow_run_id: tp.Optional[str] = None
+    max_num_timeout: tp.Optional[int] = None  # submitit's requeue limit of the arrays (sweep.status names it)
     created_at: float = dataclasses.field(default_factory=time.time)
 
     @property
@@ -88,7 +89,8 @@ class SweepRecord:
     def from_json(cls, text: str) -> SweepRecord:
         data = json.loads(text)
         data["submissions"] = [Submission(**s) for s in data.get("submissions", [])]
-        return cls(**data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def record_path(work: tp.Union[str, Path], sid: str) -> Path:
@@ -136,6 +138,7 @@ def update(work: tp.Union[str, Path], fresh: SweepRecord,
             rec.skipped.update(fresh.skipped)
             rec.halved.update(fresh.halved)
             rec.parallelism = fresh.parallelism or rec.parallelism
+            rec.max_num_timeout = fresh.max_num_timeout if fresh.max_num_timeout is not None else rec.max_num_timeout
         change(rec)
         _atomic_write(path, rec.to_json())
     return rec

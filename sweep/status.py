@@ -32,7 +32,9 @@ from sweep import record as sweep_record
 from sweep import slurm_state, tracking
 
 EXIT_FINISHED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_RUNNING = 0, 1, 2, 3
-STATES = ("FINISHED", "RUNNING", "PENDING", "REQUEUED", "FAILED", "NEVER_QUEUED")
+# REQUEUED: alive again after a preemption or time-out (running or waiting), with its number of requeues;
+# UNKNOWN: not FINISHED in MLflow and SLURM could not be asked (never called FAILED on a guess).
+STATES = ("FINISHED", "RUNNING", "PENDING", "REQUEUED", "FAILED", "NEVER_QUEUED", "UNKNOWN")
 RUNNING_STATES = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING", "RESIZING", "SUSPENDED"}
 REQUEUE_STATES = {"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "PREEMPTED"}
 
@@ -61,7 +63,7 @@ class SweepStatus:
     @property
     def exit_code(self) -> int:
         c = self.counts()
-        if c["RUNNING"] + c["PENDING"] + c["REQUEUED"]:
+        if c["RUNNING"] + c["PENDING"] + c["REQUEUED"] + c["UNKNOWN"]:
             return EXIT_RUNNING
         queued = [p for p in self.pairs if not (p.state == "NEVER_QUEUED" and sweep_record.pair_name(p.pair)
                                                  in self.rec.skipped)]
@@ -130,20 +132,30 @@ def collect(rec: sweep_record.SweepRecord, uri: str, *, build_parents: bool = Tr
         elif alive_of.get(pair):
             task = alive_of[pair][0]
             h = hist.get((task.array_id, task.task))
-            if task.state in RUNNING_STATES:
+            requeues = requeue_count(h, task)
+            if task.state in REQUEUE_STATES or requeues:
+                state = "REQUEUED"  # running again or waiting to: shown apart from first attempts, with its count
+            elif task.state in RUNNING_STATES:
                 state = "RUNNING"
-            elif task.state in REQUEUE_STATES or (h is not None and h.requeued):
-                state = "REQUEUED"
             else:
                 state = "PENDING"
             extra = f", {len(alive_of[pair])} live tasks" if len(alive_of[pair]) > 1 else ""
+            extra += f", requeued {requeues} time(s)" if requeues else ""
             out.append(PairStatus(pair, run_name, state, f"task {task.name} {task.state}{extra}"))
+        elif pair in latest and note:
+            sub, i = latest[pair]
+            out.append(PairStatus(pair, run_name, "UNKNOWN", f"task {sub.array_id}_{i}: {note}"))
         elif pair in latest:
             sub, i = latest[pair]
             h = hist.get((sub.array_id, i))
             slurm = f"{h.state} exit {h.exit_code}" if h is not None else "no accounting record"
             if h is not None and h.state == "COMPLETED":
                 slurm += " (no FINISHED MLflow run)"
+            if h is not None and h.attempts > 1:  # e.g. submitit gave up after max_num_timeout requeues
+                slurm += f" after {h.attempts - 1} requeue(s)" + (
+                    f": the requeue limit (max_num_timeout={rec.max_num_timeout}) is used up"
+                    if getattr(rec, "max_num_timeout", None) is not None and h.attempts - 1 >= rec.max_num_timeout
+                    else "")
             tail = stderr_tail(sub, i)
             out.append(PairStatus(pair, run_name, "FAILED",
                                   f"task {sub.array_id}_{i} {slurm}" + (f"; stderr: {tail}" if tail else "")))
@@ -155,6 +167,12 @@ def collect(rec: sweep_record.SweepRecord, uri: str, *, build_parents: bool = Tr
     if build_parents:
         built = _build_parents(rec, uri, out, parents_complete)
     return SweepStatus(rec, out, gpu_hours, time_left, built, note, halved)
+
+
+def requeue_count(h: tp.Optional[slurm_state.TaskHistory], task: tp.Optional[slurm_state.LiveTask] = None) -> int:
+    """Requeues of a task so far: sacct's earlier records of it (-D), or squeue's restart count."""
+    from_sacct = max(0, h.attempts - 1) if h is not None else 0
+    return max(from_sacct, int(getattr(task, "restarts", 0) or 0))
 
 
 def _time_left(rec, pairs: list[PairStatus], finished: dict, live: dict) -> tp.Optional[float]:
@@ -211,7 +229,7 @@ def render(st: SweepStatus) -> str:
         lines.append(f"{name:<24} " + " ".join(f"{c[s]:>12}" for s in STATES))
     c = st.counts()
     lines.append(f"{'total':<24} " + " ".join(f"{c[s]:>12}" for s in STATES))
-    details = [p for p in st.pairs if p.state in ("FAILED", "REQUEUED") or (  # skipped (on_oom): below, by config
+    details = [p for p in st.pairs if p.state in ("FAILED", "REQUEUED", "UNKNOWN") or (  # skipped (on_oom): below, by config
         p.state == "NEVER_QUEUED" and p.detail and sweep_record.pair_name(p.pair) not in rec.skipped)]
     if details:
         lines.append("")
@@ -223,6 +241,8 @@ def render(st: SweepStatus) -> str:
     if st.parents_built:
         lines.append(f"parent runs built for {len(st.parents_built)} config(s) with all folds FINISHED")
     verdict = {EXIT_FINISHED: "finished", EXIT_RUNNING: "running", EXIT_FAILED: "failed"}[st.exit_code]
+    if st.exit_code == EXIT_RUNNING and c["UNKNOWN"] and not (c["RUNNING"] + c["PENDING"] + c["REQUEUED"]):
+        verdict = "unknown (SLURM could not be asked; run again)"
     lines.append(f"status: {verdict}")
     return "\n".join(lines)
 

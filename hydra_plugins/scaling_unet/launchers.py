@@ -430,7 +430,7 @@ class SlurmArrayLauncher(BaseSubmititLauncher):
             num_folds=jobs[0].plan.num_folds, pairs=pairs,
             skipped={sweep_record.pair_name(j.pair): why for j, why in prepared.skipped},
             halved={sweep_record.pair_name(j.pair): halved_reason(j.cfg) for j in jobs if halved_reason(j.cfg)},
-            parallelism=self.params.get("array_parallelism"))
+            parallelism=self.params.get("array_parallelism"), max_num_timeout=self.params.get("max_num_timeout"))
 
     def _how_to_follow(self, rec, submitted: list, left: list, work: Path) -> None:
         arrays = sorted({job.job_id.split("_")[0] for job, _ in submitted})
