@@ -13,6 +13,7 @@ and a run synced while it was still RUNNING is completed by the next sync.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -141,14 +142,30 @@ def sync_pairs(ckpt_dirs: tp.Iterable[Path], uri: str, experiment: str) -> SyncC
     for d in ckpt_dirs:
         db = Path(d) / STORE_DIR / "mlflow.db"
         if db.is_file():
+            check_store(db)
             sync_store(db, uri, experiment, counts)
     return counts
 
 
+def check_store(db: Path) -> None:
+    """An offline store that can be read (an MLflow SQLite database), or TrackingError naming the file."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+            con.execute("SELECT count(*) FROM runs").fetchone()
+    except sqlite3.Error as exc:
+        raise tracking.TrackingError(f"offline store {db}: not a readable MLflow store ({exc}); move it away or "
+                                     "restore it, then sync again") from None
+
+
 def sync_all(checkpoints: Path, uri: str, experiment: str) -> SyncCounts:
     tracking.check_tracking_uri(uri)
+    found = stores(checkpoints)
+    for db in found:  # every store readable before anything is copied
+        check_store(db)
     counts = SyncCounts()
-    for db in stores(checkpoints):
+    for db in found:
         sync_store(db, uri, experiment, counts)
     return counts
 
@@ -166,6 +183,11 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         counts = sync_all(Path(str(base.paths.checkpoints)), str(base.mlflow.tracking_uri), str(base.mlflow.experiment))
     except tracking.TrackingError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # composition errors from Hydra (a typo in an override): one line, as sweep.status
+        if type(exc).__module__.split(".")[0] not in ("hydra", "omegaconf"):
+            raise
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     print(f"synced: {counts}")
     return 0

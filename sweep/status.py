@@ -312,8 +312,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     ap.add_argument("--sync", action="store_true",
                     help="first copy the runs' offline stores (mlflow.offline=true) to the server (sweep.sync)")
     args = ap.parse_args(argv)
-    if args.watch is not None and args.watch <= 0:
-        print("error: --watch: must be a positive number of seconds", file=sys.stderr)
+    if args.watch is not None and not (math.isfinite(args.watch) and 0 < args.watch <= 86400):
+        print("error: --watch: must be a number of seconds in (0, 86400]", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
         rec, uri, base = resolve(args.overrides, args.sweep_id)

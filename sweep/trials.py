@@ -60,6 +60,15 @@ def check_storage(spec: tp.Any) -> str:
     """The storage setting, checked before anything is written: ``journal:<file>`` or an RDB URL."""
     spec = str(spec)
     if spec.startswith("journal:") and spec[len("journal:"):].removeprefix("//").strip():
+        path = Path(spec[len("journal:"):].removeprefix("//")).expanduser()
+        if path.is_dir():
+            raise StudyError(f"hydra.sweeper.storage: {path} is a folder, not a journal file")
+        for parent in path.parents:  # a journal under a regular file cannot be made: say so before any check
+            if parent.exists():
+                if not parent.is_dir():
+                    raise StudyError(f"hydra.sweeper.storage: {parent} is a file, so the journal {path} cannot be "
+                                     "made under it")
+                break
         return spec
     if not spec.startswith("journal:") and "://" in spec:
         return spec
@@ -395,7 +404,25 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: {args.folder / STUDY_RECORD}: not a study record ({exc})", file=sys.stderr)
         return 2
-    counts = study_summary(rec["storage"], rec["study_name"])
+    missing = [k for k in ("study_name", "storage", "n_trials", "n_slots") if k not in rec] if isinstance(rec, dict) \
+        else ["a JSON object"]
+    if missing:
+        print(f"error: {args.folder / STUDY_RECORD}: not a study record (no {', '.join(missing)})", file=sys.stderr)
+        return 2
+    try:
+        storage = check_storage(rec["storage"])
+        if storage.startswith("journal:"):
+            journal = Path(storage[len("journal:"):].removeprefix("//")).expanduser()
+            if not journal.is_file():  # never made here: reading it would create an empty journal
+                raise StudyError(f"the journal {journal} named by {args.folder / STUDY_RECORD} does not exist")
+        counts = study_summary(storage, rec["study_name"])
+    except StudyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - a corrupt journal or an unreadable database: one line
+        print(f"error: study {rec.get('study_name')!r} in {rec.get('storage')}: cannot be read: "
+              f"{type(exc).__name__}: {str(exc)[:300]}", file=sys.stderr)
+        return 2
     arrays = rec.get("array_ids", [])
     workers = ""
     if arrays:

@@ -155,6 +155,18 @@ def _optuna_bad_storage(root: Path) -> list[str]:
             f"hydra.sweep.dir={root.parent / (root.name + '-hydra')}", "-m"]
 
 
+def _optuna(*overrides: str, under_file: bool = False) -> tp.Callable[[Path], list[str]]:
+    """``+experiment=optuna`` with bad sweeper/launcher settings; Hydra's sweep folder outside the case folder."""
+    def setup(root: Path) -> list[str]:
+        extra = []
+        if under_file:
+            (root / "afile").write_text("not a folder")
+            extra = [f"hydra.sweeper.storage=journal:{root / 'afile' / 'studies' / 's.journal'}"]
+        return ["-m", "sweep", "+experiment=optuna", *overrides, *extra, f"paths.work={root / 'work'}",
+                f"hydra.sweep.dir={root.parent / (root.name + '-hydra')}", "-m"]
+    return setup
+
+
 def _stand_in(module: str, *overrides: str, multirun: bool = False) -> tp.Callable[[Path], list[str]]:
     """A stand-in (sweep/standin.py); Hydra's own folders outside the case folder."""
     def setup(root: Path) -> list[str]:
@@ -213,6 +225,18 @@ CASES = [
     Case("analysis.measures: an image instead of labels", _measures_on_an_image, "vol.h5"),
     Case("sweep.status: unknown --sweep-id", _status_unknown_sweep, "--sweep-id nope"),
     Case("sweep: Optuna storage neither journal:<file> nor a URL", _optuna_bad_storage, "hydra.sweeper.storage"),
+    Case("sweep: Optuna journal under a regular file", _optuna(under_file=True), "afile is a file"),
+    Case("sweep: hydra.sweeper.n_trials=0", _optuna("hydra.sweeper.n_trials=0"), "hydra.sweeper.n_trials"),
+    Case("sweep: hydra.sweeper.n_trials=-1", _optuna("hydra.sweeper.n_trials=-1"), "hydra.sweeper.n_trials"),
+    Case("sweep: hydra.sweeper.n_jobs=0", _optuna("hydra.sweeper.n_jobs=0"), "hydra.sweeper.n_jobs"),
+    Case("sweep: hydra.sweeper.max_failure_rate=2", _optuna("hydra.sweeper.max_failure_rate=2"),
+         "hydra.sweeper.max_failure_rate"),
+    Case("sweep: hydra.sweeper.lease_wait_s=-1", _optuna("hydra.sweeper.lease_wait_s=-1"), "hydra.sweeper.lease_wait_s"),
+    Case("sweep: hydra.launcher.n_workers=0 (local pool)",
+         _stand_in("sweep", "model.input_size=384,512", "hydra.launcher.n_workers=0", multirun=True),
+         "hydra.launcher.n_workers"),
+    Case("sweep: mlflow.outage_tolerance_s=-1", _stand_in("sweep", "mlflow.outage_tolerance_s=-1"),
+         "mlflow.outage_tolerance_s"),
     Case("sweep -m: laptop profile on synthetic data as GPU jobs",
          _stand_in("sweep", "+experiment=depth", "hydra/launcher=slurm_v100", multirun=True),
          "profile: 16 runs of profile=laptop"),

@@ -204,7 +204,7 @@ class PoolLauncher(Launcher):
 
     def __init__(self, n_workers: int = 2, threads_per_worker: tp.Optional[int] = None, parent_runs: bool = True,
                  gpu_mem_gb: tp.Optional[float] = None) -> None:
-        self.n_workers = max(1, int(n_workers))
+        self.n_workers = n_workers  # checked in launch(): one error line, exit 2
         self.gpu_mem_gb = gpu_mem_gb  # read by sweep.resources from the composed config
         self.threads_per_worker = threads_per_worker
         self.parent_runs = parent_runs
@@ -224,6 +224,9 @@ class PoolLauncher(Launcher):
         from sweep.dispatch import prepare_sweep_or_exit
 
         assert self.config is not None and self.hydra_context is not None
+        if isinstance(self.n_workers, bool) or not isinstance(self.n_workers, int) or self.n_workers < 1:
+            print(f"error: hydra.launcher.n_workers: must be an integer >= 1, got {self.n_workers!r}", file=sys.stderr)
+            raise SystemExit(2)
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         _sweep_dir(self.config)

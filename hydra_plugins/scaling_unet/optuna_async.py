@@ -54,15 +54,27 @@ class AsyncOptunaSweeper(Sweeper):
         self.direction = direction
         self.storage = storage
         self.study_name = study_name
-        self.n_trials = int(n_trials)
-        self.n_jobs = max(1, int(n_jobs))
-        self.max_failure_rate = float(max_failure_rate)
+        self.n_trials = n_trials  # checked in sweep(): one error line, exit 2
+        self.n_jobs = n_jobs
+        self.max_failure_rate = max_failure_rate
         self.params = params
         self.poll_interval_s = float(poll_interval_s)
         self.lease_wait_s = float(lease_wait_s)
-        for name, value in (("poll_interval_s", self.poll_interval_s), ("lease_wait_s", self.lease_wait_s)):
+
+    def _check_settings(self) -> tp.Optional[str]:
+        """The sweeper's numbers, checked before anything is written; the problem in one line, or None."""
+        for name in ("n_trials", "n_jobs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                return f"hydra.sweeper.{name}: must be an integer >= 1, got {value!r}"
+        rate = self.max_failure_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+            return f"hydra.sweeper.max_failure_rate: must be a number in [0, 1], got {rate!r}"
+        for name in ("poll_interval_s", "lease_wait_s"):
+            value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
-                raise ValueError(f"hydra.sweeper.{name}: must be a finite number of seconds >= 0, got {value}")
+                return f"hydra.sweeper.{name}: must be a finite number of seconds >= 0, got {value}"
+        return None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
@@ -115,6 +127,11 @@ class AsyncOptunaSweeper(Sweeper):
         from hydra_plugins.scaling_unet.launchers import PoolLauncher, SlurmArrayLauncher
         from sweep import trials
 
+        problem = self._check_settings()
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            raise SystemExit(2)
+        self.max_failure_rate = float(self.max_failure_rate)
         distributions, fixed = self._search_space(arguments)
         directions = self._directions()
         study_name = self.study_name or "scaling-unet"
