@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Install the Debian packages for a single-node SLURM cluster with accounting (slurmctld, slurmd,
-# slurmdbd, munge, MariaDB). Idempotent: a fast no-op when everything is already installed.
+# slurmdbd, munge, MariaDB) and PostgreSQL for the tests' MLflow server (slurm/postgres.sh). Idempotent: a fast no-op when everything is already installed.
 set -euo pipefail
 
-PACKAGES=(slurm-wlm slurm-client slurmdbd munge mariadb-server)
+PACKAGES=(slurm-wlm slurm-client slurmdbd munge mariadb-server postgresql)  # postgresql: the tests' MLflow server
 # Binaries that prove the packages are present (checked first: cheaper than dpkg-query).
-BINARIES=(slurmctld slurmd slurmdbd sbatch sacct sacctmgr munged mariadbd mariadb-install-db)
+BINARIES=(slurmctld slurmd slurmdbd sbatch sacct sacctmgr munged mariadbd mariadb-install-db pg_ctlcluster)
 
 missing_bins=0
 for b in "${BINARIES[@]}"; do

@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -67,8 +68,23 @@ def _healthy(uri: str) -> bool:
         return False
 
 
-def start_mlflow_server(workdir: Path, timeout_s: float = START_TIMEOUT_S, port: int | None = None) -> ServerHandle:
-    """Start ``mlflow server`` on a free local port with a sqlite store and proxied artifacts under ``workdir``."""
+REPO = Path(__file__).resolve().parents[1]
+
+
+def postgres_database(name: str | None = None) -> str:
+    """A fresh database on the project's own PostgreSQL server (slurm/postgres.sh, started if needed): its URL."""
+    name = name or f"mlflow_{uuid.uuid4().hex[:12]}"
+    out = subprocess.run(["bash", str(REPO / "slurm" / "postgres.sh"), "createdb", name], capture_output=True,
+                         text=True, timeout=180)
+    if out.returncode != 0:
+        raise RuntimeError(f"slurm/postgres.sh failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return f"{out.stdout.strip().splitlines()[-1]}/{name}"
+
+
+def start_mlflow_server(workdir: Path, timeout_s: float = START_TIMEOUT_S, port: int | None = None,
+                        backend_store_uri: str | None = None) -> ServerHandle:
+    """Start ``mlflow server`` on a free local port with proxied artifacts under ``workdir``; the store is
+    ``backend_store_uri`` (a PostgreSQL database, as on a cluster) or a sqlite file under ``workdir``."""
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()  # a given port: the same server started again (an outage test)
@@ -77,7 +93,7 @@ def start_mlflow_server(workdir: Path, timeout_s: float = START_TIMEOUT_S, port:
     cmd = [
         sys.executable, "-m", "mlflow", "server",
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+        "--backend-store-uri", backend_store_uri or f"sqlite:///{workdir / 'mlflow.db'}",
         # Proxied artifacts (mlflow-artifacts:/): clients upload over HTTP, as a compute node without the disk would.
         "--serve-artifacts", "--artifacts-destination", str(workdir / "artifacts"),
     ]
@@ -102,7 +118,8 @@ def start_mlflow_server(workdir: Path, timeout_s: float = START_TIMEOUT_S, port:
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
-    handle = start_mlflow_server(tmp_path_factory.mktemp("mlflow_server"))
+    """The tests' server, on PostgreSQL as docs/cluster.md recommends for many clients (SLURM arrays, Optuna slots)."""
+    handle = start_mlflow_server(tmp_path_factory.mktemp("mlflow_server"), backend_store_uri=postgres_database())
     try:
         yield handle
     finally:

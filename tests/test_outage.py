@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from sweep import tracking
 from sweep.outbox import Outbox
-from tests.mlflow_server import start_mlflow_server
+from tests.mlflow_server import postgres_database, start_mlflow_server
 from tests.slurm_fixture import slurm_cluster  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,15 +29,15 @@ TINY = ["model.width=32", "model.depth=1", "data.synth.size=32", "data.synth.n_t
 @pytest.fixture
 def own_server(tmp_path):
     """A server of this test's own (stopping the session's server would break the other tests)."""
-    handle = start_mlflow_server(tmp_path / "server")
-    box = {"handle": handle}
+    box = {"db": postgres_database()}  # the same database after a restart, as a cluster's server keeps it
+    box["handle"] = start_mlflow_server(tmp_path / "server", backend_store_uri=box["db"])
     yield box
     box["handle"].stop()
 
 
 def _restart(box: dict, tmp_path: Path) -> None:
     """Start the stopped server again on the same port and the same database."""
-    box["handle"] = start_mlflow_server(tmp_path / "server", port=box["handle"].port)
+    box["handle"] = start_mlflow_server(tmp_path / "server", port=box["handle"].port, backend_store_uri=box["db"])
 
 
 def test_outbox_keeps_batches_in_order_through_a_restart_and_raises_for_a_refused_request(tmp_path, own_server):
