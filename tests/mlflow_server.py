@@ -82,7 +82,7 @@ def postgres_database(name: str | None = None) -> str:
 
 
 def start_mlflow_server(workdir: Path, timeout_s: float = START_TIMEOUT_S, port: int | None = None,
-                        backend_store_uri: str | None = None) -> ServerHandle:
+                        backend_store_uri: str | None = None, workers: int = 1) -> ServerHandle:
     """Start ``mlflow server`` on a free local port with proxied artifacts under ``workdir``; the store is
     ``backend_store_uri`` (a PostgreSQL database, as on a cluster) or a sqlite file under ``workdir``."""
     workdir = Path(workdir).resolve()
@@ -92,7 +92,7 @@ def start_mlflow_server(workdir: Path, timeout_s: float = START_TIMEOUT_S, port:
     log_path = workdir / "mlflow-server.log"
     cmd = [
         sys.executable, "-m", "mlflow", "server",
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
         "--backend-store-uri", backend_store_uri or f"sqlite:///{workdir / 'mlflow.db'}",
         # Proxied artifacts (mlflow-artifacts:/): clients upload over HTTP, as a compute node without the disk would.
         "--serve-artifacts", "--artifacts-destination", str(workdir / "artifacts"),

@@ -94,7 +94,7 @@ def test_killed_sweep_rerun_queues_nothing_for_live_pairs_and_status_builds_the_
     renders = [line.split() for line in done.stdout.splitlines() if line.startswith("total")]
     assert len(renders) >= 1
     total = renders[-1]  # --watch printed one table per refresh: the last is the final state
-    assert total[1:] == ["4", "0", "0", "0", "0", "0"], done.stdout
+    assert total[1:] == ["4", "0", "0", "0", "0", "0", "0"], done.stdout
     assert "parent runs built for 1 config(s)" in done.stdout and "status: finished" in done.stdout
     assert "GPU-hours spent: 0.00" not in done.stdout  # 4 tasks × 4 fake GPUs × their elapsed time
 
