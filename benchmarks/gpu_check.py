@@ -55,7 +55,11 @@ CONFIGS = {
     "baseline": dict(width=32, depth=3, size=384, batch=8),
     "best": dict(width=64, depth=5, size=640, batch=4),
 }
-SMOKE = {"baseline": dict(width=4, depth=3, size=64, batch=2), "best": dict(width=4, depth=5, size=64, batch=2)}
+# Not in the default run: the largest paper config (1.52 G parameters), which sweep.plan's estimate
+# puts over a 32 GB V100; ``--configs largest --no-volume`` measures its peak against the estimate.
+EXTRA_CONFIGS = {"largest": dict(width=112, depth=6, size=640, batch=4)}
+SMOKE = {"baseline": dict(width=4, depth=3, size=64, batch=2), "best": dict(width=4, depth=5, size=64, batch=2),
+         "largest": dict(width=4, depth=6, size=64, batch=2)}
 VOLUME = dict(width=64, depth=5, size=512, batch=8)
 VOLUME_SMOKE = dict(width=4, depth=3, size=40, batch=4)
 PAPER_VOLUME = (1200, 1200, 1000)  # a preprocessed sample at 5 µm (paper)
@@ -263,7 +267,9 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="training steps per config (default 200; smoke 80)")
     ap.add_argument("--precision", default="auto", help="auto (bf16 on A100/H100/H200, fp16 on V100), or a policy")
     ap.add_argument("--json", type=Path, help="write all numbers here")
-    ap.add_argument("--only", choices=sorted(CONFIGS) + ["volume9", "tf_train"], help="one config, in this process (used by the parent)")
+    ap.add_argument("--configs", default=",".join(CONFIGS),
+                    help=f"comma list of {sorted(CONFIGS) + sorted(EXTRA_CONFIGS)} (default: {','.join(CONFIGS)})")
+    ap.add_argument("--only", choices=sorted(CONFIGS) + sorted(EXTRA_CONFIGS) + ["volume9", "tf_train"], help="one config, in this process (used by the parent)")
     ap.add_argument("--volume-size", type=int, default=None, help="edge of the 9-plane volume (default 512; smoke 40)")
     ap.add_argument("--no-volume", action="store_true", help="skip the 9-plane whole-volume run")
     args = ap.parse_args(argv)
@@ -274,7 +280,13 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         print("error: run with KERAS_BACKEND=jax (the GPU machines have JAX, not TensorFlow)", file=sys.stderr)
         return 2
     steps = args.steps or (80 if args.smoke else 200)
-    configs = SMOKE if args.smoke else CONFIGS
+    configs = SMOKE if args.smoke else {**CONFIGS, **EXTRA_CONFIGS}
+    if not args.only:
+        unknown = sorted(set(args.configs.split(",")) - set(configs))
+        if unknown:
+            print(f"error: --configs: unknown {unknown}; known {sorted(configs)}", file=sys.stderr)
+            return 2
+        configs = {k: configs[k] for k in args.configs.split(",")}
     infer = (4, 96) if args.smoke else (32, 1200)
     if args.only == "volume9":
         import tempfile
@@ -306,6 +318,9 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
             results.append({"config": name, "failed": True, "stderr": proc.stderr[-3000:]})
             continue
         results.append(json.loads(line[len("RESULT "):]))
+        print(f"{name} done after {time.perf_counter() - t0:.0f} s: {line[len('RESULT '):][:600]}", flush=True)
+        if args.json:  # a run stopped at its time limit keeps the configs it finished
+            args.json.write_text(json.dumps(results, indent=1))
     if tensorflow_available():  # the project's own training path, where TensorFlow is installed
         proc = subprocess.run([sys.executable, __file__, "--only", "tf_train"] + (["--smoke"] if args.smoke else []),
                               env=dict(os.environ, KERAS_BACKEND="tensorflow"), capture_output=True, text=True)
