@@ -1,7 +1,7 @@
 """Load on one MLflow tracking server: N concurrent clients, each writing what one training run writes, on PostgreSQL
 and on SQLite; lost writes, errors, latency per call, total time. Loopback only, bounded in count and time.
 
-Each client (one "run"): create_run; 150 params and 15 tags in log_batch calls; ``--checkpoints`` metric batches of
+Each client (one "run"; each call retried as sweep.tracking retries, `--retries`): create_run; 150 params and 15 tags in log_batch calls; ``--checkpoints`` metric batches of
 12 values (train_loss, val_loss, learning_rate, images_per_s, 4 IoUs, ...; log_batch, synchronous, as
 sweep.tracking.RunRecorder logs a validation point); one 100 KB artifact (proxied upload); set_terminated FINISHED.
 192 client processes would need ~60 GB here (MLflow's imports), so ``--processes`` processes run the clients as
@@ -34,7 +34,7 @@ METRICS = ("train_loss", "val_loss", "learning_rate", "images_per_s", "val_iou_b
 
 
 def one_run(uri: str, exp_id: str, idx: int, checkpoints: int, artifact: Path, deadline: float,
-            lat: dict, errors: collections.Counter) -> str | None:
+            lat: dict, errors: collections.Counter, samples: dict, retries: int) -> str | None:
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
@@ -44,13 +44,19 @@ def one_run(uri: str, exp_id: str, idx: int, checkpoints: int, artifact: Path, d
         if time.time() > deadline:
             raise TimeoutError("benchmark time limit")
         t0 = time.perf_counter()
-        try:
-            out = fn()
-        except Exception as exc:  # noqa: BLE001 - counted, the run goes on (a real run would retry)
-            errors[f"{kind}: {type(exc).__name__}"] += 1
-            return None
-        lat[kind].append(time.perf_counter() - t0)
-        return out
+        for attempt in range(1 + retries):  # sweep.tracking's policy: 5 tries, 0.5 s doubling backoff
+            try:
+                out = fn()
+            except Exception as exc:  # noqa: BLE001 - every failed attempt counted; lost only when all fail
+                key = f"{kind}: {type(exc).__name__}"
+                errors[key] += 1
+                samples.setdefault(key, str(exc)[:300])
+                if attempt < retries:
+                    time.sleep(0.5 * 2 ** attempt)
+                continue
+            lat[kind].append(time.perf_counter() - t0)
+            return out
+        return None
 
     run = call("create_run", lambda: client.create_run(exp_id, run_name=f"load-{idx}"))
     if run is None:
@@ -70,20 +76,22 @@ def one_run(uri: str, exp_id: str, idx: int, checkpoints: int, artifact: Path, d
 
 
 def process_main(args: tuple) -> dict:
-    uri, exp_id, indices, checkpoints, artifact, deadline, barrier = args
+    uri, exp_id, indices, checkpoints, artifact, deadline, barrier, retries = args
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"  # count what fails: a run's own retries are sweep.tracking's
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "120"
     lat: dict = collections.defaultdict(list)
     errors: collections.Counter = collections.Counter()
+    samples: dict = {}
     rids: list = []
     barrier.wait()
     threads = [threading.Thread(target=lambda i=i: rids.append(one_run(uri, exp_id, i, checkpoints, Path(artifact),
-                                                                       deadline, lat, errors))) for i in indices]
+                                                                       deadline, lat, errors, samples, retries)))
+               for i in indices]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return {"lat": dict(lat), "errors": dict(errors), "rids": rids}
+    return {"lat": dict(lat), "errors": dict(errors), "samples": samples, "rids": rids}
 
 
 def verify(uri: str, rids: list, checkpoints: int) -> collections.Counter:
@@ -103,14 +111,25 @@ def verify(uri: str, rids: list, checkpoints: int) -> collections.Counter:
     return lost
 
 
+POOLS = {  # the server's SQLAlchemy pool (MLflow reads these variables when it creates its engine)
+    "default": {},  # QueuePool, 5 + 10 overflow per server worker
+    "null": {"MLFLOW_SQLALCHEMYSTORE_POOLCLASS": "NullPool"},  # a connection per session, closed after it
+    "large": {"MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": "40", "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": "40"},
+}
+
+
 def bench(backend: str, clients: int, checkpoints: int, processes: int, workers: int, limit_s: float,
-          work: Path) -> dict:
+          work: Path, pool: str = "null", retries: int = 4) -> dict:
     from sweep import tracking
     from tests.mlflow_server import postgres_database, start_mlflow_server
 
+    for k in ("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "MLFLOW_SQLALCHEMYSTORE_POOL_SIZE",
+              "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW"):
+        os.environ.pop(k, None)
+    os.environ.update(POOLS[pool])  # the server inherits this process's environment
     store = postgres_database() if backend == "postgresql" else f"sqlite:///{work / backend / 'mlflow.db'}"
     t0 = time.perf_counter()
-    server = start_mlflow_server(work / backend, backend_store_uri=store, workers=workers)
+    server = start_mlflow_server(work / backend, backend_store_uri=store, workers=workers, db_pool=None)
     start_s = time.perf_counter() - t0
     try:
         exp_id = tracking.ensure_experiment(server.uri, "load")
@@ -120,15 +139,18 @@ def bench(backend: str, clients: int, checkpoints: int, processes: int, workers:
         barrier = ctx.Manager().Barrier(processes)
         chunks = [list(range(clients))[p::processes] for p in range(processes)]
         deadline = time.time() + limit_s + 60  # + start-up of the processes
-        with ctx.Pool(processes) as pool:
+        with ctx.Pool(processes) as procs:
             t0 = time.perf_counter()
-            parts = pool.map(process_main, [(server.uri, exp_id, c, checkpoints, str(artifact), deadline, barrier)
-                                            for c in chunks])
+            parts = procs.map(process_main, [(server.uri, exp_id, c, checkpoints, str(artifact), deadline, barrier,
+                                              retries) for c in chunks])
             total_s = time.perf_counter() - t0
         lat = collections.defaultdict(list)
         errors: collections.Counter = collections.Counter()
+        samples: dict = {}
         rids = []
         for p in parts:
+            for k, v in p["samples"].items():
+                samples.setdefault(k, v)
             for k, v in p["lat"].items():
                 lat[k] += v
             errors.update(p["errors"])
@@ -138,8 +160,9 @@ def bench(backend: str, clients: int, checkpoints: int, processes: int, workers:
     finally:
         server.stop()
     q = {k: (statistics.median(v) * 1000, sorted(v)[int(0.99 * (len(v) - 1))] * 1000, len(v)) for k, v in lat.items()}
-    return {"backend": backend, "clients": clients, "checkpoints": checkpoints, "server_workers": workers,
-            "server_start_s": round(start_s, 1), "total_s": round(total_s, 1), "errors": dict(errors),
+    return {"backend": backend, "pool": pool, "clients": clients, "checkpoints": checkpoints, "server_workers": workers,
+            "server_start_s": round(start_s, 1), "total_s": round(total_s, 1), "retries": retries,
+            "errors": dict(errors), "error_samples": samples,
             "lost": dict(lost), "latency_ms": {k: {"p50": round(a, 1), "p99": round(b, 1), "calls": n}
                                                for k, (a, b, n) in q.items()}}
 
@@ -152,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=4, help="mlflow server --workers")
     ap.add_argument("--backends", nargs="+", default=["postgresql", "sqlite"], choices=["postgresql", "sqlite"])
     ap.add_argument("--limit-s", type=float, default=600.0, help="per backend: calls after this are not made")
+    ap.add_argument("--pool", default="null", choices=sorted(POOLS),
+                    help="the server's database pool: default (5+10 per worker; deadlocks under load on PostgreSQL), "
+                         "null (NullPool) or large (40+40 per worker)")
+    ap.add_argument("--retries", type=int, default=4,
+                    help="retries per call as sweep.tracking makes them (0.5 s doubling); lost = failed every try")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
     if not (1 <= args.clients <= 1000 and 1 <= args.checkpoints <= 1000 and 1 <= args.processes <= 64):
@@ -159,19 +187,23 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for b in args.backends:
-            r = bench(b, args.clients, args.checkpoints, args.processes, args.workers, args.limit_s, Path(tmp))
+            r = bench(b, args.clients, args.checkpoints, args.processes, args.workers, args.limit_s, Path(tmp),
+                      pool=args.pool, retries=args.retries)
             results.append(r)
             print(json.dumps(r), flush=True)
-    print(f"\n| backend | clients × checkpoints | server workers | total s | lost writes | errors | "
-          "p50 / p99 ms: create_run, metrics batch, artifact, terminate |")
-    print("|---|---|---|---:|---|---|---|")
+    print(f"\n| backend | pool | clients × checkpoints | server workers | total s | lost writes | errors | "
+          "p50 / p99 ms: create_run, metrics batch, artifact, terminate (retries included) |")
+    print("|---|---|---|---|---:|---|---|---|")  # errors: failed attempts; lost writes: values absent at the end
     for r in results:
         L = r["latency_ms"]
         cell = ", ".join(f"{L[k]['p50']:.0f} / {L[k]['p99']:.0f}" if k in L else "-"
                          for k in ("create_run", "log_batch metrics", "log_artifact", "set_terminated"))
-        print(f"| {r['backend']} | {r['clients']} × {r['checkpoints']} | {r['server_workers']} | {r['total_s']} | "
+        print(f"| {r['backend']} | {r['pool']} | {r['clients']} × {r['checkpoints']} | {r['server_workers']} | {r['total_s']} | "
               f"{sum(r['lost'].values())} {r['lost'] if sum(r['lost'].values()) else ''} | "
               f"{sum(r['errors'].values())} {r['errors'] if r['errors'] else ''} | {cell} |")
+    for r in results:
+        for k, v in r["error_samples"].items():
+            print(f"{r['backend']}: {k}: {v}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0

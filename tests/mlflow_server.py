@@ -82,9 +82,12 @@ def postgres_database(name: str | None = None) -> str:
 
 
 def start_mlflow_server(workdir: Path, timeout_s: float = START_TIMEOUT_S, port: int | None = None,
-                        backend_store_uri: str | None = None, workers: int = 1) -> ServerHandle:
+                        backend_store_uri: str | None = None, workers: int = 1,
+                        db_pool: str | None = "NullPool") -> ServerHandle:
     """Start ``mlflow server`` on a free local port with proxied artifacts under ``workdir``; the store is
-    ``backend_store_uri`` (a PostgreSQL database, as on a cluster) or a sqlite file under ``workdir``."""
+    ``backend_store_uri`` (a PostgreSQL database, as on a cluster) or a sqlite file under ``workdir``.
+    A database server's store uses ``db_pool`` (docs/cluster.md: MLflow's default pool deadlocks under load);
+    None leaves the environment's MLFLOW_SQLALCHEMYSTORE_* settings as they are."""
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()  # a given port: the same server started again (an outage test)
@@ -99,6 +102,8 @@ def start_mlflow_server(workdir: Path, timeout_s: float = START_TIMEOUT_S, port:
     ]
     # Job execution spawns extra worker processes (~2 GB); tests need none of it.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    if db_pool and backend_store_uri and not backend_store_uri.startswith("sqlite"):
+        env["MLFLOW_SQLALCHEMYSTORE_POOLCLASS"] = db_pool
     t0 = time.monotonic()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -162,13 +162,18 @@ def test_an_array_whose_runs_end_during_the_outage_exits_well_and_status_brings_
            "hydra.launcher.array_parallelism=2", f"hydra.launcher.name={name}", "-m"]
     env = dict(os.environ, SCALING_UNET_WORK=str(work), TF_CPP_MIN_LOG_LEVEL="3")
     log = tmp_path / "sweep.log"
+    before = {line.split("_")[0] for line in slurm_cluster.run(
+        "sacct", "-n", "-X", "-P", f"--name={name}", "--format=JobID").stdout.split()}
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     _wait_for_points(uri, "outage-slurm", 2, 400, log)
     own_server["handle"].stop()
     down = time.time()
+    def this_array() -> str:  # sacct keeps earlier runs of this test under the same job name
+        out = slurm_cluster.run("sacct", "-n", "-X", "-P", f"--name={name}", "--format=JobID,State,ExitCode").stdout
+        return "".join(line + "\n" for line in out.splitlines() if line.split("_")[0] not in before)
+
     ended = slurm_cluster.wait_for("both tasks to end while the server is away", lambda: (
-        lambda out: out if out.count("COMPLETED") + out.count("FAILED") >= 2 else None)(
-        slurm_cluster.run("sacct", "-n", "-X", "-P", f"--name={name}", "--format=JobID,State,ExitCode").stdout),
+        lambda out: out if out.count("COMPLETED") + out.count("FAILED") >= 2 else None)(this_array()),
         timeout=OUTAGE_S - 5, interval=1)
     assert ended.count("COMPLETED|0:0") == 2, ended
     time.sleep(max(0.0, OUTAGE_S - (time.time() - down)))

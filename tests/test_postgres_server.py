@@ -27,6 +27,10 @@ def test_the_session_server_stores_runs_in_postgresql(mlflow_server):
         assert cur.fetchall() == [("pg-run", "FINISHED")]
         cur.execute("SELECT step, value FROM metrics WHERE run_uuid = %s AND key = 'val_mean_iou'", (rec.run_id,))
         assert cur.fetchall() == [(3, 0.5)]
+        # NullPool (docs/cluster.md): the server keeps no connection once its requests are answered
+        dbname = url.rsplit("/", 1)[1]
+        cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (dbname,))
+        assert cur.fetchone() == (0,)
 
 
 def test_postgres_script_is_idempotent_and_listens_on_loopback_only():
