@@ -282,11 +282,12 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     steps = args.steps or (80 if args.smoke else 200)
     configs = SMOKE if args.smoke else {**CONFIGS, **EXTRA_CONFIGS}
     if not args.only:
-        unknown = sorted(set(args.configs.split(",")) - set(configs))
+        chosen = args.configs.split(",")
+        unknown = sorted(set(chosen) - set(configs))
         if unknown:
             print(f"error: --configs: unknown {unknown}; known {sorted(configs)}", file=sys.stderr)
             return 2
-        configs = {k: configs[k] for k in args.configs.split(",")}
+        configs = {k: configs[k] for k in chosen}
     infer = (4, 96) if args.smoke else (32, 1200)
     if args.only == "volume9":
         import tempfile

@@ -38,25 +38,30 @@ def one_run(uri: str, exp_id: str, idx: int, checkpoints: int, artifact: Path, d
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
+    from sweep.tracking import TrackingError, _retry
+
     client = MlflowClient(uri)
 
     def call(kind: str, fn):
         if time.time() > deadline:
             raise TimeoutError("benchmark time limit")
-        t0 = time.perf_counter()
-        for attempt in range(1 + retries):  # sweep.tracking's policy: 5 tries, 0.5 s doubling backoff
+
+        def counted():  # every failed attempt counted; a write is lost only when all tries fail
             try:
-                out = fn()
-            except Exception as exc:  # noqa: BLE001 - every failed attempt counted; lost only when all fail
+                return fn()
+            except Exception as exc:
                 key = f"{kind}: {type(exc).__name__}"
                 errors[key] += 1
                 samples.setdefault(key, str(exc)[:300])
-                if attempt < retries:
-                    time.sleep(0.5 * 2 ** attempt)
-                continue
-            lat[kind].append(time.perf_counter() - t0)
-            return out
-        return None
+                raise
+
+        t0 = time.perf_counter()
+        try:
+            out = _retry(counted, kind, uri, 1 + retries, 0.5)  # the policy RunRecorder logs with
+        except TrackingError:
+            return None
+        lat[kind].append(time.perf_counter() - t0)
+        return out
 
     run = call("create_run", lambda: client.create_run(exp_id, run_name=f"load-{idx}"))
     if run is None:
@@ -111,9 +116,9 @@ def verify(uri: str, rids: list, checkpoints: int) -> collections.Counter:
     return lost
 
 
-POOLS = {  # the server's SQLAlchemy pool (MLflow reads these variables when it creates its engine)
+POOLS = {  # the server's SQLAlchemy pool (tests.mlflow_server.start_mlflow_server's db_pool)
     "default": {},  # QueuePool, 5 + 10 overflow per server worker
-    "null": {"MLFLOW_SQLALCHEMYSTORE_POOLCLASS": "NullPool"},  # a connection per session, closed after it
+    "null": {"MLFLOW_SQLALCHEMYSTORE_POOLCLASS": "NullPool"},  # = tests.mlflow_server.NULL_POOL
     "large": {"MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": "40", "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": "40"},
 }
 
@@ -123,13 +128,9 @@ def bench(backend: str, clients: int, checkpoints: int, processes: int, workers:
     from sweep import tracking
     from tests.mlflow_server import postgres_database, start_mlflow_server
 
-    for k in ("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "MLFLOW_SQLALCHEMYSTORE_POOL_SIZE",
-              "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW"):
-        os.environ.pop(k, None)
-    os.environ.update(POOLS[pool])  # the server inherits this process's environment
     store = postgres_database() if backend == "postgresql" else f"sqlite:///{work / backend / 'mlflow.db'}"
     t0 = time.perf_counter()
-    server = start_mlflow_server(work / backend, backend_store_uri=store, workers=workers, db_pool=None)
+    server = start_mlflow_server(work / backend, backend_store_uri=store, workers=workers, db_pool=POOLS[pool])
     start_s = time.perf_counter() - t0
     try:
         exp_id = tracking.ensure_experiment(server.uri, "load")

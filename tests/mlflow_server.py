@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import typing as tp
 import urllib.error
 import urllib.request
 import uuid
@@ -17,6 +18,8 @@ from pathlib import Path
 import pytest
 
 START_TIMEOUT_S = 90.0
+POOL_VARS = ("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "MLFLOW_SQLALCHEMYSTORE_POOL_SIZE", "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW")
+NULL_POOL = {"MLFLOW_SQLALCHEMYSTORE_POOLCLASS": "NullPool"}  # a connection per session (docs/cluster.md)
 
 
 def free_port() -> int:
@@ -83,11 +86,12 @@ def postgres_database(name: str | None = None) -> str:
 
 def start_mlflow_server(workdir: Path, timeout_s: float = START_TIMEOUT_S, port: int | None = None,
                         backend_store_uri: str | None = None, workers: int = 1,
-                        db_pool: str | None = "NullPool") -> ServerHandle:
+                        db_pool: tp.Mapping[str, str] | None = None) -> ServerHandle:
     """Start ``mlflow server`` on a free local port with proxied artifacts under ``workdir``; the store is
     ``backend_store_uri`` (a PostgreSQL database, as on a cluster) or a sqlite file under ``workdir``.
-    A database server's store uses ``db_pool`` (docs/cluster.md: MLflow's default pool deadlocks under load);
-    None leaves the environment's MLFLOW_SQLALCHEMYSTORE_* settings as they are."""
+    ``db_pool``: the MLFLOW_SQLALCHEMYSTORE_* variables of the server's SQLAlchemy pool, in place of the inherited
+    ones ({} = MLflow's default pool); None = NullPool on a database server (docs/cluster.md: MLflow's default pool
+    deadlocks under load), the default pool on sqlite."""
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()  # a given port: the same server started again (an outage test)
@@ -102,8 +106,10 @@ def start_mlflow_server(workdir: Path, timeout_s: float = START_TIMEOUT_S, port:
     ]
     # Job execution spawns extra worker processes (~2 GB); tests need none of it.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    if db_pool and backend_store_uri and not backend_store_uri.startswith("sqlite"):
-        env["MLFLOW_SQLALCHEMYSTORE_POOLCLASS"] = db_pool
+    if db_pool is None:
+        on_db_server = bool(backend_store_uri) and not backend_store_uri.startswith("sqlite")
+        db_pool = NULL_POOL if on_db_server else {}
+    env = {**{k: v for k, v in env.items() if k not in POOL_VARS}, **db_pool}
     t0 = time.monotonic()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
