@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 import typing as tp
 import urllib.parse
@@ -23,6 +22,8 @@ import urllib.request
 from pathlib import Path
 
 import pandas as pd
+
+from data.atomic import atomic_write_text
 
 EXPECTED_FOLDS = (0, 1, 2, 3)
 GRID = {"width": (32, 64, 96, 112), "depth": (3, 4, 5, 6), "input_size": (384, 512, 640)}
@@ -442,20 +443,6 @@ def fmt_int(v) -> str:
         return str(int(v))
     except (TypeError, ValueError):
         return ""
-
-
-def atomic_write_text(path: tp.Union[str, Path], text: str) -> Path:
-    """Write a text file through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def atomic_write_csv(df: pd.DataFrame, path: tp.Union[str, Path]) -> Path:

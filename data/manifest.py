@@ -32,8 +32,9 @@ from pathlib import Path
 
 import yaml
 
+from data.atomic import atomic_path
 from data.errors import DataError
-from data.volume import VolumeRef, atomic_path, check_image, check_labels, parse_volume_ref
+from data.volume import VolumeRef, check_image, check_labels, parse_volume_ref
 
 MANIFEST_NAMES = ("manifest.yaml", "manifest.yml", "manifest.csv")
 LABEL_QUALITIES = ("WF", "HQ")

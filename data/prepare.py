@@ -25,10 +25,10 @@ import shutil
 import h5py
 import numpy as np
 
+from data.atomic import atomic_path
 from data.errors import DataError
 from data.manifest import Dataset, Sample, load_dataset, write_manifest
-from data.volume import (ImageStats, VolumeRef, atomic_path, check_image, check_labels, default_chunks,
-                         open_volume, read_checked)
+from data.volume import ImageStats, VolumeRef, check_image, check_labels, default_chunks, open_volume, read_checked
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from data.atomic import atomic_path
 from data.errors import DataError
 from data.manifest import Sample, load_dataset
-from data.volume import CLASS_NAMES, VolumeRef, atomic_path, open_volume, read_checked
+from data.volume import CLASS_NAMES, VolumeRef, open_volume, read_checked
 
 LABEL_FIELDS = ("label", "label_hq", "label_wf")
 # RGBA per class; background stays transparent.

@@ -1,4 +1,4 @@
-"""Volume references (HDF5 dataset or folder of TIFF slices), lazy reading, validation, atomic writes.
+"""Volume references (HDF5 dataset or folder of TIFF slices), lazy reading, validation, atomic volume writes.
 
 A volume reference is written ``file.h5:/dataset`` (an HDF5 dataset), ``store.zarr:key`` (a Zarr
 array, or the full resolution of an OME-Zarr multiscale image; see :func:`open_zarr_array`) or
@@ -12,13 +12,13 @@ import contextlib
 import dataclasses
 import os
 import re
-import tempfile
 import typing as tp
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from data.atomic import atomic_dir, atomic_path
 from data.errors import DataError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -281,31 +281,6 @@ def check_labels(ref: VolumeRef, *, field: str = "label", expected_shape: tp.Opt
     return shape
 
 
-@contextlib.contextmanager
-def atomic_path(final: tp.Union[str, Path], *, inputs: tp.Iterable[Path] = ()) -> tp.Iterator[Path]:
-    """Yield a temp path beside ``final``; rename it onto ``final`` only if the block succeeds.
-
-    Refuses to write over any of ``inputs`` so an output can never replace its own source.
-    """
-    final = Path(final).resolve()
-    for src in inputs:
-        if Path(src).resolve() == final:
-            raise DataError(final, None, "output would overwrite an input file")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results should be as readable as any new file
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, final)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
 def default_chunks(shape: tp.Sequence[int], edge: int = 32) -> tuple[int, ...]:
     """Cubic chunks, so slices along any of the three axes read about the same number of chunks."""
     return tuple(max(1, min(int(s), edge)) for s in shape)
@@ -325,31 +300,6 @@ def write_h5_atomic(path: tp.Union[str, Path], arrays: tp.Mapping[str, np.ndarra
 
 def is_zarr_path(path: tp.Union[str, Path]) -> bool:
     return Path(path).suffix.lower() == ZARR_SUFFIX
-
-
-@contextlib.contextmanager
-def atomic_dir(final: tp.Union[str, Path], *, inputs: tp.Iterable[Path] = ()) -> tp.Iterator[Path]:
-    """:func:`atomic_path` for a folder (a Zarr store): built beside ``final``, swapped in only on success."""
-    import shutil
-
-    final = Path(final).resolve()
-    for src in inputs:
-        if Path(src).resolve() == final:
-            raise DataError(final, None, "output would overwrite an input file")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    try:
-        yield tmp
-        if final.exists():  # --overwrite: move the old store aside first, so a failed swap loses nothing
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
-            os.replace(final, old / final.name)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_output(final: tp.Union[str, Path], *, inputs: tp.Iterable[Path] = ()):

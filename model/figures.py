@@ -8,7 +8,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from data.volume import VolumeRef, atomic_path, open_volume
+from data.atomic import atomic_path
+from data.volume import VolumeRef, open_volume
 from model.fusion import mean_probabilities, soft_vote, uncertainty_maps
 
 CLASS_LABELS = ("background", "bone", "degradation layer", "residual material")

@@ -15,13 +15,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 import typing as tp
 from pathlib import Path
 
 import numpy as np
 
+from data.atomic import atomic_path, atomic_write_json
 from data.manifest import Sample
 from data.pipeline import AugmentConfig, centre_crop, training_dataset
 from data.slicing import iter_slices
@@ -34,20 +34,13 @@ from model.schedule import (BEST_FILE, EXPORT_FILE, LEGACY_MODEL_FILE, OPTIMIZER
                             update_schedule)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_weights(model, path: Path) -> None:
     """The model's variables only (Keras' ``save_weights`` adds the optimizer's), atomically."""
     from keras.src.saving import saving_lib
 
-    tmp = path.with_name(f".tmp.{path.name}")  # still ends in .weights.h5, as Keras requires
     optimizer = getattr(model, "optimizer", None)  # an uncompiled model has none
-    saving_lib.save_weights_only(model, tmp, objects_to_skip=[optimizer] if optimizer else None)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".weights.h5") as tmp:  # Keras requires the .weights.h5 ending
+        saving_lib.save_weights_only(model, tmp, objects_to_skip=[optimizer] if optimizer else None)
 
 
 def load_weights(model, path: Path) -> None:
@@ -60,14 +53,13 @@ def load_weights(model, path: Path) -> None:
 
 def export_model(model, path: Path) -> None:
     """Architecture and weights as a ``.keras`` file without the optimizer (what prediction loads), atomically."""
-    tmp = path.with_name(f".tmp.{path.name}")
     optimizer = model.optimizer
-    try:
-        model.optimizer = None  # Keras saves a compiled model's optimizer state: 2x the weights for Adam
-        model.save(tmp)
-    finally:
-        model.optimizer = optimizer
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".keras") as tmp:  # Keras requires the .keras ending
+        try:
+            model.optimizer = None  # Keras saves a compiled model's optimizer state: 2x the weights for Adam
+            model.save(tmp)
+        finally:
+            model.optimizer = optimizer
 
 
 def save_checkpoint(model, state: ScheduleState, ckpt_dir: Path) -> None:
@@ -81,13 +73,11 @@ def save_checkpoint(model, state: ScheduleState, ckpt_dir: Path) -> None:
 
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     save_weights(model, ckpt_dir / WEIGHTS_FILE)
-    tmp = ckpt_dir / f".tmp.{OPTIMIZER_FILE}"
-    with open(tmp, "wb") as f:
+    with atomic_path(ckpt_dir / OPTIMIZER_FILE) as tmp, open(tmp, "wb") as f:
         np.savez(f, *[keras.ops.convert_to_numpy(v) for v in model.optimizer.variables])
-    os.replace(tmp, ckpt_dir / OPTIMIZER_FILE)
     raw = dataclasses.asdict(state)
     raw["best_val_loss"] = None if math.isinf(state.best_val_loss) else state.best_val_loss
-    _atomic_write_text(ckpt_dir / STATE_FILE, json.dumps(raw, indent=1))
+    atomic_write_json(ckpt_dir / STATE_FILE, raw, indent=1)
     (ckpt_dir / LEGACY_MODEL_FILE).unlink(missing_ok=True)  # an older checkpoint's model + optimizer, now stale
 
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import tifffile
 
+from data.atomic import atomic_path
 from data.errors import DataError
 from data.manifest import load_dataset, validate_volumes
-from data.volume import VolumeRef, atomic_path, check_image, check_labels, open_volume, parse_volume_ref, write_h5_atomic
+from data.volume import VolumeRef, check_image, check_labels, open_volume, parse_volume_ref, write_h5_atomic
 
 
 def _h5(path: Path, **arrays) -> Path:
