@@ -24,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from data.atomic import atomic_write_text
+from model.server_health import ServerUnreachable, check_server, redact_uri
 
 EXPECTED_FOLDS = (0, 1, 2, 3)
 GRID = {"width": (32, 64, 96, 112), "depth": (3, 4, 5, 6), "input_size": (384, 512, 640)}
@@ -100,16 +101,6 @@ class Runs:
 # ----------------------------------------------------------------------------------------------- store
 
 
-def redact(uri: str) -> str:
-    parsed = urllib.parse.urlsplit(uri)
-    if parsed.username or parsed.password:
-        host = parsed.hostname or ""
-        if parsed.port:
-            host = f"{host}:{parsed.port}"
-        return urllib.parse.urlunsplit((parsed.scheme, host, parsed.path, parsed.query, parsed.fragment))
-    return uri
-
-
 def check_store(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast instead of creating an empty sqlite file or waiting minutes on HTTP retries."""
     if not uri:
@@ -130,14 +121,10 @@ def check_store(uri: str, timeout_s: float = 5.0) -> None:
         return
     parsed = urllib.parse.urlsplit(uri)
     if parsed.scheme in ("http", "https"):
-        from model.server_health import UNREACHABLE, health
-
         try:
-            status, _ = health(uri, timeout_s)
-        except UNREACHABLE as e:
-            raise StoreError(f"MLflow tracking server at {redact(uri)} is unreachable: {e}") from None
-        if status != 200:
-            raise StoreError(f"MLflow tracking server at {redact(uri)} is unreachable: /health answered {status}")
+            check_server(uri, timeout_s)
+        except ServerUnreachable as e:
+            raise StoreError(str(e)) from None
         return
     if parsed.scheme in ("", "file"):
         folder = Path(urllib.request.url2pathname(parsed.path) if parsed.scheme else uri).expanduser()
@@ -145,7 +132,7 @@ def check_store(uri: str, timeout_s: float = 5.0) -> None:
             raise StoreError(f"no MLflow file store at {uri}")
         return
     if parsed.scheme.split("+", 1)[0] not in ("postgresql", "mysql", "mssql", "databricks"):
-        raise StoreError(f"tracking URI {redact(uri)}: unknown scheme {parsed.scheme!r} "
+        raise StoreError(f"tracking URI {redact_uri(uri)}: unknown scheme {parsed.scheme!r} "
                          "(use sqlite:///<file>, http(s)://<server> or a database URI)")
 
 
@@ -180,14 +167,14 @@ def read_runs(tracking_uri: str, experiment: str, fusing_experiment: tp.Optional
         exp = client.get_experiment_by_name(experiment)
         fexp = client.get_experiment_by_name(fusing_experiment)
     except Exception as e:  # noqa: BLE001 - any store failure is "cannot read", with the reason
-        raise StoreError(f"cannot read MLflow store {redact(tracking_uri)}: {e}") from None
+        raise StoreError(f"cannot read MLflow store {redact_uri(tracking_uri)}: {redact_uri(str(e))}") from None
     if exp is None and need_training:
-        raise StoreError(f"no experiment {experiment!r} at {redact(tracking_uri)}")
+        raise StoreError(f"no experiment {experiment!r} at {redact_uri(tracking_uri)}")
     ids = [e.experiment_id for e in (exp, fexp) if e is not None]
     try:
         records, calls = search_all(client, ids) if ids else ([], 0)
     except Exception as e:  # noqa: BLE001 - as above
-        raise StoreError(f"cannot read MLflow store {redact(tracking_uri)}: {e}") from None
+        raise StoreError(f"cannot read MLflow store {redact_uri(tracking_uri)}: {redact_uri(str(e))}") from None
     train_id = None if exp is None else exp.experiment_id
     fusing_id = None if fexp is None else fexp.experiment_id
     return Runs(tracking_uri=tracking_uri, experiment=experiment, fusing_experiment=fusing_experiment,

@@ -41,6 +41,7 @@ from model.fusion import VOTES
 from model.rotate import ROTATE_ON, available_cores, make_rotation
 from model.inference import (PLANE_SETS, PLANES, Source, SlicePredictor, check_disk, estimate_disk_bytes, file_digest,
                              fuse_planes, plane_set, predict_plane)
+from model.server_health import ServerUnreachable, check_server
 
 log = logging.getLogger(__name__)
 
@@ -50,23 +51,12 @@ class PredictError(ValueError):
 
 
 def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
-    """An http(s) tracking server must answer /health within ``timeout_s``: MLflow's own retries would take
-    minutes to say the same."""
-    import urllib.parse
-
-    from model.server_health import UNREACHABLE, health
-
-    parsed = urllib.parse.urlsplit(uri)
-    if parsed.scheme not in ("http", "https"):
-        return
-    safe = urllib.parse.urlunsplit((parsed.scheme, parsed.hostname + (f":{parsed.port}" if parsed.port else ""),
-                                    parsed.path, "", ""))  # no user:password in messages
+    """An http(s) tracking server must answer /health within ``timeout_s`` (and accept API requests): MLflow's own
+    retries would take minutes to say the same."""
     try:
-        status, _ = health(uri, timeout_s)
-    except UNREACHABLE as exc:
-        raise PredictError(f"--tracking-uri: MLflow server {safe} is unreachable ({getattr(exc, 'reason', exc)})") from None
-    if status != 200:
-        raise PredictError(f"--tracking-uri: MLflow server {safe} answered /health with {status}")
+        check_server(uri, timeout_s)
+    except ServerUnreachable as exc:
+        raise PredictError(f"--tracking-uri: {exc}") from None
 
 
 def load_model(spec: str, *, tracking_uri: tp.Optional[str] = None):
