@@ -21,7 +21,7 @@ import pandas as pd
 
 from analysis.results import (EXPECTED_FOLDS, IOU_METRICS, RunRecord, atomic_write_csv,
                               atomic_write_text, latest_finished, mean_of_classes, se100)
-from model.inference import TABLE2_METHODS
+from model.planes import TABLE2_METHODS
 
 METHODS = tuple(TABLE2_METHODS)  # row order of Table 2, as the fusing runs name them
 METHOD_LABELS = {"baseline_rc": "Baseline S_rc", "baseline_cp": "Baseline S_cp", "baseline_pr": "Baseline S_pr",

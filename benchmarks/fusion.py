@@ -62,7 +62,9 @@ def make_volume(path: Path, n: int) -> None:
 
 def run_ours(vol: Path, work: Path) -> dict:
     from data.volume import VolumeRef
-    from model.inference import PLANE_SETS, Source, fuse_planes, predict_plane
+    from model.fuse import fuse_planes
+    from model.inference import Source, predict_plane
+    from model.planes import PLANE_SETS
 
     ref = VolumeRef(vol, "/image")
     with h5py.File(vol) as f:
@@ -80,7 +82,7 @@ def run_baseline(vol: Path, work: Path) -> dict:
     from scipy.ndimage import rotate
 
     from data.rotation import other_axes
-    from model.inference import PLANE_SETS, PLANES
+    from model.planes import PLANE_SETS, PLANES
 
     t0 = time.perf_counter()
     with h5py.File(vol) as f:

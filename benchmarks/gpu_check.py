@@ -155,7 +155,10 @@ def measure_volume(cfg: dict, *, precision: str, work: Path) -> dict:
     import numpy as np
 
     from data.volume import VolumeRef
-    from model.inference import PLANE_SETS, PhaseTimes, Source, fuse_planes, predict_plane
+    from model.fuse import fuse_planes
+    from model.inference import Source, predict_plane
+    from model.planes import PLANE_SETS
+    from model.streaming import PhaseTimes
     from model.rotate import DeviceRotation
     from model.unet import build_unet, pad_to_multiple
 

@@ -50,7 +50,10 @@ def child(args) -> dict:
     import numpy as np
 
     from data.volume import VolumeRef
-    from model.inference import PLANE_SETS, PhaseTimes, Source, fuse_planes, predict_plane
+    from model.fuse import fuse_planes
+    from model.inference import Source, predict_plane
+    from model.planes import PLANE_SETS
+    from model.streaming import PhaseTimes
     from model.rotate import CpuRotation, make_rotation
 
     n, work = args.size, Path(args.work)

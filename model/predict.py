@@ -37,10 +37,12 @@ from pathlib import Path
 
 from data.errors import DataError
 from data.volume import NUM_CLASSES, VolumeRef, check_image, is_zarr_path, open_volume, volume_ref
+from model.disk import check_disk, estimate_disk_bytes, file_digest
+from model.fuse import fuse_planes
 from model.fusion import VOTES
+from model.inference import Source, SlicePredictor, predict_plane
+from model.planes import PLANE_SETS, PLANES, plane_set
 from model.rotate import ROTATE_ON, available_cores, make_rotation
-from model.inference import (PLANE_SETS, PLANES, Source, SlicePredictor, check_disk, estimate_disk_bytes, file_digest,
-                             fuse_planes, plane_set, predict_plane)
 from model.server_health import ServerUnreachable, check_server
 
 log = logging.getLogger(__name__)

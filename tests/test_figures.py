@@ -8,7 +8,7 @@ from matplotlib.image import imread
 
 from data.volume import VolumeRef
 from model.figures import _plane_slice, fig4_plane_probabilities, middle_slice
-from model.inference import PLANE_SETS
+from model.planes import PLANE_SETS
 
 
 def _plane_files(tmp_path, shape=(12, 14, 16)):

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from model.inference import TABLE2_METHODS
+from model.planes import TABLE2_METHODS
 from tests.test_sweep_local import _sweep
 
 CONFIG = ["model.width=32", "model.input_size=384"]

@@ -11,9 +11,10 @@ from data.rotation import (other_axes, position_after_rotation, rotate_planes, r
                            unrotate_planes)
 from data.volume import VolumeRef
 from model.evaluation import iou_per_class
+from model.fuse import evaluate_methods, fuse_planes
 from model.fusion import majority_vote, mean_probabilities, quantize_probabilities, soft_vote
-from model.inference import (PLANE_SETS, PLANES, TABLE2_METHODS, Source, evaluate_methods, fuse_planes,
-                             predict_plane)
+from model.inference import Source, predict_plane
+from model.planes import PLANE_SETS, PLANES, TABLE2_METHODS
 
 SHAPE = (40, 36, 48)  # three different lengths, so a swapped axis cannot go unnoticed
 

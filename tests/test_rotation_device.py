@@ -9,7 +9,9 @@ import pytest
 from data.rotation import rotate_planes, rotation_table, unrotate_planes, unrotation_table
 from data.volume import VolumeRef
 from model.fusion import soft_vote
-from model.inference import PLANE_SETS, PLANES, PhaseTimes, Source, predict_plane
+from model.inference import Source, predict_plane
+from model.planes import PLANE_SETS, PLANES
+from model.streaming import PhaseTimes
 from model.rotate import CpuRotation, DeviceRotation
 from tests.test_predict import SHAPE, oracle, phantom
 

@@ -9,7 +9,8 @@ import pytest
 from analysis.measures import IntervalLabels, implant_measures, measure_intervals
 from data.volume import VolumeRef, open_volume
 from model.fusion import soft_vote, uncertainty_maps
-from model.inference import PLANE_SETS, fuse_planes
+from model.fuse import fuse_planes
+from model.planes import PLANE_SETS
 from model.predict import main
 from tests.test_predict import plane_files, volume  # noqa: F401 (module fixtures)
 from tests.test_predict_cli import SHAPE as CLI_SHAPE
