@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from data import show, synth
+from data import show, synth, synth_explant, synth_geometry
 from data.errors import DataError
 from data.manifest import load_dataset, validate_volumes
 
@@ -74,18 +74,18 @@ def test_cracks_in_hq_mostly_dl_in_wf(explants):
     for ex in explants:
         crack = ex.crack_mask
         assert crack.sum() > 20
-        assert (ex.label_hq[crack] == synth.BACKGROUND).all()
-        assert np.mean(ex.label_wf[crack] == synth.DL) > 0.8
+        assert (ex.label_hq[crack] == synth_explant.BACKGROUND).all()
+        assert np.mean(ex.label_wf[crack] == synth_explant.DL) > 0.8
         # WF never invents bone and only differs inside / at the implant
         diff = ex.label_hq != ex.label_wf
-        assert np.isin(ex.label_wf[diff], (synth.DL, synth.RM)).all()
+        assert np.isin(ex.label_wf[diff], (synth_explant.DL, synth_explant.RM)).all()
 
 
 def test_bone_touches_implant_in_some_places_only(explants):
     for ex in explants:
-        implant = ex.label_hq >= synth.DL
+        implant = ex.label_hq >= synth_explant.DL
         boundary = implant & ~ndimage.binary_erosion(implant)
-        touching = boundary & ndimage.binary_dilation(ex.label_hq == synth.BONE)
+        touching = boundary & ndimage.binary_dilation(ex.label_hq == synth_explant.BONE)
         frac = touching.sum() / boundary.sum()
         assert 0.1 < frac < 0.9, frac
 
@@ -93,7 +93,7 @@ def test_bone_touches_implant_in_some_places_only(explants):
 def test_residual_material_shrinks_with_time():
     short = synth.generate_explant(48, 11, days=28)
     long = synth.generate_explant(48, 11, days=84)
-    rm_short, rm_long = short.label_hq == synth.RM, long.label_hq == synth.RM
+    rm_short, rm_long = short.label_hq == synth_explant.RM, long.label_hq == synth_explant.RM
     assert not (rm_short & ~short.initial_mask).any()  # RM lies inside the initial screw
     assert rm_long.sum() < rm_short.sum() < 0.95 * short.initial_mask.sum()
     assert not (rm_long & ~rm_short).any()  # same seed: deeper degradation only removes material
@@ -115,7 +115,7 @@ def test_analytic_volume_matches_rasterised_screw(explants):
 def test_integrator_on_cylinder_with_cone():
     """No thread: a cylinder on a frustum, whose volume and area have closed forms."""
     r, r0, h, t = 10.0, 3.0, 50.0, 8.0
-    g = synth.ScrewGeometry(z_bottom=0.0, z_top=h, r_core=r, thread_depth=0.0, pitch=5.0, thread_phase=0.0,
+    g = synth_geometry.ScrewGeometry(z_bottom=0.0, z_top=h, r_core=r, thread_depth=0.0, pitch=5.0, thread_phase=0.0,
                             tip_length=t, tip_radius=r0)
     vol, area = g.volume_and_surface()
     v_exp = math.pi * t / 3 * (r * r + r * r0 + r0 * r0) + math.pi * r * r * (h - t)
@@ -128,7 +128,7 @@ def test_integrator_on_cylinder_with_cone():
 def test_thread_volume_and_area():
     """Helical trapezoid thread (no tip): per-pitch averages of r² and of the area element, done in 1D."""
     rc, h, p, length = 40.0, 2.0, 10.0, 200.0
-    g = synth.ScrewGeometry(z_bottom=0.0, z_top=length, r_core=rc, thread_depth=h, pitch=p, thread_phase=0.3,
+    g = synth_geometry.ScrewGeometry(z_bottom=0.0, z_top=length, r_core=rc, thread_depth=h, pitch=p, thread_phase=0.3,
                             tip_length=1e-6, tip_radius=rc + h)  # a cone of zero slope never cuts the thread
     vol, area = g.volume_and_surface()
     # over one pitch: root (P = 0) 15 %, two linear flanks 60 %, crest (P = 1) 25 %
