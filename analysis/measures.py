@@ -1,7 +1,8 @@
 """Implant measures of the paper: degradation rate (Eq. 1), bone-to-implant contact (Eq. 2), BV/TV (Eq. 3).
 
 ``python -m analysis.measures LABELS.h5 --dataset labels --voxel-size-um S [--roi-um R]
-[--initial-volume-mm3 V --initial-surface-mm2 A --days T] [--json] [--slab N]``
+[--initial-volume-mm3 V --initial-surface-mm2 A --days T] [--json] [--slab N]`` (:mod:`analysis.measures_cli`;
+the measure intervals from plane disagreement are in :mod:`analysis.intervals`)
 
 Label volumes are 3D (z, y, x) integer arrays, classes 0 background (incl. soft tissue), 1 bone,
 2 degradation layer (DL), 3 residual material (RM); the implant is DL ∪ RM. A volume is read in
@@ -41,20 +42,17 @@ How the quantities are measured, and why:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import sys
 import typing as tp
-from pathlib import Path
 
 import h5py
 import numpy as np
 from scipy import ndimage
 
 from data.errors import DataError
-from data.volume import NUM_CLASSES, TiffStack, open_volume, volume_ref
+from data.volume import NUM_CLASSES, TiffStack
 
 BONE, DL, RM = 1, 2, 3
 DAYS_PER_YEAR = 365.25
@@ -74,9 +72,9 @@ def degradation_rate(initial_volume_mm3: float, residual_volume_mm3: float, init
 
     v_i initial screw volume (mm³), v_r residual-material volume (mm³), a_i initial screw surface
     (mm²), t implantation time in years (t = days / 365.25)."""
-    _positive("initial_volume_mm3", initial_volume_mm3)
-    _positive("initial_surface_mm2", initial_surface_mm2)
-    _positive("days", days)
+    check_positive("initial_volume_mm3", initial_volume_mm3)
+    check_positive("initial_surface_mm2", initial_surface_mm2)
+    check_positive("days", days)
     return (initial_volume_mm3 - residual_volume_mm3) / (initial_surface_mm2 * (days / DAYS_PER_YEAR))
 
 
@@ -95,12 +93,13 @@ def bone_volume_fraction(bone_volume_mm3: float, roi_volume_mm3: float) -> float
 # ----------------------------------------------------------------------------------------------- input checks
 
 
-def _positive(name: str, value: tp.Optional[float]) -> None:
+def check_positive(name: str, value: tp.Optional[float]) -> None:
+    """Refuse a missing, non-finite or non-positive ``value`` of the option or argument ``name``."""
     if value is None or not (isinstance(value, (int, float, np.number)) and math.isfinite(value) and value > 0):
         raise DataError(None, name, f"must be a positive number, got {value!r}")
 
 
-def _source(labels: ArrayLike) -> tuple[tp.Optional[str], str]:
+def volume_source(labels: ArrayLike) -> tuple[tp.Optional[str], str]:
     """(file, field) naming the input in error messages."""
     if isinstance(labels, h5py.Dataset):
         return labels.file.filename, labels.name
@@ -110,7 +109,7 @@ def _source(labels: ArrayLike) -> tuple[tp.Optional[str], str]:
 
 
 def _check_shape(labels: ArrayLike) -> tuple[int, int, int]:
-    path, field = _source(labels)
+    path, field = volume_source(labels)
     shape = tuple(int(s) for s in getattr(labels, "shape", ()))
     if len(shape) != 3:
         raise DataError(path, field, f"expected a 3D label volume (z, y, x), got shape {shape}")
@@ -124,7 +123,7 @@ def _check_shape(labels: ArrayLike) -> tuple[int, int, int]:
 
 def _read(labels: ArrayLike, a: int, b: int) -> np.ndarray:
     """Slices [a, b) as uint8, refusing values outside 0..3 (a class map, not an image)."""
-    path, field = _source(labels)
+    path, field = volume_source(labels)
     try:
         arr = np.asarray(labels[a:b])
     except (OSError, RuntimeError, KeyError) as exc:
@@ -294,14 +293,14 @@ def implant_measures(labels, *, voxel_size_um: float, roi_um: float, initial_vol
     Surfaces are normal-weighted voxel-face counts, contact the faces shared with bone voxels,
     the ROI a Euclidean distance threshold; see the module docstring for why.
     """
-    _positive("voxel_size_um", voxel_size_um)
-    _positive("roi_um", roi_um)
+    check_positive("voxel_size_um", voxel_size_um)
+    check_positive("roi_um", roi_um)
     if not isinstance(slab, (int, np.integer)) or isinstance(slab, bool) or slab < 1:
         raise DataError(None, "slab", f"must be a positive integer, got {slab!r}")
     for name, value in (("initial_volume_mm3", initial_volume_mm3), ("initial_surface_mm2", initial_surface_mm2),
                         ("days", days)):
         if value is not None:
-            _positive(name, value)
+            check_positive(name, value)
     r_vox = roi_um / voxel_size_um
     tot = _measure_voxels(labels, r_vox * r_vox, int(slab))
     mm = voxel_size_um * 1e-3
@@ -327,139 +326,7 @@ def implant_measures(labels, *, voxel_size_um: float, roi_um: float, initial_vol
     return out
 
 
-# ----------------------------------------------------------------------------------------------- intervals
-
-# The class whose uncertain voxels move each ML measure: DR counts residual material (v_r), BIC and
-# BV/TV count bone (contact with the implant, bone in the ROI).
-INTERVAL_CLASS = {"dr_mm_per_year": RM, "bic_percent": BONE, "bv_tv_percent": BONE}
-
-
-class IntervalLabels:
-    """One end of a measure interval, derived slab by slab from fused labels and the uncertainty maps.
-
-    ``narrow``: a voxel of class c where any plane's own label differs (disagreement > 0) becomes
-    background; ``wide``: a voxel of another class becomes c where at least one plane's own label
-    is c (bit c of ``plane_classes``). Every other voxel keeps its fused label.
-    """
-
-    def __init__(self, labels: ArrayLike, disagreement: ArrayLike, plane_classes: ArrayLike, cls: int, end: str):
-        if end not in ("narrow", "wide"):
-            raise ValueError(f"end must be 'narrow' or 'wide', got {end!r}")
-        for name, m in (("disagreement", disagreement), ("plane_classes", plane_classes)):
-            if tuple(m.shape) != tuple(labels.shape):
-                raise DataError(_source(m)[0], name, f"shape {tuple(m.shape)} differs from the labels' {tuple(labels.shape)}")
-        self.labels, self.disagreement, self.plane_classes = labels, disagreement, plane_classes
-        self.cls, self.end = int(cls), end
-        self.shape, self.dtype, self.ndim = tuple(labels.shape), np.dtype(np.uint8), 3
-
-    def __getitem__(self, key) -> np.ndarray:
-        lab = np.array(self.labels[key], np.uint8)
-        if self.end == "narrow":
-            lab[(lab == self.cls) & (np.asarray(self.disagreement[key]) > 0)] = 0
-        else:
-            lab[(np.asarray(self.plane_classes[key]) & (1 << self.cls)) != 0] = self.cls
-        return lab
-
-
-def measure_intervals(labels: ArrayLike, disagreement: ArrayLike, plane_classes: ArrayLike, *,
-                      fused: tp.Optional[dict] = None, **kwargs) -> dict[str, tuple[float, float]]:
-    """Interval of each ML measure (DR, BIC, BV/TV) from the plane disagreement of a fused segmentation.
-
-    For each measure, the measure of the fused labels and of the ``narrow`` and ``wide`` ends of
-    :class:`IntervalLabels` for its class (:data:`INTERVAL_CLASS`); the interval is their [min, max],
-    so it always holds the fused value. ``kwargs`` go to :func:`implant_measures`; ``fused``: its
-    result on ``labels`` if already computed.
-    """
-    fused = fused or implant_measures(labels, **kwargs)
-    ends = {(cls, end): implant_measures(IntervalLabels(labels, disagreement, plane_classes, cls, end), **kwargs)
-            for cls in sorted(set(INTERVAL_CLASS.values())) for end in ("narrow", "wide")}
-    out = {}
-    for key, cls in INTERVAL_CLASS.items():
-        vals = [float(fused[key]), float(ends[(cls, "narrow")][key]), float(ends[(cls, "wide")][key])]
-        finite = [v for v in vals if not math.isnan(v)]
-        out[key] = (min(finite), max(finite)) if finite else (math.nan, math.nan)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------- CLI
-
-_OPTION = {"voxel_size_um": "--voxel-size-um", "roi_um": "--roi-um", "initial_volume_mm3": "--initial-volume-mm3",
-           "initial_surface_mm2": "--initial-surface-mm2", "days": "--days", "slab": "--slab"}
-_ROWS = (("dr_mm_per_year", "DR (Eq. 1)", "mm/year", ".4f"),
-         ("bic_percent", "BIC (Eq. 2)", "%", ".2f"),
-         ("bv_tv_percent", "BV/TV (Eq. 3)", "%", ".2f"),
-         ("residual_volume_mm3", "residual material volume", "mm³", ".6g"),
-         ("degradation_layer_volume_mm3", "degradation layer volume", "mm³", ".6g"),
-         ("implant_volume_mm3", "implant volume (DL ∪ RM)", "mm³", ".6g"),
-         ("implant_surface_mm2", "implant surface", "mm²", ".6g"),
-         ("contact_surface_mm2", "bone contact surface", "mm²", ".6g"),
-         ("bone_volume_mm3", "bone volume in ROI", "mm³", ".6g"),
-         ("roi_volume_mm3", "ROI volume", "mm³", ".6g"),
-         ("voxel_size_um", "voxel size", "µm", "g"),
-         ("roi_um", "ROI distance R", "µm", "g"))
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> tp.NoReturn:  # one line, no usage dump: the message names the option
-        self.exit(2, f"error: {message} (see python -m analysis.measures --help)\n")
-
-
-def _parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="python -m analysis.measures", description=__doc__.split("\n\n")[0])
-    ap.add_argument("labels", help="label volume: HDF5 file (see --dataset) or folder of TIFF slices")
-    ap.add_argument("--dataset", default="labels",
-                    help="HDF5 dataset key (default: %(default)s, as model.predict writes)")
-    ap.add_argument("--voxel-size-um", type=float, required=True, help="isotropic voxel size in µm")
-    ap.add_argument("--roi-um", type=float, default=100.0,
-                    help="BV/TV: ROI = non-implant voxels within this distance (µm) of the implant "
-                         "(default: %(default)s)")
-    ap.add_argument("--initial-volume-mm3", type=float, help="DR: initial screw volume v_i")
-    ap.add_argument("--initial-surface-mm2", type=float, help="DR: initial screw surface a_i")
-    ap.add_argument("--days", type=float, help="DR: implantation time in days")
-    ap.add_argument("--slab", type=int, default=64, help="slices per slab; memory grows with it (default: %(default)s)")
-    ap.add_argument("--json", action="store_true", help="print one JSON object (NaN as null)")
-    return ap
-
-
-def _json_value(v: float) -> tp.Optional[float]:
-    return None if isinstance(v, float) and math.isnan(v) else v
-
-
-def _table(res: tp.Mapping[str, float], source: str) -> str:
-    lines = [f"implant measures of {source}"]
-    for key, name, unit, fmt in _ROWS:
-        v = res[key]
-        lines.append(f"  {name:<28} {'n/a' if math.isnan(v) else format(v, fmt):>12} {unit}")
-    if math.isnan(res["dr_mm_per_year"]):
-        lines.append("  (DR needs --initial-volume-mm3, --initial-surface-mm2 and --days)")
-    return "\n".join(lines)
-
-
-def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
-    path = Path(args.labels)
-    ref = volume_ref(path, args.dataset)
-    try:
-        for field in ("voxel_size_um", "roi_um", "initial_volume_mm3", "initial_surface_mm2", "days"):
-            value = getattr(args, field)
-            if value is not None:
-                _positive(field, value)
-        with open_volume(ref) as vol:
-            res = implant_measures(vol, voxel_size_um=args.voxel_size_um, roi_um=args.roi_um,
-                                   initial_volume_mm3=args.initial_volume_mm3,
-                                   initial_surface_mm2=args.initial_surface_mm2, days=args.days, slab=args.slab)
-    except DataError as exc:
-        # an option's problem names the option as typed; a data problem names the file (and dataset)
-        where = _OPTION.get(exc.field or "") if exc.path is None else None
-        text = f"{where}: {exc.problem}" if where else (str(exc) if exc.path else f"{ref}: {exc}")
-        print(f"error: {text}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps({k: _json_value(v) for k, v in res.items()} | {"labels": str(ref)}))
-    else:
-        print(_table(res, str(ref)))
-    return 0
-
-
 if __name__ == "__main__":
+    from analysis.measures_cli import main  # the command line lives in its own module; `python -m analysis.measures` runs it
+
     sys.exit(main())

@@ -300,7 +300,7 @@ def table3_values(predictions: tp.Mapping[int, dict], *, roi_um: float = 100.0,
                   initial_surface_mm2=sample.initial_surface_mm2, days=sample.implantation_days, slab=slab)
 
     def interval(f, sample, fused: dict) -> dict:
-        from analysis.measures import measure_intervals
+        from analysis.intervals import measure_intervals
 
         return measure_intervals(f["labels"], f["disagreement"], f["plane_classes"], fused=fused,
                                  voxel_size_um=sample.voxel_size_um, roi_um=roi_um,

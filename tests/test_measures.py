@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from analysis.measures import (bone_implant_contact, bone_volume_fraction, degradation_rate, implant_measures,
-                               main)
+from analysis.measures import bone_implant_contact, bone_volume_fraction, degradation_rate, implant_measures
+from analysis.measures_cli import main
 from data.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]

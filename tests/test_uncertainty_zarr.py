@@ -6,7 +6,8 @@ import h5py
 import numpy as np
 import pytest
 
-from analysis.measures import IntervalLabels, implant_measures, measure_intervals
+from analysis.intervals import IntervalLabels, measure_intervals
+from analysis.measures import implant_measures
 from data.volume import VolumeRef, open_volume
 from model.fusion import soft_vote, uncertainty_maps
 from model.fuse import fuse_planes
@@ -101,7 +102,7 @@ def test_predict_cli_reads_and_writes_zarr_with_uncertainty(files, tmp_path, cap
     with open_volume(VolumeRef(tmp_path / "seg.zarr", "disagreement")) as z:
         assert z.dtype == np.uint8 and z.shape == CLI_SHAPE
     # The measures CLI takes the store as its labels.
-    from analysis.measures import main as measures_main
+    from analysis.measures_cli import main as measures_main
 
     assert measures_main([str(tmp_path / "seg.zarr"), "--dataset", "labels", "--voxel-size-um", "5", "--json"]) == 0
     assert '"bv_tv_percent"' in capsys.readouterr().out
