@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.results import (EXPECTED_FOLDS, Runs, atomic_write_csv, atomic_write_text, config_table_from_runs,
-                              fig3_configs, fmt_int, halved_configs, missing_training, read_runs, skipped_configs)
+from analysis.formatting import atomic_write_csv
+from analysis.results import (EXPECTED_FOLDS, Runs, config_table_from_runs, fig3_configs, fmt_int, halved_configs,
+                              missing_training, read_runs, skipped_configs)
+from data.atomic import atomic_write_text
 
 MISSING_COLUMNS = ["kind", "config_key", "width", "depth", "input_size", "method", "present_folds", "missing_folds",
                    "note"]
@@ -64,7 +66,7 @@ def fig3_part(runs: Runs, out: tp.Union[str, Path]) -> Part:
 
 def table2_part(runs: Runs, out: tp.Union[str, Path], config_key: tp.Optional[str] = None) -> tuple[Part, tp.Optional[str]]:
     """Table 2 (CSV, Markdown, LaTeX); also returns the config key it used (for Table 3)."""
-    from analysis.tables import choose_config, describe_config, table2, write_table2
+    from analysis.table2 import choose_config, describe_config, table2, write_table2
 
     part = Part("Table 2")
     if runs.fusing is None:
@@ -90,8 +92,8 @@ def table3_part(runs: Runs, out: tp.Union[str, Path], config_key: tp.Optional[st
                 measures_fn: tp.Optional[tp.Callable[..., dict]] = None) -> Part:
     """Table 3 (CSV, Markdown, LaTeX) from the ``predictions.json`` artifacts of the config's fusing runs."""
     from analysis.results import _client
-    from analysis.tables import (default_measures, choose_config, describe_config, find_predictions, table3,
-                                 table3_values, write_table3)
+    from analysis.table2 import choose_config, describe_config
+    from analysis.table3 import default_measures, find_predictions, table3, table3_values, write_table3
 
     part = Part("Table 3")
     if runs.fusing is None:
@@ -153,7 +155,7 @@ def pareto_part(runs: Runs, out: tp.Union[str, Path]) -> Part:
 
 
 def missing_rows(runs: Runs) -> pd.DataFrame:
-    from analysis.tables import missing_fusing
+    from analysis.table2 import missing_fusing
 
     rows = missing_training(runs.training)
     if runs.fusing is not None:

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from data.atomic import atomic_write_text
 from model.server_health import ServerUnreachable, check_server, redact_uri
 
 EXPECTED_FOLDS = (0, 1, 2, 3)
@@ -430,7 +429,3 @@ def fmt_int(v) -> str:
         return str(int(v))
     except (TypeError, ValueError):
         return ""
-
-
-def atomic_write_csv(df: pd.DataFrame, path: tp.Union[str, Path]) -> Path:
-    return atomic_write_text(path, df.to_csv(index=False))

@@ -201,7 +201,7 @@ def main() -> None:
         else:  # the CLI cannot take a stub: time it in a fresh process with the stub injected
             cli = []
             code = ("import sys; sys.argv=['analysis','reports','--tracking-uri',%r,'--out',%r];"
-                    "import analysis.tables as T, benchmarks.reports as B; T.default_measures=lambda: B.stub_measures;"
+                    "import analysis.table3 as T, benchmarks.reports as B; T.default_measures=lambda: B.stub_measures;"
                     "from analysis.__main__ import main; sys.exit(main())")
             env = {**os.environ, "PYTHONPATH": str(REPO)}
             for k in range(args.repeat):

@@ -21,7 +21,8 @@ from analysis import reports as R
 from analysis.__main__ import main
 from analysis.pareto import optuna_table, pareto_mask
 from analysis.results import config_table, config_table_from_runs, fig3_configs, read_runs
-from analysis.tables import METHODS, table2, table2_markdown, table3, table3_latex, table3_markdown
+from analysis.table2 import METHODS, table2, table2_markdown
+from analysis.table3 import table3, table3_latex, table3_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 EXP, FEXP = "scaling-unet", "scaling-unet-fusing"
@@ -314,7 +315,7 @@ def test_table2_number_by_number(runs, tmp_path):
 
 def test_table2_config_choice():
     from analysis.results import RunRecord
-    from analysis.tables import choose_config
+    from analysis.table2 import choose_config
 
     def rec(key, method, fold):
         return RunRecord(run_id=f"{key}{method}{fold}", experiment_id="1", status="FINISHED", start_time=0, end_time=fold,
@@ -429,9 +430,9 @@ def test_pareto_front_of_optuna_runs(runs, tmp_path):
 
 
 def test_cli_reports_writes_everything(store, tmp_path, monkeypatch, capsys):
-    import analysis.tables
+    import analysis.table3
 
-    monkeypatch.setattr(analysis.tables, "default_measures", lambda: stub_measures([]))
+    monkeypatch.setattr(analysis.table3, "default_measures", lambda: stub_measures([]))
     out = tmp_path / "reports"
     assert main(["reports", "--tracking-uri", store[0], "--out", str(out)]) == 0
     cap = capsys.readouterr()

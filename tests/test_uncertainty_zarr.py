@@ -155,7 +155,7 @@ def test_max_disk_overrides_the_estimate(files, tmp_path, capsys):  # noqa: F811
 
 
 def test_table3_prints_the_mean_interval_over_folds():
-    from analysis.tables import table3, table3_latex, table3_markdown
+    from analysis.table3 import table3, table3_latex, table3_markdown
 
     values = {"s1": {"HQ": {"dr_mm_per_year": 0.2, "bic_percent": 50.0, "bv_tv_percent": 40.0}, "WF": None,
                      "ML": [{"dr_mm_per_year": 0.21, "bic_percent": 45.0, "bv_tv_percent": 42.0},
@@ -175,7 +175,7 @@ def test_table3_prints_the_mean_interval_over_folds():
 
 def test_table3_values_compute_the_interval_with_the_real_measures(tmp_path):
     # The reports pass the real measures function explicitly; the interval was skipped on that path.
-    from analysis.tables import default_measures, table3_values
+    from analysis.table3 import default_measures, table3_values
     from tests.conftest import write_raw_dataset
 
     samples = write_raw_dataset(tmp_path / "ds", n_train=0, n_test=1, shape=(12, 16, 16))

@@ -1,0 +1,239 @@
+"""Paper Table 3 (DR, BIC, BV/TV of WF, HQ and ML segmentations of the test samples) from the fusing runs'
+predictions, as CSV, Markdown, LaTeX.
+
+A fusing run may carry the artifact ``predictions.json`` = {"dataset": folder, "method": m, "samples": {id: HDF5
+file with ``labels``}}, which Table 3 reads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import typing as tp
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis.formatting import tex_escape, tex_unicode, write_table_files
+from analysis.results import EXPECTED_FOLDS, RunRecord, latest_finished, se100
+from analysis.table2 import METHODS, fusing_key
+
+PREDICTIONS_ARTIFACT = "predictions.json"
+DEFAULT_PREDICTION_METHOD = "avr_9"  # paper, Fig. 5 caption: the ML segmentation is "Avr., 9-planes"
+
+
+MEASURES = (("dr_mm_per_year", "DR [mm/year]", ".3f"), ("bic_percent", "BIC [%]", ".1f"),
+            ("bv_tv_percent", "BV/TV [%]", ".1f"))
+SEGMENTATIONS = ("WF", "HQ", "ML")
+
+
+def find_predictions(client, fusing: tp.Iterable[RunRecord], config_key: str, *,
+                     prefer: str = DEFAULT_PREDICTION_METHOD) -> dict[int, dict]:
+    """fold → parsed ``predictions.json`` (plus ``run_id``) of the config's fusing runs; per fold the run of
+    method ``prefer`` is tried first, then the others in Table 2 order."""
+    done, _, _ = latest_finished(fusing, fusing_key)
+    order = [prefer] + [m for m in METHODS if m != prefer]
+    by_fold: dict[int, list[RunRecord]] = {}
+    for (k, m, f), r in done.items():
+        if k == config_key:
+            by_fold.setdefault(f, []).append(r)
+    found: dict[int, dict] = {}
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars in the report output
+    with tempfile.TemporaryDirectory(prefix="scaling-unet-analysis-") as tmp:
+        for fold, runs in sorted(by_fold.items()):
+            for r in sorted(runs, key=lambda r: order.index(r.tags["fusing_method"])):
+                names = {a.path for a in client.list_artifacts(r.run_id)}
+                if PREDICTIONS_ARTIFACT not in names:
+                    continue
+                local = client.download_artifacts(r.run_id, PREDICTIONS_ARTIFACT, str(Path(tmp) / r.run_id))
+                doc = json.loads(Path(local).read_text(encoding="utf-8"))
+                doc["run_id"] = r.run_id
+                doc.setdefault("method", r.tags["fusing_method"])
+                found[fold] = doc
+                break
+    return found
+
+
+def _path(text: str) -> Path:
+    return Path(str(text)).expanduser().resolve()
+
+
+def default_measures():
+    from analysis.measures import implant_measures  # written separately; imported only when Table 3 is built
+
+    return implant_measures
+
+
+def table3_values(predictions: tp.Mapping[int, dict], *, roi_um: float = 100.0,
+                  measures_fn: tp.Optional[tp.Callable[..., dict]] = None, slab: int = 64
+                  ) -> tuple[dict[str, dict[str, tp.Any]], list[str]]:
+    """Measures per test sample: {"WF": dict|None, "HQ": dict, "ML": [dict per fold], "folds": [...], "days": t}.
+
+    HQ = the sample's ``label`` in the dataset, WF = its ``wf_label``; ML = each fold's prediction file.
+    Returns (values, notes about what was skipped)."""
+    import h5py
+
+    from data.manifest import load_dataset
+    from data.volume import open_volume
+
+    fn = measures_fn or default_measures()
+    notes: list[str] = []
+    datasets: dict[Path, tp.Any] = {}
+    values: dict[str, dict[str, tp.Any]] = {}
+
+    def measure(arr, sample) -> dict:
+        return fn(arr, voxel_size_um=sample.voxel_size_um, roi_um=roi_um, initial_volume_mm3=sample.initial_volume_mm3,
+                  initial_surface_mm2=sample.initial_surface_mm2, days=sample.implantation_days, slab=slab)
+
+    def interval(f, sample, fused: dict) -> dict:
+        from analysis.intervals import measure_intervals
+
+        return measure_intervals(f["labels"], f["disagreement"], f["plane_classes"], fused=fused,
+                                 voxel_size_um=sample.voxel_size_um, roi_um=roi_um,
+                                 initial_volume_mm3=sample.initial_volume_mm3,
+                                 initial_surface_mm2=sample.initial_surface_mm2, days=sample.implantation_days,
+                                 slab=slab) if fn is default_measures() else {}  # a stand-in measure has no interval
+
+    for fold, doc in sorted(predictions.items()):
+        folder = _path(doc["dataset"])
+        if folder not in datasets:
+            datasets[folder] = load_dataset(folder)
+        ds = datasets[folder]
+        for sid, pred_path in sorted(doc.get("samples", {}).items()):
+            try:
+                sample = ds.by_id(sid)
+            except KeyError:
+                notes.append(f"fold {fold}: sample {sid!r} is not in dataset {folder}; skipped")
+                continue
+            if sample.label is None:
+                notes.append(f"sample {sid!r} has no reference label (HQ) in {folder}; skipped")
+                continue
+            v = values.get(sid)
+            if v is None:
+                with open_volume(sample.label) as vol:
+                    hq = measure(vol, sample)
+                wf = None
+                if sample.wf_label is not None:
+                    with open_volume(sample.wf_label) as vol:
+                        wf = measure(vol, sample)
+                v = values[sid] = {"HQ": hq, "WF": wf, "ML": [], "folds": [], "days": sample.implantation_days,
+                                   "methods": set()}
+            with h5py.File(_path(pred_path), "r") as f:
+                ml = measure(f["labels"], sample)
+                v["ML"].append(ml)
+                if "disagreement" in f and "plane_classes" in f:  # written by fusing with uncertainty maps
+                    v.setdefault("ML_interval", []).append(interval(f, sample, ml))
+                else:
+                    notes.append(f"fold {fold}, sample {sid!r}: {pred_path} has no uncertainty maps; no ML interval")
+            v["folds"].append(fold)
+            v["methods"].add(doc.get("method", ""))
+    for sid, v in values.items():
+        if v["WF"] is None:
+            notes.append(f"sample {sid!r} has no wf_label in its dataset: WF row left empty")
+    return values, notes
+
+
+def table3(values: tp.Mapping[str, dict], *, expected_folds: tp.Sequence[int] = EXPECTED_FOLDS) -> pd.DataFrame:
+    """Long table: one row per (sample, segmentation) with each measure, its relative difference to HQ in %,
+    and for ML the standard error over folds and the folds used."""
+    rows = []
+    for sid in sorted(values):
+        v = values[sid]
+        hq = v["HQ"]
+        for seg in SEGMENTATIONS:
+            row: dict[str, tp.Any] = {"sample": sid, "segmentation": seg, "days": v.get("days"),
+                                      "n_folds": len(v["folds"]) if seg == "ML" else None,
+                                      "folds": ",".join(map(str, sorted(v["folds"]))) if seg == "ML" else "",
+                                      "complete": (set(expected_folds) <= set(v["folds"])) if seg == "ML" else True}
+            for key, _h, _f in MEASURES:
+                if seg == "ML":
+                    x, se = se100([m.get(key, math.nan) for m in v["ML"]])
+                else:
+                    src = v[seg]
+                    x, se = (math.nan if src is None else float(src.get(key, math.nan))), math.nan
+                ref = float(hq.get(key, math.nan))
+                rel = math.nan if seg == "HQ" or math.isnan(x) or math.isnan(ref) or ref == 0 else (x - ref) / ref * 100
+                row[key], row[f"{key}_rel_percent"], row[f"{key}_se"] = x, rel, se
+                ends = [i[key] for i in v.get("ML_interval", []) if key in i] if seg == "ML" else []
+                # mean over folds of each end (folds without maps give none)
+                row[f"{key}_lo"] = float(np.mean([e[0] for e in ends])) if ends else math.nan
+                row[f"{key}_hi"] = float(np.mean([e[1] for e in ends])) if ends else math.nan
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _t3_cell(x: float, rel: float, fmt: str, lo: float = math.nan, hi: float = math.nan) -> str:
+    if math.isnan(x):
+        return "–"
+    cell = f"{x:{fmt}}" if math.isnan(rel) else f"{x:{fmt}} ({rel:+.1f}%)"
+    return cell if math.isnan(lo) or math.isnan(hi) else f"{cell} [{lo:{fmt}}, {hi:{fmt}}]"
+
+
+def _t3_cells(r, fmt_of=lambda c: c) -> list[str]:
+    return [fmt_of(_t3_cell(getattr(r, k), getattr(r, f"{k}_rel_percent"), f, getattr(r, f"{k}_lo", math.nan),
+                            getattr(r, f"{k}_hi", math.nan))) for k, _h, f in MEASURES]
+
+
+def _t3_notes(df: pd.DataFrame, roi_um: float, method: str, config: str, n_expected: int) -> list[str]:
+    ml = df[df.segmentation == "ML"]
+    n = sorted(set(int(x) for x in ml.n_folds.dropna()))
+    notes = [f"Relative difference to HQ, (x − HQ)/HQ, in brackets. ML: mean of the measures over the predictions "
+             f"of the {'/'.join(map(str, n)) or 0} fold models (fusing method {method}{', ' + config if config else ''}). "
+             f"BV/TV in a region of interest of {roi_um:g} µm around the implant."]
+    if any(not math.isnan(x) for k, _h, _f in MEASURES for x in ml.get(f"{k}_lo", [])):
+        notes[0] += (" ML [lo, hi]: the plane-disagreement interval (README, 'Uncertainty'): the measure with the "
+                     "uncertain voxels of its class (RM for DR, bone for BIC and BV/TV) removed where any plane "
+                     "disagrees, and added where any plane assigns the class; mean over folds.")
+    for r in ml.itertuples():
+        if not r.complete:
+            notes.append(f"{r.sample}: ML mean over {int(r.n_folds)} of {n_expected} folds only (folds {r.folds}).")
+    return notes
+
+
+def table3_markdown(df: pd.DataFrame, *, roi_um: float = 100.0, method: str = DEFAULT_PREDICTION_METHOD,
+                    config: str = "", title: str = "", n_expected: int = len(EXPECTED_FOLDS)) -> str:
+    lines = [title, ""] if title else []
+    lines.append("| Sample | Segmentation | " + " | ".join(h for _k, h, _f in MEASURES) + " |")
+    lines.append("|---|---|" + "---:|" * len(MEASURES))
+    for r in df.itertuples():
+        seg = r.segmentation + ("*" if not r.complete else "")
+        cells = _t3_cells(r)
+        lines.append(f"| {r.sample} | {seg} | " + " | ".join(cells) + " |")
+    lines.append("")
+    notes = _t3_notes(df, roi_um, method, config, n_expected)
+    lines.append(notes[0])
+    lines += [f"\\* {n}" for n in notes[1:]]
+    return "\n".join(lines) + "\n"
+
+
+def table3_latex(df: pd.DataFrame, *, roi_um: float = 100.0, method: str = DEFAULT_PREDICTION_METHOD,
+                 config: str = "", caption: str = "", n_expected: int = len(EXPECTED_FOLDS)) -> str:
+    heads = {"dr_mm_per_year": r"DR [mm/year]", "bic_percent": r"BIC [\%]", "bv_tv_percent": r"BV/TV [\%]"}
+    out = [r"\begin{table}[ht]", r"\centering"]
+    if caption:
+        out.append(r"\caption{" + tex_escape(caption) + "}")
+    out += [r"\begin{tabular}{ll" + "r" * len(MEASURES) + "}", r"\toprule",
+            "Sample & Segmentation & " + " & ".join(heads[k] for k, _h, _f in MEASURES) + r" \\", r"\midrule"]
+    last = None
+    for r in df.itertuples():
+        if last is not None and r.sample != last:
+            out.append(r"\midrule")
+        seg = r.segmentation + ("$^{*}$" if not r.complete else "")
+        cells = _t3_cells(r, lambda c: tex_unicode(c.replace("%", r"\%")))
+        out.append(f"{tex_escape(r.sample) if r.sample != last else ''} & {seg} & " + " & ".join(cells) + r" \\")
+        last = r.sample
+    out += [r"\bottomrule", r"\end{tabular}"]
+    notes = [tex_escape(n) for n in _t3_notes(df, roi_um, method, config, n_expected)]
+    notes = notes[:1] + ["$^{*}$ " + n for n in notes[1:]]
+    out += [r"\par\smallskip{\footnotesize " + r" \\ ".join(notes) + "}", r"\end{table}"]
+    return "\n".join(out) + "\n"
+
+
+def write_table3(df: pd.DataFrame, out_dir: tp.Union[str, Path], *, roi_um: float = 100.0,
+                 method: str = DEFAULT_PREDICTION_METHOD, config: str = "", title: str = "") -> list[Path]:
+    kw = dict(roi_um=roi_um, method=method, config=config)
+    return write_table_files(out_dir, "table3", df, table3_markdown(df, title=title, **kw),
+                             table3_latex(df, caption=title, **kw))
