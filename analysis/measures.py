@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
+import runpy
 import typing as tp
 
 import h5py
@@ -326,7 +326,5 @@ def implant_measures(labels, *, voxel_size_um: float, roi_um: float, initial_vol
     return out
 
 
-if __name__ == "__main__":
-    from analysis.measures_cli import main  # the command line lives in its own module; `python -m analysis.measures` runs it
-
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m analysis.measures`: run the command line, which imports this module, not vice versa
+    runpy.run_module("analysis.measures_cli", run_name="__main__")
