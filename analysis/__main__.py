@@ -62,7 +62,7 @@ def _report(part) -> None:
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     from analysis import reports as R
-    from analysis.results import StoreError, read_runs
+    from analysis.store import StoreError, read_runs
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():

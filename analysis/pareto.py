@@ -14,7 +14,8 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.formatting import atomic_write_csv
-from analysis.results import RunRecord, config_rows, is_optuna, latest_finished, training_fold_key
+from analysis.results import config_rows, is_optuna, latest_finished, training_fold_key
+from analysis.store import RunRecord
 
 
 def pareto_mask(iou: tp.Sequence[float], flops: tp.Sequence[float]) -> list[bool]:

@@ -1,9 +1,9 @@
 """Build every figure and table the runs allow (``python -m analysis reports``), and the missing-run report.
 
-Each builder takes the :class:`analysis.results.Runs` read once from MLflow, writes its files atomically
+Each builder takes the :class:`analysis.store.Runs` read once from MLflow, writes its files atomically
 under ``out`` and returns a :class:`Part` (files written, one-line notes, warnings). A part whose runs do
 not exist is skipped with a note (``Part.skipped``); only an unreadable store or a missing training
-experiment is an error (:class:`analysis.results.StoreError`, raised by ``read_runs``).
+experiment is an error (:class:`analysis.store.StoreError`, raised by ``read_runs``).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.formatting import atomic_write_csv
-from analysis.results import (EXPECTED_FOLDS, Runs, config_table_from_runs, fig3_configs, fmt_int, halved_configs,
-                              missing_training, read_runs, skipped_configs)
+from analysis.results import (EXPECTED_FOLDS, config_table_from_runs, fig3_configs, fmt_int, halved_configs,
+                              missing_training, skipped_configs)
+from analysis.store import Runs, read_runs, tracking_client
 from data.atomic import atomic_write_text
 
 MISSING_COLUMNS = ["kind", "config_key", "width", "depth", "input_size", "method", "present_folds", "missing_folds",
@@ -91,7 +92,6 @@ def table2_part(runs: Runs, out: tp.Union[str, Path], config_key: tp.Optional[st
 def table3_part(runs: Runs, out: tp.Union[str, Path], config_key: tp.Optional[str] = None, *, roi_um: float = 100.0,
                 measures_fn: tp.Optional[tp.Callable[..., dict]] = None) -> Part:
     """Table 3 (CSV, Markdown, LaTeX) from the ``predictions.json`` artifacts of the config's fusing runs."""
-    from analysis.results import _client
     from analysis.table2 import choose_config, describe_config
     from analysis.table3 import default_measures, find_predictions, table3, table3_values, write_table3
 
@@ -111,7 +111,7 @@ def table3_part(runs: Runs, out: tp.Union[str, Path], config_key: tp.Optional[st
             part.skipped = f"analysis.measures cannot be imported ({e})"
             return part
     try:
-        preds = find_predictions(_client(runs.tracking_uri), runs.fusing, key)
+        preds = find_predictions(tracking_client(runs.tracking_uri), runs.fusing, key)
     except Exception as e:  # noqa: BLE001 - an artifact store this machine cannot read: skip the part, say why
         part.skipped = f"cannot read the predictions.json artifacts of config {key}: {e}"
         return part

@@ -14,7 +14,8 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.formatting import cell, tex_escape, tex_unicode, write_table_files
-from analysis.results import EXPECTED_FOLDS, IOU_METRICS, RunRecord, latest_finished, mean_of_classes, se100
+from analysis.results import EXPECTED_FOLDS, IOU_METRICS, latest_finished, mean_of_classes, se100
+from analysis.store import RunRecord
 from model.planes import TABLE2_METHODS
 
 METHODS = tuple(TABLE2_METHODS)  # row order of Table 2, as the fusing runs name them

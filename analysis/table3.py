@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 
 from analysis.formatting import tex_escape, tex_unicode, write_table_files
-from analysis.results import EXPECTED_FOLDS, RunRecord, latest_finished, se100
+from analysis.results import EXPECTED_FOLDS, latest_finished, se100
+from analysis.store import RunRecord
 from analysis.table2 import METHODS, fusing_key
 
 PREDICTIONS_ARTIFACT = "predictions.json"

@@ -5,7 +5,7 @@ Fills a fresh sqlite store with 192 training fold runs (48 compound configs × 4
 one config; the avr_3 runs carry a ``predictions.json`` that points to stub prediction files of 3 small
 test samples). Then times, each ``--repeat`` times:
 
-- reading the runs (``analysis.results.read_runs``: one paginated ``search_runs`` over both experiments),
+- reading the runs (``analysis.store.read_runs``: one paginated ``search_runs`` over both experiments),
 - building everything in-process (``analysis.reports.build_reports`` with the runs already read),
 - ``python -m analysis reports`` end to end in a fresh process (imports, read, build, write).
 
@@ -166,7 +166,7 @@ def main() -> None:
         print(f"filled {uri}: 192 training fold runs + {args.optuna_trials} Optuna trials + 28 fusing runs "
               f"in {time.perf_counter() - t0:.1f} s")
         from analysis import reports as R
-        from analysis.results import read_runs
+        from analysis.store import read_runs
 
         try:
             from analysis.measures import implant_measures  # noqa: F401

@@ -20,7 +20,8 @@ import pytest
 from analysis import reports as R
 from analysis.__main__ import main
 from analysis.pareto import optuna_table, pareto_mask
-from analysis.results import config_table, config_table_from_runs, fig3_configs, read_runs
+from analysis.results import config_table, config_table_from_runs, fig3_configs
+from analysis.store import read_runs
 from analysis.table2 import METHODS, table2, table2_markdown
 from analysis.table3 import table3, table3_latex, table3_markdown
 
@@ -314,7 +315,7 @@ def test_table2_number_by_number(runs, tmp_path):
 
 
 def test_table2_config_choice():
-    from analysis.results import RunRecord
+    from analysis.store import RunRecord
     from analysis.table2 import choose_config
 
     def rec(key, method, fold):
@@ -483,7 +484,8 @@ def test_python_m_analysis_subprocess(store, tmp_path):
 
 
 def test_runs_without_model_params_are_reported_not_plotted():
-    from analysis.results import RunRecord, missing_training
+    from analysis.results import missing_training
+    from analysis.store import RunRecord
 
     def rec(key, fold, params, end=0, status="FINISHED"):
         return RunRecord(run_id=f"{key}-{fold}-{end}", experiment_id="1", status=status, start_time=0, end_time=end,
