@@ -18,6 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from data.errors import DataError
+from sweep.core import SWEEP_APP
 from sweep.dispatch import objective_values
 from model.devices import DeviceError
 from sweep.lease import LeaseHeld
@@ -28,10 +29,9 @@ from sweep.tracking import TrackingError
 log = logging.getLogger("sweep")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> tp.Any:
+def task(cfg: DictConfig) -> tp.Any:
     try:
-        if HydraConfig.get().mode != RunMode.MULTIRUN:  # a sweep's jobs were checked by its launcher (prepare_sweep)
+        if HydraConfig.get().mode != RunMode.MULTIRUN:  # a sweep's jobs were checked by its sweeper (prepare_sweep)
             check_stand_in([cfg], launcher=HydraConfig.get().launcher, log=log)
         if cfg.get("task", "train") == "fusing":
             from sweep.fusing import run_fusing
@@ -52,6 +52,10 @@ def main(cfg: DictConfig) -> tp.Any:
         log.error("error: %s", exc)
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(3)
+
+
+setattr(task, SWEEP_APP, True)  # hydra/sweeper=scaling_unet: the sweep's checks around the launcher
+main = hydra.main(version_base="1.3", config_path="../conf", config_name="config")(task)
 
 
 if __name__ == "__main__":

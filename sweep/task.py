@@ -246,7 +246,7 @@ def _finished(plan: RunPlan, experiment_id: str) -> tp.Optional[dict[str, float]
     return {k: v for k, v in done[0].data.metrics.items()}
 
 
-def checkpoint_before_requeue(what: str) -> None:
+def checkpoint_before_requeue(what: str = "the run") -> None:
     """submitit's USR2 hook (preemption, time-out) of a job running ``what``: save the running training, if any.
 
     Never raises: the job is requeued anyway, and the last chunk checkpoint is still there.

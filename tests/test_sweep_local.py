@@ -83,23 +83,19 @@ def test_optuna_two_objectives_through_the_local_launcher(tmp_path):
 
 
 def test_split_for_idle_workers_splits_only_when_configs_run_out():
-    from types import SimpleNamespace
+    from hydra_plugins.scaling_unet.hints import JobGroup
+    from hydra_plugins.scaling_unet.pool import split_for_idle_workers
 
-    from hydra_plugins.scaling_unet.launchers import _split_for_idle_workers
-
-    def job(key, fold, flops=1):
-        return SimpleNamespace(plan=SimpleNamespace(config_key=key, fold=fold, flops=flops,
-                                                    settings=SimpleNamespace(max_iters=10)))
-
-    one = [[job("a", f) for f in range(4)]]
-    _split_for_idle_workers(one, 2)
-    assert [[j.plan.fold for j in g] for g in one] == [[0, 1], [2, 3]]
-    many = [[job("a", f, 5) for f in range(4)], [job("b", f) for f in range(4)]]
-    _split_for_idle_workers(many, 2)
-    assert [len(g) for g in many] == [4, 4]  # enough configs: folds stay together (traced model reused)
-    three = [[job("a", 0, 5)], [job("b", f) for f in range(3)]]
-    _split_for_idle_workers(three, 4)
-    assert sorted(len(g) for g in three) == [1, 1, 1, 1]
+    one = [JobGroup([0, 1, 2, 3], cost=4)]
+    split_for_idle_workers(one, 2)
+    assert [g.positions for g in one] == [[0, 1], [2, 3]]
+    assert [g.cost for g in one] == [2, 2]
+    many = [JobGroup([0, 1, 2, 3], cost=20), JobGroup([4, 5, 6, 7], cost=4)]
+    split_for_idle_workers(many, 2)
+    assert [len(g.positions) for g in many] == [4, 4]  # enough groups: folds stay together (traced model reused)
+    three = [JobGroup([0], cost=5), JobGroup([1, 2, 3], cost=3)]
+    split_for_idle_workers(three, 4)
+    assert sorted(len(g.positions) for g in three) == [1, 1, 1, 1]
 
 
 def test_the_folds_of_a_lone_config_run_on_both_workers(tmp_path):

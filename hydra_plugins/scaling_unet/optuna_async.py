@@ -104,7 +104,7 @@ class AsyncOptunaSweeper(Sweeper):
     def _check(self, distributions: dict, fixed: dict) -> DictConfig:
         """Compose and check every categorical combination (continuous parameters at their low end) before
         any slot starts: a bad config, dataset or tracking server is one error line, not N failed workers."""
-        from hydra_plugins.scaling_unet.launchers import _sweep_dir
+        from hydra_plugins.scaling_unet.pool import sweep_dir
         from sweep.compose import compose_jobs
         from sweep.dispatch import prepare_sweep_or_exit
 
@@ -115,7 +115,7 @@ class AsyncOptunaSweeper(Sweeper):
                      for combo in combos]
         composed = compose_jobs(self.hydra_context.config_loader, self.config, overrides)
         prepare_sweep_or_exit(composed)
-        _sweep_dir(self.config)
+        sweep_dir(self.config)
         log.info("optuna_async: checked %d configs (every categorical combination%s)", len(combos),
                  f", the first {CHECK_LIMIT}" if len(combos) == CHECK_LIMIT else "")
         return composed[0][2]
@@ -124,7 +124,8 @@ class AsyncOptunaSweeper(Sweeper):
         import optuna
         from hydra.core.singleton import Singleton
 
-        from hydra_plugins.scaling_unet.launchers import PoolLauncher, SlurmArrayLauncher
+        from hydra_plugins.scaling_unet.pool import PoolLauncher
+        from hydra_plugins.scaling_unet.slurm_array import SlurmArrayLauncher
         from sweep import trials
 
         problem = self._check_settings()
@@ -210,13 +211,13 @@ class AsyncOptunaSweeper(Sweeper):
 
         import cloudpickle
 
-        from hydra_plugins.scaling_unet.launchers import _init_worker
+        from hydra_plugins.scaling_unet.pool import init_worker
         from sweep import trials
 
         trials.write_record(spec)
         threads = self.launcher.threads_per_worker or max(1, (os.cpu_count() or 1) // spec.n_slots)
         ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(spec.n_slots, mp_context=ctx, initializer=_init_worker,
+        with cf.ProcessPoolExecutor(spec.n_slots, mp_context=ctx, initializer=init_worker,
                                     initargs=(threads,)) as pool:
             futures = [pool.submit(_run_slot, cloudpickle.dumps((worker, slot))) for slot in range(spec.n_slots)]
             for fut in cf.as_completed(futures):
