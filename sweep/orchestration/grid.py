@@ -99,6 +99,8 @@ def launcher_params(config: DictConfig) -> dict[str, tp.Any]:
 def launch_batch(launcher: tp.Any, config: DictConfig, composed: list[tuple[int, list[str], DictConfig]]
                  ) -> list[JobReturn]:
     """Run one batch of the sweep's jobs (index, overrides, composed config) on ``launcher``."""
+    if hasattr(launcher, "check_settings"):  # a bad launcher setting is refused before any data or run is written
+        launcher.check_settings()
     prepared = prepare_sweep_or_exit(composed)
     sweep_dir(config)
     params = launcher_params(config)
