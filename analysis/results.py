@@ -19,9 +19,9 @@ GRID = {"width": (32, 64, 96, 112), "depth": (3, 4, 5, 6), "input_size": (384, 5
 CLASS_METRICS = ("iou_bone", "iou_degradation_layer", "iou_residual_material")
 IOU_METRICS = CLASS_METRICS + ("mean_iou",)
 OPTUNA = "optuna"
-TAG_IS_PARENT = "is_parent"  # sweep.dispatch.TAG_IS_PARENT (analysis never imports sweep/)
-TAG_SKIPPED = "skipped_reason"  # sweep.resources: a run the sweep did not queue (estimated GPU memory)
-TAG_HALVED = "batch_halved"  # sweep.resources: a run trained at a smaller global batch than configured (GPU memory)
+TAG_IS_PARENT = "is_parent"  # sweep.tracking.client.TAG_IS_PARENT (analysis never imports sweep/)
+TAG_SKIPPED = "skipped_reason"  # sweep.resources.memory: a run the sweep did not queue (estimated GPU memory)
+TAG_HALVED = "batch_halved"  # sweep.resources.memory: a run trained at a smaller global batch than configured (GPU memory)
 
 
 # ----------------------------------------------------------------------------------------------- folds

@@ -48,7 +48,7 @@ def run_mode(mode: str, root: Path, args, env: dict) -> dict:
     sweeper = ["hydra/sweeper=optuna", "hydra/sweeper/sampler=random",
                f"hydra.sweeper.storage=sqlite:///{work}/optuna.db"] if mode == "batch" else \
         ["hydra/sweeper/sampler=random"]
-    # The laptop profile on synthetic data on the fake GPUs: a stand-in, allowed explicitly (sweep/standin.py).
+    # The laptop profile on synthetic data on the fake GPUs: a stand-in, allowed explicitly (sweep/resources/standin.py).
     cmd = [sys.executable, "-m", "sweep", "+experiment=optuna", "hydra/launcher=slurm_v100", *sweeper,
            "hydra.launcher.partition=gpu", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
            "hydra.launcher.timeout_min=30", "hydra.launcher.poll_interval_s=1", "hydra.launcher.array_parallelism=8",
@@ -66,7 +66,7 @@ def run_mode(mode: str, root: Path, args, env: dict) -> dict:
                 "log": p.stderr[-3000:]}
     from mlflow.tracking import MlflowClient
 
-    from sweep.trials import idle_share
+    from sweep.orchestration.trials import idle_share
 
     client = MlflowClient(f"sqlite:///{work}/mlflow.db")
     exp = client.get_experiment_by_name(f"bench-{mode}")

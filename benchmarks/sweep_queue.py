@@ -30,7 +30,7 @@ TAG = str(os.getpid())  # job names of this run only: scancel -n never hits some
 COMMON = ["hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4", "hydra.launcher.cpus_per_task=1",
           "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=10", "hydra.launcher.array_parallelism=1"]
 # Our sweeps on the test cluster's fake GPUs train the laptop profile on synthetic data: a stand-in, allowed
-# explicitly (sweep/standin.py), on 4 logical CPU devices standing in for the 4 GPUs (a global batch they split).
+# explicitly (sweep/resources/standin.py), on 4 logical CPU devices standing in for the 4 GPUs (a global batch they split).
 STAND_IN = ["allow_stand_in=true", "train.cpu_replicas=4", "train.batch_size=4"]
 
 

@@ -38,7 +38,7 @@ def one_run(uri: str, exp_id: str, idx: int, checkpoints: int, artifact: Path, d
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
-    from sweep.tracking import TrackingError, _retry
+    from sweep.tracking.client import TrackingError, _retry
 
     client = MlflowClient(uri)
 
@@ -125,7 +125,7 @@ POOLS = {  # the server's SQLAlchemy pool (tests.mlflow_server.start_mlflow_serv
 
 def bench(backend: str, clients: int, checkpoints: int, processes: int, workers: int, limit_s: float,
           work: Path, pool: str = "null", retries: int = 4) -> dict:
-    from sweep import tracking
+    from sweep.tracking import client as tracking
     from tests.mlflow_server import postgres_database, start_mlflow_server
 
     store = postgres_database() if backend == "postgresql" else f"sqlite:///{work / backend / 'mlflow.db'}"

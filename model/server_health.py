@@ -1,5 +1,5 @@
 """HTTP probes of an MLflow tracking server (``/health``, an API path), for every command that checks a server before it
-works (sweep.store before a sweep, model.predict before loading ``runs:/`` models, analysis.store before
+works (sweep.tracking.store before a sweep, model.predict before loading ``runs:/`` models, analysis.store before
 reading runs), and the one redaction of credentials in URIs. In model/ because model/ may not import sweep/ or
 analysis/, while both may import model/."""
 

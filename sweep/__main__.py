@@ -18,13 +18,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from data.errors import DataError
-from sweep.core import SWEEP_APP
-from sweep.dispatch import objective_values
 from model.devices import DeviceError
-from sweep.lease import LeaseHeld
-from sweep.standin import check_stand_in
-from sweep.task import ConfigError, run
-from sweep.tracking import TrackingError
+from sweep.core import SWEEP_APP
+from sweep.core.errors import ConfigError
+from sweep.core.results import objective_values
+from sweep.jobs.train import run
+from sweep.resources.standin import check_stand_in
+from sweep.slurm.lease import LeaseHeld
+from sweep.tracking.client import TrackingError
 
 log = logging.getLogger("sweep")
 
@@ -34,7 +35,7 @@ def task(cfg: DictConfig) -> tp.Any:
         if HydraConfig.get().mode != RunMode.MULTIRUN:  # a sweep's jobs were checked by its sweeper (prepare_sweep)
             check_stand_in([cfg], launcher=HydraConfig.get().launcher, log=log)
         if cfg.get("task", "train") == "fusing":
-            from sweep.fusing import run_fusing
+            from sweep.jobs.fusing import run_fusing
 
             return objective_values(cfg, run_fusing(cfg))
         if cfg.get("task", "train") != "train":

@@ -1,7 +1,7 @@
 """``python -m sweep.plan``: check a whole sweep and print what it would queue, before anything runs.
 
     python -m sweep.plan +experiment=compound
-    python -m sweep.plan +experiment=compound hydra/launcher=slurm_v100 profile=paper data=prepared \\
+    python -m sweep.plan +experiment=compound hydra/launcher=slurm_v100 profile=paper data=prepared \
         data.dataset=/data/prepared hydra.launcher.array_parallelism=8
 
 Composes every job of the sweep (``hydra.sweeper.params`` of the experiment plus sweep overrides
@@ -16,118 +16,26 @@ Writes nothing.
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import sys
 import typing as tp
-from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-from hydra import compose, initialize_config_dir
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import IntervalSweep
-from omegaconf import DictConfig, OmegaConf
-
-from sweep import tracking
-from sweep.dispatch import SweepConfigError, check_jobs, finished_fold_runs
-from sweep.standin import check_stand_in
-from sweep.sbatch import render_sbatch  # noqa: F401 - also this module's API (tests, users)
-from sweep.task import ConfigError, check_dataset
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-V100_TFLOPS = 30.0  # sustained mixed-precision conv throughput per V100 assumed for the estimate
-
-
-def expand_sweep(overrides: tp.Sequence[str]) -> tuple[DictConfig, list[list[str]]]:
-    """The base config and every job's overrides, as Hydra's basic sweeper builds them.
-
-    Like BasicSweeper.split_arguments: ``hydra.sweeper.params`` first, then the command line; a key
-    given again later (``model.depth=3`` after the experiment's ``model.depth: 3,4,5,6``) replaces it.
-    An Optuna search space becomes its categorical grid, continuous parameters at their low end: the
-    configs the asynchronous sweeper checks before its slots start.
-    """
-    parser = OverridesParser.create()
-    fixed = [o.input_line for o in parser.parse_overrides(list(overrides)) if not o.is_sweep_override()]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        base = compose("config", overrides=fixed, return_hydra_config=True)
-    params = base.hydra.sweeper.get("params")
-    params = OmegaConf.to_container(params, resolve=False) if params else {}  # no experiment: no sweep params
-    lines = [f"{k}={v}" for k, v in params.items()] + list(overrides)
-    final: dict[str, list[str]] = {}
-    for o in parser.parse_overrides(lines):
-        key = o.get_key_element()
-        if o.is_sweep_override() and isinstance(o.value(), IntervalSweep):  # Optuna: checked at its low end
-            values = [str(o.value().start)]
-        else:
-            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
-        final[key] = [f"{key}={v}" for v in values]
-    return base, [list(combo) for combo in itertools.product(*final.values())]
-
-
-def compose_jobs(jobs: list[list[str]]) -> list[tuple[int, list[str], DictConfig]]:
-    """Every job's config, composed once per config-group choice as the launchers do (sweep.compose)."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    from sweep.compose import compose_jobs as compose_once
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        master = compose("config", return_hydra_config=True)
-        return compose_once(GlobalHydra.instance().config_loader(), master, jobs)
-
-
-def finished_pairs(uri: str, experiment: str) -> set[tuple[str, int]]:
-    """(config_key, fold) pairs with a FINISHED run; read-only (a missing store or experiment is empty)."""
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
-        return set()
-    tracking.check_tracking_uri(uri)
-    from mlflow.tracking import MlflowClient
-
-    exp = MlflowClient(uri).get_experiment_by_name(experiment)
-    if exp is None:
-        return set()
-    return set(finished_fold_runs(uri, exp.experiment_id))
-
-
-def gpu_hours_upper_bound(flops: int, batch: int, iters: int, gpus: int, tflops_per_gpu: float) -> float:
-    """Training ≈ 3× forward FLOPs per image; every run to the iteration cap; GPU-hours on ``gpus`` GPUs."""
-    seconds = 3.0 * flops * batch * iters / (tflops_per_gpu * 1e12 * gpus)
-    return seconds * gpus / 3600.0
-
-
-def launcher_params(cfg: DictConfig) -> dict:
-    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
-    params.pop("_target_", None)
-    return params
-
-
-def print_memory_section(jobs: list, skipped: list, decisions: dict, done: set) -> None:
-    """The configs that do not fit their GPUs at the configured batch, each with its estimate: those
-    halved (queued at a smaller global batch) and those skipped (not queued, recorded in MLflow)."""
-    from sweep.resources import GB, on_oom_setting
-
-    halved: dict[str, list] = {}
-    for j in jobs:
-        if decisions[j.idx].action == "halved":
-            halved.setdefault(j.plan.config_key, []).append(j)
-    skip: dict[str, list] = {}
-    for j, _why in skipped:
-        skip.setdefault(j.plan.config_key, []).append(j)
-    if not halved and not skip:
-        return
-    policies = sorted({on_oom_setting(j.cfg) for g in (*halved.values(), *skip.values()) for j in g})
-    budget = decisions[next(iter((*halved.values(), *skip.values())))[0].idx].budget
-    print()
-    print(f"GPU memory: {len(halved)} config(s) halved, {len(skip)} skipped (on_oom={','.join(policies)}, "
-          f"gpu_mem_gb {(budget.memory_bytes or 0) / GB:g} per GPU, {budget.gpus} GPUs per run):")
-    for what, groups in (("halved", halved), ("skipped", skip)):
-        for group in groups.values():
-            p, d = group[0].plan, decisions[group[0].idx]
-            folds = ",".join(str(j.plan.fold) for j in group)
-            state = (f"folds {folds}" + (" (" + ",".join(str(j.plan.fold) for j in group if j.pair in done)
-                                          + " FINISHED)" if any(j.pair in done for j in group) else "")
-                     if what == "halved" else f"folds {folds} not queued (KILLED MLflow runs tagged skipped_reason)")
-            print(f"  {what}: c0={p.paper_width} d={p.depth} IS={p.paper_input_size}: {d.reason}; {state}")
+from sweep.core.errors import ConfigError, SweepConfigError
+from sweep.jobs.train import check_dataset
+from sweep.orchestration.planning import (
+    V100_TFLOPS,
+    compose_jobs,
+    expand_sweep,
+    finished_pairs,
+    gpu_hours_upper_bound,
+    launcher_params,
+    print_memory_section,
+)
+from sweep.orchestration.prepare import check_jobs
+from sweep.resources.standin import check_stand_in
+from sweep.slurm.sbatch import render_sbatch  # noqa: F401 - also this module's API (tests, users)
+from sweep.tracking import client as tracking
 
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
@@ -154,7 +62,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     except Exception as exc:  # composition errors from Hydra: one line, not a traceback
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
-    from sweep.resources import GB, apply_memory_policy, decide, gpu_budget, on_oom_setting
+    from sweep.resources.memory import GB, apply_memory_policy, decide, gpu_budget, on_oom_setting
 
     try:  # what the sweep decides for runs that do not fit their GPUs (on_oom)
         decisions = {j.idx: decide(j.plan, gpu_budget(j.cfg), on_oom_setting(j.cfg)) for j in jobs}
@@ -219,7 +127,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         print(f"error: {refusal}", file=sys.stderr)
         return 2
     if is_slurm and todo:
-        from sweep.groups import job_groups
+        from sweep.resources.groups import job_groups
 
         params = launcher_params(base)
         folder = str(params["submitit_folder"])

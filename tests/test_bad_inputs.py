@@ -168,7 +168,7 @@ def _optuna(*overrides: str, under_file: bool = False) -> tp.Callable[[Path], li
 
 
 def _stand_in(module: str, *overrides: str, multirun: bool = False) -> tp.Callable[[Path], list[str]]:
-    """A stand-in (sweep/standin.py); Hydra's own folders outside the case folder."""
+    """A stand-in (sweep/resources/standin.py); Hydra's own folders outside the case folder."""
     def setup(root: Path) -> list[str]:
         outside = root.parent / (root.name + "-hydra")
         return ["-m", module, *overrides, f"paths.work={root / 'work'}", f"hydra.run.dir={outside}",

@@ -105,7 +105,7 @@ def test_usr2_checkpoint_mid_chunk_and_resume_on_four_replicas_restore_weights_a
               ckpt_dir=tmp_path / "ck", settings=s)
     seen = {}
 
-    def usr2() -> None:  # what submitit's USR2 hook does (sweep.task.checkpoint_before_requeue), then the job ends
+    def usr2() -> None:  # what submitit's USR2 hook does (sweep.jobs.train.checkpoint_before_requeue), then the job ends
         assert save_active_checkpoint()
         model = seen["model"]
         seen["saved"] = ([keras.ops.convert_to_numpy(v) for v in model.optimizer.variables], model.get_weights())

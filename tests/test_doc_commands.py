@@ -2,7 +2,7 @@
 it says: each is extracted (code blocks with backslash continuations and ``S="..."`` variables, inline code
 spans, YAML comments), its example paths replaced by a tiny prepared dataset and its tracking server by a
 local SQLite file, and then composed and checked as ``python -m sweep.plan`` does (expand_sweep, every job's
-config, check_jobs, the stand-in rule of sweep/standin.py, the dataset checks), without SLURM, MLflow or
+config, check_jobs, the stand-in rule of sweep/resources/standin.py, the dataset checks), without SLURM, MLflow or
 TensorFlow. A command that does not compose, or that the launchers would refuse, fails here.
 
 Commands that are not sweeps: ``sweep.status`` and ``sweep.sync`` parse their options and compose their overrides
@@ -171,10 +171,10 @@ def _substitute(args: tp.Sequence[str], env: dict[str, Path]) -> list[str]:
 
 def check_sweep(overrides: tp.Sequence[str]) -> tp.Any:
     """Compose and check a training sweep (or single run) as ``python -m sweep.plan`` does; raises what it refuses."""
-    from sweep.dispatch import check_jobs
-    from sweep.plan import compose_jobs, expand_sweep
-    from sweep.standin import check_stand_in
-    from sweep.task import check_dataset
+    from sweep.orchestration.prepare import check_jobs
+    from sweep.orchestration.planning import compose_jobs, expand_sweep
+    from sweep.resources.standin import check_stand_in
+    from sweep.jobs.train import check_dataset
 
     _, job_overrides = expand_sweep(list(overrides))
     jobs = check_jobs(compose_jobs(job_overrides))
@@ -237,7 +237,7 @@ def check_command(cmd: Command, env: dict[str, Path]) -> None:
         if cmd.module == "sweep.status":
             from sweep.status import main
         else:
-            from sweep.offline import main
+            from sweep.sync import main
         ns = parse_cli(main, cmd.args)
         if not getattr(ns, "sweep_id", None):  # the sweep's overrides: they must name a sweep that runs
             _check_sweep_cached(_substitute(ns.overrides, env))
@@ -255,7 +255,7 @@ def check_command(cmd: Command, env: dict[str, Path]) -> None:
     elif cmd.module == "sweep.predict":
         from hydra import compose, initialize_config_dir
 
-        from sweep.plan import CONF_DIR
+        from sweep.orchestration.planning import CONF_DIR
         from sweep.predict import plan_volumes
 
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -306,7 +306,7 @@ S="+experiment=compound hydra/launcher=slurm_v100 profile=paper mlflow=server \\
 def test_an_offending_command_is_refused(env):
     """The README's cluster lines before this check: synthetic data (no data=prepared) and the laptop profile
     on 4-GPU SLURM jobs. The check must fail them, naming the field."""
-    from sweep.task import ConfigError
+    from sweep.core.errors import ConfigError
 
     compound, optuna = extract_markdown(OLD_README, "old-README.md")
     assert compound.args[:4] == ("+experiment=compound", "hydra/launcher=slurm_v100", "profile=paper", "mlflow=server")

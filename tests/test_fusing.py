@@ -83,7 +83,7 @@ def _fake_run(client, exp, key, fold, iou, flops, *, parent=False, status="FINIS
 
 
 def test_best_config_is_the_highest_mean_iou_over_complete_folds_ties_to_fewer_flops(tmp_path):
-    from sweep.fusing import best_config
+    from sweep.jobs.fusing import best_config
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)

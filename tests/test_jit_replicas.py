@@ -16,7 +16,8 @@ from data.manifest import load_dataset
 from data.pipeline import AugmentConfig
 from model.devices import DeviceError, training_devices
 from model.training import TrainSettings, _fresh_model, train_fold
-from sweep.task import ConfigError, plan_run
+from sweep.core.errors import ConfigError
+from sweep.core.runplan import plan_run
 from tests.test_stand_in import _cfg
 
 REPO = Path(__file__).resolve().parents[1]

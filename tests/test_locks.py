@@ -1,4 +1,4 @@
-"""Locks that hold across nodes (sweep.locks): lock files created with os.link that name their holder, with stale
+"""Locks that hold across nodes (sweep.slurm.locks): lock files created with os.link that name their holder, with stale
 holders found through SLURM or their pid. ``fcntl.flock`` is disabled in the contending processes, as on a Lustre
 mount with localflock, so flock cannot be what excludes."""
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from sweep import locks
+from sweep.slurm import locks
 from tests.slurm_fixture import slurm_cluster  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ NO_FLOCK = "import fcntl; fcntl.flock = lambda *a, **k: None; fcntl.lockf = lamb
 CONTEND = NO_FLOCK + """
 import os, sys, time
 sys.path.insert(0, {repo!r})
-from sweep import locks
+from sweep.slurm import locks
 lock, log, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
 for _ in range(rounds):
     with locks.locked(lock, timeout_s=60, poll_s=0.001):
@@ -71,7 +71,7 @@ def _lease_round(args: tuple[str, str, int]) -> list[bool]:
     fcntl.flock = lambda *a, **k: None  # node-local flock: it excludes nothing between "nodes"
     folder, job, rounds = args
     os.environ["SLURM_JOB_ID"] = job
-    from sweep import lease, slurm_state
+    from sweep.slurm import lease, queue as slurm_state
 
     slurm_state.is_alive = lambda job_id: (True, "RUNNING")
     won = []
@@ -146,8 +146,8 @@ def test_a_requeued_job_retakes_its_own_lock_and_slurm_decides_for_other_jobs(tm
 def test_an_optuna_slot_gives_up_a_duplicate_after_lease_wait_s_and_shows_the_wait(tmp_path, capsys):
     from hydra.core.utils import JobReturn, JobStatus
 
-    from sweep import trials
-    from sweep.lease import LeaseHeld
+    from sweep.orchestration import trials
+    from sweep.slurm.lease import LeaseHeld
 
     spec = trials.StudySpec(study_name="s", storage=f"journal:{tmp_path}/s.journal", directions=["maximize"],
                             n_trials=2, n_slots=1, distributions={"x": optuna.distributions.FloatDistribution(0, 1)},

@@ -14,7 +14,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from sweep.trials import StudySpec, claim, idle_share, read_timelines, trial_intervals
+from sweep.orchestration.trials import StudySpec, claim, idle_share, read_timelines, trial_intervals
 from tests.slurm_fixture import checkpoint_at, slurm_cluster  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,8 +45,8 @@ def _spec(tmp: Path, n_trials: int) -> StudySpec:
 
 
 def _claim_all(tmp: str, n_trials: int) -> list[int]:
-    from sweep.lease import my_lease
-    from sweep.trials import open_storage
+    from sweep.slurm.lease import my_lease
+    from sweep.orchestration.trials import open_storage
 
     spec = _spec(Path(tmp), n_trials)
     study = optuna.load_study(study_name="s", storage=open_storage(spec.storage))
@@ -58,7 +58,7 @@ def _claim_all(tmp: str, n_trials: int) -> list[int]:
 
 
 def test_claims_from_four_processes_never_exceed_n_trials(tmp_path):
-    from sweep.trials import open_storage
+    from sweep.orchestration.trials import open_storage
 
     optuna.create_study(study_name="s", storage=open_storage(f"journal:{tmp_path}/s.journal"), direction="maximize")
     with multiprocessing.get_context("spawn").Pool(4) as pool:
@@ -70,7 +70,7 @@ def test_claims_from_four_processes_never_exceed_n_trials(tmp_path):
 
 
 def test_a_worker_resumes_its_own_trial_and_adopts_a_dead_workers_trial(tmp_path):
-    from sweep.trials import TRIAL_WORKER_ATTR, open_storage
+    from sweep.orchestration.trials import TRIAL_WORKER_ATTR, open_storage
 
     spec = _spec(tmp_path, 3)
     study = optuna.create_study(study_name="s", storage=open_storage(spec.storage), direction="maximize")
@@ -137,7 +137,7 @@ def test_async_optuna_on_slurm_one_array_of_slots_a_preempted_worker_resumes_its
     assert {r[0] for r in rows} == {f"{array_id}_0", f"{array_id}_1"}, tasks
     assert all("gres/gpu=4" in r[2] for r in rows), tasks
     # Exactly n_trials trials, all COMPLETE, one FINISHED MLflow run each; the preempted one resumed.
-    from sweep.trials import open_storage
+    from sweep.orchestration.trials import open_storage
 
     study = optuna.load_study(study_name="scaling-unet-laptop", storage=open_storage(rec["storage"]))
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3

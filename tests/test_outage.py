@@ -1,4 +1,4 @@
-"""Tracking-server outages cost a training run nothing (sweep.outbox): a real MLflow server is stopped while runs
+"""Tracking-server outages cost a training run nothing (sweep.tracking.outbox): a real MLflow server is stopped while runs
 train and started again on the same database; every validation point reaches it, in order, and the runs end
 FINISHED. A run that ends while the server is away is recorded in its offline store and synced into its server run."""
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from sweep import tracking
-from sweep.outbox import Outbox
+from sweep.tracking import client as tracking
+from sweep.tracking.outbox import Outbox
 from tests.mlflow_server import postgres_database, start_mlflow_server
 from tests.slurm_fixture import slurm_cluster  # noqa: F401
 
@@ -204,8 +204,8 @@ def test_an_array_whose_runs_end_during_the_outage_exits_well_and_status_brings_
 
 def test_a_resumed_run_backfills_the_points_a_killed_job_held_in_memory(tmp_path, own_server):
     """A job preempted during an outage held validation points in memory only; state.json has them all."""
-    from sweep.outbox import backfill
-    from sweep.task import _chunk_metrics
+    from sweep.tracking.outbox import backfill
+    from sweep.jobs.train import _chunk_metrics
 
     uri = own_server["handle"].uri
     rec = tracking.RunRecorder(uri, tracking.ensure_experiment(uri, "backfill"), run_name="r")
@@ -224,7 +224,7 @@ def test_a_resumed_run_backfills_the_points_a_killed_job_held_in_memory(tmp_path
 def test_a_slurm_job_that_starts_during_a_restart_waits_for_the_server(tmp_path, own_server, monkeypatch):
     import threading
 
-    from sweep import task
+    from sweep.jobs import train as task
 
     uri = own_server["handle"].uri
     own_server["handle"].stop()

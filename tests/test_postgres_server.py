@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from sweep import tracking
+from sweep.tracking import client as tracking
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""The stand-in rule (sweep/standin.py): GPU jobs with the laptop profile or synthetic data, and the paper
+"""The stand-in rule (sweep/resources/standin.py): GPU jobs with the laptop profile or synthetic data, and the paper
 profile on this machine's CPU, are refused unless allow_stand_in=true; sweep.plan and the sweep agree."""
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from sweep.plan import CONF_DIR
-from sweep.standin import check_stand_in, stand_in_rule
-from sweep.task import ConfigError, plan_run
+from sweep.orchestration.planning import CONF_DIR
+from sweep.resources.standin import check_stand_in, stand_in_rule
+from sweep.core.errors import ConfigError
+from sweep.core.runplan import plan_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,7 +89,7 @@ def test_a_single_runs_config_is_judged_with_the_launcher_given(tmp_path):
 
 
 def test_the_rule_imports_no_tensorflow():
-    code = "import sys, sweep.standin; sys.exit('tensorflow' in sys.modules)"
+    code = "import sys, sweep.resources.standin; sys.exit('tensorflow' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sweep import record as sweep_record
-from sweep import slurm_state, status, tracking
+from sweep.slurm import record as sweep_record
+from sweep.slurm import queue as slurm_state
+from sweep.orchestration import status
+from sweep.tracking import client as tracking
 
 SQUEUE = "500|1|501|RUNNING|500_1\n500|2|500|PENDING|500_2\n"
 # -D: every attempt of a task; task 1 ran and was requeued twice, task 3 gave up after 3 requeues (limit 3).

@@ -1,5 +1,5 @@
-"""Resources per config: runs grouped into a few arrays by predicted time (sweep.groups), and the job
-configs composed once per config-group choice (sweep.compose) equal to Hydra's full composition."""
+"""Resources per config: runs grouped into a few arrays by predicted time (sweep.resources.groups), and the job
+configs composed once per config-group choice (sweep.core.compose) equal to Hydra's full composition."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from sweep.compose import compose_jobs
-from sweep.groups import group_by_time, share_parallelism, time_limit_min
-from sweep.plan import CONF_DIR
+from sweep.core.compose import compose_jobs
+from sweep.resources.groups import group_by_time, share_parallelism, time_limit_min
+from sweep.orchestration.planning import CONF_DIR
 
 
 def test_groups_minimise_reserved_time_longest_first_with_their_own_limits():

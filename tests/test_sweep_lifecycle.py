@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from sweep import lease
+from sweep.slurm import lease
 from tests.slurm_fixture import slurm_cluster  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,7 +119,7 @@ def test_two_jobs_on_one_pair_one_trains_the_other_exits_naming_the_holder(tmp_p
                  f"mlflow.tracking_uri={mlflow_server.uri}", "mlflow.experiment=lease"]
     # Data and experiment first, as the sweep launcher does, so both jobs race only for the run itself.
     prep = subprocess.run([sys.executable, "-c", "import sys; from sweep.plan import compose_jobs; "
-                           "from sweep.task import ensure_dataset; from sweep.tracking import ensure_experiment; "
+                           "from sweep.jobs.train import ensure_dataset; from sweep.tracking import ensure_experiment; "
                            "(_, _, c), = compose_jobs([sys.argv[1:]]); ensure_dataset(c); "
                            "ensure_experiment(str(c.mlflow.tracking_uri), 'lease')", *overrides],
                           cwd=REPO, env=_env(work), capture_output=True, text=True, timeout=120)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from sweep.plan import CONF_DIR, expand_sweep, launcher_params, render_sbatch
+from sweep.orchestration.planning import CONF_DIR, expand_sweep, launcher_params
+from sweep.slurm.sbatch import render_sbatch
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden" / "sbatch_slurm_v100.txt"

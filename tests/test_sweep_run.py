@@ -14,7 +14,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
-from sweep.task import ConfigError, plan_run
+from sweep.core.errors import ConfigError
+from sweep.core.runplan import plan_run
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.depth=2", "data.synth.size=32", "data.synth.n_train=4", "data.synth.n_test=1",

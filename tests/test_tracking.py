@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from sweep import tracking
-from sweep.tracking import RunRecorder, TrackingError
+from sweep.tracking import client as tracking
+from sweep.tracking.client import RunRecorder, TrackingError
 from tests.mlflow_server import free_port, mlflow_server, start_mlflow_server  # noqa: F401
 
 

@@ -21,9 +21,8 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, OmegaConf
-
 from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +87,9 @@ class AsyncOptunaSweeper(Sweeper):
         return [str(getattr(x, "name", x)) for x in d]
 
     def _search_space(self, arguments: tp.Sequence[str]) -> tuple[dict, dict]:
-        from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
-
         import warnings
 
+        from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
         from optuna.distributions import _convert_old_distribution_to_new_distribution as to_new
 
         conf = [f"{k!s}={v}" for k, v in (self.params or {}).items()] + list(arguments)
@@ -105,8 +103,8 @@ class AsyncOptunaSweeper(Sweeper):
         """Compose and check every categorical combination (continuous parameters at their low end) before
         any slot starts: a bad config, dataset or tracking server is one error line, not N failed workers."""
         from hydra_plugins.scaling_unet.pool import sweep_dir
-        from sweep.compose import compose_jobs
-        from sweep.dispatch import prepare_sweep_or_exit
+        from sweep.core.compose import compose_jobs
+        from sweep.orchestration.prepare import prepare_sweep_or_exit
 
         names = list(distributions)
         axes = [list(getattr(distributions[n], "choices", None) or [distributions[n].low]) for n in names]
@@ -126,7 +124,7 @@ class AsyncOptunaSweeper(Sweeper):
 
         from hydra_plugins.scaling_unet.pool import PoolLauncher
         from hydra_plugins.scaling_unet.slurm_array import SlurmArrayLauncher
-        from sweep import trials
+        from sweep.orchestration import trials
 
         problem = self._check_settings()
         if problem:
@@ -180,7 +178,7 @@ class AsyncOptunaSweeper(Sweeper):
         return sum(t.state == optuna.trial.TrialState.RUNNING for t in study.get_trials(deepcopy=False))
 
     def _on_slurm(self, worker, spec) -> None:
-        from sweep import trials
+        from sweep.orchestration import trials
 
         executor = self.launcher.executor()
         executor.update_parameters(slurm_array_parallelism=spec.n_slots)
@@ -212,7 +210,7 @@ class AsyncOptunaSweeper(Sweeper):
         import cloudpickle
 
         from hydra_plugins.scaling_unet.pool import init_worker
-        from sweep import trials
+        from sweep.orchestration import trials
 
         trials.write_record(spec)
         threads = self.launcher.threads_per_worker or max(1, (os.cpu_count() or 1) // spec.n_slots)
@@ -230,7 +228,7 @@ class AsyncOptunaSweeper(Sweeper):
         """Pareto front or best trial (as hydra-optuna-sweeper writes them) and the idle slot-time."""
         import optuna
 
-        from sweep import trials
+        from sweep.orchestration import trials
 
         trials_ = study.get_trials(deepcopy=False)
         states = {s.name: sum(t.state == s for t in trials_) for s in optuna.trial.TrialState}

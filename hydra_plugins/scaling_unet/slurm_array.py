@@ -14,9 +14,9 @@ import typing as tp
 from hydra.core.config_store import ConfigStore
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
-
 from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
+
 from hydra_plugins.scaling_unet.hints import JobGroup, take_hints
 from hydra_plugins.scaling_unet.pool import failed_return, sweep_dir
 
@@ -149,9 +149,8 @@ def slurm_executor(params: tp.Mapping[str, tp.Any], folder: tp.Optional[str] = N
     """A ``submitit.AutoExecutor`` for SLURM with a launcher's parameters (``submitit_folder``, ``max_num_timeout``,
     hydra-submitit-launcher's queue keys, and slurm_* keys without their prefix)."""
     import submitit
-    from omegaconf import OmegaConf
-
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
 
     params = {k: v for k, v in params.items() if k not in LAUNCHER_OWN_KEYS}
     init = {"folder": folder or params["submitit_folder"]}

@@ -1,4 +1,4 @@
-"""``hydra/sweeper=scaling_unet``: Hydra's basic sweeper that composes each batch once, fast (sweep.compose).
+"""``hydra/sweeper=scaling_unet``: Hydra's basic sweeper that composes each batch once, fast (sweep.core.compose).
 
 For an app that asks for it (a task function with the attribute :data:`sweep.core.SWEEP_APP` set, as
 ``python -m sweep`` has), every batch goes through the sweep's own logic (sweep.orchestration.grid: check every
@@ -15,8 +15,8 @@ from hydra.core.utils import JobReturn
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
-from sweep.compose import compose_jobs
 from sweep.core import SWEEP_APP
+from sweep.core.compose import compose_jobs
 
 
 @dataclasses.dataclass

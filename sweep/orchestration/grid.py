@@ -1,8 +1,8 @@
 """One batch of a grid sweep around a launcher, the same on the local pool and on SLURM.
 
-Before anything is queued, :func:`sweep.dispatch.prepare_sweep` checks every config, skips FINISHED and
+Before anything is queued, :func:`sweep.orchestration.prepare.prepare_sweep` checks every config, skips FINISHED and
 memory-refused runs, and drops duplicates. The launcher then gets hints: on the pool, groups of runs that share
-a traced model; on SLURM, one array per time group, each submission recorded (sweep.record) before any wait,
+a traced model; on SLURM, one array per time group, each submission recorded (sweep.slurm.record) before any wait,
 and pairs held by live jobs left to them. After the jobs: offline stores synced, one parent MLflow run per config,
 and a summary of failures with their reasons.
 """
@@ -17,21 +17,22 @@ import typing as tp
 from pathlib import Path
 
 from hydra.core.utils import JobReturn, JobStatus
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from hydra_plugins.scaling_unet.hints import JobGroup, LaunchHints
 from hydra_plugins.scaling_unet.pool import sweep_dir
 from hydra_plugins.scaling_unet.slurm_array import SlurmArrayLauncher, not_waited_return
 from model.schedule import model_key
-from sweep import record as sweep_record
-from sweep.aggregate import link_parent_runs
-from sweep.dispatch import (Job, PreparedSweep, failure_reason, finished_fold_runs, objective_values,
-                            prepare_sweep_or_exit, summarize)
-from sweep.groups import job_groups, measured_rate
-from sweep.offline import sync_pairs
-from sweep.resources import halved_reason
-from sweep.slurm_state import SlurmQueryError
-from sweep.tracking import redact_uri
+from sweep.core.results import failure_reason, objective_values
+from sweep.orchestration.planning import launcher_params
+from sweep.orchestration.prepare import Job, PreparedSweep, prepare_sweep_or_exit, summarize
+from sweep.resources.groups import job_groups, measured_rate
+from sweep.resources.memory import halved_reason
+from sweep.slurm import record as sweep_record
+from sweep.slurm.queue import SlurmQueryError
+from sweep.tracking.client import finished_fold_runs, redact_uri
+from sweep.tracking.offline import sync_pairs
+from sweep.tracking.parents import link_parent_runs
 
 log = logging.getLogger("hydra_plugins.scaling_unet.launchers")  # the name the sweep's log lines always had
 
@@ -79,7 +80,7 @@ def _finish(prepared: PreparedSweep, results: Results, failed: list, parent_runs
                 log.info("offline stores synced: %s", counts)
         except Exception as exc:  # the offline stores stay; python -m sweep.sync copies them later
             log.error("could not sync the runs' offline stores: %s (python -m sweep.sync copies them later)", exc)
-    if parent_runs and prepared.task == "train":  # fusing runs have their own parents (sweep.fusing)
+    if parent_runs and prepared.task == "train":  # fusing runs have their own parents (sweep.jobs.fusing)
         keys = {j.plan.config_key for j in prepared.todo} | {j.plan.config_key for j, _ in prepared.finished}
         try:
             link_parent_runs(prepared.tracking_uri, prepared.experiment_id, keys)
@@ -90,10 +91,6 @@ def _finish(prepared: PreparedSweep, results: Results, failed: list, parent_runs
         results[dup.idx] = (dup, first)
     summarize(failed, len(prepared.todo))
     return [results[i][1] for i in sorted(results)]
-
-
-def launcher_params(config: DictConfig) -> dict[str, tp.Any]:
-    return tp.cast(dict, OmegaConf.to_container(config.hydra.launcher, resolve=True))
 
 
 def launch_batch(launcher: tp.Any, config: DictConfig, composed: list[tuple[int, list[str], DictConfig]]

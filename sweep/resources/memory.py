@@ -60,7 +60,7 @@ def per_replica_batch(global_batch: int, gpus: int) -> int:
 
 
 def estimate(plan, gpus: int, global_batch: tp.Optional[int] = None) -> MemoryEstimate:
-    """Peak memory of one replica of this run (``plan``: sweep.task.RunPlan, as trained)."""
+    """Peak memory of one replica of this run (``plan``: sweep.jobs.train.RunPlan, as trained)."""
     batch = plan.settings.batch_size if global_batch is None else global_batch
     return training_memory(plan.width, plan.depth, plan.input_size, per_replica_batch(batch, gpus),
                            plan.settings.precision)
@@ -115,7 +115,7 @@ def decide(plan, budget: GpuBudget, on_oom: str) -> MemoryDecision:
 
 
 def on_oom_setting(cfg: DictConfig) -> str:
-    from sweep.task import ConfigError
+    from sweep.core.errors import ConfigError
 
     value = str(OmegaConf.select(cfg, "on_oom", default=DEFAULT_ON_OOM))
     if value not in ON_OOM:
@@ -166,7 +166,7 @@ def halved_tags(cfg: DictConfig) -> dict[str, str]:
 
 def record_skipped(uri: str, experiment_id: str, plan, reason: str, experiment_name: str) -> None:
     """A KILLED MLflow run tagged ``skipped_reason`` for a (config, fold) the sweep did not queue (once)."""
-    from sweep import tracking
+    from sweep.tracking import client as tracking
 
     existing = [r for r in tracking.find_runs(uri, experiment_id, config_key=plan.config_key, fold=plan.fold)
                 if r.data.tags.get(TAG_SKIPPED) == reason]
@@ -184,10 +184,10 @@ def record_skipped(uri: str, experiment_id: str, plan, reason: str, experiment_n
 
 
 def apply_memory_policy(jobs: list) -> tuple[list, list[tuple[tp.Any, str]], dict[int, MemoryDecision]]:
-    """Check every training job (sweep.dispatch.Job) against its GPUs; returns (jobs to run, skipped
+    """Check every training job (sweep.orchestration.prepare.Job) against its GPUs; returns (jobs to run, skipped
     (job, reason), decision per job index). ``refuse`` raises SweepConfigError naming every config."""
-    from sweep.dispatch import SweepConfigError
-    from sweep.task import plan_run
+    from sweep.core.errors import SweepConfigError
+    from sweep.core.runplan import plan_run
 
     keep, skipped, decisions, refused, halved = [], [], {}, {}, set()
     for j in jobs:

@@ -11,7 +11,7 @@ A stand-in is a run that is not what its launcher promises:
 
 Both are refused unless ``allow_stand_in=true`` (the test cluster's fake GPUs, a deliberate CPU run); the
 second is no stand-in when ``hydra.launcher.gpu_mem_gb`` is set (a GPU workstation). :func:`stand_in_rule`
-is the rule; the sweep launchers (``sweep.dispatch.prepare_sweep``), a single run (``sweep.__main__``) and
+is the rule; the sweep launchers (``sweep.orchestration.prepare.prepare_sweep``), a single run (``sweep.__main__``) and
 ``python -m sweep.plan`` call it through :func:`check_stand_in`, so the plan refuses what the run refuses.
 """
 
@@ -117,12 +117,12 @@ def stand_in_rule(cfgs: tp.Sequence[DictConfig], launcher: tp.Any = None) -> tp.
 
 
 def check_stand_in(cfgs: tp.Sequence[DictConfig], launcher: tp.Any = None, log: tp.Any = None) -> tp.Optional[StandIn]:
-    """Raise ``sweep.task.ConfigError`` (``error: <field>: …``, exit 2) for a refused stand-in; log an allowed one."""
+    """Raise ``sweep.jobs.train.ConfigError`` (``error: <field>: …``, exit 2) for a refused stand-in; log an allowed one."""
     verdict = stand_in_rule(cfgs, launcher)
     if verdict is None:
         return None
     if not verdict.allowed:
-        from sweep.task import ConfigError
+        from sweep.core.errors import ConfigError
 
         raise ConfigError(verdict.field, verdict.problem)
     if log is not None:

@@ -16,10 +16,10 @@ import socket
 import subprocess
 import time
 import typing as tp
-import urllib.error
 from collections.abc import Mapping
 from pathlib import Path
 
+import tenacity
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -54,35 +54,45 @@ _SLURM_ENV = {
     TAG_SLURM_ARRAY_TASK_ID: "SLURM_ARRAY_TASK_ID",
 }
 # The store checks and the config values live in their own modules; their names stay importable from here.
-from sweep.params import (DEFAULT_CONFIG_KEY_EXCLUDE, TRUNCATED_SUFFIX, _flat_items, config_key,  # noqa: E402,F401
-                          flatten, sanitize)
-from sweep.store import (TrackingError, TrackingUnavailable, _local_store_dir, check_tracking_uri,  # noqa: E402,F401
-                         redact_uri)
+# The store checks and the config values live in their own modules; their names stay importable from here.
+from sweep.core.params import DEFAULT_CONFIG_KEY_EXCLUDE, TRUNCATED_SUFFIX, config_key  # noqa: F401
+from sweep.core.params import _flat_items, flatten, sanitize
+from sweep.tracking.store import TrackingError, TrackingUnavailable, _local_store_dir, redact_uri
+from sweep.tracking.store import check_tracking_uri  # noqa: F401
+
+
+def _permanent(exc: BaseException) -> bool:
+    """A refusal that no retry changes: ours, or an MLflow error code such as INVALID_PARAMETER_VALUE."""
+    return isinstance(exc, TrackingError) or (isinstance(exc, MlflowException)
+                                              and getattr(exc, "error_code", None) in PERMANENT_ERROR_CODES)
 
 
 def _retry(fn: tp.Callable[[], T], what: str, uri: str, retries: int, backoff_s: float) -> T:
-    """Call ``fn`` up to ``retries`` times with exponential backoff; then raise TrackingError (never drop silently)."""
+    """Call ``fn`` up to ``retries`` times, waiting ``backoff_s`` × 2^(try − 1) between tries; then raise
+    :class:`TrackingUnavailable` (never drop silently). A permanent refusal is raised at once as :class:`TrackingError`."""
     tries = max(1, int(retries))
-    last: BaseException | None = None
-    for attempt in range(tries):
-        try:
-            return fn()
-        except TrackingError:
-            raise
-        except MlflowException as e:
-            if getattr(e, "error_code", None) in PERMANENT_ERROR_CODES:
-                raise TrackingError(f"MLflow at {redact_uri(uri)}: {what} failed: "
-                                    f"{redact_uri(str(e))}") from e
-            last = e
-        except Exception as e:  # noqa: BLE001 - network, sqlite locks, server errors: all retried, then raised
-            last = e
-        if attempt + 1 < tries:
-            delay = backoff_s * (2 ** attempt)
-            log.warning("MLflow at %s: %s failed (try %d/%d), retrying in %.1f s: %s",
-                        redact_uri(uri), what, attempt + 1, tries, delay, redact_uri(str(last)))
-            time.sleep(delay)
-    raise TrackingUnavailable(f"MLflow at {redact_uri(uri)}: {what} failed after {tries} tries: "
-                        f"{type(last).__name__}: {redact_uri(str(last))}") from last
+
+    def log_retry(state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning("MLflow at %s: %s failed (try %d/%d), retrying in %.1f s: %s", redact_uri(uri), what,
+                    state.attempt_number, tries, state.upcoming_sleep, redact_uri(str(exc)))
+
+    retrying = tenacity.Retrying(stop=tenacity.stop_after_attempt(tries),
+                                 wait=tenacity.wait_exponential(multiplier=backoff_s, min=0, exp_base=2),
+                                 retry=tenacity.retry_if_exception(lambda e: not _permanent(e)),
+                                 before_sleep=log_retry, sleep=lambda s: time.sleep(s), reraise=True)
+    try:
+        return retrying(fn)
+    except TrackingError:
+        raise
+    except MlflowException as e:
+        if not _permanent(e):
+            raise TrackingUnavailable(f"MLflow at {redact_uri(uri)}: {what} failed after {tries} tries: "
+                                      f"{type(e).__name__}: {redact_uri(str(e))}") from e
+        raise TrackingError(f"MLflow at {redact_uri(uri)}: {what} failed: {redact_uri(str(e))}") from e
+    except Exception as e:  # noqa: BLE001 - network, sqlite locks, server errors: all retried, then raised
+        raise TrackingUnavailable(f"MLflow at {redact_uri(uri)}: {what} failed after {tries} tries: "
+                                  f"{type(e).__name__}: {redact_uri(str(e))}") from e
 
 
 def _client(uri: str) -> MlflowClient:
@@ -334,3 +344,17 @@ def end_run(uri: str, run_id: str, status: str = "KILLED", *, retries: int = 3, 
     """Mark a run that can no longer finish (its process died before its first checkpoint)."""
     client = _client(uri)
     _retry(lambda: client.set_terminated(run_id, status=status), f"end run {run_id} as {status}", uri, retries, backoff_s)
+
+
+TAG_IS_PARENT = "is_parent"
+
+
+def finished_fold_runs(uri: str, experiment_id: str) -> dict[tuple[str, int], dict[str, float]]:
+    """Metrics of the FINISHED fold run of each (config_key, fold); parent runs carry no fold and are left out."""
+    done: dict[tuple[str, int], dict[str, float]] = {}
+    for run in find_runs(uri, experiment_id, status="FINISHED"):
+        tags = run.data.tags
+        if TAG_CONFIG_KEY in tags and TAG_FOLD in tags and tags.get(TAG_IS_PARENT) != "true":
+            done.setdefault((tags[TAG_CONFIG_KEY], int(tags[TAG_FOLD])), dict(run.data.metrics))
+    return done
+

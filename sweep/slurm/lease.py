@@ -16,12 +16,14 @@ import time
 import typing as tp
 from pathlib import Path
 
-from sweep import locks
+from data.atomic import atomic_write_json
+from sweep.slurm import locks
+from sweep.slurm.holders import _same_holder, describe, holder_alive
 
 log = logging.getLogger(__name__)
 
 LEASE_FILE = "lease.json"
-LOCK_FILE = ".lease.lock.held"  # a lock file (sweep.locks); the old flock file .lease.lock is not read
+LOCK_FILE = ".lease.lock.held"  # a lock file (sweep.slurm.locks); the old flock file .lease.lock is not read
 LOCK_TIMEOUT_S = 120.0  # the lease's lock is held for a read and a write: a live holder for minutes is a fault
 
 
@@ -39,13 +41,6 @@ def my_lease() -> dict[str, tp.Any]:
     return lease
 
 
-def describe(lease: tp.Mapping[str, tp.Any]) -> str:
-    if lease.get("slurm_job_id"):
-        task = lease.get("slurm_task")
-        return f"SLURM job {lease['slurm_job_id']}" + (f" (array task {task})" if task else "")
-    return f"process {lease.get('pid')} on {lease.get('host')}"
-
-
 def read_lease(ckpt_dir: Path) -> tp.Optional[dict[str, tp.Any]]:
     try:
         lease = json.loads((Path(ckpt_dir) / LEASE_FILE).read_text())
@@ -54,42 +49,8 @@ def read_lease(ckpt_dir: Path) -> tp.Optional[dict[str, tp.Any]]:
     return lease if isinstance(lease, dict) else None
 
 
-def holder_alive(lease: tp.Mapping[str, tp.Any]) -> tuple[bool, str]:
-    """(alive, why) for the holder of a lease; a holder we cannot check counts as alive (no duplicate run)."""
-    if lease.get("slurm_job_id"):
-        from sweep.slurm_state import SlurmQueryError, is_alive
-
-        try:
-            alive, state = is_alive(str(lease["slurm_job_id"]))
-        except SlurmQueryError as exc:
-            return True, f"SLURM could not be asked ({exc})"
-        return alive, state
-    if lease.get("host") == socket.gethostname():
-        try:
-            os.kill(int(lease.get("pid", -1)), 0)
-        except ProcessLookupError:
-            return False, "process gone"
-        except (PermissionError, ValueError, TypeError):
-            return True, "process exists"
-        try:  # a killed child its parent has not reaped yet still answers kill(pid, 0)
-            if Path(f"/proc/{int(lease['pid'])}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                return False, "process gone (zombie)"
-        except (OSError, IndexError, KeyError, ValueError):
-            pass
-        return True, "process running"
-    return True, "on another host, not a SLURM job: cannot be checked"
-
-
-def _same_holder(a: tp.Mapping[str, tp.Any], b: tp.Mapping[str, tp.Any]) -> bool:
-    if a.get("slurm_job_id") or b.get("slurm_job_id"):
-        return a.get("slurm_job_id") == b.get("slurm_job_id")  # a requeued job keeps its id, not its pid
-    return a.get("host") == b.get("host") and a.get("pid") == b.get("pid")
-
-
 def _write(path: Path, lease: tp.Mapping[str, tp.Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(dict(lease), sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_json(path, dict(lease), sort_keys=True)
 
 
 def acquire(ckpt_dir: Path, run_name: str) -> dict[str, tp.Any]:
@@ -97,7 +58,7 @@ def acquire(ckpt_dir: Path, run_name: str) -> dict[str, tp.Any]:
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     mine = my_lease()
-    # Two jobs starting together, on any nodes: one decides after the other (a lock file, not flock: sweep.locks).
+    # Two jobs starting together, on any nodes: one decides after the other (a lock file, not flock: sweep.slurm.locks).
     with locks.locked(ckpt_dir / LOCK_FILE, timeout_s=LOCK_TIMEOUT_S):
         held = read_lease(ckpt_dir)
         if held and not _same_holder(held, mine):

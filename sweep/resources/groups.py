@@ -94,7 +94,7 @@ GROUP_KEYS = ("time_groups", "time_factor", "time_margin_min", "tflops_per_gpu")
 
 
 def job_groups(jobs: tp.Sequence[T], params: tp.Mapping[str, tp.Any], rate: float = 1.0) -> list[TimeGroup[T]]:
-    """Groups of sweep.dispatch.Job by the launcher's options (``time_groups``, ``time_factor``,
+    """Groups of sweep.orchestration.prepare.Job by the launcher's options (``time_groups``, ``time_factor``,
     ``time_margin_min``, ``tflops_per_gpu``, ``gpus_per_node``, ``timeout_min``); ``rate``: measured
     wall time over predicted, from FINISHED runs of the experiment (1: the TFLOPS assumption alone)."""
     gpus = int(params.get("gpus_per_node") or 1)

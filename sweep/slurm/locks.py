@@ -6,7 +6,7 @@ temporary file is atomic on local file systems, NFS and Lustre alike: exactly on
 file it made already names its holder (SLURM job and array task, host, pid, since).
 
 A lock whose holder is gone is taken over: the holder is asked about through SLURM (a SLURM job that is no longer
-pending, running or requeued) or, on this host, through its pid (:func:`sweep.lease.holder_alive`), never by age.
+pending, running or requeued) or, on this host, through its pid (:func:`sweep.slurm.lease.holder_alive`), never by age.
 A holder that cannot be checked (another host, outside SLURM) counts as alive. Taking over is race-free: the stale
 file is renamed to a unique name first (one rename wins) and put back if it turns out not to be the stale one.
 """
@@ -53,7 +53,7 @@ def read_holder(path: Path) -> tp.Optional[dict[str, tp.Any]]:
 
 
 def _alive(lock: tp.Mapping[str, tp.Any]) -> tuple[bool, str]:
-    from sweep.lease import holder_alive
+    from sweep.slurm.holders import holder_alive
 
     return holder_alive(lock)
 
@@ -61,7 +61,7 @@ def _alive(lock: tp.Mapping[str, tp.Any]) -> tuple[bool, str]:
 def _describe(lock: tp.Optional[tp.Mapping[str, tp.Any]]) -> str:
     if not lock:
         return "an unreadable holder"
-    from sweep.lease import describe
+    from sweep.slurm.holders import describe
 
     return describe(lock)
 

@@ -33,8 +33,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from data.manifest import load_dataset
-from sweep import tracking
-from sweep.task import ConfigError, RunPlan, ensure_dataset, plan_run
+from sweep.core.errors import ConfigError
+from sweep.core.runplan import RunPlan, plan_run
+from sweep.jobs.train import ensure_dataset
+from sweep.tracking import client as tracking
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +106,7 @@ def best_config(uri: str, experiment_id: str, num_folds: int) -> tuple[str, floa
 
     Returns (config_key, mean IoU, number of complete configs compared); ValueError if there is none.
     """
-    from sweep.dispatch import finished_fold_runs
+    from sweep.tracking.client import finished_fold_runs
 
     by_key: dict[str, dict[int, dict]] = {}
     for (key, fold), metrics in finished_fold_runs(uri, experiment_id).items():
@@ -206,11 +208,11 @@ def run_fusing(cfg: DictConfig) -> dict[str, float]:
         return done
     _discard_partial(plan.tracking_uri, exp_id, plan)
 
+    from model.evaluation import iou_metrics
     from model.figures import fig4_plane_probabilities, fig5_overlay
     from model.inference import PLANE_SETS, evaluate_methods, predict_plane
-    from model.rotate import make_rotation
-    from model.evaluation import iou_metrics
     from model.predict import check_inputs, keras_predictor, load_model
+    from model.rotate import make_rotation
 
     methods = table2_methods()
     save_method = OmegaConf.select(cfg, "fusing.save_method")

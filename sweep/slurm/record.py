@@ -14,12 +14,13 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 import typing as tp
 from pathlib import Path
 
-from sweep import locks, tracking
+from data.atomic import atomic_write_text
+from sweep.slurm import locks
+from sweep.tracking import client as tracking
 
 log = logging.getLogger(__name__)
 
@@ -118,19 +119,12 @@ def all_records(work: tp.Union[str, Path], experiment: tp.Optional[str] = None) 
     return out
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def update(work: tp.Union[str, Path], fresh: SweepRecord,
            change: tp.Callable[[SweepRecord], None] = lambda r: None) -> SweepRecord:
     """Merge ``fresh`` (pairs, skipped) into the stored record of its id, apply ``change``, write atomically."""
     path = record_path(work, fresh.sweep_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Two commands on one sweep (any nodes) must not drop each other's arrays: a lock file (sweep.locks), not flock.
+    # Two commands on one sweep (any nodes) must not drop each other's arrays: a lock file (sweep.slurm.locks), not flock.
     with locks.locked(path.parent / ".lock.held", timeout_s=300.0):
         rec = load(work, fresh.sweep_id) or fresh
         if rec is not fresh:
@@ -140,13 +134,13 @@ def update(work: tp.Union[str, Path], fresh: SweepRecord,
             rec.parallelism = fresh.parallelism or rec.parallelism
             rec.max_num_timeout = fresh.max_num_timeout if fresh.max_num_timeout is not None else rec.max_num_timeout
         change(rec)
-        _atomic_write(path, rec.to_json())
+        atomic_write_text(path, rec.to_json())
     return rec
 
 
 def write_pointer(sweep_dir: Path, rec: SweepRecord, record_file: Path) -> None:
     """``sweep.json`` in the hydra sweep folder: which sweep its arrays belong to."""
-    _atomic_write(Path(sweep_dir) / RECORD, json.dumps({"sweep_id": rec.sweep_id, "record": str(record_file),
+    atomic_write_text(Path(sweep_dir) / RECORD, json.dumps({"sweep_id": rec.sweep_id, "record": str(record_file),
                                                         "arrays": rec.array_ids}, indent=1))
 
 
@@ -179,7 +173,8 @@ def live_pairs(work: tp.Union[str, Path], experiment: str, ckpt_dirs: tp.Mapping
 
     Raises slurm_state.SlurmQueryError when SLURM cannot say (then nothing may be queued).
     """
-    from sweep import lease, slurm_state
+    from sweep.slurm import lease
+    from sweep.slurm import queue as slurm_state
 
     task_map: dict[tuple[str, int], Pair] = {}
     for rec in all_records(work, experiment):

@@ -28,10 +28,10 @@ import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 
-from sweep.store import TrackingError, TrackingUnavailable, redact_uri
+from sweep.tracking.store import TrackingError, TrackingUnavailable, redact_uri
 
 if tp.TYPE_CHECKING:
-    from sweep.tracking import RunRecorder
+    from sweep.tracking.client import RunRecorder
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def end_offline(outbox: Outbox, store_uri: str, experiment: str, run_name: str |
                 status: str = "FINISHED") -> str:
     """Record the run in the offline store ``store_uri``: its params, tags, every log batch the server did not get,
     its artifacts and ``status``; returns the offline run id. ``sweep.sync`` copies it into the server run."""
-    from sweep.tracking import RunRecorder, ensure_experiment
+    from sweep.tracking.client import RunRecorder, ensure_experiment
 
     server_run_id = outbox.recorder.run_id
     exp_id = ensure_experiment(store_uri, experiment)

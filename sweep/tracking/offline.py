@@ -17,18 +17,17 @@ import contextlib
 import dataclasses
 import logging
 import os
-import sys
 import tempfile
 import typing as tp
 from pathlib import Path
 
-from sweep import tracking
+from sweep.tracking import client as tracking
 
 log = logging.getLogger(__name__)
 
 STORE_DIR = "mlflow"
 TAG_OFFLINE_ID = "offline_run_id"
-from sweep.outbox import TAG_SERVER_RUN_ID  # noqa: E402 - an offline run that completes a server run (server away)
+from sweep.tracking.outbox import TAG_SERVER_RUN_ID  # noqa: E402 - an offline run that completes a server run (server away)
 
 
 def offline_uri(ckpt_dir: Path) -> str:
@@ -93,7 +92,7 @@ def sync_store(db: Path, uri: str, experiment: str, counts: SyncCounts) -> None:
         rid = run.info.run_id
         found = remote.search_runs([experiment_id], filter_string=f"tags.{TAG_OFFLINE_ID} = '{rid}'", max_results=2)
         server_run_id = run.data.tags.get(TAG_SERVER_RUN_ID)
-        if not found and server_run_id:  # the end of a run whose server was away (sweep.outbox): complete that run
+        if not found and server_run_id:  # the end of a run whose server was away (sweep.tracking.outbox): complete that run
             found = _server_run(remote, server_run_id, experiment_id)
         tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.") and k != TAG_SERVER_RUN_ID}
         tags[TAG_OFFLINE_ID] = rid
@@ -168,30 +167,3 @@ def sync_all(checkpoints: Path, uri: str, experiment: str) -> SyncCounts:
     for db in found:
         sync_store(db, uri, experiment, counts)
     return counts
-
-
-def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m sweep.sync", description=__doc__.split("\n\n")[0])
-    ap.add_argument("overrides", nargs="*", help="the sweep's Hydra overrides (paths.work, mlflow.*)")
-    args = ap.parse_args(argv)
-    from sweep.plan import expand_sweep
-
-    try:
-        base, _ = expand_sweep(list(args.overrides))
-        counts = sync_all(Path(str(base.paths.checkpoints)), str(base.mlflow.tracking_uri), str(base.mlflow.experiment))
-    except tracking.TrackingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # composition errors from Hydra (a typo in an override): one line, as sweep.status
-        if type(exc).__module__.split(".")[0] not in ("hydra", "omegaconf"):
-            raise
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
-    print(f"synced: {counts}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import time
 import typing as tp
@@ -16,121 +15,23 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from data.atomic import atomic_write_text
 from data.errors import DataError
 from data.folds import split_fold
 from data.manifest import MANIFEST_NAMES, load_dataset
-from data.augment import AugmentConfig
 from model.complexity import count_flops, count_params, paper_receptive_field, receptive_field
-from model.schedule import TrainSettings, load_state, paper_batch_size
-from sweep import lease, locks, tracking
-from sweep.outbox import DEFAULT_END_WAIT_S, DEFAULT_TOLERANCE_S, OfflineEnding, Outbox, backfill, end_offline
+from model.schedule import load_state
+from sweep.core.errors import ConfigError
+from sweep.core.runplan import RunPlan, plan_run
+from sweep.slurm import lease, locks
+from sweep.tracking import client as tracking
+from sweep.tracking.outbox import DEFAULT_END_WAIT_S, DEFAULT_TOLERANCE_S, OfflineEnding, Outbox, backfill, end_offline
 
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "mlflow_run_id"
-KEY_EXCLUDE = ("fold", "mlflow", "paths", "hydra", "experiment_name", "objectives", "task", "fusing", "on_oom",
-               "optuna_trial", "batch_halved", "allow_stand_in")
 DATASET_LOCK_TIMEOUT_S = 3600.0  # making a synthetic dataset takes seconds to minutes
 START_POLL_S = 15.0  # a SLURM job that starts while the tracking server is away asks it again this often
-TRAIN_KEY_EXCLUDE = ("cpu_replicas", "jit_compile")
-
-
-class ConfigError(ValueError):
-    """An invalid config value; the message starts with the dotted field name."""
-
-    def __init__(self, field: str, problem: str):
-        self.field = field
-        super().__init__(f"{field}: {problem}")
-
-
-@dataclasses.dataclass(frozen=True)
-class RunPlan:
-    """What one run will do, resolved and checked."""
-
-    width: int  # as trained (after the profile's scaling)
-    depth: int
-    input_size: int
-    paper_width: int  # as configured (the paper's grid value)
-    paper_input_size: int
-    fold: int
-    num_folds: int
-    settings: TrainSettings
-    augment: AugmentConfig
-    dataset: Path
-    config_key: str
-    ckpt_dir: Path
-    tracking_uri: str
-    experiment: str
-    flops: int
-    params: int
-
-    @property
-    def run_name(self) -> str:
-        return f"c{self.paper_width}-d{self.depth}-is{self.paper_input_size}-fold{self.fold}"
-
-
-def _int(cfg: DictConfig, field: str) -> int:
-    value = OmegaConf.select(cfg, field)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(field, f"must be an integer, got {value!r}")
-    return value
-
-
-def plan_run(cfg: DictConfig) -> RunPlan:
-    """Resolve and check a run's config. Raises ConfigError naming the field; touches no file."""
-    width, depth, input_size, fold = (_int(cfg, f) for f in ("model.width", "model.depth", "model.input_size", "fold"))
-    if width <= 0:
-        raise ConfigError("model.width", f"must be positive, got {width}")
-    if depth < 1:
-        raise ConfigError("model.depth", f"must be at least 1, got {depth}")
-    if input_size <= 0 or input_size % 2**depth:
-        raise ConfigError("model.input_size", f"{input_size} is not divisible by 2^depth = {2**depth} (depth {depth})")
-    num_folds = _int(cfg, "data.num_folds")
-    if not 0 <= fold < num_folds:
-        raise ConfigError("fold", f"must be in 0..{num_folds - 1}, got {fold}")
-    divisor = int(OmegaConf.select(cfg, "profile.width_divisor", default=1) or 1)
-    size_map = {int(k): int(v) for k, v in (OmegaConf.select(cfg, "profile.input_size_map", default={}) or {}).items()}
-    for field in ("mlflow.outage_tolerance_s", "mlflow.end_wait_s", "mlflow.start_wait_s"):
-        _check_seconds(cfg, field)
-    eff_width = max(1, round(width / divisor))
-    eff_size = size_map.get(input_size, input_size)
-    if eff_size % 2**depth:
-        raise ConfigError("profile.input_size_map", f"maps input size {input_size} to {eff_size}, not divisible by 2^{depth}")
-    flops = count_flops(eff_width, depth, eff_size)
-    train = OmegaConf.to_container(cfg.train, resolve=True)
-    batch = train.pop("batch_size")
-    if batch == "auto":
-        batch = paper_batch_size(flops)
-    try:
-        settings = TrainSettings(batch_size=int(batch), seed=int(cfg.seed), planes=tuple(train.pop("planes")), **train)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError("train", str(exc)) from None
-    if settings.jit_compile and (settings.cpu_replicas or 1) > 1:
-        from model.devices import JIT_MANY_REPLICAS
-
-        raise ConfigError("train.jit_compile", JIT_MANY_REPLICAS.format(n=settings.cpu_replicas))
-    if settings.cpu_replicas and settings.batch_size % settings.cpu_replicas:
-        raise ConfigError("train.batch_size", f"{settings.batch_size} does not split evenly over train.cpu_replicas="
-                                              f"{settings.cpu_replicas}; use a multiple of {settings.cpu_replicas}")
-    aug = OmegaConf.to_container(cfg.data.augment, resolve=True)
-    try:
-        augment = AugmentConfig(input_size=eff_size, **{k: tuple(v) if isinstance(v, list) else v for k, v in aug.items()})
-    except (TypeError, ValueError) as exc:
-        raise ConfigError("data.augment", str(exc)) from None
-    # A launcher's composed config still holds hydra.* with job-time values (hydra.job.num): leave it out.
-    user_cfg = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
-    key_cfg = {k: v for k, v in user_cfg.items() if k not in KEY_EXCLUDE}
-    # Where a run trains (N CPU stand-ins or N GPUs) is not what it computes: the same key either way.
-    key_cfg["train"] = {k: v for k, v in key_cfg.get("train", {}).items() if k not in TRAIN_KEY_EXCLUDE}
-    key = tracking.config_key(key_cfg)
-    dataset = OmegaConf.select(cfg, "data.dataset")
-    if dataset in (None, "???"):
-        raise ConfigError("data.dataset", "missing: give the prepared dataset folder")
-    return RunPlan(width=eff_width, depth=depth, input_size=eff_size, paper_width=width, paper_input_size=input_size,
-                   fold=fold, num_folds=num_folds, settings=settings, augment=augment, dataset=Path(dataset),
-                   config_key=key, ckpt_dir=Path(cfg.paths.checkpoints) / key / f"fold{fold}",
-                   tracking_uri=str(cfg.mlflow.tracking_uri), experiment=str(cfg.mlflow.experiment), flops=flops,
-                   params=count_params(eff_width, depth))
 
 
 def ensure_dataset(cfg: DictConfig) -> Path:
@@ -171,7 +72,7 @@ def _make_dataset(cfg: DictConfig) -> Path:
     from data.synth import main as synth_main
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Parallel jobs on any nodes: one makes the data, the others wait for it (a lock file, not flock: sweep.locks).
+    # Parallel jobs on any nodes: one makes the data, the others wait for it (a lock file, not flock: sweep.slurm.locks).
     with locks.locked(target.parent / ".lock.held", timeout_s=DATASET_LOCK_TIMEOUT_S, poll_s=1.0):
         if not has_manifest():
             raw = target.parent / "raw"
@@ -265,7 +166,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     t_setup = time.perf_counter()
     plan = plan_run(cfg)
     if OmegaConf.select(cfg, "mlflow.offline", default=False):
-        from sweep.offline import offline_uri
+        from sweep.tracking.offline import offline_uri
 
         # A compute node without the server: this run's own store, synced later (python -m sweep.sync).
         plan = dataclasses.replace(plan, tracking_uri=offline_uri(plan.ckpt_dir))
@@ -307,7 +208,7 @@ def _train(cfg: DictConfig, plan: RunPlan, experiment_id: str, train_samples, va
     if cfg.get("optuna_trial"):  # set by the asynchronous Optuna slots: the run ↔ trial link in the MLflow UI
         tags.update({"optuna_study": str(cfg.optuna_trial.study), "optuna_trial": str(cfg.optuna_trial.number)})
     if cfg.get("batch_halved"):  # set by the sweep (on_oom=halve_batch): why this run trains at a smaller batch
-        from sweep.resources import halved_tags
+        from sweep.resources.memory import halved_tags
 
         tags.update(halved_tags(cfg))
     recorder = tracking.RunRecorder(plan.tracking_uri, experiment_id, run_id=run_id, run_name=plan.run_name, tags=tags)
@@ -316,9 +217,7 @@ def _train(cfg: DictConfig, plan: RunPlan, experiment_id: str, train_samples, va
     with recorder:
         run_id = recorder.start()
         plan.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_id_file.with_name(f".{RUN_ID_FILE}.tmp")
-        tmp.write_text(run_id)
-        os.replace(tmp, run_id_file)
+        atomic_write_text(run_id_file, run_id)
         recorder.log_params(_params(cfg, plan))
         static = {"flops": plan.flops, "params": plan.params, "receptive_field": receptive_field(plan.depth),
                   "paper_receptive_field": paper_receptive_field(plan.depth),
@@ -398,14 +297,6 @@ def _train(cfg: DictConfig, plan: RunPlan, experiment_id: str, train_samples, va
     return {**static, **final}
 
 
-def _check_seconds(cfg: DictConfig, field: str) -> None:
-    value = OmegaConf.select(cfg, field, default=None)
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ConfigError(field, f"must be a finite number of seconds >= 0, got {value!r}")
-
-
 def _check_tracking_at_start(cfg: DictConfig, uri: str) -> None:
     """The store is checked before anything trains. A SLURM job that starts during a server restart waits for the
     server up to ``mlflow.start_wait_s`` (its sweep was checked at submission); a command run by hand fails at once."""
@@ -435,7 +326,7 @@ def _seconds(cfg: DictConfig, field: str, default: float) -> float:
 
 def _end_offline(cfg: DictConfig, plan: RunPlan, outbox: Outbox, tags: dict, artifacts, texts) -> None:
     """The server is still away at the run's end: the run goes to its offline store, the job ends well."""
-    from sweep.offline import offline_uri
+    from sweep.tracking.offline import offline_uri
 
     store = offline_uri(plan.ckpt_dir)
     ending = OfflineEnding(params=_params(cfg, plan), tags=tags, artifacts=artifacts, texts=texts)

@@ -4,7 +4,7 @@ Before anything is queued: compose every job's config, check them ALL (bad ones 
 together and nothing is queued), check the tracking server, create the MLflow experiment and the
 synthetic dataset once (parallel jobs would race), and drop the (config, fold) pairs that already
 have a FINISHED run, so a half-done sweep resumes where it stopped. After the jobs: a summary of
-failures with their reasons, and one parent MLflow run per config (sweep.aggregate).
+failures with their reasons, and one parent MLflow run per config (sweep.tracking.parents).
 """
 
 from __future__ import annotations
@@ -16,15 +16,14 @@ import typing as tp
 
 from omegaconf import DictConfig
 
-from sweep import tracking
-from sweep.standin import check_stand_in
-from sweep.task import ConfigError, RunPlan, ensure_dataset, plan_run
+from sweep.core.errors import ConfigError, SweepConfigError
+from sweep.core.runplan import RunPlan, plan_run
+from sweep.jobs.train import ensure_dataset
+from sweep.resources.standin import check_stand_in
+from sweep.tracking import client as tracking
+from sweep.tracking.client import finished_fold_runs
 
 log = logging.getLogger(__name__)
-
-
-class SweepConfigError(ValueError):
-    """One or more configs of a sweep are invalid; lists every one of them."""
 
 
 @dataclasses.dataclass
@@ -50,14 +49,6 @@ class PreparedSweep:
     skipped: list[tuple[Job, str]] = dataclasses.field(default_factory=list)  # not queued (GPU memory), why
 
 
-def objective_values(cfg: DictConfig, metrics: tp.Mapping[str, float]) -> tp.Any:
-    """What a job returns to the sweeper: mean IoU, or the metrics named in ``objectives`` (Optuna)."""
-    names = cfg.get("objectives")
-    if not names:
-        return float(metrics["mean_iou"])
-    return [float(metrics[str(n)]) for n in names]
-
-
 def check_jobs(jobs: tp.Sequence[tuple[int, tp.Sequence[str], DictConfig]]) -> list[Job]:
     """Plan every job; raise SweepConfigError naming each bad one (index, overrides, field)."""
     planned, errors = [], []
@@ -71,7 +62,7 @@ def check_jobs(jobs: tp.Sequence[tuple[int, tp.Sequence[str], DictConfig]]) -> l
     if errors:
         raise SweepConfigError(f"{len(errors)} of {len(jobs)} configs are invalid; nothing was queued:\n" + "\n".join(errors))
     from model.devices import JIT_MANY_REPLICAS
-    from sweep.resources import gpu_budget
+    from sweep.resources.memory import gpu_budget
 
     jit = [j for j in planned if j.plan.settings.jit_compile and gpu_budget(j.cfg).gpus > 1]
     if jit:  # every such job would fail at its first step (model.devices.check_jit)
@@ -110,7 +101,7 @@ def prepare_sweep(jobs: tp.Sequence[tuple[int, tp.Sequence[str], DictConfig]]) -
     task = tasks.pop()
     skipped: list[tuple[Job, str]] = []
     if task == "train":  # runs that cannot fit their GPUs are refused, skipped or halved before anything runs
-        from sweep.resources import apply_memory_policy
+        from sweep.resources.memory import apply_memory_policy
 
         try:
             planned, skipped, _ = apply_memory_policy(planned)
@@ -118,8 +109,14 @@ def prepare_sweep(jobs: tp.Sequence[tuple[int, tp.Sequence[str], DictConfig]]) -
             raise SweepConfigError(str(exc)) from None
     tracking.check_tracking_uri(uri)
     if task == "fusing":
-        from sweep.fusing import (check_fusing, finished_fusing, fusing_experiment, fusing_plan,
-                                  select_trained_config, trained_run)
+        from sweep.jobs.fusing import (
+            check_fusing,
+            finished_fusing,
+            fusing_experiment,
+            fusing_plan,
+            select_trained_config,
+            trained_run,
+        )
 
         errors = []
         try:  # resolved once (fusing.model=best can change while a sweep runs): every job gets the same config
@@ -149,7 +146,7 @@ def prepare_sweep(jobs: tp.Sequence[tuple[int, tp.Sequence[str], DictConfig]]) -
             made.add(str(j.plan.dataset))
     experiment_id = tracking.ensure_experiment(uri, experiment)
     if skipped:
-        from sweep.resources import record_skipped
+        from sweep.resources.memory import record_skipped
 
         for j, why in skipped:
             record_skipped(uri, experiment_id, j.plan, why, str(j.cfg.get("experiment_name", "single")))
@@ -171,25 +168,6 @@ def prepare_sweep(jobs: tp.Sequence[tuple[int, tp.Sequence[str], DictConfig]]) -
              "%.1f s)", len(planned) + len(skipped), len(finished), len(duplicates), len(skipped), n_halved, len(todo),
              t1 - t0, t2 - t1, time.perf_counter() - t2)
     return PreparedSweep(todo, finished, duplicates, uri, experiment_id, task, skipped)
-
-
-TAG_IS_PARENT = "is_parent"
-
-
-def finished_fold_runs(uri: str, experiment_id: str) -> dict[tuple[str, int], dict[str, float]]:
-    """Metrics of the FINISHED fold run of each (config_key, fold); parent runs carry no fold and are left out."""
-    done: dict[tuple[str, int], dict[str, float]] = {}
-    for run in tracking.find_runs(uri, experiment_id, status="FINISHED"):
-        tags = run.data.tags
-        if tracking.TAG_CONFIG_KEY in tags and tracking.TAG_FOLD in tags and tags.get(TAG_IS_PARENT) != "true":
-            done.setdefault((tags[tracking.TAG_CONFIG_KEY], int(tags[tracking.TAG_FOLD])), dict(run.data.metrics))
-    return done
-
-
-def failure_reason(exc: BaseException, limit: int = 600) -> str:
-    """One line per failure for the summary: the exception type and the end of its message."""
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[-limit:]}"
 
 
 def summarize(failed: tp.Sequence[tuple[Job, str]], total: int) -> None:

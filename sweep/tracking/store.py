@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
-log = logging.getLogger("sweep.tracking")
+from model.server_health import ServerUnreachable, check_server, redact_uri  # noqa: F401 - redact_uri: this package's API
 
-_USERINFO_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/@\s]*@")
+log = logging.getLogger("sweep.tracking")
 
 
 class TrackingError(RuntimeError):
@@ -21,11 +20,6 @@ class TrackingError(RuntimeError):
 class TrackingUnavailable(TrackingError):
     """The tracking store did not answer (network, server down, database locked), retries included: an outage that may
     end, unlike a refused request (a permanent MLflow error code), which stays a plain :class:`TrackingError`."""
-
-
-def redact_uri(uri: str) -> str:
-    """``uri`` without ``user:pass@`` (also inside longer text such as exception messages)."""
-    return _USERINFO_RE.sub(r"\g<scheme>", str(uri))
 
 
 def _local_store_dir(uri: str) -> tuple[str, Path] | None:
@@ -71,23 +65,7 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
 
 
 def _check_http(uri: str, timeout_s: float) -> None:
-    from model.server_health import UNREACHABLE, health, server_get
-
-    red = redact_uri(uri)
     try:
-        status, body = health(uri, timeout_s)
-    except UNREACHABLE as e:
-        raise TrackingError(f"MLflow tracking server at {red} is unreachable: {redact_uri(str(e))}") from e
-    if status != 200:
-        raise TrackingError(f"MLflow tracking server at {red} is unreachable: /health answered {status}: {body[:200]}")
-    # /health answers 200 even when the API refuses this Host header (platform-facts), so probe the API too.
-    try:
-        status, body = server_get(uri, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default", timeout_s)
-    except UNREACHABLE as e:
-        raise TrackingError(f"MLflow tracking server at {red} is unreachable: {redact_uri(str(e))}") from e
-    if status in (401, 403):
-        hint = " (start the server with --allowed-hosts naming this host)" if "Host header" in body else ""
-        raise TrackingError(f"MLflow tracking server at {red} refuses API requests: {status} {body[:200]}{hint}")
-
-
-# ----------------------------------------------------------------------------------------------- retries
+        check_server(uri, timeout_s)
+    except ServerUnreachable as e:
+        raise TrackingError(str(e)) from e

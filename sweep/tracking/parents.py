@@ -15,8 +15,8 @@ import typing as tp
 from collections import defaultdict
 
 from model.evaluation import mean_and_standard_error
-from sweep import tracking
-from sweep.dispatch import TAG_IS_PARENT
+from sweep.tracking import client as tracking
+from sweep.tracking.client import TAG_IS_PARENT
 
 log = logging.getLogger(__name__)
 

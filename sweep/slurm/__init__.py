@@ -1,0 +1,3 @@
+"""SLURM: the sbatch text, queue and accounting state, file locks, leases on (config, fold) pairs, sweep records.
+
+May import sweep.core and sweep.tracking."""
