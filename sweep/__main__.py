@@ -22,6 +22,7 @@ from model.devices import DeviceError
 from sweep.core import SWEEP_APP
 from sweep.core.errors import ConfigError
 from sweep.core.results import objective_values
+from sweep.jobs.fusing import run_fusing
 from sweep.jobs.train import run
 from sweep.resources.standin import check_stand_in
 from sweep.slurm.lease import LeaseHeld
@@ -35,7 +36,6 @@ def task(cfg: DictConfig) -> tp.Any:
         if HydraConfig.get().mode != RunMode.MULTIRUN:  # a sweep's jobs were checked by its sweeper (prepare_sweep)
             check_stand_in([cfg], launcher=HydraConfig.get().launcher, log=log)
         if cfg.get("task", "train") == "fusing":
-            from sweep.jobs.fusing import run_fusing
 
             return objective_values(cfg, run_fusing(cfg))
         if cfg.get("task", "train") != "train":

@@ -33,6 +33,8 @@ from sweep.orchestration.planning import (
     print_memory_section,
 )
 from sweep.orchestration.prepare import check_jobs
+from sweep.resources.groups import job_groups
+from sweep.resources.memory import GB, apply_memory_policy, decide, gpu_budget, on_oom_setting
 from sweep.resources.standin import check_stand_in
 from sweep.slurm.sbatch import render_sbatch  # noqa: F401 - also this module's API (tests, users)
 from sweep.tracking import client as tracking
@@ -62,7 +64,6 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     except Exception as exc:  # composition errors from Hydra: one line, not a traceback
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
-    from sweep.resources.memory import GB, apply_memory_policy, decide, gpu_budget, on_oom_setting
 
     try:  # what the sweep decides for runs that do not fit their GPUs (on_oom)
         decisions = {j.idx: decide(j.plan, gpu_budget(j.cfg), on_oom_setting(j.cfg)) for j in jobs}
@@ -127,7 +128,6 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         print(f"error: {refusal}", file=sys.stderr)
         return 2
     if is_slurm and todo:
-        from sweep.resources.groups import job_groups
 
         params = launcher_params(base)
         folder = str(params["submitit_folder"])

@@ -38,6 +38,7 @@ from sweep.orchestration.status import (
 )
 from sweep.slurm import record as sweep_record
 from sweep.tracking import client as tracking
+from sweep.tracking.offline import sync_all, sync_pairs
 
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
@@ -61,7 +62,6 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
             return EXIT_FAILED
         while True:
             if args.sync:
-                from sweep.tracking.offline import sync_all
 
                 print(f"synced: {sync_all(Path(str(base.paths.checkpoints)), uri, rec.experiment)}")
             else:  # runs that ended while the server was away (sweep.tracking.outbox) wait in their offline stores
@@ -89,7 +89,6 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
 
 def _sync_outage_endings(rec, checkpoints: Path, uri: str) -> None:
     """Copy the offline stores of this sweep's runs into their server runs (only what is missing; cheap when none)."""
-    from sweep.tracking.offline import sync_pairs
 
     dirs = [checkpoints / key / f"fold{fold}" for key, fold in map(sweep_record.parse_pair, rec.pairs)]
     counts = sync_pairs(dirs, uri, rec.experiment)

@@ -33,6 +33,7 @@ from sweep.orchestration.trials import (
     read_timelines,
     trial_intervals,
 )
+from sweep.slurm.queue import SlurmQueryError, live_tasks
 
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
@@ -69,7 +70,6 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     arrays = rec.get("array_ids", [])
     workers = ""
     if arrays:
-        from sweep.slurm.queue import SlurmQueryError, live_tasks
 
         try:
             live = live_tasks(arrays)

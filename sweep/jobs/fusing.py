@@ -37,6 +37,7 @@ from sweep.core.errors import ConfigError
 from sweep.core.runplan import RunPlan, plan_run
 from sweep.jobs.train import ensure_dataset
 from sweep.tracking import client as tracking
+from sweep.tracking.client import finished_fold_runs
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,6 @@ def best_config(uri: str, experiment_id: str, num_folds: int) -> tuple[str, floa
 
     Returns (config_key, mean IoU, number of complete configs compared); ValueError if there is none.
     """
-    from sweep.tracking.client import finished_fold_runs
 
     by_key: dict[str, dict[int, dict]] = {}
     for (key, fold), metrics in finished_fold_runs(uri, experiment_id).items():

@@ -23,8 +23,10 @@ from model.complexity import count_flops, count_params, paper_receptive_field, r
 from model.schedule import load_state
 from sweep.core.errors import ConfigError
 from sweep.core.runplan import RunPlan, plan_run
+from sweep.resources.memory import halved_tags
 from sweep.slurm import lease, locks
 from sweep.tracking import client as tracking
+from sweep.tracking.offline import offline_uri
 from sweep.tracking.outbox import DEFAULT_END_WAIT_S, DEFAULT_TOLERANCE_S, OfflineEnding, Outbox, backfill, end_offline
 
 log = logging.getLogger(__name__)
@@ -166,7 +168,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
     t_setup = time.perf_counter()
     plan = plan_run(cfg)
     if OmegaConf.select(cfg, "mlflow.offline", default=False):
-        from sweep.tracking.offline import offline_uri
 
         # A compute node without the server: this run's own store, synced later (python -m sweep.sync).
         plan = dataclasses.replace(plan, tracking_uri=offline_uri(plan.ckpt_dir))
@@ -208,7 +209,6 @@ def _train(cfg: DictConfig, plan: RunPlan, experiment_id: str, train_samples, va
     if cfg.get("optuna_trial"):  # set by the asynchronous Optuna slots: the run ↔ trial link in the MLflow UI
         tags.update({"optuna_study": str(cfg.optuna_trial.study), "optuna_trial": str(cfg.optuna_trial.number)})
     if cfg.get("batch_halved"):  # set by the sweep (on_oom=halve_batch): why this run trains at a smaller batch
-        from sweep.resources.memory import halved_tags
 
         tags.update(halved_tags(cfg))
     recorder = tracking.RunRecorder(plan.tracking_uri, experiment_id, run_id=run_id, run_name=plan.run_name, tags=tags)
@@ -326,7 +326,6 @@ def _seconds(cfg: DictConfig, field: str, default: float) -> float:
 
 def _end_offline(cfg: DictConfig, plan: RunPlan, outbox: Outbox, tags: dict, artifacts, texts) -> None:
     """The server is still away at the run's end: the run goes to its offline store, the job ends well."""
-    from sweep.tracking.offline import offline_uri
 
     store = offline_uri(plan.ckpt_dir)
     ending = OfflineEnding(params=_params(cfg, plan), tags=tags, artifacts=artifacts, texts=texts)

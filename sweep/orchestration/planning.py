@@ -27,6 +27,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import IntervalSweep
 from omegaconf import DictConfig, OmegaConf
 
+from sweep.core.compose import compose_jobs as compose_once
+from sweep.resources.memory import GB, on_oom_setting
 from sweep.slurm.sbatch import render_sbatch  # noqa: F401 - also this module's API (tests, users)
 from sweep.tracking import client as tracking
 from sweep.tracking.client import finished_fold_runs
@@ -65,7 +67,6 @@ def compose_jobs(jobs: list[list[str]]) -> list[tuple[int, list[str], DictConfig
     """Every job's config, composed once per config-group choice as the launchers do (sweep.core.compose)."""
     from hydra.core.global_hydra import GlobalHydra
 
-    from sweep.core.compose import compose_jobs as compose_once
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         master = compose("config", return_hydra_config=True)
@@ -100,7 +101,6 @@ def launcher_params(cfg: DictConfig) -> dict:
 def print_memory_section(jobs: list, skipped: list, decisions: dict, done: set) -> None:
     """The configs that do not fit their GPUs at the configured batch, each with its estimate: those
     halved (queued at a smaller global batch) and those skipped (not queued, recorded in MLflow)."""
-    from sweep.resources.memory import GB, on_oom_setting
 
     halved: dict[str, list] = {}
     for j in jobs:

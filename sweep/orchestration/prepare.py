@@ -18,7 +18,16 @@ from omegaconf import DictConfig
 
 from sweep.core.errors import ConfigError, SweepConfigError
 from sweep.core.runplan import RunPlan, plan_run
+from sweep.jobs.fusing import (
+    check_fusing,
+    finished_fusing,
+    fusing_experiment,
+    fusing_plan,
+    select_trained_config,
+    trained_run,
+)
 from sweep.jobs.train import ensure_dataset
+from sweep.resources.memory import apply_memory_policy, gpu_budget, record_skipped
 from sweep.resources.standin import check_stand_in
 from sweep.tracking import client as tracking
 from sweep.tracking.client import finished_fold_runs
@@ -62,7 +71,6 @@ def check_jobs(jobs: tp.Sequence[tuple[int, tp.Sequence[str], DictConfig]]) -> l
     if errors:
         raise SweepConfigError(f"{len(errors)} of {len(jobs)} configs are invalid; nothing was queued:\n" + "\n".join(errors))
     from model.devices import JIT_MANY_REPLICAS
-    from sweep.resources.memory import gpu_budget
 
     jit = [j for j in planned if j.plan.settings.jit_compile and gpu_budget(j.cfg).gpus > 1]
     if jit:  # every such job would fail at its first step (model.devices.check_jit)
@@ -101,7 +109,6 @@ def prepare_sweep(jobs: tp.Sequence[tuple[int, tp.Sequence[str], DictConfig]]) -
     task = tasks.pop()
     skipped: list[tuple[Job, str]] = []
     if task == "train":  # runs that cannot fit their GPUs are refused, skipped or halved before anything runs
-        from sweep.resources.memory import apply_memory_policy
 
         try:
             planned, skipped, _ = apply_memory_policy(planned)
@@ -109,14 +116,6 @@ def prepare_sweep(jobs: tp.Sequence[tuple[int, tp.Sequence[str], DictConfig]]) -
             raise SweepConfigError(str(exc)) from None
     tracking.check_tracking_uri(uri)
     if task == "fusing":
-        from sweep.jobs.fusing import (
-            check_fusing,
-            finished_fusing,
-            fusing_experiment,
-            fusing_plan,
-            select_trained_config,
-            trained_run,
-        )
 
         errors = []
         try:  # resolved once (fusing.model=best can change while a sweep runs): every job gets the same config
@@ -146,7 +145,6 @@ def prepare_sweep(jobs: tp.Sequence[tuple[int, tp.Sequence[str], DictConfig]]) -
             made.add(str(j.plan.dataset))
     experiment_id = tracking.ensure_experiment(uri, experiment)
     if skipped:
-        from sweep.resources.memory import record_skipped
 
         for j, why in skipped:
             record_skipped(uri, experiment_id, j.plan, why, str(j.cfg.get("experiment_name", "single")))

@@ -25,9 +25,14 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 
+from sweep.orchestration.planning import compose_jobs, expand_sweep
+from sweep.orchestration.prepare import check_jobs
+from sweep.resources.memory import TAG_HALVED, apply_memory_policy, halved_reason
 from sweep.slurm import queue as slurm_state
 from sweep.slurm import record as sweep_record
 from sweep.tracking import client as tracking
+from sweep.tracking.client import TAG_IS_PARENT
+from sweep.tracking.parents import link_parent_runs
 
 EXIT_FINISHED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_RUNNING = 0, 1, 2, 3
 # REQUEUED: alive again after a preemption or time-out (running or waiting), with its number of requeues;
@@ -83,8 +88,6 @@ def stderr_tail(sub: sweep_record.Submission, task: int, lines: int = 5) -> str:
 
 
 def collect(rec: sweep_record.SweepRecord, uri: str, *, build_parents: bool = True) -> SweepStatus:
-    from sweep.resources.memory import TAG_HALVED
-    from sweep.tracking.client import TAG_IS_PARENT
 
     runs = tracking.find_runs(uri, rec.experiment_id)
     finished: dict[sweep_record.Pair, tp.Any] = {}
@@ -190,7 +193,6 @@ def _time_left(rec, pairs: list[PairStatus], finished: dict, live: dict) -> tp.O
 
 
 def _build_parents(rec, uri: str, pairs: list[PairStatus], parents_complete: set) -> list[str]:
-    from sweep.tracking.parents import link_parent_runs
 
     by_key: dict[str, list[PairStatus]] = collections.defaultdict(list)
     for p in pairs:
@@ -264,7 +266,6 @@ def _memory_lines(st: SweepStatus) -> list[str]:
 
 def resolve(overrides: tp.Sequence[str], sid: tp.Optional[str]) -> tuple[sweep_record.SweepRecord, str, tp.Any]:
     """The sweep's record, the tracking URI and the base config; raises ValueError naming the problem."""
-    from sweep.orchestration.planning import compose_jobs, expand_sweep
 
     base, job_overrides = expand_sweep(list(overrides))
     work = Path(str(base.paths.work))
@@ -275,8 +276,6 @@ def resolve(overrides: tp.Sequence[str], sid: tp.Optional[str]) -> tuple[sweep_r
             raise ValueError(f"--sweep-id {sid}: no record {sweep_record.record_path(work, sid)} "
                              f"(paths.work={work}; set SCALING_UNET_WORK or paths.work as for the sweep)")
         return rec, uri, base
-    from sweep.orchestration.prepare import check_jobs
-    from sweep.resources.memory import apply_memory_policy, halved_reason
 
     jobs = check_jobs(compose_jobs(job_overrides))
     kept, skipped, _ = apply_memory_policy(jobs)

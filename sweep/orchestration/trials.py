@@ -28,6 +28,10 @@ import typing as tp
 from pathlib import Path
 
 from data.atomic import atomic_write_json
+from sweep.jobs.train import checkpoint_before_requeue
+from sweep.slurm import locks
+from sweep.slurm.holders import _same_holder, holder_alive
+from sweep.slurm.lease import LeaseHeld, my_lease
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +109,6 @@ def study_folder(work: Path, study_name: str) -> Path:
 @contextlib.contextmanager
 def claim_lock(folder: Path) -> tp.Iterator[None]:
     """One claimer at a time: counting the trials and asking for a new one must not interleave."""
-    from sweep.slurm import locks
 
     folder.mkdir(parents=True, exist_ok=True)
     with locks.locked(folder / "claim.lock.held", timeout_s=600.0, poll_s=0.05):  # slots on any nodes: not flock
@@ -131,7 +134,6 @@ def claim(study, spec: StudySpec, me: tp.Mapping[str, tp.Any]) -> tp.Optional[Cl
     """The next trial for worker ``me`` (sweep.slurm.lease.my_lease), or None when the study has ``n_trials``."""
     import optuna
 
-    from sweep.slurm.holders import _same_holder, holder_alive
 
     with claim_lock(spec.path):
         trials = study.get_trials(deepcopy=False)
@@ -287,7 +289,6 @@ class TrialWorker:
     def __call__(self, slot: int) -> dict[str, tp.Any]:
         import optuna
 
-        from sweep.slurm.lease import LeaseHeld, my_lease
 
         study = self._study(slot)
         me = my_lease()
@@ -349,7 +350,6 @@ class TrialWorker:
         worker; it takes its RUNNING trial back (same SLURM job id) and the training resumes."""
         import submitit
 
-        from sweep.jobs.train import checkpoint_before_requeue
 
         checkpoint_before_requeue(f"slot {slot}")
         SlotLog(self.spec.path, slot).write("preempted")

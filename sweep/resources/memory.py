@@ -29,6 +29,9 @@ import typing as tp
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from model.complexity import MemoryEstimate, training_memory
+from sweep.core.errors import ConfigError, SweepConfigError
+from sweep.core.runplan import plan_run
+from sweep.tracking import client as tracking
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +118,6 @@ def decide(plan, budget: GpuBudget, on_oom: str) -> MemoryDecision:
 
 
 def on_oom_setting(cfg: DictConfig) -> str:
-    from sweep.core.errors import ConfigError
 
     value = str(OmegaConf.select(cfg, "on_oom", default=DEFAULT_ON_OOM))
     if value not in ON_OOM:
@@ -166,7 +168,6 @@ def halved_tags(cfg: DictConfig) -> dict[str, str]:
 
 def record_skipped(uri: str, experiment_id: str, plan, reason: str, experiment_name: str) -> None:
     """A KILLED MLflow run tagged ``skipped_reason`` for a (config, fold) the sweep did not queue (once)."""
-    from sweep.tracking import client as tracking
 
     existing = [r for r in tracking.find_runs(uri, experiment_id, config_key=plan.config_key, fold=plan.fold)
                 if r.data.tags.get(TAG_SKIPPED) == reason]
@@ -186,8 +187,6 @@ def record_skipped(uri: str, experiment_id: str, plan, reason: str, experiment_n
 def apply_memory_policy(jobs: list) -> tuple[list, list[tuple[tp.Any, str]], dict[int, MemoryDecision]]:
     """Check every training job (sweep.orchestration.prepare.Job) against its GPUs; returns (jobs to run, skipped
     (job, reason), decision per job index). ``refuse`` raises SweepConfigError naming every config."""
-    from sweep.core.errors import SweepConfigError
-    from sweep.core.runplan import plan_run
 
     keep, skipped, decisions, refused, halved = [], [], {}, {}, set()
     for j in jobs:

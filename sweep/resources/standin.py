@@ -22,6 +22,8 @@ import typing as tp
 
 from omegaconf import DictConfig, OmegaConf
 
+from sweep.core.errors import ConfigError
+
 ALLOW_KEY = "allow_stand_in"
 
 
@@ -122,7 +124,6 @@ def check_stand_in(cfgs: tp.Sequence[DictConfig], launcher: tp.Any = None, log: 
     if verdict is None:
         return None
     if not verdict.allowed:
-        from sweep.core.errors import ConfigError
 
         raise ConfigError(verdict.field, verdict.problem)
     if log is not None:

@@ -23,6 +23,8 @@ import typing as tp
 import uuid
 from pathlib import Path
 
+from sweep.slurm.holders import describe, holder_alive
+
 log = logging.getLogger(__name__)
 
 UNREADABLE_S = 10.0  # a lock file that stays unreadable this long (corrupt) is taken over
@@ -53,7 +55,6 @@ def read_holder(path: Path) -> tp.Optional[dict[str, tp.Any]]:
 
 
 def _alive(lock: tp.Mapping[str, tp.Any]) -> tuple[bool, str]:
-    from sweep.slurm.holders import holder_alive
 
     return holder_alive(lock)
 
@@ -61,7 +62,6 @@ def _alive(lock: tp.Mapping[str, tp.Any]) -> tuple[bool, str]:
 def _describe(lock: tp.Optional[tp.Mapping[str, tp.Any]]) -> str:
     if not lock:
         return "an unreadable holder"
-    from sweep.slurm.holders import describe
 
     return describe(lock)
 

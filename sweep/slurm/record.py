@@ -19,7 +19,8 @@ import typing as tp
 from pathlib import Path
 
 from data.atomic import atomic_write_text
-from sweep.slurm import locks
+from sweep.slurm import lease, locks
+from sweep.slurm import queue as slurm_state
 from sweep.tracking import client as tracking
 
 log = logging.getLogger(__name__)
@@ -173,8 +174,6 @@ def live_pairs(work: tp.Union[str, Path], experiment: str, ckpt_dirs: tp.Mapping
 
     Raises slurm_state.SlurmQueryError when SLURM cannot say (then nothing may be queued).
     """
-    from sweep.slurm import lease
-    from sweep.slurm import queue as slurm_state
 
     task_map: dict[tuple[str, int], Pair] = {}
     for rec in all_records(work, experiment):

@@ -55,10 +55,14 @@ _SLURM_ENV = {
 }
 # The store checks and the config values live in their own modules; their names stay importable from here.
 # The store checks and the config values live in their own modules; their names stay importable from here.
-from sweep.core.params import DEFAULT_CONFIG_KEY_EXCLUDE, TRUNCATED_SUFFIX, config_key  # noqa: F401
-from sweep.core.params import _flat_items, flatten, sanitize
-from sweep.tracking.store import TrackingError, TrackingUnavailable, _local_store_dir, redact_uri
-from sweep.tracking.store import check_tracking_uri  # noqa: F401
+from sweep.core.params import DEFAULT_CONFIG_KEY_EXCLUDE, TRUNCATED_SUFFIX, _flat_items, config_key, flatten, sanitize  # noqa: F401
+from sweep.tracking.store import (
+    TrackingError,
+    TrackingUnavailable,
+    _local_store_dir,
+    check_tracking_uri,  # noqa: F401
+    redact_uri,
+)
 
 
 def _permanent(exc: BaseException) -> bool:

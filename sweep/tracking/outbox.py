@@ -28,10 +28,8 @@ import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 
+from sweep.tracking.client import RunRecorder, ensure_experiment
 from sweep.tracking.store import TrackingError, TrackingUnavailable, redact_uri
-
-if tp.TYPE_CHECKING:
-    from sweep.tracking.client import RunRecorder
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +201,6 @@ def end_offline(outbox: Outbox, store_uri: str, experiment: str, run_name: str |
                 status: str = "FINISHED") -> str:
     """Record the run in the offline store ``store_uri``: its params, tags, every log batch the server did not get,
     its artifacts and ``status``; returns the offline run id. ``sweep.sync`` copies it into the server run."""
-    from sweep.tracking.client import RunRecorder, ensure_experiment
 
     server_run_id = outbox.recorder.run_id
     exp_id = ensure_experiment(store_uri, experiment)
