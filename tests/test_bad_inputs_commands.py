@@ -53,7 +53,7 @@ def test_command_refuses_bad_input_in_one_line_and_writes_nothing(name, module, 
     args = setup(tmp_path)
     before = tree_snapshot(tmp_path)
     dirs_before = sorted(p for p in tmp_path.rglob("*") if p.is_dir())
-    main = importlib.import_module({"sweep.sync": "sweep.tracking.offline"}.get(module, module)).main
+    main = importlib.import_module(module).main
     code = main(args)
     err = capsys.readouterr().err
     assert code == 2, err[-3000:]

@@ -63,8 +63,9 @@ def _runs(uri: str, experiment: str) -> list:
 def test_killed_sweep_rerun_queues_nothing_for_live_pairs_and_status_builds_the_parent(
         tmp_path, slurm_cluster, mlflow_server):
     work = tmp_path / "work"
+    # The login node's lifecycle is the subject here, not multi-replica training (test_sweep_slurm.py): one replica.
     args = _sweep_args(mlflow_server.uri, "lifecycle", "life", "fold=range(4)", "train.max_iters=60",
-                       "train.checkpoint_every=30", "train.early_stop_patience_iters=1000")
+                       "train.checkpoint_every=30", "train.early_stop_patience_iters=1000", "train.cpu_replicas=1")
     log = tmp_path / "first.log"
     work.mkdir(parents=True)
     first = subprocess.Popen([sys.executable, "-m", "sweep", *args, "-m"], cwd=tmp_path, env=_env(work),
@@ -118,8 +119,8 @@ def test_two_jobs_on_one_pair_one_trains_the_other_exits_naming_the_holder(tmp_p
                  "train.early_stop_patience_iters=1000",
                  f"mlflow.tracking_uri={mlflow_server.uri}", "mlflow.experiment=lease"]
     # Data and experiment first, as the sweep launcher does, so both jobs race only for the run itself.
-    prep = subprocess.run([sys.executable, "-c", "import sys; from sweep.plan import compose_jobs; "
-                           "from sweep.jobs.train import ensure_dataset; from sweep.tracking import ensure_experiment; "
+    prep = subprocess.run([sys.executable, "-c", "import sys; from sweep.orchestration.planning import compose_jobs; "
+                           "from sweep.jobs.train import ensure_dataset; from sweep.tracking.client import ensure_experiment; "
                            "(_, _, c), = compose_jobs([sys.argv[1:]]); ensure_dataset(c); "
                            "ensure_experiment(str(c.mlflow.tracking_uri), 'lease')", *overrides],
                           cwd=REPO, env=_env(work), capture_output=True, text=True, timeout=120)

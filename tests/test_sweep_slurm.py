@@ -84,8 +84,10 @@ def test_compound_subset_is_one_array_of_4_gpu_jobs_and_resumes_only_what_is_mis
     assert all("mean_iou" in p.data.metrics and "mean_iou_se" in p.data.metrics for p in parents)
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {p.info.run_id for p in parents}
 
-    # The grid grows by one input size: only its 4 runs are queued.
-    proc, log = _launch(work, mlflow_server.uri, "slurm-array", "array2", "model.input_size=384,512,640")
+    # The grid grows by one input size: only its 4 runs are queued. Where a run trains (train.cpu_replicas) is not
+    # part of its config key: one replica here, so the 8 FINISHED runs still count and the new 4 train faster.
+    proc, log = _launch(work, mlflow_server.uri, "slurm-array", "array2", "model.input_size=384,512,640",
+                        "train.cpu_replicas=1")
     out = _wait(proc, log, 600)
     assert proc.returncode == 0, out[-4000:]
     assert "8 already FINISHED in MLflow (skipped)" in out and "submitted 4 runs as ONE SLURM job array" in out

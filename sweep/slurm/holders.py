@@ -7,7 +7,7 @@ import socket
 import typing as tp
 from pathlib import Path
 
-from sweep.slurm.queue import SlurmQueryError, is_alive
+from sweep.slurm import queue
 
 
 def describe(lease: tp.Mapping[str, tp.Any]) -> str:
@@ -21,8 +21,8 @@ def holder_alive(lease: tp.Mapping[str, tp.Any]) -> tuple[bool, str]:
     """(alive, why) for the holder of a lease; a holder we cannot check counts as alive (no duplicate run)."""
     if lease.get("slurm_job_id"):
         try:
-            alive, state = is_alive(str(lease["slurm_job_id"]))
-        except SlurmQueryError as exc:
+            alive, state = queue.is_alive(str(lease["slurm_job_id"]))  # looked up per call: tests fake SLURM
+        except queue.SlurmQueryError as exc:
             return True, f"SLURM could not be asked ({exc})"
         return alive, state
     if lease.get("host") == socket.gethostname():
