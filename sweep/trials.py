@@ -77,13 +77,18 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
             workers = f"; {len(live)} worker slot(s) alive in SLURM" + (f" ({', '.join(states)})" if states else "")
         except SlurmQueryError as exc:
             workers = f"; SLURM could not be asked ({exc})"
-    print(f"study {rec['study_name']}: " + (", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no trials yet")
+    shown = {k: v for k, v in counts.items() if k != "given_up"}
+    print(f"study {rec['study_name']}: " + (", ".join(f"{v} {k}" for k, v in sorted(shown.items())) or "no trials yet")
           + f" of {rec['n_trials']} trials; arrays {','.join(arrays) or '-'}{workers}")
     events = read_timelines(args.folder)
     print(format_idle(idle_share(trial_intervals(events), int(rec["n_slots"]))))
     for line in lease_waits(events):
         print(line)
-    left = rec["n_trials"] - counts.get("COMPLETE", 0) - counts.get("FAIL", 0)
+    if counts.get("PRUNED"):
+        given_up = counts.pop("given_up", 0)
+        print(f"pruned: {counts['PRUNED'] - given_up} by the pruner (stopped early at a checkpoint)"
+              + (f", {given_up} given up (duplicates of a trial another slot trained)" if given_up else ""))
+    left = rec["n_trials"] - counts.get("COMPLETE", 0) - counts.get("FAIL", 0) - counts.get("PRUNED", 0)
     return 0 if left <= 0 else 3
 
 
@@ -94,6 +99,8 @@ def study_summary(storage: str, study_name: str) -> dict[str, int]:
     counts: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
         counts[t.state.name] = counts.get(t.state.name, 0) + 1
+        if t.state == optuna.trial.TrialState.PRUNED and "given_up" in t.user_attrs:
+            counts["given_up"] = counts.get("given_up", 0) + 1
     return counts
 
 

@@ -33,6 +33,9 @@ class AsyncOptunaSweeperConf(OptunaSweeperConf):
     _recursive_: bool = False  # the sampler stays a config: each worker builds its own, with its own seed
     poll_interval_s: float = 10.0  # how often a slot looks again at a trial that another slot runs with the same params
     lease_wait_s: float = 600.0  # how long it waits for that trial, then gives its duplicate up (FAIL) and asks again
+    # An Optuna pruner as a _target_ node, like the sampler (conf/hydra/sweeper/pruner/: asha, hyperband, median,
+    # wilcoxon); each trial reports its validation objective at every checkpoint. Single-objective studies only.
+    pruner: tp.Any = None
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="optuna_async", node=AsyncOptunaSweeperConf,
@@ -45,7 +48,7 @@ class AsyncOptunaSweeper(Sweeper):
     def __init__(self, sampler: tp.Any, direction: tp.Any, storage: tp.Optional[str], study_name: tp.Optional[str],
                  n_trials: int, n_jobs: int, max_failure_rate: float, search_space: tp.Any = None,
                  custom_search_space: tp.Optional[str] = None, params: tp.Any = None,
-                 poll_interval_s: float = 10.0, lease_wait_s: float = 600.0) -> None:
+                 poll_interval_s: float = 10.0, lease_wait_s: float = 600.0, pruner: tp.Any = None) -> None:
         if search_space or custom_search_space:
             raise ValueError("hydra.sweeper: search_space and custom_search_space are not supported by optuna_async; "
                              "use hydra.sweeper.params")
@@ -59,6 +62,7 @@ class AsyncOptunaSweeper(Sweeper):
         self.params = params
         self.poll_interval_s = float(poll_interval_s)
         self.lease_wait_s = float(lease_wait_s)
+        self.pruner_cfg = pruner
 
     def _check_settings(self) -> tp.Optional[str]:
         """The sweeper's numbers, checked before anything is written; the problem in one line, or None."""
@@ -89,8 +93,12 @@ class AsyncOptunaSweeper(Sweeper):
     def _search_space(self, arguments: tp.Sequence[str]) -> tuple[dict, dict]:
         import warnings
 
-        from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
-        from optuna.distributions import _convert_old_distribution_to_new_distribution as to_new
+        from hydra_plugins.hydra_optuna_sweeper._impl import (
+            create_params_from_overrides,
+        )
+        from optuna.distributions import (
+            _convert_old_distribution_to_new_distribution as to_new,
+        )
 
         conf = [f"{k!s}={v}" for k, v in (self.params or {}).items()] + list(arguments)
         with warnings.catch_warnings():  # hydra-optuna-sweeper builds Optuna 2's distribution classes
@@ -137,12 +145,14 @@ class AsyncOptunaSweeper(Sweeper):
         try:  # before anything is written
             storage = trials.check_storage(
                 self.storage or f"journal:{Path(str(self.config.paths.work)) / 'optuna' / (study_name + '.journal')}")
+            pruner = self._pruner(directions)
         except trials.StudyError as exc:
             print(f"error: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
         cfg0 = self._check(distributions, fixed)
         study = optuna.create_study(study_name=study_name, storage=trials.open_storage(storage),
-                                    directions=directions, load_if_exists=True)
+                                    directions=directions, load_if_exists=True, pruner=trials.make_pruner(
+                                        pruner, len(directions)))
         if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in directions]:
             print(f"error: hydra.sweeper.direction: study {study_name!r} in {storage} was created with "
                   f"{[d.name.lower() for d in study.directions]}, not {directions}; choose another study_name",
@@ -155,7 +165,10 @@ class AsyncOptunaSweeper(Sweeper):
                                 fixed_params=fixed, sampler=self.sampler_cfg,
                                 folder=str(trials.study_folder(Path(str(cfg0.paths.work)), study_name)),
                                 max_failure_rate=self.max_failure_rate, poll_interval_s=self.poll_interval_s,
-                                lease_wait_s=self.lease_wait_s)
+                                lease_wait_s=self.lease_wait_s, pruner=pruner)
+        if pruner is not None:
+            log.info("pruner: %s; every trial reports its validation %s at each checkpoint", pruner["_target_"],
+                     (self.config.get("objectives") or ["mean_iou"])[0])
         log.info("study %s (%s): %d of %d trials exist; %d worker slots, each asks for its next trial when its "
                  "last one ends (no batches)", study_name, storage, have, self.n_trials, n_slots)
         worker = trials.TrialWorker(self.hydra_context, self.config, self.task_function, [], spec,
@@ -170,6 +183,23 @@ class AsyncOptunaSweeper(Sweeper):
             raise SystemExit(2)
         if self.wait:
             self._report(study, spec)
+
+    def _pruner(self, directions: list[str]) -> tp.Optional[dict]:
+        """``hydra.sweeper.pruner`` resolved to a plain node (the slots get it pickled), checked by building it once."""
+        from sweep.orchestration import trials
+
+        if self.pruner_cfg is None:
+            return None
+        try:
+            node = OmegaConf.to_container(self.pruner_cfg, resolve=True) if OmegaConf.is_config(self.pruner_cfg) \
+                else dict(self.pruner_cfg)
+        except Exception as exc:  # noqa: BLE001 - an interpolation that does not resolve
+            raise trials.StudyError(f"hydra.sweeper.pruner: {' '.join(str(exc).split())[:300]}") from None
+        if not isinstance(node, dict) or "_target_" not in node:
+            raise trials.StudyError(f"hydra.sweeper.pruner: expected a node with _target_ (e.g. "
+                                    f"+hydra/sweeper/pruner=asha), got {node!r}")
+        trials.make_pruner(node, len(directions))
+        return node
 
     @staticmethod
     def _running(study) -> int:

@@ -12,10 +12,11 @@ from data.augment import AugmentConfig
 from model.complexity import count_flops, count_params
 from model.schedule import TrainSettings, paper_batch_size
 from sweep.core.errors import ConfigError
+from sweep.core.fold_pruning import fold_pruning_setting
 from sweep.core.params import config_key
 
 KEY_EXCLUDE = ("fold", "mlflow", "paths", "hydra", "experiment_name", "objectives", "task", "fusing", "on_oom",
-               "optuna_trial", "batch_halved", "allow_stand_in")
+               "optuna_trial", "batch_halved", "allow_stand_in", "fold_pruning")
 
 
 TRAIN_KEY_EXCLUDE = ("cpu_replicas", "jit_compile")
@@ -70,6 +71,12 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     size_map = {int(k): int(v) for k, v in (OmegaConf.select(cfg, "profile.input_size_map", default={}) or {}).items()}
     for field in ("mlflow.outage_tolerance_s", "mlflow.end_wait_s", "mlflow.start_wait_s"):
         _check_seconds(cfg, field)
+    interval = OmegaConf.select(cfg, "mlflow.system_metrics_interval_s", default=None)
+    if interval is not None and (isinstance(interval, bool) or not isinstance(interval, (int, float))
+                                 or not math.isfinite(interval) or interval < 0):
+        raise ConfigError("mlflow.system_metrics_interval_s", f"must be a finite number of seconds >= 0 (0: off), "
+                                                              f"got {interval!r}")
+    fold_pruning_setting(cfg, num_folds)
     eff_width = max(1, round(width / divisor))
     eff_size = size_map.get(input_size, input_size)
     if eff_size % 2**depth:

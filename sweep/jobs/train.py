@@ -19,15 +19,34 @@ from data.atomic import atomic_write_text
 from data.errors import DataError
 from data.folds import split_fold
 from data.manifest import MANIFEST_NAMES, load_dataset
-from model.complexity import count_flops, count_params, paper_receptive_field, receptive_field
+from model.complexity import (
+    count_flops,
+    count_params,
+    paper_receptive_field,
+    receptive_field,
+)
 from model.schedule import load_state
+from sweep.core import trial_report
 from sweep.core.errors import ConfigError
+from sweep.core.fold_pruning import (
+    TAG_FOLD_PRUNED,
+    fold_pruning_setting,
+    skip_remaining_folds,
+)
 from sweep.core.runplan import RunPlan, plan_run
-from sweep.resources.memory import halved_tags
+from sweep.resources.memory import halved_tags, record_skipped
 from sweep.slurm import lease, locks
 from sweep.tracking import client as tracking
+from sweep.tracking.cost import SystemMetrics
 from sweep.tracking.offline import offline_uri
-from sweep.tracking.outbox import DEFAULT_END_WAIT_S, DEFAULT_TOLERANCE_S, OfflineEnding, Outbox, backfill, end_offline
+from sweep.tracking.outbox import (
+    DEFAULT_END_WAIT_S,
+    DEFAULT_TOLERANCE_S,
+    OfflineEnding,
+    Outbox,
+    backfill,
+    end_offline,
+)
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +168,26 @@ def _finished(plan: RunPlan, experiment_id: str) -> tp.Optional[dict[str, float]
     return {k: v for k, v in done[0].data.metrics.items()}
 
 
+def _fold_pruned(cfg: DictConfig, plan: RunPlan, experiment_id: str) -> tp.Optional[dict[str, float]]:
+    """Fold pruning (opt-in, sweep.core.fold_pruning): this fold is not trained when its config's finished folds are
+    significantly worse than the best config's; a KILLED run tagged ``skipped_reason`` and ``fold_pruned`` says why."""
+    setting = fold_pruning_setting(cfg, plan.num_folds)
+    if not setting.on:
+        return None
+    finished: dict[str, dict[int, float]] = {}
+    for (key, fold), metrics in tracking.finished_fold_runs(plan.tracking_uri, experiment_id).items():
+        if "mean_iou" in metrics:
+            finished.setdefault(key, {})[fold] = float(metrics["mean_iou"])
+    skip = skip_remaining_folds(plan.config_key, plan.fold, finished, setting)
+    if skip is None:
+        return None
+    log.warning("%s: not trained: %s", plan.run_name, skip.reason)
+    record_skipped(plan.tracking_uri, experiment_id, plan, skip.reason, str(cfg.get("experiment_name", "single")),
+                   extra_tags={TAG_FOLD_PRUNED: "true", "fold_pruning_p": f"{skip.p:.4g}",
+                               "fold_pruning_best": skip.best_key})
+    return {"mean_iou": float("nan"), "flops": plan.flops, "params": plan.params, "fold_pruned": 1.0}
+
+
 def checkpoint_before_requeue(what: str = "the run") -> None:
     """submitit's USR2 hook (preemption, time-out) of a job running ``what``: save the running training, if any.
 
@@ -181,6 +220,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     done = _finished(plan, experiment_id)
     if done is not None:
         return done
+    skipped = _fold_pruned(cfg, plan, experiment_id)
+    if skipped is not None:
+        return skipped
     # Before the checkpoint or the MLflow run is touched: another live job may be training this pair.
     mine = lease.acquire(plan.ckpt_dir, plan.run_name)
     try:
@@ -214,6 +256,31 @@ def _train(cfg: DictConfig, plan: RunPlan, experiment_id: str, train_samples, va
     recorder = tracking.RunRecorder(plan.tracking_uri, experiment_id, run_id=run_id, run_name=plan.run_name, tags=tags)
     # From here on a server outage costs nothing: what the run logs waits in order until the server answers.
     outbox = Outbox(recorder, tolerance_s=_seconds(cfg, "mlflow.outage_tolerance_s", DEFAULT_TOLERANCE_S))
+    objective = pruning_objective(cfg)
+    # MLflow's system metrics (CPU, memory; GPU utilisation, memory, power where GPUs exist), through the outbox.
+    usage = SystemMetrics(_seconds(cfg, "mlflow.system_metrics_interval_s", 10.0))
+
+    def log_usage(final: bool = False) -> None:
+        if final:
+            usage.stop()
+        for t, step, values in usage.drain():
+            outbox.log_metrics(values, step=step, timestamp_ms=int(t * 1000))
+        if final:
+            outbox.log_metrics(usage.summary())
+
+    def judge(value: tp.Any, iteration: int) -> None:
+        # An Optuna slot's pruner (sweep.orchestration.trials): stop now, with the run's last values on the server.
+        if value is None or not trial_report.active():
+            return
+        try:
+            trial_report.report(float(value), iteration, objective)
+        except trial_report.TrialPruned as pruned:
+            log.warning("%s: %s", plan.run_name, pruned)
+            log_usage(final=True)
+            outbox.set_tags(pruned.run_tags)
+            outbox.wait(_seconds(cfg, "mlflow.end_wait_s", DEFAULT_END_WAIT_S))
+            raise
+
     with recorder:
         run_id = recorder.start()
         plan.ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -238,11 +305,15 @@ def _train(cfg: DictConfig, plan: RunPlan, experiment_id: str, train_samples, va
                 # A job killed during an outage held some validation points in memory only: state.json has them.
                 backfill(recorder, state.history, _chunk_metrics, outbox)
                 outbox.flush()
+                if state.history:  # a requeued trial is judged again on its last value (reported once: trials.py)
+                    judge(state.history[-1].get(objective), state.history[-1]["iteration"])
 
         def on_chunk(state, metrics: dict) -> None:
             made = state.history[-1].get("time") if state.history else None
             outbox.log_metrics(_chunk_metrics(metrics), step=state.iteration,
                                timestamp_ms=int(made * 1000) if made else None)
+            log_usage()
+            judge(metrics.get(objective), state.iteration)
 
         def on_first_step() -> None:
             outbox.log_metrics({"startup_s": time.time() - process_start_time()})
@@ -251,10 +322,12 @@ def _train(cfg: DictConfig, plan: RunPlan, experiment_id: str, train_samples, va
 
         t0 = time.perf_counter()
         setup_s = t0 - t_setup
-        result = train_fold(width=plan.width, depth=plan.depth, input_size=plan.input_size,
-                            train_samples=train_samples, val_samples=val_samples, settings=plan.settings,
-                            augment=plan.augment, ckpt_dir=plan.ckpt_dir, on_chunk=on_chunk, on_start=on_start,
-                            on_first_step=on_first_step)
+        with usage:
+            result = train_fold(width=plan.width, depth=plan.depth, input_size=plan.input_size,
+                                train_samples=train_samples, val_samples=val_samples, settings=plan.settings,
+                                augment=plan.augment, ckpt_dir=plan.ckpt_dir, on_chunk=on_chunk, on_start=on_start,
+                                on_first_step=on_first_step)
+        log_usage(final=True)
         st = result.state
         final = {**{("final_val_loss" if k == "val_loss" else k): v for k, v in result.final_metrics.items()},
                  "iterations": st.iteration, "wall_time_s": st.wall_seconds,
@@ -295,6 +368,12 @@ def _train(cfg: DictConfig, plan: RunPlan, experiment_id: str, train_samples, va
     log.info("%s: mean IoU %.4f after %d iterations (%.0f s in this process)", plan.run_name, final["mean_iou"],
              st.iteration, time.perf_counter() - t0)
     return {**static, **final}
+
+
+def pruning_objective(cfg: DictConfig) -> str:
+    """The validation metric a pruner judges: the study's (single) objective, else mean IoU."""
+    names = cfg.get("objectives")
+    return str(names[0]) if names else "mean_iou"
 
 
 def _check_tracking_at_start(cfg: DictConfig, uri: str) -> None:

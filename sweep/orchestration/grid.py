@@ -23,9 +23,15 @@ from hydra_plugins.scaling_unet.hints import JobGroup, LaunchHints
 from hydra_plugins.scaling_unet.pool import sweep_dir
 from hydra_plugins.scaling_unet.slurm_array import SlurmArrayLauncher, not_waited_return
 from model.schedule import model_key
+from sweep.core.fold_pruning import fold_pruning_setting
 from sweep.core.results import failure_reason, objective_values
 from sweep.orchestration.planning import launcher_params
-from sweep.orchestration.prepare import Job, PreparedSweep, prepare_sweep_or_exit, summarize
+from sweep.orchestration.prepare import (
+    Job,
+    PreparedSweep,
+    prepare_sweep_or_exit,
+    summarize,
+)
 from sweep.resources.groups import job_groups, measured_rate
 from sweep.resources.memory import halved_reason
 from sweep.slurm import record as sweep_record
@@ -175,6 +181,9 @@ def _on_slurm(launcher: SlurmArrayLauncher, config: DictConfig, prepared: Prepar
     todo: list[Job] = []
     groups: list[JobGroup] = []
     for g in job_groups([j for j in prepared.todo if j.pair not in live], params, rate):
+        if g.items and fold_pruning_setting(g.items[0].cfg, g.items[0].plan.num_folds).on:
+            # Fold-major order: a config's later folds start after the other configs' first ones, so they can be judged.
+            g.items.sort(key=lambda j: j.plan.fold)
         groups.append(JobGroup(list(range(len(todo), len(todo) + len(g.items))), name=g.name, time_min=g.time_min,
                                parallelism=g.parallelism))
         todo.extend(g.items)

@@ -25,9 +25,15 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 
+from sweep.core.fold_pruning import TAG_FOLD_PRUNED
 from sweep.orchestration.planning import compose_jobs, expand_sweep
 from sweep.orchestration.prepare import check_jobs
-from sweep.resources.memory import TAG_HALVED, apply_memory_policy, halved_reason
+from sweep.resources.memory import (
+    TAG_HALVED,
+    TAG_SKIPPED,
+    apply_memory_policy,
+    halved_reason,
+)
 from sweep.slurm import queue as slurm_state
 from sweep.slurm import record as sweep_record
 from sweep.tracking import client as tracking
@@ -37,7 +43,8 @@ from sweep.tracking.parents import link_parent_runs
 EXIT_FINISHED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_RUNNING = 0, 1, 2, 3
 # REQUEUED: alive again after a preemption or time-out (running or waiting), with its number of requeues;
 # UNKNOWN: not FINISHED in MLflow and SLURM could not be asked (never called FAILED on a guess).
-STATES = ("FINISHED", "RUNNING", "PENDING", "REQUEUED", "FAILED", "NEVER_QUEUED", "UNKNOWN")
+# PRUNED: not trained by choice (fold_pruning: its config's finished folds were significantly worse than the best's).
+STATES = ("FINISHED", "PRUNED", "RUNNING", "PENDING", "REQUEUED", "FAILED", "NEVER_QUEUED", "UNKNOWN")
 RUNNING_STATES = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING", "RESIZING", "SUSPENDED"}
 REQUEUE_STATES = {"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "PREEMPTED"}
 
@@ -70,7 +77,7 @@ class SweepStatus:
             return EXIT_RUNNING
         queued = [p for p in self.pairs if not (p.state == "NEVER_QUEUED" and sweep_record.pair_name(p.pair)
                                                  in self.rec.skipped)]
-        return EXIT_FINISHED if all(p.state == "FINISHED" for p in queued) else EXIT_FAILED
+        return EXIT_FINISHED if all(p.state in ("FINISHED", "PRUNED") for p in queued) else EXIT_FAILED
 
 
 def stderr_tail(sub: sweep_record.Submission, task: int, lines: int = 5) -> str:
@@ -91,6 +98,7 @@ def collect(rec: sweep_record.SweepRecord, uri: str, *, build_parents: bool = Tr
 
     runs = tracking.find_runs(uri, rec.experiment_id)
     finished: dict[sweep_record.Pair, tp.Any] = {}
+    pruned: dict[sweep_record.Pair, str] = {}
     parents_complete = set()
     halved = dict(rec.halved)
     for r in runs:
@@ -105,6 +113,8 @@ def collect(rec: sweep_record.SweepRecord, uri: str, *, build_parents: bool = Tr
             continue
         if r.info.status == "FINISHED" and tracking.TAG_CONFIG_KEY in tags and tracking.TAG_FOLD in tags:
             finished.setdefault((tags[tracking.TAG_CONFIG_KEY], int(tags[tracking.TAG_FOLD])), r)
+        elif tags.get(TAG_FOLD_PRUNED) == "true" and tracking.TAG_CONFIG_KEY in tags and tracking.TAG_FOLD in tags:
+            pruned.setdefault((tags[tracking.TAG_CONFIG_KEY], int(tags[tracking.TAG_FOLD])), tags.get(TAG_SKIPPED, ""))
     live: dict = {}
     hist: dict = {}
     note = ""
@@ -129,6 +139,8 @@ def collect(rec: sweep_record.SweepRecord, uri: str, *, build_parents: bool = Tr
         run_name = info["run_name"]
         if pair in finished:
             out.append(PairStatus(pair, run_name, "FINISHED"))
+        elif pair in pruned and not alive_of.get(pair):
+            out.append(PairStatus(pair, run_name, "PRUNED", pruned[pair]))
         elif alive_of.get(pair):
             task = alive_of[pair][0]
             h = hist.get((task.array_id, task.task))
@@ -228,7 +240,7 @@ def render(st: SweepStatus) -> str:
         lines.append(f"{name:<24} " + " ".join(f"{c[s]:>12}" for s in STATES))
     c = st.counts()
     lines.append(f"{'total':<24} " + " ".join(f"{c[s]:>12}" for s in STATES))
-    details = [p for p in st.pairs if p.state in ("FAILED", "REQUEUED", "UNKNOWN") or (  # skipped (on_oom): below, by config
+    details = [p for p in st.pairs if p.state in ("FAILED", "REQUEUED", "UNKNOWN", "PRUNED") or (  # skipped (on_oom): below, by config
         p.state == "NEVER_QUEUED" and p.detail and sweep_record.pair_name(p.pair) not in rec.skipped)]
     if details:
         lines.append("")

@@ -11,6 +11,9 @@ SLURM job array of that many tasks (or as many local processes). Each worker, in
 2. runs it as a Hydra job through the same task function as every sweep (MLflow run, lease, checks);
 3. tells the study the objectives (or FAIL), and claims the next trial, until none is left.
 
+With a pruner (``hydra.sweeper.pruner``), the training reports its validation objective at every checkpoint
+(:func:`trial_reporter`); when the pruner says so it stops at once, the trial is PRUNED and its MLflow run KILLED.
+
 Every slot appends its trials' start and end to ``<study folder>/slots/<slot>.jsonl``; :func:`idle_share`
 turns such intervals into the idle slot-time (``python -m sweep.trials`` reports it for a study).
 """
@@ -28,6 +31,7 @@ import typing as tp
 from pathlib import Path
 
 from data.atomic import atomic_write_json
+from sweep.core import trial_report
 from sweep.jobs.train import checkpoint_before_requeue
 from sweep.slurm import locks
 from sweep.slurm.holders import _same_holder, holder_alive
@@ -96,6 +100,7 @@ class StudySpec:
     max_failure_rate: float = 0.0
     poll_interval_s: float = 10.0
     lease_wait_s: float = 600.0  # a trial whose params another slot trains: waited for this long, then given up
+    pruner: tp.Any = None  # DictConfig of an Optuna pruner (instantiated per worker), or None
 
     @property
     def path(self) -> Path:
@@ -244,6 +249,44 @@ def format_idle(res: tp.Mapping[str, float]) -> str:
             f"({100 * res['tail']:.1f} % after the last trial started, {100 * (res['idle'] - res['tail']):.1f} % before)")
 
 
+def make_pruner(cfg: tp.Any, n_objectives: int) -> tp.Any:
+    """``hydra.sweeper.pruner`` (a ``_target_`` node, like the sampler) → an Optuna pruner, or None.
+
+    Pruning compares one objective across trials, as in Optuna: a multi-objective study with a pruner is refused.
+    """
+    import optuna
+    from hydra.utils import instantiate
+
+    if cfg is None:
+        return None
+    if n_objectives > 1:
+        raise StudyError(f"hydra.sweeper.pruner: pruning needs a single-objective study; this one has "
+                         f"{n_objectives} directions (drop the pruner or keep one objective)")
+    try:
+        pruner = instantiate(cfg)
+    except Exception as exc:  # noqa: BLE001 - a bad _target_ or argument: one line naming the field
+        raise StudyError(f"hydra.sweeper.pruner: cannot be made: {' '.join(str(exc).split())[:300]}") from None
+    if not isinstance(pruner, optuna.pruners.BasePruner):
+        raise StudyError(f"hydra.sweeper.pruner: {type(pruner).__name__} is not an Optuna pruner")
+    return pruner
+
+
+def trial_reporter(study, number: int) -> trial_report.Reporter:
+    """Report (value, iteration) to trial ``number`` and ask its pruner. A step the trial already holds (a requeued
+    job re-reports its last checkpoint) is not reported twice; the trial is judged again all the same."""
+    import optuna
+
+    trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+    trial = optuna.trial.Trial(study, trial_id)
+
+    def judge(value: float, iteration: int) -> bool:
+        if iteration not in study._storage.get_trial(trial_id).intermediate_values:
+            trial.report(value, iteration)
+        return bool(trial.should_prune())
+
+    return judge
+
+
 class TrialWorker:
     """One slot: claim, run, tell, until the study is full. Picklable; submitit requeues it on USR2."""
 
@@ -270,7 +313,8 @@ class TrialWorker:
         if sampler is not None and not isinstance(sampler, optuna.samplers.BaseSampler):
             raise StudyError(f"hydra.sweeper.sampler: {sampler_cfg.get('_target_')} is not supported by the "
                              "asynchronous sweeper (GridSampler needs the whole grid at once)")
-        return optuna.load_study(study_name=self.spec.study_name, storage=storage, sampler=sampler)
+        pruner = make_pruner(self.spec.pruner, len(self.spec.directions))
+        return optuna.load_study(study_name=self.spec.study_name, storage=storage, sampler=sampler, pruner=pruner)
 
     def _run_job(self, number: int, overrides: list[str]):
         from hydra.core.singleton import Singleton
@@ -294,7 +338,7 @@ class TrialWorker:
         me = my_lease()
         slog = SlotLog(self.spec.path, slot)
         slog.write("worker_start")
-        done = {"complete": 0, "fail": 0}
+        done = {"complete": 0, "fail": 0, "pruned": 0}
         while True:
             fails, ended = failure_share(study)
             if ended >= self.spec.n_slots and fails / ended > self.spec.max_failure_rate:
@@ -310,7 +354,18 @@ class TrialWorker:
             slog.write("start", trial=c.number, how=c.how)
             waiting_since: tp.Optional[float] = None
             while True:
-                ret = self._run_job(c.number, overrides)
+                if self.spec.pruner is not None:
+                    with trial_report.reporting(trial_reporter(study, c.number)):
+                        ret = self._run_job(c.number, overrides)
+                else:
+                    ret = self._run_job(c.number, overrides)
+                pruned = getattr(ret, "_return_value", None)
+                if isinstance(pruned, trial_report.TrialPruned):  # not an error: read before Hydra's error line
+                    study.tell(c.number, state=optuna.trial.TrialState.PRUNED)
+                    slog.write("end", trial=c.number, state="PRUNED", iteration=pruned.iteration, value=pruned.value)
+                    log.info("slot %d: trial %d %s", slot, c.number, pruned)
+                    done["pruned"] += 1
+                    break
                 try:
                     values = objective_list(ret.return_value, len(self.spec.directions))
                 except LeaseHeld as exc:  # the same params run in another slot: its FINISHED run is reused after

@@ -166,15 +166,16 @@ def halved_tags(cfg: DictConfig) -> dict[str, str]:
             f"{TAG_HALVED}_to": str(info.get("batch_to", ""))}
 
 
-def record_skipped(uri: str, experiment_id: str, plan, reason: str, experiment_name: str) -> None:
-    """A KILLED MLflow run tagged ``skipped_reason`` for a (config, fold) the sweep did not queue (once)."""
+def record_skipped(uri: str, experiment_id: str, plan, reason: str, experiment_name: str,
+                   extra_tags: tp.Optional[tp.Mapping[str, str]] = None) -> None:
+    """A KILLED MLflow run tagged ``skipped_reason`` for a (config, fold) the sweep did not queue or train (once)."""
 
     existing = [r for r in tracking.find_runs(uri, experiment_id, config_key=plan.config_key, fold=plan.fold)
                 if r.data.tags.get(TAG_SKIPPED) == reason]
     if existing:
         return
     tags = {tracking.TAG_CONFIG_KEY: plan.config_key, tracking.TAG_FOLD: str(plan.fold), TAG_SKIPPED: reason,
-            "experiment": experiment_name}
+            "experiment": experiment_name, **(extra_tags or {})}
     rec = tracking.RunRecorder(uri, experiment_id, run_name=plan.run_name, tags=tags)
     with rec:
         rec.start()

@@ -293,17 +293,22 @@ class RunRecorder:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        # On success the caller decides when to finish; on failure mark the run FAILED with one quick try.
+        # On success the caller decides when to finish; on failure mark the run FAILED with one quick try. An
+        # exception that carries ``run_status`` (a pruned trial: KILLED) ends the run with it and its ``run_tags``.
         if exc_type is not None and self._started:
+            status = getattr(exc, "run_status", "FAILED")
             try:  # why, in one line, beside the status (the MLflow UI shows tags; the job log may be gone)
                 reason = f"{exc_type.__name__}: {' '.join(str(exc).split())}"
-                _retry(lambda: self.client.set_tag(self.run_id, TAG_FAILURE_REASON,
-                                                   sanitize(reason[-MAX_TAG_VAL_LENGTH:], MAX_TAG_VAL_LENGTH)),
-                       f"tag run {self.run_id} with its failure", self.uri, 1, 0.0)
-                _retry(lambda: self.client.set_terminated(self.run_id, status="FAILED"),
-                       f"mark run {self.run_id} FAILED", self.uri, 1, 0.0)
+                tags = dict(getattr(exc, "run_tags", {}) or {}) if status != "FAILED" else {}
+                tags.setdefault(TAG_FAILURE_REASON if status == "FAILED" else "end_reason", reason)
+                items = [RunTag(str(k), sanitize(str(v)[-MAX_TAG_VAL_LENGTH:], MAX_TAG_VAL_LENGTH))
+                         for k, v in tags.items()]
+                _retry(lambda: self.client.log_batch(self.run_id, tags=items, synchronous=True),
+                       f"tag run {self.run_id} with its end", self.uri, 1, 0.0)
+                _retry(lambda: self.client.set_terminated(self.run_id, status=status),
+                       f"mark run {self.run_id} {status}", self.uri, 1, 0.0)
             except Exception as e:  # noqa: BLE001 - best effort: the original exception matters more
-                log.warning("could not mark MLflow run %s FAILED: %s", self.run_id, redact_uri(str(e)))
+                log.warning("could not mark MLflow run %s %s: %s", self.run_id, status, redact_uri(str(e)))
         return False
 
 
