@@ -31,9 +31,10 @@ def _panel(ax, df: pd.DataFrame, label: str = "", color="C0", linestyle="-", mar
 
 def fig3_note(table: pd.DataFrame, *, n_expected: int = 4,
               skipped: tp.Optional[tp.Mapping[tuple[int, int, int], str]] = None,
-              halved: tp.Optional[tp.Mapping[tuple[int, int, int], str]] = None) -> str:
+              halved: tp.Optional[tp.Mapping[tuple[int, int, int], str]] = None,
+              pruned: tp.Optional[tp.Mapping[tuple[int, int, int], str]] = None) -> str:
     """The note under Fig. 3: error bars, incomplete configs, and each config not trained or trained at a
-    halved batch for GPU memory, with its estimate (the sweep's reason)."""
+    halved batch for GPU memory, with its estimate (the sweep's reason), and the folds fold pruning skipped."""
     complete = table.complete if "complete" in table else table.n_folds >= n_expected
     n_part = int((~complete.astype(bool)).sum()) if len(table) else 0
     note = f"Error bars: standard error over {n_expected} folds."
@@ -44,6 +45,10 @@ def fig3_note(table: pd.DataFrame, *, n_expected: int = 4,
         note += "\nTrained at a halved global batch (estimated GPU memory over the launcher's gpu_mem_gb at the " \
                 "configured batch; see configs.csv):"
         note += "".join(f"\n  c0={w} d={d} IS={s}²: {why}" for (w, d, s), why in sorted(halved.items()))
+    if pruned:
+        note += ("\nFolds not trained by fold pruning (fold_pruning.test: significantly worse than the best config on "
+                 "the folds both finished; mean over the folds present; see missing.csv):")
+        note += "".join(f"\n  c0={w} d={d} IS={s}²: {why}" for (w, d, s), why in sorted(pruned.items()))
     if skipped:
         note += "\nNot trained (estimated GPU memory over the launcher's gpu_mem_gb; see missing.csv):"
         note += "".join(f"\n  c0={w} d={d} IS={s}²: {why}" for (w, d, s), why in sorted(skipped.items()))
@@ -52,7 +57,8 @@ def fig3_note(table: pd.DataFrame, *, n_expected: int = 4,
 
 def plot_fig3(table: pd.DataFrame, out_dir: tp.Union[str, Path], *, title: str = "", n_expected: int = 4,
               skipped: tp.Optional[tp.Mapping[tuple[int, int, int], str]] = None,
-              halved: tp.Optional[tp.Mapping[tuple[int, int, int], str]] = None) -> list[Path]:
+              halved: tp.Optional[tp.Mapping[tuple[int, int, int], str]] = None,
+              pruned: tp.Optional[tp.Mapping[tuple[int, int, int], str]] = None) -> list[Path]:
     """Four panels as in the paper; ``table`` has one row per (width, depth, input size) (results.fig3_configs).
     ``skipped``: configs the sweep did not train, ``halved``: configs trained at a halved batch, each with
     why (named in the note under the figure, :func:`fig3_note`). Writes fig3.png and fig3.pdf."""
@@ -101,7 +107,7 @@ def plot_fig3(table: pd.DataFrame, out_dir: tp.Union[str, Path], *, title: str =
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("mean IoU (bone, DL, RM), mean ± SE over folds")
     fig.suptitle(title or "Scaling the U-net (paper Fig. 3)")
-    note = fig3_note(table, n_expected=n_expected, skipped=skipped, halved=halved)
+    note = fig3_note(table, n_expected=n_expected, skipped=skipped, halved=halved, pruned=pruned)
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     fig.text(0.01, 0.0, note, fontsize=8, color="0.3", va="top")  # below the axes; bbox_inches="tight" keeps it
     paths = [out_dir / "fig3.png", out_dir / "fig3.pdf"]

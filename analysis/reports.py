@@ -16,7 +16,7 @@ import pandas as pd
 
 from analysis.formatting import atomic_write_csv
 from analysis.results import (EXPECTED_FOLDS, config_table_from_runs, fig3_configs, fmt_int, halved_configs,
-                              missing_training, skipped_configs)
+                              fold_pruned_configs, missing_training, skipped_configs)
 from analysis.store import Runs, read_runs, tracking_client
 from data.atomic import atomic_write_text
 
@@ -55,10 +55,13 @@ def fig3_part(runs: Runs, out: tp.Union[str, Path]) -> Part:
     halved = halved_configs(chosen)
     for (w, d, s), why in sorted(halved.items()):
         part.warnings.append(f"c0={w} d={d} IS={s}: trained at a halved batch, {why}")
-    part.written += plot_fig3(chosen, out, skipped=skipped, halved=halved)
-    if skipped or halved:  # what the note under the figure says about them, also on the console
+    pruned = fold_pruned_configs(runs.training)
+    for (w, d, s), why in sorted(pruned.items()):
+        part.warnings.append(f"c0={w} d={d} IS={s}: {why}")
+    part.written += plot_fig3(chosen, out, skipped=skipped, halved=halved, pruned=pruned)
+    if skipped or halved or pruned:  # what the note under the figure says about them, also on the console
         part.notes.append("note under the figure: " + fig3_note(chosen, n_expected=len(EXPECTED_FOLDS),
-                                                                 skipped=skipped, halved=halved))
+                                                                 skipped=skipped, halved=halved, pruned=pruned))
     table = table.assign(in_fig3=table.config_key.isin(chosen.config_key))
     part.written.append(atomic_write_csv(table, Path(out) / "configs.csv"))
     part.notes.append(f"{len(chosen)} configs plotted from {int(table.n_folds.sum())} fold runs")

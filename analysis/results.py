@@ -21,6 +21,7 @@ IOU_METRICS = CLASS_METRICS + ("mean_iou",)
 OPTUNA = "optuna"
 TAG_IS_PARENT = "is_parent"  # sweep.tracking.client.TAG_IS_PARENT (analysis never imports sweep/)
 TAG_SKIPPED = "skipped_reason"  # sweep.resources.memory: a run the sweep did not queue (estimated GPU memory)
+TAG_FOLD_PRUNED = "fold_pruned"  # sweep.core.fold_pruning: a fold not trained, its config significantly worse
 TAG_HALVED = "batch_halved"  # sweep.resources.memory: a run trained at a smaller global batch than configured (GPU memory)
 
 
@@ -160,6 +161,24 @@ def skipped_configs(training: tp.Iterable[RunRecord]) -> dict[tuple[int, int, in
         if why and None not in point and point not in finished:
             out.setdefault(point, why)  # type: ignore[arg-type]
     return out
+
+
+def fold_pruned_configs(training: tp.Iterable[RunRecord]) -> dict[tuple[int, int, int], str]:
+    """(width, depth, input size) → "folds 2,3: <why>", for configs whose later folds fold pruning skipped
+    (sweep.core.fold_pruning: KILLED runs tagged fold_pruned and skipped_reason)."""
+    finished = {(r.tags.get("config_key"), r.fold()) for r in training if r.finished}
+    by_point: dict[tuple[int, int, int], dict[str, list[int]]] = {}
+    for r in training:
+        if r.tags.get(TAG_FOLD_PRUNED) != "true" or (r.tags.get("config_key"), r.fold()) in finished:
+            continue
+        point = (r.int_param("model.width"), r.int_param("model.depth"), r.int_param("model.input_size"))
+        if None in point or r.fold() is None:
+            continue
+        folds = by_point.setdefault(point, {}).setdefault(r.tags.get(TAG_SKIPPED, ""), [])  # type: ignore[arg-type]
+        if r.fold() not in folds:
+            folds.append(int(r.fold()))  # type: ignore[arg-type]
+    return {pt: "; ".join(f"{'folds' if len(f) > 1 else 'fold'} {','.join(map(str, sorted(f)))}: {why}"
+                          for why, f in reasons.items()) for pt, reasons in by_point.items()}
 
 
 def halved_configs(chosen: pd.DataFrame) -> dict[tuple[int, int, int], str]:

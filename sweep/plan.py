@@ -31,6 +31,7 @@ from sweep.orchestration.planning import (
     gpu_hours_upper_bound,
     launcher_params,
     print_memory_section,
+    pruning_preview,
 )
 from sweep.orchestration.prepare import check_jobs
 from sweep.resources.groups import job_groups
@@ -122,6 +123,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
           "Adam, activations kept for the backward pass)")
     print(f"GPU-hours, upper bound (every run to train.max_iters, {args.tflops_per_gpu:g} TFLOP/s per GPU, "
           f"4 GPUs per run): {total_h:,.0f}; early stopping usually ends runs far sooner")
+    if "optuna" in str(sweeper.get("_target_", "")).lower() and sweeper.get("pruner"):
+        print_pruning_preview(sweeper, first.settings, total_h / max(1, len(by_config)))
     if refusal is None:
         print_memory_section(jobs, skipped, decisions, done)
     if refusal is not None:
@@ -152,6 +155,35 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
             except RuntimeError as exc:  # submitit needs srun on PATH to render
                 print(f"  (not rendered here: {exc})")
     return 0
+
+
+def print_pruning_preview(sweeper: tp.Any, settings: tp.Any, hours_per_trial: float) -> None:
+    """With a pruner: how many trials are expected to train to each length, and the GPU-hours that implies."""
+    from omegaconf import OmegaConf
+
+    pruner = OmegaConf.to_container(sweeper.pruner, resolve=True)
+    n = int(sweeper.n_trials)
+    name = str(pruner.get("_target_", "")).rsplit(".", 1)[-1]
+    steps = pruning_preview(pruner, n, settings.max_iters, settings.checkpoint_every)
+    print()
+    if steps is None:
+        print(f"pruner: {name}: where it stops trials depends on their values; no preview (the upper bound above "
+              f"holds: {n} trials × {hours_per_trial:,.1f} GPU-h)")
+        return
+    if len(steps) == 1:
+        print(f"pruner: {name}: cannot stop a trial early here: one validation per trial (train.checkpoint_every="
+              f"{settings.checkpoint_every}, train.max_iters={settings.max_iters}); more checkpoints give it rungs, "
+              f"e.g. train.checkpoint_every={max(1, settings.max_iters // 9)}")
+        return
+    iters = sum(length * trials for length, trials in steps)
+    print(f"pruner: {name} (reduction factor {pruner.get('reduction_factor')}, first rung {steps[0][0]} iterations): "
+          f"of {n} trials, expected to stop at")
+    for length, trials in steps:
+        print(f"  {length:>8} iterations: {trials:6.1f} trials" + ("  (train.max_iters)" if length == settings.max_iters
+                                                                     else ""))
+    share = iters / (n * settings.max_iters)
+    print(f"  expected GPU-hours: {share * n * hours_per_trial:,.1f} of {n * hours_per_trial:,.1f} without pruning "
+          f"({share:.0%}; mean of the configs above, every trial to the cap it reaches)")
 
 
 if __name__ == "__main__":

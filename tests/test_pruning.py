@@ -72,18 +72,6 @@ def test_a_pruner_is_refused_for_a_multi_objective_study_and_for_a_non_pruner():
         make_pruner({"_target_": "optuna.samplers.RandomSampler"}, 1)
 
 
-def test_a_multi_objective_sweep_with_a_pruner_stops_before_any_slot_starts(tmp_path):
-    work = tmp_path / "work"
-    res = subprocess.run([sys.executable, "-m", "sweep", "+experiment=optuna", "+hydra/sweeper/pruner=asha",
-                          "hydra.sweeper.n_trials=2", *TINY, "-m"], cwd=tmp_path, env=_env(work),
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 2, res.stderr[-3000:]
-    errors = [ln for ln in res.stderr.splitlines() if "error:" in ln]
-    assert len(errors) == 1 and "hydra.sweeper.pruner: pruning needs a single-objective study" in errors[0], errors
-    assert "Traceback" not in res.stderr
-    assert not (work / "optuna").exists() and not (work / "checkpoints").exists()
-
-
 # ----------------------------------------------------------------------------- a requeued trial, in the job
 
 
@@ -245,6 +233,20 @@ def test_a_grid_with_fold_pruning_skips_the_remaining_folds_of_a_worse_config(tm
         assert r.data.tags["fold_pruning_best"] == "best00000000"
     key = by_fold[0].data.tags["config_key"]
     assert sorted(p.name for p in (work / "checkpoints" / key).iterdir()) == ["fold0", "fold1"]  # nothing trained
+    # Fig. 3's note and missing.csv say which folds were not trained, and why.
+    import pandas as pd
+
+    from analysis.fig3 import fig3_note
+    from analysis.results import fold_pruned_configs, missing_training
+    from analysis.store import RunRecord
+
+    recs = [RunRecord.from_run(r) for r in client.search_runs([exp])]
+    pruned = fold_pruned_configs(recs)
+    assert list(pruned) == [(32, 1, 384)] and pruned[(32, 1, 384)].startswith("folds 2,3: fold pruning (paired_t)")
+    note = fig3_note(pd.DataFrame({"n_folds": [2]}), pruned=pruned)
+    assert "Folds not trained by fold pruning" in note and "c0=32 d=1 IS=384²: folds 2,3: fold pruning" in note
+    (row,) = [r for r in missing_training(recs) if r["config_key"] == key]
+    assert row["missing_folds"] == "2,3" and "folds 2,3: skipped, fold pruning (paired_t)" in row["note"], row
     status = subprocess.run([sys.executable, "-m", "sweep.status", *args], cwd=tmp_path, env=_env(work),
                             capture_output=True, text=True, timeout=300)
     assert status.returncode == 0, status.stderr[-3000:]

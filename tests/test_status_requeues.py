@@ -71,3 +71,26 @@ def test_an_old_record_without_the_new_fields_still_loads():
     rec = sweep_record.SweepRecord.from_json('{"sweep_id": "s", "experiment": "e", "experiment_id": "1", '
                                              '"tracking_uri": "u", "num_folds": 4, "pairs": {}, "unknown_later": 1}')
     assert rec.max_num_timeout is None
+
+
+def test_status_shows_allocated_and_used_gpu_hours_and_energy_per_config(tmp_path, monkeypatch):
+    rec, uri = _record(tmp_path)
+    exp = rec.experiment_id
+    # k1's runs: an attempt on GPUs that reported utilisation and power (as sweep.tracking.cost logs them).
+    run = tracking.RunRecorder(uri, exp, run_name="c1-d1-is64-fold0", tags={"config_key": "k1", "fold": "0"})
+    run.start()
+    run.log_metrics({"used_gpu_hours": 0.02, "gpu_energy_kwh": 0.006, "cpu_core_hours_used": 0.01})
+    run.finish("KILLED")
+    monkeypatch.setattr(slurm_state, "_run", lambda cmd, timeout=30.0: SQUEUE if cmd[0] == "squeue" else SACCT)
+    st = status.collect(rec, uri, build_parents=False)
+    # sacct: task 1 ran 30 + 30 + 10 s on 4 GPUs; task 0 60 s on 4 GPUs.
+    assert st.cost["k1"].allocated_gpu_h == 280 / 3600 and st.cost["k1"].used_gpu_h == 0.02
+    assert st.cost["k0"].allocated_gpu_h == 240 / 3600 and st.cost["k0"].used_gpu_h is None
+    text = status.render(st)
+    cost = text.split("CPU core-h\n", 1)[1].splitlines()  # the cost table, after the state table
+    row = next(ln for ln in cost if ln.startswith("c1-d1-is64 k1")).split()
+    assert row[2:] == ["0.08", "0.02", "26%", "0.006", "0.010"], text
+    k0 = next(ln for ln in cost if ln.startswith("c0-d1-is64 k0")).split()
+    assert k0[2:] == ["0.07", "-", "-", "-", "-"], text  # no GPU metrics: used is not guessed
+    total = next(ln for ln in cost if ln.startswith("total")).split()
+    assert total[1:3] == [f"{(240 + 280 + 480) / 3600:.2f}", "0.02"], text

@@ -92,10 +92,14 @@ def test_killed_sweep_rerun_queues_nothing_for_live_pairs_and_status_builds_the_
     assert running.returncode in (0, 3), running.stdout + running.stderr
     done = _status(work, *args, "--watch", "2")  # the same overrides find the same sweep
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr
-    renders = [line.split() for line in done.stdout.splitlines() if line.startswith("total")]
+    totals = [line.split() for line in done.stdout.splitlines() if line.startswith("total")]
+    renders = [t for t in totals if len(t) == 9]  # the state table (8 states); the cost table's total has 6 fields
     assert len(renders) >= 1
     total = renders[-1]  # --watch printed one table per refresh: the last is the final state
-    assert total[1:] == ["4", "0", "0", "0", "0", "0", "0"], done.stdout
+    assert total[1:] == ["4", "0", "0", "0", "0", "0", "0", "0"], done.stdout
+    # Allocated (4 fake GPUs × elapsed, from sacct) beside used: no GPU reports utilisation here, so "-", not a guess.
+    cost = [t for t in totals if len(t) == 6][-1]
+    assert float(cost[1]) > 0 and cost[2:4] == ["-", "-"] and cost[5] != "-", done.stdout
     assert "parent runs built for 1 config(s)" in done.stdout and "status: finished" in done.stdout
     assert "GPU-hours spent: 0.00" not in done.stdout  # 4 tasks × 4 fake GPUs × their elapsed time
 

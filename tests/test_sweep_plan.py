@@ -171,3 +171,22 @@ def test_optuna_experiment_plans_its_categorical_grid(tmp_path):
     _, jobs = expand_sweep(["+experiment=optuna", f"paths.work={tmp_path}"])
     assert len(jobs) == 4 * 4 * 3  # width × depth × input size; the learning rate at its low end
     assert all("train.learning_rate=0.0001" in j for j in jobs)
+
+
+def test_plan_with_a_pruner_previews_how_many_trials_reach_each_length(tmp_path):
+    from sweep.orchestration.planning import pruning_preview
+
+    asha = {"_target_": "optuna.pruners.SuccessiveHalvingPruner", "min_resource": 10, "reduction_factor": 3}
+    steps = pruning_preview(asha, 12, 90, 10)
+    assert [s for s, _ in steps] == [10, 30, 90]
+    assert [round(n, 2) for _, n in steps] == [8.0, 2.67, 1.33]  # 12 → 4 → 1.33 go on past the rungs at 10 and 30
+    # "auto" (Optuna: 1/100 of the first COMPLETE trial's steps), rungs between two checkpoints judged at the later one.
+    auto = pruning_preview({**asha, "min_resource": "auto"}, 27, 1_500_000, 1000)
+    assert auto[0] == (15000, 18.0) and auto[-1][0] == 1_500_000 and sum(n for _, n in auto) == pytest.approx(27)
+    assert pruning_preview({"_target_": "optuna.pruners.MedianPruner"}, 12, 90, 10) is None
+    res = _plan(tmp_path, "+experiment=optuna_asha", "train.max_iters=90", "train.checkpoint_every=10")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "pruner: SuccessiveHalvingPruner (reduction factor 3, first rung 10 iterations): of 12 trials" in res.stdout
+    assert "        90 iterations:    1.3 trials  (train.max_iters)" in res.stdout and "(26%;" in res.stdout
+    one = _plan(tmp_path, "+experiment=optuna_asha")  # the laptop profile validates once per run
+    assert "cannot stop a trial early here: one validation per trial" in one.stdout

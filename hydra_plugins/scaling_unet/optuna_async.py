@@ -169,6 +169,10 @@ class AsyncOptunaSweeper(Sweeper):
         if pruner is not None:
             log.info("pruner: %s; every trial reports its validation %s at each checkpoint", pruner["_target_"],
                      (self.config.get("objectives") or ["mean_iou"])[0])
+            every, cap = OmegaConf.select(cfg0, "train.checkpoint_every"), OmegaConf.select(cfg0, "train.max_iters")
+            if isinstance(every, int) and isinstance(cap, int) and every >= cap:
+                log.warning("pruner: one validation per trial (train.checkpoint_every=%d, train.max_iters=%d): no "
+                            "trial can be stopped early; more checkpoints give the pruner rungs", every, cap)
         log.info("study %s (%s): %d of %d trials exist; %d worker slots, each asks for its next trial when its "
                  "last one ends (no batches)", study_name, storage, have, self.n_trials, n_slots)
         worker = trials.TrialWorker(self.hydra_context, self.config, self.task_function, [], spec,

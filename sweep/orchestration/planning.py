@@ -16,6 +16,7 @@ Writes nothing.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import typing as tp
 from pathlib import Path
@@ -90,6 +91,38 @@ def gpu_hours_upper_bound(flops: int, batch: int, iters: int, gpus: int, tflops_
     """Training ≈ 3× forward FLOPs per image; every run to the iteration cap; GPU-hours on ``gpus`` GPUs."""
     seconds = 3.0 * flops * batch * iters / (tflops_per_gpu * 1e12 * gpus)
     return seconds * gpus / 3600.0
+
+
+def pruning_preview(pruner: tp.Mapping[str, tp.Any], n_trials: int, max_iters: int,
+                    checkpoint_every: int) -> tp.Optional[list[tuple[int, float]]]:
+    """Expected number of trials that train to each length under ASHA (Optuna's SuccessiveHalvingPruner, as
+    Determined's search preview): a trial reaches rung k with probability reduction_factor^-k (the top 1/η go on),
+    stopping at the first checkpoint at or after the rung; [(iterations, trials that stop there)], the last
+    entry the trials that train to ``max_iters``. None for pruners whose stops depend on the values (median, ...)."""
+    target = str(pruner.get("_target_", ""))
+    if not target.endswith("SuccessiveHalvingPruner"):
+        return None
+    rf = float(pruner.get("reduction_factor", 4))
+    min_resource = pruner.get("min_resource", "auto")
+    # Optuna's "auto": 1/100 of the first COMPLETE trial's steps (here its iterations).
+    r0 = max(1, max_iters // 100) if min_resource in (None, "auto") else int(min_resource)
+    rate = int(pruner.get("min_early_stopping_rate", 0))
+    out: list[tuple[int, float]] = []
+    reach = float(n_trials)
+    k = 0
+    while True:
+        rung = r0 * rf ** (k + rate)
+        stop = min(max_iters, int(math.ceil(rung / checkpoint_every)) * checkpoint_every)
+        if stop >= max_iters:
+            break
+        go_on = reach / rf
+        if out and out[-1][0] == stop:  # two rungs between the same checkpoints: judged at the same report
+            out[-1] = (stop, out[-1][1] + reach - go_on)
+        else:
+            out.append((stop, reach - go_on))
+        reach, k = go_on, k + 1
+    out.append((max_iters, reach))
+    return out
 
 
 def launcher_params(cfg: DictConfig) -> dict:

@@ -58,6 +58,28 @@ class PairStatus:
 
 
 @dataclasses.dataclass
+class Cost:
+    """What a config (or the sweep) was given and what it used: allocated GPU-hours from SLURM's accounting (elapsed ×
+    GPUs, every attempt), used GPU-hours and energy from the runs' system metrics (sweep.tracking.cost), where GPUs
+    reported them, and the CPU core-hours of the training processes."""
+
+    allocated_gpu_h: float = 0.0
+    used_gpu_h: tp.Optional[float] = None
+    energy_kwh: tp.Optional[float] = None
+    cpu_core_h: tp.Optional[float] = None
+
+    def add(self, other: Cost) -> None:
+        self.allocated_gpu_h += other.allocated_gpu_h
+        for f in ("used_gpu_h", "energy_kwh", "cpu_core_h"):
+            v = getattr(other, f)
+            if v is not None:
+                setattr(self, f, (getattr(self, f) or 0.0) + v)
+
+
+RUN_COST = {"used_gpu_h": "used_gpu_hours", "energy_kwh": "gpu_energy_kwh", "cpu_core_h": "cpu_core_hours_used"}
+
+
+@dataclasses.dataclass
 class SweepStatus:
     rec: sweep_record.SweepRecord
     pairs: list[PairStatus]
@@ -66,6 +88,7 @@ class SweepStatus:
     parents_built: list[str]
     slurm_note: str = ""
     halved: dict[str, str] = dataclasses.field(default_factory=dict)  # pair name -> why its batch was halved
+    cost: dict[str, Cost] = dataclasses.field(default_factory=dict)  # config key -> what its runs were given and used
 
     def counts(self, pairs: tp.Optional[tp.Iterable[PairStatus]] = None) -> collections.Counter:
         return collections.Counter(p.state for p in (self.pairs if pairs is None else pairs))
@@ -99,6 +122,7 @@ def collect(rec: sweep_record.SweepRecord, uri: str, *, build_parents: bool = Tr
     runs = tracking.find_runs(uri, rec.experiment_id)
     finished: dict[sweep_record.Pair, tp.Any] = {}
     pruned: dict[sweep_record.Pair, str] = {}
+    cost: dict[str, Cost] = collections.defaultdict(Cost)
     parents_complete = set()
     halved = dict(rec.halved)
     for r in runs:
@@ -107,6 +131,9 @@ def collect(rec: sweep_record.SweepRecord, uri: str, *, build_parents: bool = Tr
             name = sweep_record.pair_name((tags[tracking.TAG_CONFIG_KEY], int(tags[tracking.TAG_FOLD])))
             if name in rec.pairs:
                 halved.setdefault(name, tags[TAG_HALVED])
+        if tags.get(TAG_IS_PARENT) != "true" and tags.get(tracking.TAG_CONFIG_KEY):  # every attempt's run, any end
+            used = {f: r.data.metrics.get(m) for f, m in RUN_COST.items()}
+            cost[tags[tracking.TAG_CONFIG_KEY]].add(Cost(0.0, **used))
         if tags.get(TAG_IS_PARENT) == "true":
             if tags.get("complete") == "true":
                 parents_complete.add((tags.get(tracking.TAG_CONFIG_KEY), tags.get("n_folds")))
@@ -174,11 +201,17 @@ def collect(rec: sweep_record.SweepRecord, uri: str, *, build_parents: bool = Tr
         else:
             out.append(PairStatus(pair, run_name, "NEVER_QUEUED", rec.skipped.get(name, "")))
     gpu_hours = sum(h.gpu_seconds for h in hist.values()) / 3600.0
+    for sub in rec.submissions:
+        for i, name in enumerate(sub.tasks):
+            h = hist.get((sub.array_id, i))
+            if h is not None:
+                cost[sweep_record.parse_pair(name)[0]].add(Cost(h.gpu_seconds / 3600.0))
     time_left = _time_left(rec, out, finished, live)
     built: list[str] = []
     if build_parents:
         built = _build_parents(rec, uri, out, parents_complete)
-    return SweepStatus(rec, out, gpu_hours, time_left, built, note, halved)
+    keys = {p.pair[0] for p in out}
+    return SweepStatus(rec, out, gpu_hours, time_left, built, note, halved, {k: c for k, c in cost.items() if k in keys})
 
 
 def requeue_count(h: tp.Optional[slurm_state.TaskHistory], task: tp.Optional[slurm_state.LiveTask] = None) -> int:
@@ -246,6 +279,7 @@ def render(st: SweepStatus) -> str:
         lines.append("")
         lines += [f"  {p.state:<12} {p.run_name}: {p.detail}" for p in details]
     lines += _memory_lines(st)
+    lines += cost_lines(st)
     lines.append("")
     lines.append(f"GPU-hours spent: {st.gpu_hours:.2f} (sacct elapsed × GPUs, every attempt)")
     lines.append(f"time left (estimate): {_hms(st.time_left_s)}")
@@ -256,6 +290,34 @@ def render(st: SweepStatus) -> str:
         verdict = "unknown (SLURM could not be asked; run again)"
     lines.append(f"status: {verdict}")
     return "\n".join(lines)
+
+
+def cost_lines(st: SweepStatus) -> list[str]:
+    """Per config and for the sweep: allocated vs used GPU-hours, energy, CPU core-hours ('-': not reported)."""
+    if not st.cost:
+        return []
+    names = {p.pair[0]: p.run_name.rsplit("-fold", 1)[0] + f" {p.pair[0][:6]}" for p in st.pairs}
+
+    def num(v: tp.Optional[float], fmt: str = "{:.2f}") -> str:
+        return "-" if v is None else fmt.format(v)
+
+    total = Cost()
+    lines = ["", "cost: allocated GPU-h = sacct elapsed × GPUs (every attempt); used GPU-h = GPU utilisation × time and "
+                 "energy = GPU power × time (MLflow system metrics; '-' where no GPU reported them); CPU core-h of the "
+                 "training processes",
+             f"{'config':<24} {'alloc GPU-h':>12} {'used GPU-h':>12} {'used/alloc':>11} {'energy kWh':>11} "
+             f"{'CPU core-h':>11}"]
+    for key, c in sorted(st.cost.items(), key=lambda kv: names.get(kv[0], kv[0])):
+        total.add(c)
+        lines.append(_cost_row(names.get(key, key), c, num))
+    lines.append(_cost_row("total", total, num))
+    return lines
+
+
+def _cost_row(name: str, c: Cost, num: tp.Callable[..., str]) -> str:
+    share = c.used_gpu_h / c.allocated_gpu_h if c.used_gpu_h is not None and c.allocated_gpu_h else None
+    return (f"{name:<24} {c.allocated_gpu_h:>12.2f} {num(c.used_gpu_h):>12} {num(share, '{:.0%}'):>11} "
+            f"{num(c.energy_kwh, '{:.3f}'):>11} {num(c.cpu_core_h, '{:.3f}'):>11}")
 
 
 def _memory_lines(st: SweepStatus) -> list[str]:
