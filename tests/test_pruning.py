@@ -72,6 +72,21 @@ def test_a_pruner_is_refused_for_a_multi_objective_study_and_for_a_non_pruner():
         make_pruner({"_target_": "optuna.samplers.RandomSampler"}, 1)
 
 
+@pytest.mark.parametrize("name", ["asha", "hyperband", "median", "wilcoxon"])
+def test_each_pruner_config_builds_its_optuna_pruner(name, tmp_path):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=optuna_asha", f"hydra/sweeper/pruner={name}",
+                                           f"paths.work={tmp_path}"], return_hydra_config=True)
+    node = OmegaConf.to_container(cfg.hydra.sweeper.pruner, resolve=True)
+    pruner = make_pruner(node, 1)
+    assert type(pruner).__name__ == node["_target_"].rsplit(".", 1)[-1]
+    if name == "asha":
+        assert node["min_resource"] == cfg.train.checkpoint_every  # the first rung: the first validation
+
+
 # ----------------------------------------------------------------------------- a requeued trial, in the job
 
 

@@ -182,9 +182,11 @@ def _fold_pruned(cfg: DictConfig, plan: RunPlan, experiment_id: str) -> tp.Optio
     if skip is None:
         return None
     log.warning("%s: not trained: %s", plan.run_name, skip.reason)
-    record_skipped(plan.tracking_uri, experiment_id, plan, skip.reason, str(cfg.get("experiment_name", "single")),
-                   extra_tags={TAG_FOLD_PRUNED: "true", "fold_pruning_p": f"{skip.p:.4g}",
-                               "fold_pruning_best": skip.best_key})
+    earlier = tracking.find_runs(plan.tracking_uri, experiment_id, config_key=plan.config_key, fold=plan.fold)
+    if not any(r.data.tags.get(TAG_FOLD_PRUNED) == "true" for r in earlier):  # a rerun records it once
+        record_skipped(plan.tracking_uri, experiment_id, plan, skip.reason, str(cfg.get("experiment_name", "single")),
+                       extra_tags={TAG_FOLD_PRUNED: "true", "fold_pruning_p": f"{skip.p:.4g}",
+                                   "fold_pruning_best": skip.best_key})
     return {"mean_iou": float("nan"), "flops": plan.flops, "params": plan.params, "fold_pruned": 1.0}
 
 
