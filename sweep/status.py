@@ -10,7 +10,8 @@ queued; GPU-hours spent (sacct elapsed × GPUs, every attempt); time left, estim
 finished runs' wall time per predicted FLOP and the plan. It builds the parent run of every config
 whose folds are all FINISHED, so parents need no waiting process. ``--watch N`` refreshes every N
 seconds until nothing is alive. Exit status: 0 finished, 3 running (something is alive), 1 failed
-(nothing alive and some runs not FINISHED), 2 bad input.
+(nothing alive and some runs not FINISHED), 2 bad input. Given an asynchronous Optuna sweep's overrides
+(``+experiment=optuna``, ``optuna_asha``), it prints its study as ``python -m sweep.trials`` does.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+from sweep.orchestration.planning import expand_sweep
 from sweep.orchestration.status import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -36,6 +38,7 @@ from sweep.orchestration.status import (
     render,
     resolve,
 )
+from sweep.orchestration.trials import print_study, study_folder
 from sweep.slurm import record as sweep_record
 from sweep.tracking import client as tracking
 from sweep.tracking.offline import sync_all, sync_pairs
@@ -54,6 +57,10 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         print("error: --watch: must be a number of seconds in (0, 86400]", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
+        if not args.sweep_id:
+            study = _optuna_study_folder(args.overrides)
+            if study is not None:  # an asynchronous Optuna sweep: its study, not a grid of (config, fold) pairs
+                return print_study(study)
         rec, uri, base = resolve(args.overrides, args.sweep_id)
         work = Path(str(base.paths.work))
         if not rec.experiment_id:
@@ -85,6 +92,17 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     if st.exit_code != EXIT_RUNNING and rec.mlflow_run_id:
         _close_sweep_run(uri, rec, st.exit_code)
     return st.exit_code
+
+
+def _optuna_study_folder(overrides: tp.Sequence[str]) -> tp.Optional[Path]:
+    """The study folder of an asynchronous Optuna sweep (hydra/sweeper=optuna_async), else None."""
+    from omegaconf import OmegaConf
+
+    cfg, _jobs = expand_sweep(list(overrides))
+    sweeper = OmegaConf.select(cfg, "hydra.sweeper", default=None)
+    if sweeper is None or not str(sweeper.get("_target_", "")).endswith("AsyncOptunaSweeper"):
+        return None
+    return study_folder(Path(str(cfg.paths.work)), str(sweeper.get("study_name") or "scaling-unet"))
 
 
 def _sync_outage_endings(rec, checkpoints: Path, uri: str) -> None:

@@ -179,6 +179,9 @@ def test_asha_in_the_async_slots_ends_with_pruned_and_complete_trials_none_runni
                             text=True, timeout=120)
     assert trials.returncode == 0, trials.stderr
     assert f"{len(pruned)} PRUNED" in trials.stdout and f"pruned: {len(pruned)} by the pruner" in trials.stdout
+    status = subprocess.run([sys.executable, "-m", "sweep.status", "+experiment=optuna_asha"], cwd=tmp_path,
+                            env=_env(work), capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and status.stdout == trials.stdout, status.stdout + status.stderr  # the study
 
 
 # ----------------------------------------------------------------------------- fold pruning in grids

@@ -26,6 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 
 from sweep.core.fold_pruning import TAG_FOLD_PRUNED
+from sweep.core.trial_report import TAG_PRUNED_AT
 from sweep.orchestration.planning import compose_jobs, expand_sweep
 from sweep.orchestration.prepare import check_jobs
 from sweep.resources.memory import (
@@ -43,7 +44,8 @@ from sweep.tracking.parents import link_parent_runs
 EXIT_FINISHED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_RUNNING = 0, 1, 2, 3
 # REQUEUED: alive again after a preemption or time-out (running or waiting), with its number of requeues;
 # UNKNOWN: not FINISHED in MLflow and SLURM could not be asked (never called FAILED on a guess).
-# PRUNED: not trained by choice (fold_pruning: its config's finished folds were significantly worse than the best's).
+# PRUNED: not trained to the end by choice: fold pruning (its config's finished folds were significantly worse than the
+# best's) or an Optuna pruner (the trial stopped at a checkpoint).
 STATES = ("FINISHED", "PRUNED", "RUNNING", "PENDING", "REQUEUED", "FAILED", "NEVER_QUEUED", "UNKNOWN")
 RUNNING_STATES = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING", "RESIZING", "SUSPENDED"}
 REQUEUE_STATES = {"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "PREEMPTED"}
@@ -142,6 +144,11 @@ def collect(rec: sweep_record.SweepRecord, uri: str, *, build_parents: bool = Tr
             finished.setdefault((tags[tracking.TAG_CONFIG_KEY], int(tags[tracking.TAG_FOLD])), r)
         elif tags.get(TAG_FOLD_PRUNED) == "true" and tracking.TAG_CONFIG_KEY in tags and tracking.TAG_FOLD in tags:
             pruned.setdefault((tags[tracking.TAG_CONFIG_KEY], int(tags[tracking.TAG_FOLD])), tags.get(TAG_SKIPPED, ""))
+        elif (r.info.status == "KILLED" and TAG_PRUNED_AT in tags and tracking.TAG_CONFIG_KEY in tags
+              and tracking.TAG_FOLD in tags):  # an Optuna trial its pruner stopped
+            pruned.setdefault((tags[tracking.TAG_CONFIG_KEY], int(tags[tracking.TAG_FOLD])),
+                              f"trial {tags.get('optuna_trial', '?')} stopped by its pruner at iteration "
+                              f"{tags[TAG_PRUNED_AT]}")
     live: dict = {}
     hist: dict = {}
     note = ""

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 import typing as tp
 from pathlib import Path
@@ -36,6 +37,7 @@ from sweep.jobs.train import checkpoint_before_requeue
 from sweep.slurm import locks
 from sweep.slurm.holders import _same_holder, holder_alive
 from sweep.slurm.lease import LeaseHeld, my_lease
+from sweep.slurm.queue import SlurmQueryError, live_tasks
 
 log = logging.getLogger(__name__)
 
@@ -434,3 +436,67 @@ def write_record(spec: StudySpec, **extra: tp.Any) -> Path:
         rec["array_ids"] = sorted(set(old["array_ids"]) | set(extra["array_ids"]))
     atomic_write_json(path, rec, indent=1, sort_keys=True)
     return path
+
+
+def print_study(folder: Path) -> int:
+    """Trials per state (pruned ones apart from given-up duplicates), worker slots alive, the idle slot-time; exit
+    status 0 when the study has all its trials, 3 while some are left, 2 on a bad record or storage."""
+    try:
+        rec = json.loads((folder / STUDY_RECORD).read_text())
+    except (OSError, ValueError) as exc:
+        print(f"error: {folder / STUDY_RECORD}: not a study record ({exc})", file=sys.stderr)
+        return 2
+    missing = [k for k in ("study_name", "storage", "n_trials", "n_slots") if k not in rec] if isinstance(rec, dict) \
+        else ["a JSON object"]
+    if missing:
+        print(f"error: {folder / STUDY_RECORD}: not a study record (no {', '.join(missing)})", file=sys.stderr)
+        return 2
+    try:
+        storage = check_storage(rec["storage"])
+        if storage.startswith("journal:"):
+            journal = Path(storage[len("journal:"):].removeprefix("//")).expanduser()
+            if not journal.is_file():  # never made here: reading it would create an empty journal
+                raise StudyError(f"the journal {journal} named by {folder / STUDY_RECORD} does not exist")
+        counts = study_summary(storage, rec["study_name"])
+    except StudyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - a corrupt journal or an unreadable database: one line
+        print(f"error: study {rec.get('study_name')!r} in {rec.get('storage')}: cannot be read: "
+              f"{type(exc).__name__}: {str(exc)[:300]}", file=sys.stderr)
+        return 2
+    arrays = rec.get("array_ids", [])
+    workers = ""
+    if arrays:
+
+        try:
+            live = live_tasks(arrays)
+            states = sorted({t.state for t in live.values()})
+            workers = f"; {len(live)} worker slot(s) alive in SLURM" + (f" ({', '.join(states)})" if states else "")
+        except SlurmQueryError as exc:
+            workers = f"; SLURM could not be asked ({exc})"
+    shown = {k: v for k, v in counts.items() if k != "given_up"}
+    print(f"study {rec['study_name']}: " + (", ".join(f"{v} {k}" for k, v in sorted(shown.items())) or "no trials yet")
+          + f" of {rec['n_trials']} trials; arrays {','.join(arrays) or '-'}{workers}")
+    events = read_timelines(folder)
+    print(format_idle(idle_share(trial_intervals(events), int(rec["n_slots"]))))
+    for line in lease_waits(events):
+        print(line)
+    if counts.get("PRUNED"):
+        given_up = counts.pop("given_up", 0)
+        print(f"pruned: {counts['PRUNED'] - given_up} by the pruner (stopped early at a checkpoint)"
+              + (f", {given_up} given up (duplicates of a trial another slot trained)" if given_up else ""))
+    left = rec["n_trials"] - counts.get("COMPLETE", 0) - counts.get("FAIL", 0) - counts.get("PRUNED", 0)
+    return 0 if left <= 0 else 3
+
+
+def study_summary(storage: str, study_name: str) -> dict[str, int]:
+    import optuna
+
+    study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
+    counts: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+        if t.state == optuna.trial.TrialState.PRUNED and "given_up" in t.user_attrs:
+            counts["given_up"] = counts.get("given_up", 0) + 1
+    return counts
