@@ -85,6 +85,47 @@ def learnable_batch(rng, batch: int, size: int):
     return img[..., None], labels
 
 
+class NvmlSampler:
+    """GPU utilisation and power while training runs (NVML via nvidia-ml-py, as sweep.tracking.cost reads them through
+    MLflow's GPU monitor): checks that "used GPU-hours" and energy are what the card reports. Empty without NVML."""
+
+    def __init__(self, interval_s: float = 0.2) -> None:
+        import threading
+
+        self.interval_s, self.samples, self._stop = interval_s, [], threading.Event()
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml, self._h = pynvml, pynvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception:  # noqa: BLE001 - no NVML (CPU, or the wheel not carried)
+            self._nvml = None
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            n, h = self._nvml, self._h
+            self.samples.append((n.nvmlDeviceGetUtilizationRates(h).gpu, n.nvmlDeviceGetPowerUsage(h) / 1000.0))
+
+    def __enter__(self) -> "NvmlSampler":
+        if self._nvml is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def summary(self, seconds: float, images: int) -> dict:
+        if not self.samples:
+            return {"nvml": "NOT_CHECKED_WITHOUT_NVML"}
+        util = statistics.mean(u for u, _ in self.samples)
+        watts = statistics.mean(w for _, w in self.samples)
+        return {"nvml_samples": len(self.samples), "nvml_gpu_util_pct": util, "nvml_power_w": watts,
+                "used_over_allocated": util / 100.0, "energy_j_per_image": watts * seconds / max(1, images)}
+
+
 def measure(name: str, cfg: dict, *, steps: int, precision: str, infer_slices: int, slice_size: int) -> dict:
     """One config in this process: train ``steps`` steps, then full-slice inference."""
     import jax
@@ -104,6 +145,7 @@ def measure(name: str, cfg: dict, *, steps: int, precision: str, infer_slices: i
     batches = [learnable_batch(rng, b, s) for _ in range(8)]
     losses, times = [], []
     t_compile = time.perf_counter()
+    nvml = NvmlSampler()
     for i in range(steps):
         x, y = batches[i % len(batches)]
         t0 = time.perf_counter()
@@ -112,6 +154,9 @@ def measure(name: str, cfg: dict, *, steps: int, precision: str, infer_slices: i
         losses.append(loss)
         if i == 0:
             t_compile = time.perf_counter() - t_compile
+            nvml.__enter__()  # after compilation: the steady state a sweep's runs spend their hours in
+    nvml.__exit__()
+    nvml_fields = nvml.summary(sum(times[1:]), b * (len(times) - 1))
     timed = times[min(10, len(times) // 2):]
     step_s = statistics.median(timed)
     dev = jax.local_devices()[0]
@@ -144,6 +189,7 @@ def measure(name: str, cfg: dict, *, steps: int, precision: str, infer_slices: i
         "measured_over_estimate": (peak / est.total) if peak else None,
         "infer_slice": slice_size, "infer_padded": int(padded.shape[1]), "infer_images_per_s": len(padded) / infer_s,
         "infer_tflops": infer_tflops, "infer_share_of_peak": infer_tflops / peak_tflops if peak_tflops else None,
+        **nvml_fields,
     }
 
 
