@@ -56,10 +56,11 @@ def core_seconds(runs: list) -> float:
     return 3600.0 * sum(r.data.metrics.get("cpu_core_hours_used", 0.0) for r in runs)
 
 
-def optuna_arm(root: Path, pruned: bool, args) -> dict:
-    work = root / ("asha" if pruned else "nop") / "work"
+def optuna_arm(root: Path, pruned: bool, args, min_resource: int = 0) -> dict:
+    work = root / (f"asha{min_resource}" if pruned else "nop") / "work"
     work.mkdir(parents=True)
-    pruner = [] if pruned else ["hydra.sweeper.pruner._target_=optuna.pruners.NopPruner",
+    pruner = [f"hydra.sweeper.pruner.min_resource={min_resource}"] if pruned else [
+        "hydra.sweeper.pruner._target_=optuna.pruners.NopPruner",
                                 "~hydra.sweeper.pruner.min_resource", "~hydra.sweeper.pruner.reduction_factor",
                                 "~hydra.sweeper.pruner.min_early_stopping_rate"]
     cmd = [sys.executable, "-m", "sweep", "+experiment=optuna_asha", "hydra/sweeper/sampler=random",
@@ -70,7 +71,7 @@ def optuna_arm(root: Path, pruned: bool, args) -> dict:
     done = [r for r in runs if r.info.status == "FINISHED"]
     best = max(done, key=lambda r: r.data.metrics["mean_iou"])
     p = best.data.params
-    return {"arm": "ASHA" if pruned else "no pruning", "trials": len(runs), "complete": len(done),
+    return {"arm": f"ASHA, rung {min_resource}" if pruned else "no pruning", "trials": len(runs), "complete": len(done),
             "pruned": sum(r.info.status == "KILLED" for r in runs), "core_s": core_seconds(runs), "wall_s": wall,
             "best_trial": int(best.data.tags["optuna_trial"]), "best_mean_iou": best.data.metrics["mean_iou"],
             "best": f"c0={p['model.width']} d={p['model.depth']} IS={p['model.input_size']} "
@@ -110,23 +111,26 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--iters", type=int, default=90)
     ap.add_argument("--every", type=int, default=10)
+    ap.add_argument("--first-rungs", type=int, nargs="+", default=[10, 30],
+                    help="ASHA arms: the first rung (min_resource) of each, in iterations")
     ap.add_argument("--grid-sizes", nargs="+", default=["384"])
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "pruning.json")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / f"pruning_laptop_{time.strftime('%Y-%m-%d')}.json")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-pruning-"))
     result: dict = {"cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
     if args.only in (None, "optuna"):
-        arms = [optuna_arm(root, False, args), optuna_arm(root, True, args)]
+        arms = [optuna_arm(root, False, args)] + [optuna_arm(root, True, args, r) for r in args.first_rungs]
         result["optuna"] = arms
-        base, asha = arms
+        base = arms[0]
         print(f"optuna, {args.trials} trials (same random draws in both arms), max_iters {args.iters}, "
               f"checkpoint every {args.every}:")
         for a in arms:
             print(f"  {a['arm']:<12} core-s {a['core_s']:8.0f}  wall {a['wall_s']:6.0f} s  iterations {a['iterations']:5d}"
                   f"  complete {a['complete']:2d} pruned {a['pruned']:2d}  best trial {a['best_trial']} "
                   f"({a['best']}) mean IoU {a['best_mean_iou']:.4f}")
-        print(f"  core-seconds ratio {base['core_s'] / asha['core_s']:.2f}×, wall {base['wall_s'] / asha['wall_s']:.2f}×;"
-              f" same best trial: {base['best_trial'] == asha['best_trial']}")
+        for asha in arms[1:]:
+            print(f"  {asha['arm']}: core-seconds ratio {base['core_s'] / asha['core_s']:.2f}×, wall "
+                  f"{base['wall_s'] / asha['wall_s']:.2f}×; same best trial: {base['best_trial'] == asha['best_trial']}")
     if args.only in (None, "grid"):
         arms = [grid_arm(root, False, args), grid_arm(root, True, args)]
         result["grid"] = arms
@@ -138,8 +142,10 @@ def main() -> None:
                   f"{a['best_se']:.4f} SE over {a['complete_configs']} complete configs")
         within = abs(fp["best_mean_iou"] - base["best_mean_iou"]) <= base["best_se"]
         print(f"  core-seconds ratio {base['core_s'] / fp['core_s']:.2f}×, wall {base['wall_s'] / fp['wall_s']:.2f}×; "
-              f"same best config: {base['best_key'] == fp['best_key']}; within 1 SE: {within}")
+              f"same best config: {base['best'] == fp['best']}; within 1 SE: {within}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.out.is_file():  # one part rerun: keep the other's numbers
+        result = {**json.loads(args.out.read_text()), **result}
     args.out.write_text(json.dumps(result, indent=1))
     print(f"written: {args.out}")
 

@@ -109,7 +109,10 @@ def test_async_optuna_on_slurm_one_array_of_slots_a_preempted_worker_resumes_its
     work = tmp_path / "work"
     work.mkdir()
     log = tmp_path / "sweep.log"
-    cmd = [sys.executable, "-m", "sweep", "+experiment=optuna", "hydra/launcher=slurm_v100", *TINY, *STAND_IN,
+    # Single objective with a pruner that reports and judges at every checkpoint but cannot stop 3 trials (median of
+    # at least 4 finished ones): the preempted trial's requeued job must judge it again without a second report.
+    cmd = [sys.executable, "-m", "sweep", "+experiment=optuna_asha", "hydra/sweeper/pruner=median",
+           "hydra.sweeper.pruner.n_startup_trials=4", "hydra/launcher=slurm_v100", *TINY, *STAND_IN,
            "hydra.launcher.partition=gpu", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
            "hydra.launcher.timeout_min=10", "hydra.launcher.signal_delay_s=20", "hydra.launcher.poll_interval_s=1",
            "hydra.launcher.name=su-test-optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=2",
@@ -128,8 +131,8 @@ def test_async_optuna_on_slurm_one_array_of_slots_a_preempted_worker_resumes_its
             proc.kill()
     out = log.read_text()
     assert proc.returncode == 0, out[-4000:]
-    assert "started 2 worker slots as ONE SLURM job array" in out and "Number of Pareto solutions" in out
-    folder = work / "optuna" / "scaling-unet-laptop"
+    assert "started 2 worker slots as ONE SLURM job array" in out and "Best value" in out
+    folder = work / "optuna" / "scaling-unet-asha-laptop"
     rec = json.loads((folder / "study.json").read_text())
     (array_id,) = rec["array_ids"]
     tasks = slurm_cluster.run("sacct", "-j", array_id, "-X", "-n", "-P", "--format=JobID,State,AllocTRES%60").stdout
@@ -139,17 +142,21 @@ def test_async_optuna_on_slurm_one_array_of_slots_a_preempted_worker_resumes_its
     # Exactly n_trials trials, all COMPLETE, one FINISHED MLflow run each; the preempted one resumed.
     from sweep.orchestration.trials import open_storage
 
-    study = optuna.load_study(study_name="scaling-unet-laptop", storage=open_storage(rec["storage"]))
+    study = optuna.load_study(study_name="scaling-unet-asha-laptop", storage=open_storage(rec["storage"]))
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    assert [sorted(t.intermediate_values) for t in study.trials] == [[100, 200, 300]] * 3  # every checkpoint, once
     client = MlflowClient(mlflow_server.uri)
     exp = client.get_experiment_by_name("slurm-optuna")
     runs = [r for r in client.search_runs([exp.experiment_id]) if "fold" in r.data.tags]
     assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
     # Each run names its trial (MLflow tags); the trial link is not a parameter and not part of the config key.
     assert sorted(int(r.data.tags["optuna_trial"]) for r in runs) == [0, 1, 2]
-    assert {r.data.tags["optuna_study"] for r in runs} == {"scaling-unet-laptop"}
+    assert {r.data.tags["optuna_study"] for r in runs} == {"scaling-unet-asha-laptop"}
     assert not any(k.startswith("optuna_trial") for r in runs for k in r.data.params)
     assert sum("resumed_from_iteration" in r.data.tags for r in runs) == 1
+    logs = "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*_log.*"))
+    assert "the resumed trial is judged again at iteration" in logs
+    assert "is already reported" not in logs  # Optuna's warning for a step reported twice
     events = read_timelines(folder)
     pre = [e for e in events if e["event"] == "preempted"]
     assert len(pre) == 1

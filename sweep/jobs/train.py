@@ -277,6 +277,9 @@ def _train(cfg: DictConfig, plan: RunPlan, experiment_id: str, train_samples, va
         try:
             trial_report.report(float(value), iteration, objective)
         except trial_report.TrialPruned as pruned:
+            if iteration >= plan.settings.max_iters:  # trained to the end already: stopping now saves nothing
+                log.info("%s: not pruned at its last checkpoint (%s)", plan.run_name, pruned)
+                return
             log.warning("%s: %s", plan.run_name, pruned)
             log_usage(final=True)
             outbox.set_tags(pruned.run_tags)
@@ -307,7 +310,9 @@ def _train(cfg: DictConfig, plan: RunPlan, experiment_id: str, train_samples, va
                 # A job killed during an outage held some validation points in memory only: state.json has them.
                 backfill(recorder, state.history, _chunk_metrics, outbox)
                 outbox.flush()
-                if state.history:  # a requeued trial is judged again on its last value (reported once: trials.py)
+                if state.history and trial_report.active():  # judged again on its last value (reported once)
+                    log.info("%s: the resumed trial is judged again at iteration %d", plan.run_name,
+                             state.history[-1]["iteration"])
                     judge(state.history[-1].get(objective), state.history[-1]["iteration"])
 
         def on_chunk(state, metrics: dict) -> None:
