@@ -21,6 +21,9 @@ IOU_METRICS = CLASS_METRICS + ("mean_iou",)
 OPTUNA = "optuna"
 TAG_IS_PARENT = "is_parent"  # sweep.tracking.client.TAG_IS_PARENT (analysis never imports sweep/)
 TAG_SKIPPED = "skipped_reason"  # sweep.resources.memory: a run the sweep did not queue (estimated GPU memory)
+# What a config's FINISHED fold runs used, summed (sweep.tracking.cost logs them per run, every attempt).
+COST_METRICS = {"cpu_core_hours": "cpu_core_hours_used", "used_gpu_hours": "used_gpu_hours",
+                "gpu_energy_kwh": "gpu_energy_kwh"}
 TAG_FOLD_PRUNED = "fold_pruned"  # sweep.core.fold_pruning: a fold not trained, its config significantly worse
 TAG_HALVED = "batch_halved"  # sweep.resources.memory: a run trained at a smaller global batch than configured (GPU memory)
 
@@ -91,6 +94,9 @@ def config_rows(done: tp.Mapping[tuple, RunRecord], *, expected_folds: tp.Sequen
             "experiment": ",".join(sorted({r.tags.get("experiment", "") for r in kids} - {""})),
             "batch_halved": next((r.tags[TAG_HALVED] for r in kids if r.tags.get(TAG_HALVED)), ""),
         }
+        for col, metric in COST_METRICS.items():  # what the folds used (sweep.tracking.cost); NaN where not reported
+            vals = [r.metrics[metric] for r in kids if metric in r.metrics]
+            row[col] = float(sum(vals)) if vals else math.nan
         for name in IOU_METRICS:
             vals = [r.metric(name) for r in kids]
             if name == "mean_iou":  # a run without mean_iou but with the three classes still counts
@@ -99,7 +105,8 @@ def config_rows(done: tp.Mapping[tuple, RunRecord], *, expected_folds: tp.Sequen
             row[f"{name}_n"] = sum(not math.isnan(v) for v in vals)
         rows.append(row)
     cols = ["config_key", "width", "depth", "input_size", "flops", "params", "paper_flops", "n_folds", "folds",
-            "complete", "experiment"] + [f"{m}{s}" for m in IOU_METRICS for s in ("", "_se", "_n")] + ["batch_halved"]
+            "complete", "experiment"] + [f"{m}{s}" for m in IOU_METRICS for s in ("", "_se", "_n")] + ["batch_halved",
+                                                                                             *COST_METRICS]
     if not rows:
         return pd.DataFrame(columns=cols)
     return pd.DataFrame(rows)[cols].sort_values(["input_size", "depth", "width", "config_key"]).reset_index(drop=True)

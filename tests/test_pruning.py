@@ -116,6 +116,9 @@ def test_a_preempted_trial_resumes_is_judged_again_and_its_run_carries_system_me
 
     with trial_report.reporting(preempted_after_report), pytest.raises(SystemExit):
         run(cfg)
+    usage = next((work / "checkpoints").glob("*/fold0/usage.json"))
+    first_cpu_s = json.loads(usage.read_text())["cpu_core_s"]  # the first attempt's cost, kept beside its checkpoint
+    assert first_cpu_s > 0
     calls = []
     second = trial_reporter(study, trial.number)
 
@@ -137,7 +140,8 @@ def test_a_preempted_trial_resumes_is_judged_again_and_its_run_carries_system_me
     # What the run used: MLflow's system metrics and the process's CPU time (no GPU here: no GPU figures).
     assert "system/cpu_utilization_percentage" in r.data.metrics
     assert "system/system_memory_usage_megabytes" in r.data.metrics
-    assert r.data.metrics["cpu_core_hours_used"] > 0 and "used_gpu_hours" not in r.data.metrics
+    assert r.data.metrics["cpu_core_hours_used"] * 3600 > first_cpu_s  # both attempts, as sacct counts them
+    assert "used_gpu_hours" not in r.data.metrics
 
 
 # ----------------------------------------------------------------------------- ASHA in the slots, end to end
@@ -255,7 +259,7 @@ def test_a_grid_with_fold_pruning_skips_the_remaining_folds_of_a_worse_config(tm
     import pandas as pd
 
     from analysis.fig3 import fig3_note
-    from analysis.results import fold_pruned_configs, missing_training
+    from analysis.results import config_table_from_runs, fold_pruned_configs, missing_training
     from analysis.store import RunRecord
 
     recs = [RunRecord.from_run(r) for r in client.search_runs([exp])]
@@ -263,6 +267,9 @@ def test_a_grid_with_fold_pruning_skips_the_remaining_folds_of_a_worse_config(tm
     assert list(pruned) == [(32, 1, 384)] and pruned[(32, 1, 384)].startswith("folds 2,3: fold pruning (paired_t)")
     note = fig3_note(pd.DataFrame({"n_folds": [2]}), pruned=pruned)
     assert "Folds not trained by fold pruning" in note and "c0=32 d=1 IS=384²: folds 2,3: fold pruning" in note
+    table = config_table_from_runs(recs)  # configs.csv: what the config's trained folds used
+    cost = table[table.config_key == key].iloc[0]
+    assert cost.n_folds == 2 and cost.cpu_core_hours > 0 and pd.isna(cost.used_gpu_hours)
     (row,) = [r for r in missing_training(recs) if r["config_key"] == key]
     assert row["missing_folds"] == "2,3" and "folds 2,3: skipped, fold pruning (paired_t)" in row["note"], row
     status = subprocess.run([sys.executable, "-m", "sweep.status", *args], cwd=tmp_path, env=_env(work),

@@ -7,6 +7,7 @@ done before the first training step: config fields, the dataset, the tracking se
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from data.atomic import atomic_write_text
+from data.atomic import atomic_write_json, atomic_write_text
 from data.errors import DataError
 from data.folds import split_fold
 from data.manifest import MANIFEST_NAMES, load_dataset
@@ -51,6 +52,7 @@ from sweep.tracking.outbox import (
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "mlflow_run_id"
+USAGE_FILE = "usage.json"  # what the run's attempts used so far (sweep.tracking.cost), beside its checkpoint
 DATASET_LOCK_TIMEOUT_S = 3600.0  # making a synthetic dataset takes seconds to minutes
 START_POLL_S = 15.0  # a SLURM job that starts while the tracking server is away asks it again this often
 
@@ -260,7 +262,8 @@ def _train(cfg: DictConfig, plan: RunPlan, experiment_id: str, train_samples, va
     outbox = Outbox(recorder, tolerance_s=_seconds(cfg, "mlflow.outage_tolerance_s", DEFAULT_TOLERANCE_S))
     objective = pruning_objective(cfg)
     # MLflow's system metrics (CPU, memory; GPU utilisation, memory, power where GPUs exist), through the outbox.
-    usage = SystemMetrics(_seconds(cfg, "mlflow.system_metrics_interval_s", 10.0))
+    usage_file = plan.ckpt_dir / USAGE_FILE
+    usage = SystemMetrics(_seconds(cfg, "mlflow.system_metrics_interval_s", 10.0), prior=_prior_usage(usage_file, run_id))
 
     def log_usage(final: bool = False) -> None:
         if final:
@@ -320,6 +323,7 @@ def _train(cfg: DictConfig, plan: RunPlan, experiment_id: str, train_samples, va
             outbox.log_metrics(_chunk_metrics(metrics), step=state.iteration,
                                timestamp_ms=int(made * 1000) if made else None)
             log_usage()
+            atomic_write_json(usage_file, usage.totals())  # a requeued attempt adds to it (its cost, every attempt)
             judge(metrics.get(objective), state.iteration)
 
         def on_first_step() -> None:
@@ -375,6 +379,17 @@ def _train(cfg: DictConfig, plan: RunPlan, experiment_id: str, train_samples, va
     log.info("%s: mean IoU %.4f after %d iterations (%.0f s in this process)", plan.run_name, final["mean_iou"],
              st.iteration, time.perf_counter() - t0)
     return {**static, **final}
+
+
+def _prior_usage(path: Path, run_id: tp.Optional[str]) -> tp.Optional[dict]:
+    """What the earlier attempts of a resumed run used (written at each checkpoint); nothing for a new run."""
+    if not run_id or not path.is_file():
+        return None
+    try:
+        prior = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return prior if isinstance(prior, dict) else None
 
 
 def pruning_objective(cfg: DictConfig) -> str:

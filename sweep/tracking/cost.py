@@ -34,10 +34,16 @@ def _monitors() -> list:
     return monitors
 
 
-class SystemMetrics:
-    """Sample every ``interval_s`` seconds while the block runs (``interval_s`` 0: off, only the CPU time is kept)."""
+TOTALS = ("gpu_busy_s", "gpu_s", "energy_j", "cpu_core_s", "wall_s", "gpus", "power_reported")
 
-    def __init__(self, interval_s: float) -> None:
+
+class SystemMetrics:
+    """Sample every ``interval_s`` seconds while the block runs (``interval_s`` 0: off, only the CPU time is kept).
+
+    ``prior``: the totals of the run's earlier attempts (:meth:`totals`, kept beside its checkpoint), so a requeued
+    run reports what all its attempts used, as SLURM's accounting counts what all of them were given."""
+
+    def __init__(self, interval_s: float, prior: tp.Optional[tp.Mapping[str, tp.Any]] = None) -> None:
         self.interval_s = float(interval_s)
         self._pending: list[tuple[float, int, dict[str, float]]] = []
         self._lock = threading.Lock()
@@ -53,6 +59,7 @@ class SystemMetrics:
         self._t0 = 0.0
         self.cpu_core_s = 0.0
         self.wall_s = 0.0
+        self.prior = {k: prior[k] for k in TOTALS if k in prior} if prior else {}
 
     @staticmethod
     def _cpu_time() -> float:
@@ -116,12 +123,24 @@ class SystemMetrics:
             out, self._pending = self._pending, []
         return out
 
+    def totals(self) -> dict[str, float]:
+        """What this attempt and the earlier ones used so far (the CPU time and wall time up to now)."""
+        live = self._t0 and not self.wall_s
+        mine = {"gpu_busy_s": self.gpu_busy_s, "gpu_s": self.gpu_s, "energy_j": self.energy_j,
+                "cpu_core_s": self._cpu_time() - self._cpu0 if live else self.cpu_core_s,
+                "wall_s": time.monotonic() - self._t0 if live else self.wall_s}
+        out = {k: float(self.prior.get(k, 0.0)) + v for k, v in mine.items()}
+        out["gpus"] = float(max(self.gpus, self.prior.get("gpus", 0)))
+        out["power_reported"] = float(self.power_reported or bool(self.prior.get("power_reported")))
+        return out
+
     def summary(self) -> dict[str, float]:
-        """What the run used so far, as MLflow metrics (GPU figures only where GPUs reported them)."""
-        out = {"cpu_core_hours_used": self.cpu_core_s / 3600.0, "system_metrics_wall_s": self.wall_s}
-        if self.gpus:
-            out.update({"gpus_seen": float(self.gpus), "used_gpu_hours": self.gpu_busy_s / 3600.0,
-                        "seen_gpu_hours": self.gpu_s / 3600.0})
-        if self.power_reported:
-            out["gpu_energy_kwh"] = self.energy_j / 3.6e6
+        """What the run used, every attempt, as MLflow metrics (GPU figures only where GPUs reported them)."""
+        t = self.totals()
+        out = {"cpu_core_hours_used": t["cpu_core_s"] / 3600.0, "system_metrics_wall_s": t["wall_s"]}
+        if t["gpus"]:
+            out.update({"gpus_seen": t["gpus"], "used_gpu_hours": t["gpu_busy_s"] / 3600.0,
+                        "seen_gpu_hours": t["gpu_s"] / 3600.0})
+        if t["power_reported"]:
+            out["gpu_energy_kwh"] = t["energy_j"] / 3.6e6
         return out
