@@ -172,7 +172,7 @@ def test_an_optuna_slot_gives_up_a_duplicate_after_lease_wait_s_and_shows_the_wa
             return ret
 
     t0 = time.monotonic()
-    assert Worker()(0) == {"slot": 0, "complete": 1, "fail": 0, "given_up": 1}
+    assert Worker()(0) == {"slot": 0, "complete": 1, "fail": 0, "pruned": 0, "given_up": 1}
     assert 0.5 <= time.monotonic() - t0 < 10 and runs.count(0) >= 3 and runs[-1] == 1
     study = optuna.load_study(study_name="s", storage=trials.open_storage(spec.storage))
     assert [t.state.name for t in study.trials] == ["PRUNED", "COMPLETE"]
