@@ -2,7 +2,8 @@
 
 Segment a whole preprocessed volume (values in [0, 1]) with a trained model by multi-axes
 prediction fusing (paper, Eq. 4/5). MODEL is a ``.keras`` file or an MLflow model URI
-(``runs:/<run id>/model``, with ``--tracking-uri``). VOLUME is an HDF5 file (``--dataset``) or a
+(``runs:/<run id>/model``, with ``--tracking-uri``); several MODELs (e.g. the 4 fold models of a config)
+predict as one ensemble: their probabilities are averaged per slice batch before the planes are fused. VOLUME is an HDF5 file (``--dataset``) or a
 folder of TIFF slices. OUT.h5 gets ``labels`` (uint8, the input's shape) and, with
 ``--probabilities``, ``probabilities`` (float16, classes last, the plane average P_avr); with
 ``--uncertainty`` the uint8 maps ``confidence``, ``disagreement`` and ``plane_classes`` (see
@@ -34,6 +35,8 @@ import tempfile
 import zipfile
 import typing as tp
 from pathlib import Path
+
+import numpy as np
 
 from data.errors import DataError
 from data.volume import NUM_CLASSES, VolumeRef, check_image, is_zarr_path, open_volume, volume_ref
@@ -127,6 +130,35 @@ def keras_predictor(model, *, batch_size: int = 4) -> SlicePredictor:
     return predict
 
 
+def ensemble_predictor(predictors: tp.Sequence[SlicePredictor]) -> SlicePredictor:
+    """The fold models as one: their softmax probabilities averaged per slice batch (soft voting over the models;
+    with the planes' soft vote, the mean over folds × planes). One batch of every model in memory, never a volume."""
+    if len(predictors) == 1:
+        return predictors[0]
+
+    def predict(slices):
+        total = None
+        for p in predictors:
+            probs = np.asarray(p(slices), dtype=np.float32)
+            total = probs if total is None else total + probs
+        return total / len(predictors)
+
+    return predict
+
+
+def load_models(specs: tp.Sequence[str], *, tracking_uri: tp.Optional[str] = None) -> tuple[list, str]:
+    """Every model of an ensemble (each checked as :func:`load_model` does); returns (models, identity string)."""
+    if not specs:
+        raise PredictError("MODEL: give at least one model")
+    if len(set(specs)) != len(specs):
+        dup = sorted({s for s in specs if list(specs).count(s) > 1})
+        raise PredictError(f"MODEL: {dup[0]} is given more than once (an ensemble averages distinct models)")
+    loaded = [load_model(spec, tracking_uri=tracking_uri) for spec in specs]
+    models = [m for m, _ in loaded]
+    ids = [i for _, i in loaded]
+    return models, ids[0] if len(ids) == 1 else "ensemble(" + ",".join(ids) + ")"
+
+
 def default_work_dir(out: Path) -> Path:
     return Path(out).with_name(Path(out).name + ".planes")
 
@@ -208,7 +240,8 @@ def plane_path(work_dir: Path, plane: str) -> Path:
     return Path(work_dir) / f"{plane}.h5"
 
 
-def run_prediction(model_spec: str, volume: VolumeRef, out: Path, *, planes: str = "3", vote: str = "soft",
+def run_prediction(model_spec: tp.Union[str, tp.Sequence[str]], volume: VolumeRef, out: Path, *, planes: str = "3",
+                   vote: str = "soft",
                    probabilities: bool = False, tiff: tp.Optional[Path] = None, overwrite: bool = False,
                    work_dir: tp.Optional[Path] = None, keep_planes: bool = False, batch_size: int = 4,
                    tracking_uri: tp.Optional[str] = None, only_plane: tp.Optional[str] = None,
@@ -217,9 +250,11 @@ def run_prediction(model_spec: str, volume: VolumeRef, out: Path, *, planes: str
                    rotate_on: str = "auto", max_disk: tp.Optional[int] = None, times=None) -> Path:
     """The whole CLI as a function; returns OUT (or the plane file with ``only_plane``).
 
+    ``model_spec``: one model, or several (the fold models: an ensemble, :func:`ensemble_predictor`);
     ``model``: an already loaded (model, identity) from :func:`load_model`; ``values_checked``: the
     volume's values were scanned by the caller (``python -m sweep.predict`` checks all volumes first).
     """
+    specs = [model_spec] if isinstance(model_spec, str) else list(model_spec)
     names = plane_set(planes)
     if vote not in VOTES:
         raise PredictError(f"--vote: must be one of {VOTES}, got {vote!r}")
@@ -238,8 +273,11 @@ def run_prediction(model_spec: str, volume: VolumeRef, out: Path, *, planes: str
                           scan_values=not (values_checked or fuse_only), uncertainty=uncertainty, max_disk=max_disk)
     workers = workers or available_cores()
     if not fuse_only:
-        keras_model, model_id = model or load_model(model_spec, tracking_uri=tracking_uri)
-        predictor = keras_predictor(keras_model, batch_size=batch_size)
+        if model is not None:  # (model, id) of load_model or (models, id) of load_models
+            models, model_id = (list(model[0]) if isinstance(model[0], (list, tuple)) else [model[0]]), model[1]
+        else:
+            models, model_id = load_models(specs, tracking_uri=tracking_uri)
+        predictor = ensemble_predictor([keras_predictor(m, batch_size=batch_size) for m in models])
         todo = [only_plane] if only_plane else list(names)
         rotation = make_rotation(rotate_on, workers) if any(PLANES[n].rotated for n in todo) else None
         try:
@@ -259,7 +297,9 @@ def run_prediction(model_spec: str, volume: VolumeRef, out: Path, *, planes: str
     if missing:
         raise PredictError(f"--work-dir: plane files missing for the fuse step: {missing}")
     fuse_planes(paths, out, method=vote, probabilities=probabilities, tiff_path=tiff, inputs=[volume.path],
-                attrs={"source": str(volume), "planes_set": planes}, progress=progress, uncertainty=uncertainty,
+                attrs={"source": str(volume), "planes_set": planes,
+                       **({"models": [str(m) for m in specs]} if specs and any(specs) else {})},
+                progress=progress, uncertainty=uncertainty,
                 times=times)
     if not keep_planes:
         for p in paths:
@@ -272,7 +312,9 @@ def run_prediction(model_spec: str, volume: VolumeRef, out: Path, *, planes: str
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m model.predict", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", metavar="MODEL", help=".keras file or runs:/<run id>/model")
+    ap.add_argument("model", metavar="MODEL", nargs="+",
+                    help=".keras file or runs:/<run id>/model; several (e.g. the 4 fold models): their probabilities "
+                         "are averaged (an ensemble)")
     ap.add_argument("volume", metavar="VOLUME", help="HDF5 file or Zarr store (see --dataset) or folder of TIFF slices")
     ap.add_argument("--dataset", default="image", help="HDF5 dataset / Zarr array of VOLUME (default: image)")
     ap.add_argument("--planes", default="3", choices=list(PLANE_SETS), help="slicing planes (default: 3)")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import sys
 import time
 import typing as tp
@@ -26,10 +27,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from data.errors import DataError
 from data.volume import volume_ref
+from sweep.jobs.fusing import TAG_METHOD, best_config
+from sweep.tracking import client as tracking
 
 log = logging.getLogger("sweep.predict")
 
@@ -54,8 +58,9 @@ def plan_volumes(cfg: DictConfig) -> list[VolumeJob]:
         raise ValueError("volumes: give one or more volumes, e.g. 'volumes=[scan1.h5,scan2.h5]'")
     if isinstance(vols, str):
         vols = [vols]
-    if OmegaConf.select(cfg, "model_uri") in (None, "???"):
-        raise ValueError("model_uri: give a .keras file or runs:/<run id>/model")
+    if OmegaConf.select(cfg, "model_uri") in (None, "???") or (OmegaConf.is_list(cfg.model_uri)
+                                                               and not len(cfg.model_uri)):
+        raise ValueError("model_uri: give a .keras file or runs:/<run id>/model, or a list of them (an ensemble)")
     try:
         plane_set(str(cfg.planes))
     except ValueError as exc:
@@ -73,17 +78,53 @@ def plan_volumes(cfg: DictConfig) -> list[VolumeJob]:
             for v, s in zip(vols, stems)]
 
 
+def model_specs(cfg: DictConfig) -> list[str]:
+    """``model_uri``: one model, or a list of them (e.g. the 4 fold models: predicted as one ensemble)."""
+    uri = cfg.model_uri
+    return [str(u) for u in uri] if OmegaConf.is_list(uri) else [str(uri)]
+
+
+CONFIG_KEY_RE = re.compile(r"^[0-9a-f]{12}$")
+
+
+def resolve_models(cfg: DictConfig) -> list[str]:
+    """``model_uri=best`` (the config with the highest mean IoU over all folds FINISHED in ``mlflow.experiment``,
+    as ``fusing.model=best``) or a 12-hex config key → the ``runs:/<id>/model`` of each of its fold runs: the fold
+    ensemble. Anything else is returned as given. ValueError naming ``model_uri`` when nothing is found."""
+    specs = model_specs(cfg)
+    if len(specs) != 1 or not (specs[0] == "best" or CONFIG_KEY_RE.match(specs[0])):
+        return specs
+    uri, name = str(cfg.mlflow.tracking_uri), str(cfg.mlflow.experiment)
+    folds = int(OmegaConf.select(cfg, "data.num_folds", default=4) or 4)
+    tracking.check_tracking_uri(uri)
+    exp = MlflowClient(uri).get_experiment_by_name(name)
+    if exp is None:
+        raise ValueError(f"model_uri={specs[0]}: no experiment {name!r} at {tracking.redact_uri(uri)} (mlflow.experiment)")
+    key = specs[0]
+    if key == "best":
+        try:
+            key, _iou, _n = best_config(uri, exp.experiment_id, folds)
+        except ValueError as exc:
+            raise ValueError(f"model_uri=best: {exc} in experiment {name!r}") from None
+    runs = {int(r.data.tags[tracking.TAG_FOLD]): r for r in tracking.find_runs(uri, exp.experiment_id, config_key=key,
+                                                                               status="FINISHED")
+            if r.data.tags.get(TAG_METHOD) is None and tracking.TAG_FOLD in r.data.tags}
+    if not runs:
+        raise ValueError(f"model_uri={specs[0]}: no FINISHED fold run of config {key} in experiment {name!r}")
+    return [f"runs:/{runs[f].info.run_id}/model" for f in sorted(runs)]
+
+
 def _check_all(cfg: DictConfig, jobs: tp.Sequence[VolumeJob]) -> tuple:
     """The model and every volume and output checked before any job is queued (model.predict's checks).
 
     Returns the loaded (model, identity), so the local path does not load it again.
     """
     from model.inference import plane_set
-    from model.predict import PredictError, check_inputs, load_model, parse_size
+    from model.predict import PredictError, check_inputs, load_models, parse_size
 
     errors, model = [], None
     try:
-        model = load_model(str(cfg.model_uri), tracking_uri=cfg.get("tracking_uri"))  # class count, loadable
+        model = load_models(model_specs(cfg), tracking_uri=cfg.get("tracking_uri"))  # class count, loadable
     except PredictError as exc:
         errors.append(f"  {exc}")
     for j in jobs:
@@ -115,7 +156,8 @@ def _predict_kwargs(cfg: DictConfig, job: VolumeJob) -> dict:
 class PlaneTask:
     """One array task: one plane of one volume. On USR2 submitit requeues it; finished planes are reused."""
 
-    def __call__(self, model: str, volume: str, dataset: str, out: str, plane: str, kwargs: dict) -> str:
+    def __call__(self, model: tp.Union[str, list], volume: str, dataset: str, out: str, plane: str,
+                 kwargs: dict) -> str:
         from model.predict import run_prediction
 
         return str(run_prediction(model, volume_ref(volume, dataset), Path(out), only_plane=plane, **kwargs))
@@ -152,7 +194,7 @@ def submit_slurm(cfg: DictConfig, launcher_cfg: DictConfig, jobs: tp.Sequence[Vo
     executor.update_parameters(name=f"{params.get('name', 'scaling-unet')}-planes")
     planes = plane_set(str(cfg.planes))
     task = PlaneTask()
-    args = [(str(cfg.model_uri), j.volume, j.dataset, str(j.out), p, _predict_kwargs(cfg, j)) for j in jobs for p in planes]
+    args = [(model_specs(cfg), j.volume, j.dataset, str(j.out), p, _predict_kwargs(cfg, j)) for j in jobs for p in planes]
     plane_jobs = executor.map_array(task, *zip(*args))
     log.info("submitted %d plane tasks (%d volumes × %d planes) as ONE SLURM job array %s", len(plane_jobs), len(jobs),
              len(planes), plane_jobs[0].job_id.split("_")[0])
@@ -197,8 +239,13 @@ def wait_for(fuse_jobs: tp.Sequence, jobs: tp.Sequence[VolumeJob], poll_s: float
 def main(cfg: DictConfig) -> None:
     try:
         jobs = plan_volumes(cfg)
+        resolved = resolve_models(cfg)
+        if resolved != model_specs(cfg):
+            log.info("model_uri=%s: %s", cfg.model_uri, " ".join(resolved))
+            with open_dict(cfg):
+                cfg.model_uri = resolved
         model = _check_all(cfg, jobs)
-    except (ValueError, DataError) as exc:
+    except (ValueError, DataError, tracking.TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     launcher = _on_slurm()
@@ -207,7 +254,7 @@ def main(cfg: DictConfig) -> None:
 
         for j in jobs:
             try:
-                log.info("%s → %s", j.volume, run_prediction(str(cfg.model_uri), volume_ref(j.volume, j.dataset), j.out,
+                log.info("%s → %s", j.volume, run_prediction(model_specs(cfg), volume_ref(j.volume, j.dataset), j.out,
                                                              model=model, **_predict_kwargs(cfg, j)))
             except (PredictError, DataError) as exc:
                 print(f"error: {exc}", file=sys.stderr)

@@ -151,3 +151,70 @@ def test_tiff_folder_volume(files, tmp_path, capsys):
     assert rc == 0, msg
     with h5py.File(tmp_path / "o.h5") as f:
         np.testing.assert_array_equal(f["labels"][...], ref)
+
+
+def test_fold_models_predict_as_one_ensemble_the_mean_of_their_probabilities(files, tmp_path, capsys):
+    """Two different models (the oracle, and the oracle with its class scores divided by 16): the ensemble's probabilities
+    equal the mean of the single models' (to the plane files' uint8 steps), and the output names both models."""
+    import keras
+
+    soft = oracle_model()
+    head = soft.get_layer("oracle")
+    w, b = head.get_weights()
+    head.set_weights([w / 16, b / 16])
+    soft.save(tmp_path / "soft.keras")
+    outs = {}
+    for name, models in (("oracle", [files / "oracle.keras"]), ("soft", [tmp_path / "soft.keras"]),
+                         ("both", [files / "oracle.keras", tmp_path / "soft.keras"])):
+        out = tmp_path / f"{name}.h5"
+        rc, text = run(capsys, *models, files / "vol.h5", "--planes", "3", "--out", out, "--probabilities")
+        assert rc == 0, text
+        with h5py.File(out, "r") as f:
+            outs[name] = f["probabilities"][...].astype(np.float32)
+            if name == "both":
+                assert [str(m) for m in f.attrs["models"]] == [str(m) for m in models]
+    mean = (outs["oracle"] + outs["soft"]) / 2
+    assert np.abs(outs["both"] - mean).max() <= 2.5 / 255  # quantized planes: one uint8 step each, then the mean
+    assert np.abs(outs["oracle"] - outs["soft"]).max() > 0.1  # the two models do differ
+    rc, text = run(capsys, files / "oracle.keras", files / "oracle.keras", files / "vol.h5", "--out", tmp_path / "d.h5")
+    assert rc == 2 and "is given more than once" in text
+    keras.backend.clear_session()
+
+
+def test_sweep_predict_best_is_the_fold_ensemble_of_the_best_config(files, tmp_path):
+    """``model_uri=best``: the config with the highest mean IoU over its 4 FINISHED folds, its fold models fetched
+    from MLflow (runs:/<id>/model) and predicted as one ensemble; the output names the 4 runs."""
+    import os
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    work = tmp_path / "work"
+    work.mkdir()
+    client = MlflowClient(f"sqlite:///{work}/mlflow.db")
+    exp = client.create_experiment("scaling-unet", artifact_location=str(tmp_path / "artifacts"))
+    best_runs = []
+    for key, iou in (("aaaaaaaaaaaa", 0.9), ("bbbbbbbbbbbb", 0.5)):
+        for fold in range(4):
+            r = client.create_run(exp, tags={"config_key": key, "fold": str(fold)})
+            client.log_metric(r.info.run_id, "mean_iou", iou + fold / 100)
+            client.log_artifact(r.info.run_id, str(files / "oracle.keras"), "model")
+            client.set_terminated(r.info.run_id, "FINISHED")
+            if key == "aaaaaaaaaaaa":
+                best_runs.append(r.info.run_id)
+    out_dir = tmp_path / "pred"
+    res = subprocess.run([sys.executable, "-m", "sweep.predict", "model_uri=best", f"volumes=[{files / 'vol.h5'}]",
+                          "planes=3", f"out_dir={out_dir}", "progress=false"], cwd=tmp_path,
+                         env=dict(os.environ, SCALING_UNET_WORK=str(work), TF_CPP_MIN_LOG_LEVEL="3"),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    with h5py.File(out_dir / "vol.h5", "r") as f:
+        assert [str(m) for m in f.attrs["models"]] == [f"runs:/{i}/model" for i in best_runs]
+        labels = f["labels"][...]
+        with h5py.File(files / "vol.h5", "r") as g:
+            assert (labels == g["label"][...]).mean() > 0.99  # the oracle's answer, four times
+    none = subprocess.run([sys.executable, "-m", "sweep.predict", "model_uri=cccccccccccc",
+                           f"volumes=[{files / 'vol.h5'}]", f"out_dir={tmp_path / 'x'}"], cwd=tmp_path,
+                          env=dict(os.environ, SCALING_UNET_WORK=str(work)), capture_output=True, text=True, timeout=300)
+    assert none.returncode == 2 and "model_uri=cccccccccccc: no FINISHED fold run of config cccccccccccc" in none.stderr
