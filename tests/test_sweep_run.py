@@ -63,6 +63,20 @@ def test_tiny_run_is_one_finished_mlflow_run_with_the_schema(tmp_path, mlflow_se
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "model", "training_curves.png"} <= arts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/model.keras"]
+    # What it trained on: MLflow dataset inputs (the runs table's Dataset column), fold 1's samples by context.
+    import json
+
+    inputs = {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset
+              for d in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["training", "validation"]
+    profiles = {c: json.loads(d.profile) for c, d in inputs.items()}
+    train_ids, val_ids = profiles["training"]["samples"], profiles["validation"]["samples"]
+    assert train_ids and val_ids and not set(train_ids) & set(val_ids) and len(train_ids) + len(val_ids) == 4
+    assert profiles["training"]["fold"] == 1 and profiles["training"]["dataset_digest"] == \
+        profiles["validation"]["dataset_digest"]
+    assert inputs["training"].name.endswith("/fold1/training") and len(inputs["training"].digest) == 12
+    assert inputs["training"].digest != inputs["validation"].digest
+    assert str(Path.home()) not in inputs["training"].source or str(Path.home()) == "/"
     # The same command again finds the FINISHED run and trains nothing.
     again = _sweep(work, f"mlflow.tracking_uri={mlflow_server.uri}", "mlflow.experiment=schema",
                    "train.max_iters=4", "train.checkpoint_every=2", "fold=1")

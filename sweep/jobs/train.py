@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.atomic import atomic_write_json, atomic_write_text
 from data.errors import DataError
+from data.fingerprint import dataset_digest, samples_digest
 from data.folds import split_fold
 from data.manifest import MANIFEST_NAMES, load_dataset
 from model.complexity import (
@@ -234,7 +235,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         if done is not None:
             lease.release(plan.ckpt_dir, mine)
             return done
-        metrics = _train(cfg, plan, experiment_id, train_samples, val_samples, t_setup)
+        metrics = _train(cfg, plan, experiment_id, train_samples, val_samples, t_setup, dataset)
     except Exception:
         lease.release(plan.ckpt_dir, mine)
         raise
@@ -242,8 +243,22 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def dataset_inputs(dataset, plan: RunPlan, train_samples, val_samples) -> list[tuple[str, str, str, dict, str]]:
+    """What the run trained and validated on, as MLflow dataset inputs: the fold's sample ids, a digest of the
+    prepared files (data.fingerprint), contexts training and validation."""
+    digest = dataset_digest(dataset)
+    name = Path(dataset.root).name
+    out = []
+    for context, samples in (("training", train_samples), ("validation", val_samples)):
+        profile = {"fold": plan.fold, "num_folds": plan.num_folds, "dataset_digest": digest,
+                   "samples": sorted(s.id for s in samples)}
+        out.append((f"{name}/fold{plan.fold}/{context}", samples_digest(digest, samples), str(dataset.root), profile,
+                    context))
+    return out
+
+
 def _train(cfg: DictConfig, plan: RunPlan, experiment_id: str, train_samples, val_samples,
-           t_setup: float) -> dict[str, float]:
+           t_setup: float, dataset: tp.Any) -> dict[str, float]:
     run_id_file = plan.ckpt_dir / RUN_ID_FILE
     run_id = run_id_file.read_text().strip() if run_id_file.is_file() else None
     if run_id and load_state(plan.ckpt_dir) is None:
@@ -294,6 +309,7 @@ def _train(cfg: DictConfig, plan: RunPlan, experiment_id: str, train_samples, va
         plan.ckpt_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_id_file, run_id)
         recorder.log_params(_params(cfg, plan))
+        recorder.log_dataset_inputs(dataset_inputs(dataset, plan, train_samples, val_samples))
         static = {"flops": plan.flops, "params": plan.params, "receptive_field": receptive_field(plan.depth),
                   "paper_receptive_field": paper_receptive_field(plan.depth),
                   "paper_flops": count_flops(plan.paper_width, plan.depth, plan.paper_input_size),

@@ -262,6 +262,21 @@ class RunRecorder:
             self._retry(lambda b=batch: self.client.log_batch(run_id, tags=b, synchronous=True),
                         f"set {len(batch)} tags on run {run_id}")
 
+    def log_dataset_inputs(self, inputs: tp.Sequence[tuple[str, str, str, dict, str]]) -> None:
+        """MLflow dataset inputs (the runs table's Dataset column): (name, digest, source, profile, context) each;
+        MLflow keeps one input per dataset and context, so a resumed run logs them again harmlessly."""
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        run_id = self._run_id()
+        items = [DatasetInput(Dataset(name=name, digest=digest, source_type="local",
+                                      source=json.dumps({"uri": sanitize(source)}), profile=json.dumps(profile)),
+                              tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+                 for name, digest, source, profile, context in inputs]
+        self._retry(lambda: self.client.log_inputs(run_id, datasets=items), f"log dataset inputs of run {run_id}")
+
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """A file or a whole folder."""
         run_id = self._run_id()
