@@ -273,3 +273,63 @@ def test_environment_tags(monkeypatch):
     assert tracking.TAG_SLURM_ARRAY_JOB_ID not in tags
     commit = tags[tracking.TAG_GIT_COMMIT]
     assert tags[tracking.TAG_HOSTNAME] and (commit == "unknown" or len(commit) == 40)
+
+
+def test_runs_of_one_fold_log_the_same_new_dataset_at_once(mlflow_server):
+    """The array tasks of one fold start together: the server's look-up-then-insert of a dataset races (PostgreSQL
+    refuses the loser with a unique violation, seen in CI); every run still gets both inputs, each dataset once."""
+    uri = mlflow_server.uri
+    exp = tracking.ensure_experiment(uri, unique("datasets"))
+    n = 8
+    recorders = [RunRecorder(uri, exp, run_name=f"r{i}", retries=6, backoff_s=0.05) for i in range(n)]
+    for rec in recorders:
+        rec.start()
+    digest = uuid.uuid4().hex[:12]
+    inputs = [("prepared/fold0/training", digest, "data/prepared", {"samples": ["a", "b"]}, "training"),
+              ("prepared/fold0/validation", digest[::-1], "data/prepared", {"samples": ["c"]}, "validation")]
+    barrier = __import__("threading").Barrier(n)
+
+    def log(rec: RunRecorder) -> None:
+        barrier.wait()
+        rec.log_dataset_inputs(inputs)
+
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        list(pool.map(log, recorders))
+    client = MlflowClient(uri)
+    for rec in recorders:
+        got = {(d.dataset.name, d.dataset.digest, d.tags[0].value) for d in client.get_run(rec.run_id).inputs.dataset_inputs}
+        assert got == {("prepared/fold0/training", digest, "training"),
+                       ("prepared/fold0/validation", digest[::-1], "validation")}
+        rec.finish()
+
+
+def test_a_lost_dataset_insert_race_is_retried_not_fatal(mlflow_server, monkeypatch):
+    """Deterministic form of the race above: the first call is refused as the server refuses the loser."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import BAD_REQUEST, INVALID_PARAMETER_VALUE
+
+    uri = mlflow_server.uri
+    exp = tracking.ensure_experiment(uri, unique("datasets-lost"))
+    rec = RunRecorder(uri, exp, retries=3, backoff_s=0.01)
+    rec.start()
+    real, calls = rec.client.log_inputs, []
+
+    def refused_once(run_id, datasets=None, **kw):
+        calls.append(run_id)
+        if len(calls) == 1:
+            raise MlflowException('(psycopg2.errors.UniqueViolation) duplicate key value violates unique constraint '
+                                  '"dataset_pk"', error_code=BAD_REQUEST)
+        return real(run_id, datasets=datasets, **kw)
+
+    monkeypatch.setattr(rec.client, "log_inputs", refused_once)
+    rec.log_dataset_inputs([("d", "0123456789ab", "data", {}, "training")])
+    assert len(calls) == 2
+    assert [d.dataset.name for d in MlflowClient(uri).get_run(rec.run_id).inputs.dataset_inputs] == ["d"]
+    # Any other refusal stays one clear error, not retried.
+    calls.clear()
+    monkeypatch.setattr(rec.client, "log_inputs", lambda *a, **k: (calls.append(1), (_ for _ in ()).throw(
+        MlflowException("bad dataset", error_code=INVALID_PARAMETER_VALUE)))[1])
+    with pytest.raises(TrackingError, match="log dataset inputs .* bad dataset"):
+        rec.log_dataset_inputs([("d", "0123456789ab", "data", {}, "training")])
+    assert calls == [1]
+    rec.finish()

@@ -71,6 +71,17 @@ def _permanent(exc: BaseException) -> bool:
                                               and getattr(exc, "error_code", None) in PERMANENT_ERROR_CODES)
 
 
+class _LostInsertRace(RuntimeError):
+    """Retried like a network error (not a :class:`TrackingError`, which is never retried)."""
+
+
+def _lost_insert_race(exc: BaseException) -> bool:
+    """A unique-constraint refusal from the server's database (PostgreSQL, MySQL, sqlite wording)."""
+    text = str(exc)
+    return any(s in text for s in ("UniqueViolation", "UNIQUE constraint failed", "Duplicate entry",
+                                   "duplicate key value"))
+
+
 def _retry(fn: tp.Callable[[], T], what: str, uri: str, retries: int, backoff_s: float) -> T:
     """Call ``fn`` up to ``retries`` times, waiting ``backoff_s`` × 2^(try − 1) between tries; then raise
     :class:`TrackingUnavailable` (never drop silently). A permanent refusal is raised at once as :class:`TrackingError`."""
@@ -275,7 +286,19 @@ class RunRecorder:
                                       source=json.dumps({"uri": sanitize(source)}), profile=json.dumps(profile)),
                               tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
                  for name, digest, source, profile, context in inputs]
-        self._retry(lambda: self.client.log_inputs(run_id, datasets=items), f"log dataset inputs of run {run_id}")
+        what = f"log dataset inputs of run {run_id}"
+
+        def log_once() -> None:
+            try:
+                self.client.log_inputs(run_id, datasets=items)
+            except MlflowException as e:
+                # MLflow's server looks a dataset up, then inserts it: two runs of one fold starting together race
+                # there, and the loser is refused; its next try finds the winner's row.
+                if _lost_insert_race(e):
+                    raise _LostInsertRace(str(e)) from e
+                raise
+
+        self._retry(log_once, what)
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """A file or a whole folder."""
