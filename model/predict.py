@@ -130,9 +130,15 @@ def keras_predictor(model, *, batch_size: int = 4) -> SlicePredictor:
     return predict
 
 
-def ensemble_predictor(predictors: tp.Sequence[SlicePredictor]) -> SlicePredictor:
-    """The fold models as one: their softmax probabilities averaged per slice batch (soft voting over the models;
-    with the planes' soft vote, the mean over folds × planes). One batch of every model in memory, never a volume."""
+FOLD_VOTES = ("soft", "majority")
+
+
+def ensemble_predictor(predictors: tp.Sequence[SlicePredictor], vote: str = "soft") -> SlicePredictor:
+    """The fold models as one (paper Eq. 4/5 applied over folds): ``soft`` averages their softmax probabilities per
+    slice batch; ``majority`` averages their one-hot labels (vote shares), so the planes' soft vote on top counts
+    the votes of folds × planes. One batch of every model in memory, never a volume."""
+    if vote not in FOLD_VOTES:
+        raise PredictError(f"--fold-vote: must be one of {FOLD_VOTES}, got {vote!r}")
     if len(predictors) == 1:
         return predictors[0]
 
@@ -140,6 +146,8 @@ def ensemble_predictor(predictors: tp.Sequence[SlicePredictor]) -> SlicePredicto
         total = None
         for p in predictors:
             probs = np.asarray(p(slices), dtype=np.float32)
+            if vote == "majority":
+                probs = (probs.argmax(-1)[..., None] == np.arange(probs.shape[-1])).astype(np.float32)
             total = probs if total is None else total + probs
         return total / len(predictors)
 
@@ -247,7 +255,8 @@ def run_prediction(model_spec: tp.Union[str, tp.Sequence[str]], volume: VolumeRe
                    tracking_uri: tp.Optional[str] = None, only_plane: tp.Optional[str] = None,
                    fuse_only: bool = False, progress: bool = True, model: tp.Optional[tuple] = None,
                    values_checked: bool = False, uncertainty: bool = False, workers: tp.Optional[int] = None,
-                   rotate_on: str = "auto", max_disk: tp.Optional[int] = None, times=None) -> Path:
+                   rotate_on: str = "auto", max_disk: tp.Optional[int] = None, times=None,
+                   fold_vote: str = "soft") -> Path:
     """The whole CLI as a function; returns OUT (or the plane file with ``only_plane``).
 
     ``model_spec``: one model, or several (the fold models: an ensemble, :func:`ensemble_predictor`);
@@ -258,6 +267,8 @@ def run_prediction(model_spec: tp.Union[str, tp.Sequence[str]], volume: VolumeRe
     names = plane_set(planes)
     if vote not in VOTES:
         raise PredictError(f"--vote: must be one of {VOTES}, got {vote!r}")
+    if fold_vote not in FOLD_VOTES:
+        raise PredictError(f"--fold-vote: must be one of {FOLD_VOTES}, got {fold_vote!r}")
     if only_plane is not None and only_plane not in names:
         raise PredictError(f"--plane: {only_plane!r} is not one of the planes of --planes {planes}: {list(names)}")
     out = Path(out)
@@ -277,7 +288,9 @@ def run_prediction(model_spec: tp.Union[str, tp.Sequence[str]], volume: VolumeRe
             models, model_id = (list(model[0]) if isinstance(model[0], (list, tuple)) else [model[0]]), model[1]
         else:
             models, model_id = load_models(specs, tracking_uri=tracking_uri)
-        predictor = ensemble_predictor([keras_predictor(m, batch_size=batch_size) for m in models])
+        predictor = ensemble_predictor([keras_predictor(m, batch_size=batch_size) for m in models], fold_vote)
+        if len(models) > 1 and fold_vote != "soft":  # plane files of another fold vote are not reused
+            model_id = f"{model_id}|fold_vote={fold_vote}"
         todo = [only_plane] if only_plane else list(names)
         rotation = make_rotation(rotate_on, workers) if any(PLANES[n].rotated for n in todo) else None
         try:
@@ -298,7 +311,8 @@ def run_prediction(model_spec: tp.Union[str, tp.Sequence[str]], volume: VolumeRe
         raise PredictError(f"--work-dir: plane files missing for the fuse step: {missing}")
     fuse_planes(paths, out, method=vote, probabilities=probabilities, tiff_path=tiff, inputs=[volume.path],
                 attrs={"source": str(volume), "planes_set": planes,
-                       **({"models": [str(m) for m in specs]} if specs and any(specs) else {})},
+                       **({"models": [str(m) for m in specs]} if specs and any(specs) else {}),
+                       **({"fold_vote": fold_vote} if len(specs) > 1 else {})},
                 progress=progress, uncertainty=uncertainty,
                 times=times)
     if not keep_planes:
@@ -319,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dataset", default="image", help="HDF5 dataset / Zarr array of VOLUME (default: image)")
     ap.add_argument("--planes", default="3", choices=list(PLANE_SETS), help="slicing planes (default: 3)")
     ap.add_argument("--vote", default="soft", choices=VOTES, help="soft (Eq. 4) or majority (Eq. 5) voting")
+    ap.add_argument("--fold-vote", default="soft", choices=FOLD_VOTES,
+                    help="several MODELs: average their probabilities (soft) or their labels' votes (majority)")
     ap.add_argument("--out", required=True, type=Path,
                     help="output HDF5 file (dataset labels), or OME-Zarr store NAME.zarr (labels pyramid)")
     ap.add_argument("--probabilities", action="store_true", help="also write probabilities (float16, classes last)")
@@ -358,7 +374,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
                                 batch_size=args.batch_size, tracking_uri=args.tracking_uri, only_plane=args.plane,
                                 fuse_only=args.fuse_only, progress=not args.no_progress,
                                 uncertainty=args.uncertainty, workers=args.workers, rotate_on=args.rotate_on,
-                                max_disk=None if args.max_disk is None else parse_size(args.max_disk))
+                                max_disk=None if args.max_disk is None else parse_size(args.max_disk),
+                                fold_vote=args.fold_vote)
     except (PredictError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -67,6 +67,8 @@ def plan_volumes(cfg: DictConfig) -> list[VolumeJob]:
         raise ValueError(f"planes: {exc}") from None
     if cfg.vote not in VOTES:
         raise ValueError(f"vote: must be one of {VOTES}, got {cfg.vote!r}")
+    if cfg.get("fold_vote", "soft") not in VOTES:
+        raise ValueError(f"fold_vote: must be one of {VOTES}, got {cfg.fold_vote!r}")
     out_dir = Path(str(cfg.out_dir)).resolve()  # jobs may start in another folder
     stems = [Path(str(v)).stem or Path(str(v)).name for v in vols]
     dup = sorted({s for s in stems if stems.count(s) > 1})
@@ -133,7 +135,8 @@ def _check_all(cfg: DictConfig, jobs: tp.Sequence[VolumeJob]) -> tuple:
                          overwrite=bool(cfg.overwrite), probabilities=bool(cfg.probabilities),
                          tiff=j.out.with_suffix(".tif") if cfg.tiff else None, work_dir=j.work_dir,
                          uncertainty=bool(cfg.get("uncertainty", False)),
-                         max_disk=None if cfg.get("max_disk") is None else parse_size(str(cfg.max_disk)))
+                         max_disk=None if cfg.get("max_disk") is None else parse_size(str(cfg.max_disk)),
+                fold_vote=str(cfg.get("fold_vote", "soft")))
         except (ValueError, DataError) as exc:
             errors.append(f"  {j.volume}: {exc}")
     if errors:
@@ -150,7 +153,8 @@ def _predict_kwargs(cfg: DictConfig, job: VolumeJob) -> dict:
                 values_checked=True,  # _check_all scanned every volume before anything ran
                 progress=bool(cfg.progress), uncertainty=bool(cfg.get("uncertainty", False)),
                 workers=cfg.get("workers"), rotate_on=str(cfg.get("rotate_on", "auto")),
-                max_disk=None if cfg.get("max_disk") is None else parse_size(str(cfg.max_disk)))
+                max_disk=None if cfg.get("max_disk") is None else parse_size(str(cfg.max_disk)),
+                fold_vote=str(cfg.get("fold_vote", "soft")))
 
 
 class PlaneTask:

@@ -181,6 +181,24 @@ def test_fold_models_predict_as_one_ensemble_the_mean_of_their_probabilities(fil
     keras.backend.clear_session()
 
 
+def test_fold_majority_vote_counts_labels_where_soft_voting_weighs_confidence():
+    """Two folds say bone at 0.4, one says residual material at 0.97: the soft vote follows the confident fold, the
+    majority vote the two; the majority's output is the vote share per class (the planes then count votes)."""
+    from model.predict import PredictError, ensemble_predictor
+
+    def fold(p):
+        return lambda slices: np.broadcast_to(np.asarray(p, np.float32), slices.shape + (4,))
+
+    folds = [fold([0.3, 0.4, 0.0, 0.3]), fold([0.3, 0.4, 0.0, 0.3]), fold([0.01, 0.01, 0.01, 0.97])]
+    slices = np.zeros((2, 3, 5), np.float32)
+    soft = ensemble_predictor(folds, "soft")(slices)
+    majority = ensemble_predictor(folds, "majority")(slices)
+    assert (soft.argmax(-1) == 3).all() and (majority.argmax(-1) == 1).all()
+    np.testing.assert_allclose(majority[0, 0, 0], [0, 2 / 3, 0, 1 / 3])
+    with pytest.raises(PredictError, match="--fold-vote"):
+        ensemble_predictor(folds, "median")
+
+
 def test_sweep_predict_best_is_the_fold_ensemble_of_the_best_config(files, tmp_path):
     """``model_uri=best``: the config with the highest mean IoU over its 4 FINISHED folds, its fold models fetched
     from MLflow (runs:/<id>/model) and predicted as one ensemble; the output names the 4 runs."""
