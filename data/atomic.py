@@ -58,6 +58,9 @@ def atomic_dir(final: PathLike, *, inputs: tp.Iterable[PathLike] = ()) -> tp.Ite
     _check_inputs(final, inputs)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a result folder should be as readable as any new folder
     try:
         yield tmp
         if final.exists():  # --overwrite: move the old store aside first, so a failed swap loses nothing

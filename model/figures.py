@@ -143,3 +143,44 @@ def fig5_overlay(image: VolumeRef, reference: VolumeRef, prediction: tp.Optional
     path = _save(fig, out)
     plt.close(fig)
     return path
+
+
+def segmentation_overview(image: VolumeRef, segmentation: Path, out: Path, *, title: str = "") -> Path:
+    """The middle slice of each slicing plane (S_rc, S_cp, S_pr): grey values, labels, plane (and fold) disagreement.
+
+    ``segmentation``: an HDF5 file of ``python -m model.predict`` with ``labels`` and, if written, the uncertainty
+    maps ``disagreement`` and ``fold_disagreement`` (a column each)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    with h5py.File(segmentation, "r") as f:
+        maps = [m for m in ("disagreement", "fold_disagreement") if m in f]
+        rows = []
+        for plane, axis in (("rc", 0), ("cp", 1), ("pr", 2)):
+            n, img = middle_slice(image, plane)
+            key = tuple(n if a == axis else slice(None) for a in range(3))
+            rows.append((plane, n, img, f["labels"][key], [f[m][key].astype(np.float32) / 255.0 for m in maps]))
+    cols = 2 + len(maps)
+    fig, axes = plt.subplots(3, cols, figsize=(3.6 * cols, 10.5), squeeze=False)
+    for r, (plane, n, img, lab, extra) in enumerate(rows):
+        axes[r, 0].imshow(img, cmap="gray", vmin=0, vmax=1)
+        axes[r, 0].set_title(f"S_{plane} slice {n}")
+        axes[r, 1].imshow(overlay(img, lab))
+        axes[r, 1].set_title("labels")
+        for c, (name, arr) in enumerate(zip(maps, extra), start=2):
+            im = axes[r, c].imshow(arr, cmap="magma", vmin=0, vmax=1)
+            axes[r, c].set_title(name.replace("_", " "))
+            fig.colorbar(im, ax=axes[r, c], fraction=0.046, pad=0.02)
+    for ax in axes.ravel():
+        ax.axis("off")
+    fig.legend(handles=[Patch(color=CLASS_COLOURS[c], label=CLASS_LABELS[c]) for c in (1, 2, 3)], loc="lower center",
+               ncol=3, fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97 if title else 1))
+    path = _save(fig, out)
+    plt.close(fig)
+    return path

@@ -1,0 +1,276 @@
+"""``python -m analysis.segment SCAN --model M [--model M ...] --out DIR``: a raw scan to labels, measures and a picture.
+
+What a beamline user does with a new scan (paper: ~20 min per sample instead of days by hand), in one command:
+
+1. prepare: the training preprocessing (data.prepare): resample to the model's voxel size, clip to the scan's
+   0.5 / 99.9 % percentiles, scale to [0, 1];
+2. predict: multi-axes prediction fusing (model.predict; 9 planes, soft vote by default) with the given model or
+   the fold models as one ensemble, with the uncertainty maps;
+3. measure: DR (Eq. 1), BIC (Eq. 2), BV/TV (Eq. 3) and their intervals from the plane disagreement
+   (analysis.measures, analysis.intervals);
+4. picture: the middle slice of each plane with labels and disagreement (``overview.png``);
+5. report: ``report.json`` and ``report.md`` — measures, seconds per phase and per sample, the models (URIs and
+   digests), the scan and its preprocessing.
+
+SCAN is an HDF5 file (``--dataset``), a Zarr store or a folder of TIFF slices, of any voxel size: the size is read
+from the scan's metadata (HDF5 attribute ``voxel_size_um`` / ``element_size_um``, OME-Zarr scale, TIFF resolution)
+or given with ``--voxel-size``; a scan whose voxel size is unknown is refused. The model's voxel size is read from
+its MLflow training run (``data.prepare.voxel_size_um``) or given with ``--model-voxel-size``. DIR is written
+atomically (built beside it, renamed when complete); an existing DIR needs ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+import typing as tp
+from pathlib import Path
+
+from analysis.intervals import measure_intervals
+from analysis.measures import implant_measures
+from data.atomic import atomic_dir
+from data.errors import DataError
+from data.manifest import Sample
+from data.prepare import PAPER_CLIP_PERCENTILES, prepare_sample
+from data.volume import VolumeRef, check_image, volume_ref
+from data.voxel_size import scan_voxel_size_um
+from model.figures import segmentation_overview
+from model.fusion import VOTES
+from model.planes import PLANE_SETS
+from model.predict import FOLD_VOTES, PredictError, check_tracking_server, load_models, run_prediction
+from model.streaming import PhaseTimes
+
+log = logging.getLogger(__name__)
+
+MODEL_VOXEL_PARAM = "data.prepare.voxel_size_um"  # the training run's param (conf/data/*.yaml)
+PAPER_MINUTES_PER_SAMPLE = 20.0  # paper: a new scan segmented in ~20 min instead of days by hand
+MEASURES = (("dr_mm_per_year", "DR (mm/year)"), ("bic_percent", "BIC (%)"), ("bv_tv_percent", "BV/TV (%)"))
+
+
+class SegmentError(ValueError):
+    """A bad argument or input; the message names the file or option."""
+
+
+def scan_voxel_size(ref: VolumeRef, given: tp.Optional[float]) -> tuple[float, str]:
+    """The scan's voxel edge in µm and where it came from; refused when neither given nor in the metadata."""
+    if given is not None:
+        if not (given > 0 and math.isfinite(given)):
+            raise SegmentError(f"--voxel-size: must be a positive number of µm, got {given}")
+        return float(given), "--voxel-size"
+    found = scan_voxel_size_um(ref)
+    if found is None:
+        raise SegmentError(f"SCAN: {ref}: its voxel size is unknown (no voxel_size_um / element_size_um attribute, "
+                           "OME-Zarr scale or TIFF resolution); give --voxel-size UM")
+    return found, "scan metadata"
+
+
+def model_voxel_size(specs: tp.Sequence[str], given: tp.Optional[float], tracking_uri: tp.Optional[str]
+                     ) -> tuple[float, str]:
+    """The voxel size the models were trained at: ``--model-voxel-size`` or their MLflow training runs' param."""
+    if given is not None:
+        if not (given > 0 and math.isfinite(given)):
+            raise SegmentError(f"--model-voxel-size: must be a positive number of µm, got {given}")
+        return float(given), "--model-voxel-size"
+    found: set[float] = set()
+    for spec in specs:
+        if not spec.startswith("runs:/"):
+            raise SegmentError(f"--model-voxel-size: {spec} does not say the voxel size it was trained at; give the "
+                               "voxel size of its training data (the paper's: 5.0)")
+        from mlflow.tracking import MlflowClient
+
+        run_id = spec.removeprefix("runs:/").split("/")[0]
+        try:
+            params = MlflowClient(tracking_uri).get_run(run_id).data.params
+        except Exception as exc:  # noqa: BLE001 - a missing run or server: one line naming the model
+            raise SegmentError(f"--model: {spec}: cannot read its training run ({exc})") from None
+        if MODEL_VOXEL_PARAM not in params:
+            raise SegmentError(f"--model-voxel-size: the training run of {spec} has no param {MODEL_VOXEL_PARAM}; "
+                               "give the voxel size of its training data")
+        found.add(float(params[MODEL_VOXEL_PARAM]))
+    if len(found) != 1:
+        raise SegmentError(f"--model: the models were trained at different voxel sizes {sorted(found)} µm")
+    return found.pop(), f"MLflow param {MODEL_VOXEL_PARAM}"
+
+
+def check_out_dir(out: Path, scan: VolumeRef, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise SegmentError(f"--out: {out} is a file; give a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise SegmentError(f"--out: {out} exists and is not empty; give --overwrite to replace it")
+    if out.resolve() == scan.path.resolve() or out.resolve() in scan.path.resolve().parents:
+        raise SegmentError(f"--out: {out} holds the scan {scan.path}; give another folder")
+
+
+def _home_free(text: str) -> str:
+    """No home paths in a report that is shared: ``~`` stands for the user's home."""
+    home = str(Path.home())
+    return str(text).replace(home + os.sep, "~" + os.sep) if home not in ("", os.sep) else str(text)
+
+
+def _finite(v: float) -> tp.Optional[float]:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+
+def report_markdown(report: dict) -> str:
+    """The report for a person: measures with intervals, time per phase, provenance."""
+    m, iv = report["measures"], report["intervals"]
+    lines = [f"# Segmentation of {report['scan']['name']}", "",
+             f"Models: {', '.join(report['models']['specs'])} ({report['prediction']['planes']} planes, "
+             f"{report['prediction']['vote']} vote" + (f", fold vote {report['prediction']['fold_vote']}"
+                                                        if len(report['models']['specs']) > 1 else "") + ")", "",
+             "| measure | value | interval (plane disagreement) |", "|---|---|---|"]
+    for key, name in MEASURES:
+        v, (lo, hi) = m[key], iv[key]
+        fmt = (lambda x: "n/a" if x is None else f"{x:.3f}")
+        lines.append(f"| {name} | {fmt(v)} | [{fmt(lo)}, {fmt(hi)}] |")
+    lines += ["", "| phase | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in report["seconds"].items()]
+    t = report["seconds"]["total"]
+    lines += ["", f"Time for this sample: {t / 60:.1f} min (paper: ~{PAPER_MINUTES_PER_SAMPLE:.0f} min per sample on "
+                  "its GPUs).", "",
+              f"Scan: shape {report['scan']['shape']} at {report['scan']['voxel_size_um']} µm "
+              f"({report['scan']['voxel_size_from']}), resampled to {report['prepared']['shape']} at "
+              f"{report['prepared']['voxel_size_um']} µm, clipped to [{report['prepared']['clip_low']:.4g}, "
+              f"{report['prepared']['clip_high']:.4g}].", ""]
+    return "\n".join(lines)
+
+
+def segment_scan(scan: VolumeRef, specs: tp.Sequence[str], out: Path, *, voxel_size_um: tp.Optional[float] = None,
+                 model_voxel_size_um: tp.Optional[float] = None, planes: str = "9", vote: str = "soft",
+                 fold_vote: str = "soft", clip_percentiles: tp.Sequence[float] = PAPER_CLIP_PERCENTILES,
+                 roi_um: float = 100.0, initial_volume_mm3: tp.Optional[float] = None,
+                 initial_surface_mm2: tp.Optional[float] = None, days: tp.Optional[float] = None,
+                 tracking_uri: tp.Optional[str] = None, overwrite: bool = False, batch_size: int = 4,
+                 workers: tp.Optional[int] = None, keep_prepared: bool = False, progress: bool = True,
+                 slab_mb: int = 256) -> dict:
+    """The whole command as a function; returns the report (also ``out/report.json``)."""
+    t_start = time.perf_counter()
+    out = Path(out)
+    if planes not in PLANE_SETS:
+        raise SegmentError(f"--planes: must be one of {list(PLANE_SETS)}, got {planes!r}")
+    if vote not in VOTES:
+        raise SegmentError(f"--vote: must be one of {VOTES}, got {vote!r}")
+    if fold_vote not in FOLD_VOTES:
+        raise SegmentError(f"--fold-vote: must be one of {FOLD_VOTES}, got {fold_vote!r}")
+    check_out_dir(out, scan, overwrite)
+    scan_vs, scan_vs_from = scan_voxel_size(scan, voxel_size_um)
+    if any(s.startswith(("runs:/", "models:/")) for s in specs):
+        check_tracking_server(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""))
+    model_vs, model_vs_from = model_voxel_size(specs, model_voxel_size_um, tracking_uri)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    stats = check_image(scan, field="image")  # finite values, before a model is loaded or a voxel written
+    models, model_id = load_models(list(specs), tracking_uri=tracking_uri)
+    seconds["check and load"] = time.perf_counter() - t0
+    name = scan.path.stem if scan.path.suffix else scan.path.name
+    with atomic_dir(out, inputs=[scan.path]) as tmp:
+        t0 = time.perf_counter()
+        sample = Sample(id=name, image=scan, voxel_size_um=scan_vs, alloy="unknown", beamline="unknown",
+                        implantation_days=float(days or 0.0), label_quality="HQ", split="test")
+        prepared = prepare_sample(sample, stats, tmp, voxel_size_um=model_vs, clip_percentiles=clip_percentiles,
+                                  slab_bytes=int(slab_mb) << 20)
+        seconds["prepare"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        times = PhaseTimes()
+        seg = tmp / "segmentation.h5"
+        run_prediction(list(specs), prepared.sample.image, seg, planes=planes, vote=vote, uncertainty=True,
+                       model=(models, model_id), values_checked=True, batch_size=batch_size, workers=workers,
+                       progress=progress, times=times, fold_vote=fold_vote, work_dir=tmp / "planes")
+        seconds["predict"] = time.perf_counter() - t0
+        if (tmp / "planes").is_dir() and not any((tmp / "planes").iterdir()):
+            (tmp / "planes").rmdir()
+        t0 = time.perf_counter()
+        import h5py
+
+        kw = dict(voxel_size_um=model_vs, roi_um=roi_um, initial_volume_mm3=initial_volume_mm3,
+                  initial_surface_mm2=initial_surface_mm2, days=days)
+        with h5py.File(seg, "r") as f:
+            measures = implant_measures(f["labels"], **kw)
+            intervals = measure_intervals(f["labels"], f["disagreement"], f["plane_classes"], fused=measures, **kw)
+        seconds["measures"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        segmentation_overview(prepared.sample.image, seg, tmp / "overview.png",
+                              title=f"{name}: {planes} planes, {len(models)} model(s)")
+        seconds["picture"] = time.perf_counter() - t0
+        if not keep_prepared:
+            (tmp / f"{name}.h5").unlink()
+        else:
+            (tmp / f"{name}.h5").rename(tmp / "prepared.h5")
+        seconds["total"] = time.perf_counter() - t_start
+        report = {
+            "scan": {"name": scan.path.name, "dataset": scan.dataset, "shape": list(prepared.shape_in),
+                     "voxel_size_um": scan_vs, "voxel_size_from": scan_vs_from, "dtype": str(stats.dtype)},
+            "prepared": {"shape": list(prepared.shape_out), "voxel_size_um": model_vs, "voxel_size_from": model_vs_from,
+                         "clip_percentiles": list(clip_percentiles), "clip_low": prepared.clip_low,
+                         "clip_high": prepared.clip_high, "kept": bool(keep_prepared)},
+            "models": {"specs": [_home_free(s) for s in specs], "identity": _home_free(model_id)},
+            "prediction": {"planes": planes, "vote": vote, "fold_vote": fold_vote,
+                           "phase_seconds": {k: round(v, 3) for k, v in times.seconds.items()}},
+            "measures": {k: _finite(v) for k, v in measures.items()},
+            "intervals": {k: [_finite(lo), _finite(hi)] for k, (lo, hi) in intervals.items()},
+            "seconds": {k: round(v, 3) for k, v in seconds.items()},
+            "minutes_per_sample": round(seconds["total"] / 60, 3),
+            "environment": {"python": platform.python_version(), "host": platform.node()},
+        }
+        (tmp / "report.json").write_text(json.dumps(report, indent=1))
+        (tmp / "report.md").write_text(report_markdown(report))
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m analysis.segment", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("scan", metavar="SCAN", help="raw scan: HDF5 file (see --dataset), Zarr store or TIFF folder")
+    ap.add_argument("--model", action="append", required=True, metavar="MODEL",
+                    help=".keras file, runs:/<run id>/model or models:/<name>/<version>; repeat for the fold ensemble")
+    ap.add_argument("--out", required=True, type=Path, help="output folder")
+    ap.add_argument("--dataset", default="image", help="HDF5 dataset / Zarr array of SCAN (default: image)")
+    ap.add_argument("--voxel-size", type=float, help="the scan's voxel edge in µm (default: from its metadata)")
+    ap.add_argument("--model-voxel-size", type=float,
+                    help="voxel edge in µm the models were trained at (default: their MLflow training run's)")
+    ap.add_argument("--planes", default="9", choices=list(PLANE_SETS), help="slicing planes (default: 9)")
+    ap.add_argument("--vote", default="soft", choices=VOTES, help="over planes: soft (Eq. 4) or majority (Eq. 5)")
+    ap.add_argument("--fold-vote", default="soft", choices=FOLD_VOTES, help="over the models of an ensemble")
+    ap.add_argument("--clip-percentiles", type=float, nargs=2, default=list(PAPER_CLIP_PERCENTILES),
+                    metavar=("LOW", "HIGH"), help="grey-value clip percentiles (default: the paper's 0.5 99.9)")
+    ap.add_argument("--roi-um", type=float, default=100.0, help="BV/TV region's reach from the implant in µm")
+    ap.add_argument("--initial-volume-mm3", type=float, help="DR: initial screw volume v_i")
+    ap.add_argument("--initial-surface-mm2", type=float, help="DR: initial screw surface a_i")
+    ap.add_argument("--days", type=float, help="DR: implantation time in days")
+    ap.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"), help="for runs:/ and models:/")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out folder")
+    ap.add_argument("--keep-prepared", action="store_true", help="keep the preprocessed scan (prepared.h5)")
+    ap.add_argument("--batch-size", type=int, default=4, help="slices per forward pass (default: 4)")
+    ap.add_argument("--workers", type=int, help="CPU threads for rotations and slab I/O (default: all cores)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return ap
+
+
+def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # MLflow's default backs off for minutes
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        report = segment_scan(volume_ref(args.scan, args.dataset), args.model, args.out, voxel_size_um=args.voxel_size,
+                              model_voxel_size_um=args.model_voxel_size, planes=args.planes, vote=args.vote,
+                              fold_vote=args.fold_vote, clip_percentiles=args.clip_percentiles, roi_um=args.roi_um,
+                              initial_volume_mm3=args.initial_volume_mm3,
+                              initial_surface_mm2=args.initial_surface_mm2, days=args.days,
+                              tracking_uri=args.tracking_uri, overwrite=args.overwrite, batch_size=args.batch_size,
+                              workers=args.workers, keep_prepared=args.keep_prepared, progress=not args.no_progress)
+    except (SegmentError, PredictError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report_markdown(report))
+    print(f"wrote {args.out}/: segmentation.h5, overview.png, report.json, report.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
