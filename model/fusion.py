@@ -74,6 +74,9 @@ def quantize_probabilities(probs: np.ndarray) -> np.ndarray:
 
 
 UNCERTAINTY_MAPS = ("confidence", "disagreement", "plane_classes")
+# An ensemble's map beside them: the fraction of its fold models whose label differs from the ensemble's, averaged
+# over the planes (uint8, 255 = every fold model disagrees in every plane); written only for several models.
+FOLD_DISAGREEMENT = "fold_disagreement"
 
 
 def uncertainty_maps(stack: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:

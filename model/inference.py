@@ -28,7 +28,7 @@ from data.atomic import atomic_path
 from data.rotation import other_axes, rotated_volume_shape
 from data.volume import NUM_CLASSES, VolumeRef, open_volume
 from model.fuse import PLANE_FILE_DATASET, evaluate_methods  # noqa: F401 - evaluate_methods re-exported for sweep/
-from model.fusion import quantize_probabilities
+from model.fusion import FOLD_DISAGREEMENT, quantize_probabilities
 from model.planes import PLANE_SETS, PLANES, TABLE2_METHODS, plane_set  # noqa: F401 - re-exported for sweep/
 from model.streaming import NoTimes, PhaseTimes, Progress, create_dataset, read_slab, slabs, stream, temp_arrays
 
@@ -38,25 +38,35 @@ SlicePredictor = tp.Callable[[np.ndarray], np.ndarray]
 
 def _predict_along(source, axis: int, out: h5py.Dataset, predictor: SlicePredictor, *, batch_size: int,
                    desc: str, progress: Progress, ref: tp.Optional[VolumeRef] = None, overlap: bool = False,
-                   times: tp.Optional[PhaseTimes] = None) -> None:
-    """Predict every slice of ``source`` along ``axis`` into uint8 probabilities ``out`` (shape + (K,))."""
+                   times: tp.Optional[PhaseTimes] = None, extra: tp.Optional[h5py.Dataset] = None) -> None:
+    """Predict every slice of ``source`` along ``axis`` into uint8 probabilities ``out`` (shape + (K,)).
+
+    ``extra``: the predictor returns one more channel, a fraction in [0, 1] (the fold disagreement of an
+    ensemble, model.predict.ensemble_predictor), written as uint8 (255 = 1) to ``extra`` (shape)."""
     n = source.shape[axis]
     k_out = out.shape[-1]
+    k_pred = k_out + (extra is not None)
     with progress.bar(n, desc) as bar:
         def compute(key, slab):
             slab = slab.astype(np.float32, copy=False)
             probs = np.empty(slab.shape + (k_out,), np.uint8)
+            fraction = np.empty(slab.shape, np.uint8) if extra is not None else None
             for b in range(0, slab.shape[0], batch_size):
                 p = np.asarray(predictor(slab[b:b + batch_size]))
-                if p.shape != slab[b:b + batch_size].shape + (k_out,):
+                if p.shape != slab[b:b + batch_size].shape + (k_pred,):
                     raise ValueError(f"predictor returned shape {p.shape} for slices {slab[b:b + batch_size].shape}, "
-                                     f"expected {k_out} classes last")
-                probs[b:b + batch_size] = quantize_probabilities(p)
+                                     f"expected {k_pred} channels last")
+                probs[b:b + batch_size] = quantize_probabilities(p[..., :k_out])
+                if fraction is not None:
+                    fraction[b:b + batch_size] = np.rint(np.clip(p[..., k_out], 0, 1) * 255).astype(np.uint8)
                 bar.update(p.shape[0])
-            return probs
+            return probs, fraction
 
-        def write(key, probs):
+        def write(key, result):
+            probs, fraction = result
             out[key + (slice(None),)] = np.moveaxis(probs, 0, axis)
+            if fraction is not None:
+                tp.cast(h5py.Dataset, extra)[key] = np.moveaxis(fraction, 0, axis)
 
         stream([key for key, _ in slabs(n, axis)], lambda key: read_slab(source, key, axis, ref), compute, write,
                 overlap=overlap, times=times or NoTimes(), compute_phase="predict")
@@ -83,24 +93,31 @@ def _rotate_volume(source, axis: int, out: h5py.Dataset, *, progress: Progress, 
 
 
 def _unrotate_probabilities(rot: h5py.Dataset, axis: int, out: h5py.Dataset, *, progress: Progress, desc: str,
-                            rotation=None, overlap: bool = False, times: tp.Optional[PhaseTimes] = None) -> None:
-    """Rotate uint8 probabilities of the rotated grid back onto the original grid ``out`` (model.rotate)."""
+                            rotation=None, overlap: bool = False, times: tp.Optional[PhaseTimes] = None,
+                            fraction: bool = False) -> None:
+    """Rotate uint8 probabilities of the rotated grid back onto the original grid ``out`` (model.rotate).
+
+    ``fraction``: ``rot`` and ``out`` hold one uint8 fraction per voxel (no class axis); it is rotated as the
+    two-class probabilities (1 − f, f), so it is sampled exactly as a class probability is."""
     from model.rotate import CpuRotation
 
     rotation = rotation or CpuRotation()
     b, c = other_axes(axis)
     plane_shape = (out.shape[b], out.shape[c])
     n = out.shape[axis]
+    tail = () if fraction else (slice(None),)
     with progress.bar(n, desc) as bar:
         def compute(key, block):
+            if fraction:
+                block = np.stack([255 - block, block], axis=-1)
             res = rotation.unrotate_probabilities(block, plane_shape)
             bar.update(block.shape[0])
-            return res
+            return res[..., 1] if fraction else res
 
         def write(key, res):
-            out[key + (slice(None),)] = np.moveaxis(res, 0, axis)
+            out[key + tail] = np.moveaxis(res, 0, axis)
 
-        stream([key for key, _ in slabs(n, axis)], lambda key: read_slab(rot, key + (slice(None),), axis, None),
+        stream([key for key, _ in slabs(n, axis)], lambda key: read_slab(rot, key + tail, axis, None),
                 compute, write, overlap=overlap, times=times or NoTimes(), compute_phase="rotate_back")
 
 
@@ -117,7 +134,7 @@ class Source:
         return f"{self.ref.path.resolve()}:{self.ref.dataset or ''}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def plane_file_matches(path: Path, source: Source, plane: str, model_id: str) -> bool:
+def plane_file_matches(path: Path, source: Source, plane: str, model_id: str, fold_disagreement: bool = False) -> bool:
     """True if ``path`` is a complete plane file of this volume, plane and model (reusable)."""
     if not path.is_file():
         return False
@@ -125,7 +142,8 @@ def plane_file_matches(path: Path, source: Source, plane: str, model_id: str) ->
         with h5py.File(path, "r") as f:
             ds = f.get(PLANE_FILE_DATASET)
             return (ds is not None and tuple(ds.shape[:3]) == source.shape and f.attrs.get("plane") == plane
-                    and f.attrs.get("source") == source.key and f.attrs.get("model") == model_id)
+                    and f.attrs.get("source") == source.key and f.attrs.get("model") == model_id
+                    and (not fold_disagreement or FOLD_DISAGREEMENT in f))
     except OSError:
         return False
 
@@ -133,16 +151,17 @@ def plane_file_matches(path: Path, source: Source, plane: str, model_id: str) ->
 def predict_plane(source: Source, plane: str, predictor: SlicePredictor, out_path: Path, *, model_id: str,
                   num_classes: int = NUM_CLASSES, batch_size: int = 4, tmp_dir: tp.Optional[Path] = None,
                   progress: bool = True, rotation=None, workers: int = 1,
-                  times: tp.Optional[PhaseTimes] = None) -> Path:
+                  times: tp.Optional[PhaseTimes] = None, fold_disagreement: bool = False) -> Path:
     """One plane task: class probabilities of ``plane`` on the original grid → ``out_path`` (atomic, reused).
 
     ``rotation``: where the 45° rotations run (model.rotate; default scipy on ``workers`` threads);
     ``workers`` > 1 also overlaps slab reads and writes with the computation; ``times`` collects
-    seconds per phase.
+    seconds per phase. ``fold_disagreement``: the predictor (an ensemble) returns one more channel, the fraction
+    of its models that disagree with its label, kept as the plane file's :data:`FOLD_DISAGREEMENT` map.
     """
     p = PLANES[plane]
     out_path = Path(out_path)
-    if plane_file_matches(out_path, source, plane, model_id):
+    if plane_file_matches(out_path, source, plane, model_id, fold_disagreement):
         return out_path
     bars = Progress(progress)
     times = times or NoTimes()
@@ -158,9 +177,10 @@ def predict_plane(source: Source, plane: str, predictor: SlicePredictor, out_pat
         with h5py.File(tmp, "w") as f:
             out = create_dataset(f, PLANE_FILE_DATASET, source.shape + (num_classes,), np.uint8)
             f.attrs.update({"plane": plane, "source": source.key, "model": model_id, "scale": 255})
+            extra = create_dataset(f, FOLD_DISAGREEMENT, source.shape, np.uint8) if fold_disagreement else None
             if not p.rotated:
                 _predict_along(vol, p.slice_axis, out, predictor, batch_size=batch_size, desc=f"{plane} predict",
-                               progress=bars, ref=source.ref, overlap=overlap, times=times)
+                               progress=bars, ref=source.ref, overlap=overlap, times=times, extra=extra)
             else:
                 a = tp.cast(int, p.rotation_axis)
                 rshape = rotated_volume_shape(source.shape, a)
@@ -170,10 +190,15 @@ def predict_plane(source: Source, plane: str, predictor: SlicePredictor, out_pat
                     _rotate_volume(vol, a, rimg, progress=bars, desc=f"{plane} rotate", ref=source.ref,
                                    rotation=rotation, overlap=overlap, times=times)
                     rprob = temp("probabilities", rshape + (num_classes,), np.uint8)
+                    rextra = temp(FOLD_DISAGREEMENT, rshape, np.uint8) if extra is not None else None
                     _predict_along(rimg, p.slice_axis, rprob, predictor, batch_size=batch_size,
-                                   desc=f"{plane} predict", progress=bars, overlap=overlap, times=times)
+                                   desc=f"{plane} predict", progress=bars, overlap=overlap, times=times, extra=rextra)
                     _unrotate_probabilities(rprob, a, out, progress=bars, desc=f"{plane} rotate back",
                                             rotation=rotation, overlap=overlap, times=times)
+                    if extra is not None:
+                        _unrotate_probabilities(tp.cast(h5py.Dataset, rextra), a, extra, progress=bars,
+                                                desc=f"{plane} rotate back (folds)", rotation=rotation,
+                                                overlap=overlap, times=times, fraction=True)
     if own_rotation:
         rotation.close()
     return out_path

@@ -133,23 +133,33 @@ def keras_predictor(model, *, batch_size: int = 4) -> SlicePredictor:
 FOLD_VOTES = ("soft", "majority")
 
 
-def ensemble_predictor(predictors: tp.Sequence[SlicePredictor], vote: str = "soft") -> SlicePredictor:
+def ensemble_predictor(predictors: tp.Sequence[SlicePredictor], vote: str = "soft", *,
+                       fold_disagreement: bool = False) -> SlicePredictor:
     """The fold models as one (paper Eq. 4/5 applied over folds): ``soft`` averages their softmax probabilities per
     slice batch; ``majority`` averages their one-hot labels (vote shares), so the planes' soft vote on top counts
-    the votes of folds × planes. One batch of every model in memory, never a volume."""
+    the votes of folds × planes. One batch of every model in memory, never a volume.
+
+    ``fold_disagreement``: one more channel after the classes, the fraction of the models whose label (argmax)
+    differs from the ensemble's (model.inference keeps it as the plane file's fold disagreement map)."""
     if vote not in FOLD_VOTES:
         raise PredictError(f"--fold-vote: must be one of {FOLD_VOTES}, got {vote!r}")
-    if len(predictors) == 1:
+    if len(predictors) == 1 and not fold_disagreement:
         return predictors[0]
 
     def predict(slices):
-        total = None
+        total, labels = None, []
         for p in predictors:
             probs = np.asarray(p(slices), dtype=np.float32)
+            labels.append(probs.argmax(-1))
             if vote == "majority":
-                probs = (probs.argmax(-1)[..., None] == np.arange(probs.shape[-1])).astype(np.float32)
+                probs = (labels[-1][..., None] == np.arange(probs.shape[-1])).astype(np.float32)
             total = probs if total is None else total + probs
-        return total / len(predictors)
+        mean = total / len(predictors)
+        if not fold_disagreement:
+            return mean
+        ensemble = mean.argmax(-1)
+        differ = sum((lab != ensemble).astype(np.float32) for lab in labels) / len(predictors)
+        return np.concatenate([mean, differ[..., None]], axis=-1)
 
     return predict
 
@@ -288,7 +298,9 @@ def run_prediction(model_spec: tp.Union[str, tp.Sequence[str]], volume: VolumeRe
             models, model_id = (list(model[0]) if isinstance(model[0], (list, tuple)) else [model[0]]), model[1]
         else:
             models, model_id = load_models(specs, tracking_uri=tracking_uri)
-        predictor = ensemble_predictor([keras_predictor(m, batch_size=batch_size) for m in models], fold_vote)
+        fold_maps = uncertainty and len(models) > 1
+        predictor = ensemble_predictor([keras_predictor(m, batch_size=batch_size) for m in models], fold_vote,
+                                       fold_disagreement=fold_maps)
         if len(models) > 1 and fold_vote != "soft":  # plane files of another fold vote are not reused
             model_id = f"{model_id}|fold_vote={fold_vote}"
         todo = [only_plane] if only_plane else list(names)
@@ -299,7 +311,7 @@ def run_prediction(model_spec: tp.Union[str, tp.Sequence[str]], volume: VolumeRe
                                       max_disk)
                 predict_plane(source, name, predictor, plane_path(work_dir, name), model_id=model_id,
                               batch_size=batch_size, tmp_dir=work_dir, progress=progress, rotation=rotation,
-                              workers=workers, times=times)
+                              workers=workers, times=times, fold_disagreement=fold_maps)
         finally:
             if rotation is not None:
                 rotation.close()

@@ -135,8 +135,7 @@ def _check_all(cfg: DictConfig, jobs: tp.Sequence[VolumeJob]) -> tuple:
                          overwrite=bool(cfg.overwrite), probabilities=bool(cfg.probabilities),
                          tiff=j.out.with_suffix(".tif") if cfg.tiff else None, work_dir=j.work_dir,
                          uncertainty=bool(cfg.get("uncertainty", False)),
-                         max_disk=None if cfg.get("max_disk") is None else parse_size(str(cfg.max_disk)),
-                fold_vote=str(cfg.get("fold_vote", "soft")))
+                         max_disk=None if cfg.get("max_disk") is None else parse_size(str(cfg.max_disk)))
         except (ValueError, DataError) as exc:
             errors.append(f"  {j.volume}: {exc}")
     if errors:

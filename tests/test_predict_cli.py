@@ -236,3 +236,42 @@ def test_sweep_predict_best_is_the_fold_ensemble_of_the_best_config(files, tmp_p
                            f"volumes=[{files / 'vol.h5'}]", f"out_dir={tmp_path / 'x'}"], cwd=tmp_path,
                           env=dict(os.environ, SCALING_UNET_WORK=str(work)), capture_output=True, text=True, timeout=300)
     assert none.returncode == 2 and "model_uri=cccccccccccc: no FINISHED fold run of config cccccccccccc" in none.stderr
+
+
+def test_a_plane_file_of_an_ensemble_keeps_the_fold_disagreement_on_the_original_grid(tmp_path):
+    """Three folds, one of which swaps bone and degradation layer: where the truth is either, 1 of 3 folds disagrees
+    with the ensemble (255/3); elsewhere none. Exact on an axis plane; a 45° plane rotated back samples it like a class
+    probability (a fraction in [0, 1]), so it matches inside the volume."""
+    from data.volume import VolumeRef
+    from model.inference import Source, predict_plane
+    from model.predict import ensemble_predictor
+    from tests.test_predict import oracle
+
+    def bone_as_dl(slices):
+        p = oracle(slices)
+        return p[..., [0, 2, 1, 3]]  # swaps the bone and degradation layer columns
+
+    lab = __import__("tests.test_predict", fromlist=["phantom"]).phantom(SHAPE)
+    with h5py.File(tmp_path / "v.h5", "w") as f:
+        f["image"] = (lab / 3).astype(np.float32)
+    source = Source(VolumeRef(tmp_path / "v.h5", "/image"), SHAPE)
+    predictor = ensemble_predictor([oracle, oracle, bone_as_dl], fold_disagreement=True)
+    want = np.where((lab == 1) | (lab == 2), 85, 0)
+    for plane in ("rc", "cp_r0"):
+        path = predict_plane(source, plane, predictor, tmp_path / f"{plane}.h5", model_id="3 folds", progress=False,
+                             fold_disagreement=True)
+        with h5py.File(path, "r") as f:
+            got = f["fold_disagreement"][...].astype(int)
+            labels = f["probabilities"][...].argmax(-1)
+        inner = (slice(3, -3),) * 3
+        if plane == "rc":
+            np.testing.assert_array_equal(got, want)
+        else:
+            assert np.abs(got - want)[inner].mean() < 8 and (labels[inner] == lab[inner]).mean() > 0.9
+    # A plane file made without the map is not reused when the map is asked for.
+    plain = predict_plane(source, "pr", ensemble_predictor([oracle, oracle]), tmp_path / "pr.h5", model_id="2",
+                          progress=False)
+    predict_plane(source, "pr", ensemble_predictor([oracle, oracle], fold_disagreement=True), plain, model_id="2",
+                  progress=False, fold_disagreement=True)
+    with h5py.File(plain, "r") as f:
+        assert not f["fold_disagreement"][...].any()
