@@ -17,7 +17,7 @@ from data.errors import DataError
 from data.volume import (CLASS_NAMES, NUM_CLASSES, VolumeRef, atomic_output, create_zarr_array, create_zarr_group,
                          is_zarr_path, open_volume, read_checked, write_label_pyramid)
 from model.evaluation import confusion_matrix
-from model.fusion import UNCERTAINTY_MAPS, mean_probabilities, uncertainty_maps, vote
+from model.fusion import FOLD_DISAGREEMENT, UNCERTAINTY_MAPS, mean_probabilities, uncertainty_maps, vote
 from model.planes import PLANES, plane_set
 from model.streaming import CHUNK, NoTimes, PhaseTimes, Progress, create_dataset
 
@@ -87,6 +87,9 @@ def fuse_planes(plane_paths: tp.Sequence[Path], out_path: Path, *, method: str, 
         probs = (make("probabilities", shape, np.float16) if zarr_out else create_dataset(group, "probabilities", shape, np.float16)
                  ) if probabilities else None
         maps = {name: make(name, shape[:3], np.uint8) for name in UNCERTAINTY_MAPS} if uncertainty else {}
+        folds = _fold_maps(stack, plane_paths) if uncertainty else []
+        if folds:
+            maps[FOLD_DISAGREEMENT] = make(FOLD_DISAGREEMENT, shape[:3], np.uint8)
         writer = stack.enter_context(_tiff_writer(tiff_tmp)) if tiff_tmp else None
         with bars.bar(shape[0], f"fuse {method} ({len(plane_paths)} planes)") as bar:
             pages = np.empty((0,), np.uint8)
@@ -101,6 +104,8 @@ def fuse_planes(plane_paths: tp.Sequence[Path], out_path: Path, *, method: str, 
                     lab = vote(block, method)
                     mean = mean_probabilities(block).astype(np.float16) if probs is not None else None
                     extra = uncertainty_maps(block, lab) if maps else {}
+                    if folds:  # the planes' mean of each plane's fold disagreement
+                        extra[FOLD_DISAGREEMENT] = np.rint(np.mean([d[key] for d in folds], axis=0)).astype(np.uint8)
                 with times.phase("write"):
                     labels[key] = lab
                     if probs is not None:
@@ -121,6 +126,12 @@ def fuse_planes(plane_paths: tp.Sequence[Path], out_path: Path, *, method: str, 
         else:
             group.close()
     return Path(out_path)
+
+
+def _fold_maps(stack: contextlib.ExitStack, plane_paths: tp.Sequence[Path]) -> list:
+    """The fold disagreement of every plane file, when all have one (an ensemble's, model.inference)."""
+    files = [stack.enter_context(h5py.File(p, "r")) for p in plane_paths]
+    return [f[FOLD_DISAGREEMENT] for f in files] if all(FOLD_DISAGREEMENT in f for f in files) else []
 
 
 def _plane_of(path: Path) -> str:

@@ -275,3 +275,24 @@ def test_a_plane_file_of_an_ensemble_keeps_the_fold_disagreement_on_the_original
                   progress=False, fold_disagreement=True)
     with h5py.File(plain, "r") as f:
         assert not f["fold_disagreement"][...].any()
+
+
+def test_an_ensemble_writes_the_fold_disagreement_map_beside_the_plane_disagreement(files, tmp_path, capsys):
+    oracle, soft, swapped = oracle_model(), oracle_model(), oracle_model()
+    w, b = soft.get_layer("oracle").get_weights()
+    soft.get_layer("oracle").set_weights([w / 16, b / 16])
+    swapped.get_layer("oracle").set_weights([w[..., [0, 2, 1, 3]], b[[0, 2, 1, 3]]])  # bone <-> degradation layer
+    for name, m in (("oracle", oracle), ("soft", soft), ("swapped", swapped)):
+        m.save(tmp_path / f"{name}.keras")
+    out = tmp_path / "e.h5"
+    rc, text = run(capsys, *(tmp_path / f"{n}.keras" for n in ("oracle", "soft", "swapped")), files / "vol.h5",
+                   "--planes", "3", "--out", out, "--uncertainty")
+    assert rc == 0, text
+    lab = h5py.File(files / "vol.h5", "r")["label"][...]
+    with h5py.File(out, "r") as f:
+        assert {"confidence", "disagreement", "plane_classes", "fold_disagreement"} <= set(f)
+        np.testing.assert_array_equal(f["fold_disagreement"][...], np.where((lab == 1) | (lab == 2), 85, 0))
+        np.testing.assert_array_equal(f["labels"][...], lab)
+    rc, text = run(capsys, tmp_path / "oracle.keras", files / "vol.h5", "--planes", "3", "--out", tmp_path / "one.h5",
+                   "--uncertainty")
+    assert rc == 0 and "fold_disagreement" not in h5py.File(tmp_path / "one.h5", "r")
