@@ -138,19 +138,42 @@ class TiffStack:
 ArrayLike = tp.Union[h5py.Dataset, TiffStack, np.ndarray]
 
 
+def _ngff_attrs(group) -> dict:
+    """A group's OME attributes, wherever its Zarr version keeps them (v3 under ``ome``)."""
+    attrs = dict(group.attrs)
+    return {**attrs, **attrs.get("ome", {})}
+
+
 def _multiscale_level0(group) -> tp.Optional[str]:
     """Path of the full-resolution dataset of an OME-Zarr multiscale image group, or None."""
-    attrs = dict(group.attrs)
-    ms = attrs.get("ome", {}).get("multiscales") or attrs.get("multiscales")
+    ms = _ngff_attrs(group).get("multiscales")
     if ms and ms[0].get("datasets"):
         return str(ms[0]["datasets"][0]["path"])
     return None
 
 
+ZARR_SEARCH = ("labels", "uncertainty")  # where model.predict's store keeps its named images (a bare name finds them)
+
+
+def _zarr_node(root, key: str):
+    """The node ``key`` names: a path in the store, else a name under ``labels/`` or ``uncertainty/``; an NGFF
+    ``labels/`` group stands for its first label image (so ``labels`` gives ``labels/segmentation``)."""
+    import zarr
+
+    hits = [p for p in (key, *(f"{d}/{key}" for d in ZARR_SEARCH)) if key and p in root]
+    if not hits:
+        return None
+    node = root[hits[0]]
+    names = _ngff_attrs(node).get("labels") if isinstance(node, zarr.Group) else None
+    if names and names[0] in node:
+        node = node[names[0]]
+    return node
+
+
 def open_zarr_array(path: Path, key: str):
-    """The array ``key`` of a Zarr store; a multiscale group named ``key`` gives its full resolution,
-    and a ``key`` the store lacks gives the full resolution of the store's own OME-Zarr image
-    (``seg.zarr`` written by model.predict read with ``--dataset labels`` or ``image``)."""
+    """The array ``key`` of a Zarr store; a multiscale group gives its full resolution. In a store of
+    model.predict ``labels`` is ``labels/segmentation``, ``confidence`` is ``uncertainty/confidence`` (see
+    :func:`_zarr_node`), and ``image`` (or the old stores' ``labels``: the root image's name) the root image."""
     import zarr
 
     path = Path(path)
@@ -163,11 +186,11 @@ def open_zarr_array(path: Path, key: str):
     node = root
     if isinstance(root, zarr.Group):
         key = key.strip("/")
-        if key and key in root:
-            node = root[key]
-        elif _multiscale_level0(root) is not None:
-            node = root
-        else:
+        node = _zarr_node(root, key)
+        own = (_ngff_attrs(root).get("multiscales") or [{}])[0].get("name")
+        if node is None and _multiscale_level0(root) is not None and key in ("", "image", own):
+            node = root  # the store's own image: an OME-Zarr scan read with the default key
+        if node is None:
             raise DataError(path, key, f"array key missing (has: {sorted(root.keys())})")
         if isinstance(node, zarr.Group):
             level0 = _multiscale_level0(node)
@@ -307,7 +330,18 @@ def atomic_output(final: tp.Union[str, Path], *, inputs: tp.Iterable[Path] = ())
     return atomic_dir(final, inputs=inputs) if is_zarr_path(final) else atomic_path(final, inputs=inputs)
 
 
-OME_ZARR_FORMAT = "0.4"  # OME-NGFF 0.4 on Zarr v2: what napari, Fiji (n5-zarr) and neuroglancer all read
+OME_ZARR_FORMAT = "0.4"  # OME-NGFF 0.4 on Zarr v2: what napari, Fiji (n5-zarr), MoBIE and neuroglancer all read
+PYRAMID_MIN_EDGE = 16  # no level with an edge below this: smaller ones add nothing a viewer needs
+PYRAMID_MAX_LEVELS = 6
+# Label colours (RGBA 0-255) as data/show.py draws them; background fully transparent so the scan shows through.
+CLASS_RGBA = ((0, 0, 0, 0), (38, 140, 255, 255), (26, 230, 51, 255), (255, 38, 26, 255))
+
+
+def _ngff_format():
+    """ome-zarr's writer for :data:`OME_ZARR_FORMAT` (one place, so every group is written alike)."""
+    from ome_zarr.format import FormatV04
+
+    return FormatV04()
 
 
 def create_zarr_group(path: tp.Union[str, Path]):
@@ -318,36 +352,155 @@ def create_zarr_group(path: tp.Union[str, Path]):
 
 
 def create_zarr_array(group, name: str, shape: tp.Sequence[int], dtype, *, chunk: int = 32):
-    """A chunked array in ``group``: cubic spatial chunks (any slicing axis reads alike), extra axes whole."""
+    """A chunked array in ``group``: cubic chunks over the last three (spatial) axes, so any slicing axis reads
+    alike, and one index per chunk along leading axes (a viewer reads one channel without the others)."""
     shape = tuple(int(s) for s in shape)
-    chunks = tuple(max(1, min(s, chunk)) for s in shape[:3]) + shape[3:]
+    chunks = (1,) * (len(shape) - 3) + tuple(max(1, min(s, chunk)) for s in shape[-3:])
     return group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, fill_value=0)
 
 
-def write_label_pyramid(group, *, name: str = "labels", min_edge: int = 16, max_levels: int = 6,
-                        voxel_size_um: tp.Optional[float] = None, slab: int = 64) -> list[str]:
-    """Make ``group`` an OME-Zarr multiscale image of the labels in its array ``0``.
+def pyramid_shapes(shape: tp.Sequence[int], *, min_edge: int = PYRAMID_MIN_EDGE,
+                   max_levels: int = PYRAMID_MAX_LEVELS) -> list[tuple[int, ...]]:
+    """Spatial shapes of the levels, each halving every axis (rounding up): one rule, so every image of a
+    store has the same levels and scales."""
+    shapes = [tuple(int(s) for s in shape)]
+    while len(shapes) < max_levels and min(shapes[-1]) // 2 >= min_edge:
+        shapes.append(tuple((s + 1) // 2 for s in shapes[-1]))
+    return shapes
 
-    Level k+1 takes every second voxel of level k along each axis (nearest neighbour, as OME-Zarr
-    does for label images: no new label values appear), slab by slab; levels stop when an edge
-    would drop below ``min_edge``. The metadata is written by ome-zarr's own writer.
-    """
-    from ome_zarr.format import FormatV04
-    from ome_zarr.writer import write_multiscales_metadata
 
-    paths = ["0"]
+def downsample(block: np.ndarray, how: str) -> np.ndarray:
+    """Halve the last three axes: ``nearest`` takes every second voxel (labels keep their values), ``mean``
+    averages 2×2×2 voxels (grey values and fractions lose noise, not level; an odd edge repeats its last voxel)."""
+    if how == "nearest":
+        return block[..., ::2, ::2, ::2]
+    if how != "mean":
+        raise ValueError(f"downsample: how must be 'nearest' or 'mean', got {how!r}")
+    lead = block.shape[:-3]
+    pad = [(0, 0)] * len(lead) + [(0, s % 2) for s in block.shape[-3:]]
+    a = np.pad(block.astype(np.float32), pad, mode="edge")
+    z, y, x = a.shape[-3:]
+    a = a.reshape(lead + (z // 2, 2, y // 2, 2, x // 2, 2)).mean(axis=(-5, -3, -1))
+    return (np.rint(a) if np.issubdtype(block.dtype, np.integer) else a).astype(block.dtype)
+
+
+def write_pyramid(group, how: str, *, min_edge: int = PYRAMID_MIN_EDGE, max_levels: int = PYRAMID_MAX_LEVELS,
+                  budget_bytes: int = 64 << 20) -> list[str]:
+    """Levels ``1``, ``2``, … of ``group``'s array ``0`` by :func:`downsample`, slab by slab along z, so memory
+    stays within ``budget_bytes`` whatever the volume. Returns the level paths."""
     prev = group["0"]
-    while len(paths) < max_levels and min(prev.shape) // 2 >= min_edge:
-        shape = tuple((s + 1) // 2 for s in prev.shape)
-        cur = create_zarr_array(group, str(len(paths)), shape, prev.dtype, chunk=prev.chunks[0])
-        for z0 in range(0, shape[0], slab):
-            z1 = min(z0 + slab, shape[0])
-            cur[z0:z1] = prev[2 * z0:2 * z1:2, ::2, ::2]
+    lead = tuple(prev.shape[:-3])
+    paths = ["0"]
+    for shape in pyramid_shapes(prev.shape[-3:], min_edge=min_edge, max_levels=max_levels)[1:]:
+        cur = create_zarr_array(group, str(len(paths)), lead + shape, prev.dtype, chunk=prev.chunks[-1])
+        per_out_slice = 2 * 4 * int(np.prod(prev.shape)) // prev.shape[-3]  # two float32 input slices
+        depth = max(1, budget_bytes // max(1, per_out_slice))
+        for z0 in range(0, shape[0], depth):
+            z1 = min(z0 + depth, shape[0])
+            src = (slice(None),) * len(lead) + (slice(2 * z0, 2 * z1),)
+            cur[(slice(None),) * len(lead) + (slice(z0, z1),)] = downsample(np.asarray(prev[src]), how)
         paths.append(str(len(paths)))
         prev = cur
-    unit = float(voxel_size_um) if voxel_size_um else 1.0
-    datasets = [{"path": p, "coordinateTransformations": [{"type": "scale", "scale": [unit * 2 ** i] * 3}]}
-                for i, p in enumerate(paths)]
-    axes = [{"name": a, "type": "space", **({"unit": "micrometer"} if voxel_size_um else {})} for a in "zyx"]
-    write_multiscales_metadata(group, datasets, fmt=FormatV04(), axes=axes, name=name)
     return paths
+
+
+def ngff_datasets(paths: tp.Sequence[str], voxel_size_um: float, how: str, channels: bool = False) -> list[dict]:
+    """Each level's coordinate transformations: scale voxel × 2^k; an averaged level also moves by
+    (2^k − 1)/2 voxels, where the centres of the voxels it averaged lie (a strided level needs no shift)."""
+    lead = [1.0] if channels else []
+    out = []
+    for k, path in enumerate(paths):
+        ct: list[dict] = [{"type": "scale", "scale": lead + [float(voxel_size_um) * 2 ** k] * 3}]
+        if how == "mean" and k:
+            shift = float(voxel_size_um) * (2 ** k - 1) / 2
+            ct.append({"type": "translation", "translation": [0.0] * len(lead) + [shift] * 3})
+        out.append({"path": path, "coordinateTransformations": ct})
+    return out
+
+
+def ngff_axes(channels: bool = False) -> list[dict]:
+    """Axes z, y, x in micrometres, after a channel axis ``c`` where the image has one (NGFF orders c first)."""
+    return ([{"name": "c", "type": "channel"}] if channels else []) + [
+        {"name": a, "type": "space", "unit": "micrometer"} for a in "zyx"]
+
+
+def write_multiscale_image(group, *, name: str, voxel_size_um: float, how: str, channels: bool = False,
+                           omero: tp.Optional[dict] = None, **pyramid: tp.Any) -> list[str]:
+    """Make ``group`` (its array ``0`` written) an OME-Zarr multiscale image: the levels streamed by
+    :func:`write_pyramid`, the metadata by ome-zarr's own writer (validated as viewers expect it)."""
+    from ome_zarr.writer import write_multiscales_metadata
+
+    if not (voxel_size_um and np.isfinite(voxel_size_um) and voxel_size_um > 0):
+        raise ValueError(f"voxel_size_um: an OME-Zarr image needs a positive voxel size, got {voxel_size_um!r}")
+    paths = write_pyramid(group, how, **pyramid)
+    extra = {"metadata": {"omero": omero}} if omero else {}
+    write_multiscales_metadata(group, ngff_datasets(paths, voxel_size_um, how, channels), fmt=_ngff_format(),
+                               axes=ngff_axes(channels), name=name, **extra)
+    return paths
+
+
+def class_label_metadata() -> tuple[list[dict], list[dict]]:
+    """``image-label`` colours and properties of the four classes, so a viewer names and colours them."""
+    colors = [{"label-value": i, "rgba": list(c)} for i, c in enumerate(CLASS_RGBA)]
+    properties = [{"label-value": i, "name": n} for i, n in enumerate(CLASS_NAMES)]
+    return colors, properties
+
+
+def class_set_label_metadata() -> tuple[list[dict], list[dict]]:
+    """``image-label`` of a class bit mask (bit c: some plane says class c): each of the 16 sets named
+    (``bone+degradation_layer``) and coloured by the mean of its foreground classes' colours."""
+    colors, properties = [], []
+    for v in range(1 << NUM_CLASSES):
+        members = [c for c in range(NUM_CLASSES) if v >> c & 1]
+        fg = [CLASS_RGBA[c][:3] for c in members if c]
+        rgb = [int(round(sum(ch) / len(fg))) for ch in zip(*fg)] if fg else [0, 0, 0]
+        colors.append({"label-value": v, "rgba": rgb + [255 if fg else 0]})
+        properties.append({"label-value": v, "name": "+".join(CLASS_NAMES[c] for c in members) or "none"})
+    return colors, properties
+
+
+def write_label_image(labels_group, name: str, *, voxel_size_um: float, colors: tp.Sequence[dict],
+                      properties: tp.Sequence[dict], **pyramid: tp.Any) -> list[str]:
+    """Make ``labels/<name>`` (its array ``0`` written) an NGFF label image: nearest-neighbour levels, the
+    ``image-label`` colours and properties, its source image two groups up, and ``name`` listed in ``labels/``."""
+    from ome_zarr.writer import write_label_metadata
+
+    paths = write_multiscale_image(labels_group[name], name=name, voxel_size_um=voxel_size_um, how="nearest",
+                                   **pyramid)
+    write_label_metadata(labels_group, name, colors=list(colors), properties=list(properties), fmt=_ngff_format(),
+                         source={"image": "../../"})
+    return paths
+
+
+def copy_volume(ref: VolumeRef, dst, *, budget_bytes: int = 64 << 20) -> tuple[float, float]:
+    """Copy the volume ``ref`` into the array ``dst`` slab by slab (never the whole volume in memory);
+    returns its (min, max) for a viewer's contrast window."""
+    vmin, vmax = np.inf, -np.inf
+    with open_volume(ref) as vol:
+        if tuple(vol.shape) != tuple(dst.shape):
+            raise DataError(ref.path, ref.dataset,
+                            f"shape {tuple(vol.shape)} differs from the output's {tuple(dst.shape)}")
+        depth = slab_depth(vol.shape, np.dtype(vol.dtype).itemsize, budget_bytes)
+        chunk = dst.chunks[0]
+        depth = depth - depth % chunk if depth >= chunk else depth  # whole chunks: no chunk written twice
+        for sl in iter_slabs(vol.shape, depth):
+            a = read_checked(vol, sl, ref=ref, field="image")
+            dst[sl] = a
+            vmin, vmax = min(vmin, float(a.min())), max(vmax, float(a.max()))
+    return vmin, vmax
+
+
+def grey_omero(vmin: float, vmax: float, name: str = "grey value") -> dict:
+    """``omero`` rendering settings of a one-channel grey image, so napari opens it with its full range."""
+    hi = vmax if vmax > vmin else vmin + 1
+    return {"channels": [{"label": name, "color": "FFFFFF", "active": True,
+                          "window": {"min": vmin, "max": hi, "start": vmin, "end": hi}}],
+            "rdefs": {"model": "greyscale"}}
+
+
+def class_omero() -> dict:
+    """``omero`` rendering settings of the class probabilities: one channel per class, named and coloured."""
+    return {"channels": [{"label": n, "color": "%02X%02X%02X" % tuple(c[:3]) if c[3] else "FFFFFF", "active": bool(i),
+                          "window": {"min": 0.0, "max": 1.0, "start": 0.0, "end": 1.0}}
+                         for i, (n, c) in enumerate(zip(CLASS_NAMES, CLASS_RGBA))],
+            "rdefs": {"model": "color"}}

@@ -14,14 +14,18 @@ import numpy as np
 
 from data.atomic import atomic_path
 from data.errors import DataError
-from data.volume import (CLASS_NAMES, NUM_CLASSES, VolumeRef, atomic_output, create_zarr_array, create_zarr_group,
-                         is_zarr_path, open_volume, read_checked, write_label_pyramid)
+from data.voxel_size import scan_voxel_size_um
+from data.volume import (CLASS_NAMES, NUM_CLASSES, VolumeRef, atomic_output, class_label_metadata, class_omero,
+                         class_set_label_metadata, copy_volume, create_zarr_array, create_zarr_group, grey_omero,
+                         is_zarr_path, open_volume, read_checked, write_label_image, write_multiscale_image)
 from model.evaluation import confusion_matrix
 from model.fusion import FOLD_DISAGREEMENT, UNCERTAINTY_MAPS, mean_probabilities, uncertainty_maps, vote
 from model.planes import PLANES, plane_set
 from model.streaming import CHUNK, NoTimes, PhaseTimes, Progress, create_dataset
 
 PLANE_FILE_DATASET = "probabilities"  # the dataset of a plane file (model.inference.predict_plane)
+LABEL_IMAGE = "segmentation"  # the fused labels in an OME-Zarr store: labels/segmentation
+LABEL_MAPS = ("plane_classes",)  # class sets are label-like (labels/NAME); other maps are fractions (uncertainty/NAME)
 
 
 def fuse_blocks(plane_paths: tp.Sequence[Path], *, budget_bytes: int = 64 << 20
@@ -53,43 +57,124 @@ def fuse_blocks(plane_paths: tp.Sequence[Path], *, budget_bytes: int = 64 << 20
                 yield key, np.stack([d[key] for d in dsets])
 
 
+def zarr_map_path(name: str) -> str:
+    """Where an uncertainty map lives in an OME-Zarr store: label-like maps beside the labels, fractions apart."""
+    return f"labels/{name}" if name in LABEL_MAPS else f"uncertainty/{name}"
+
+
+def _subgroup(group, path: str):
+    """The group at ``path`` (``a/b``), created with its parents: the layout is named by paths."""
+    for part in path.split("/"):
+        group = group.require_group(part)
+    return group
+
+
+def _zarr_level0(group, shape: tuple, *, probabilities: bool, maps: tp.Sequence[str]) -> dict:
+    """Level-0 arrays of the OME-Zarr layout the fuse loop fills: ``labels/segmentation``, ``probabilities``
+    (classes first, the NGFF channel axis) and each map at :func:`zarr_map_path`."""
+    labels = _subgroup(group, f"labels/{LABEL_IMAGE}")
+    out = {"labels": create_zarr_array(labels, "0", shape[:3], np.uint8, chunk=CHUNK)}
+    if probabilities:
+        out["probabilities"] = create_zarr_array(_subgroup(group, "probabilities"), "0", (shape[3],) + shape[:3],
+                                                 np.float16, chunk=CHUNK)
+    for name in maps:
+        out[name] = create_zarr_array(_subgroup(group, zarr_map_path(name)), "0", shape[:3], np.uint8, chunk=CHUNK)
+    return out
+
+
+def _write_zarr_image(group, image: VolumeRef, shape: tuple) -> tuple[float, float]:
+    """The input scan as the store's level 0 (streamed, its own dtype); returns its range for the contrast."""
+    with open_volume(image) as vol:
+        dtype = vol.dtype
+    return copy_volume(image, create_zarr_array(group, "0", shape[:3], dtype, chunk=CHUNK))
+
+
+def _finish_zarr(group, voxel_size_um: float, grey_range: tuple[float, float], names: tp.Sequence[str]) -> None:
+    """Pyramids and NGFF metadata of every image once level 0 is complete: the scan averaged, labels strided."""
+    write_multiscale_image(group, name="image", voxel_size_um=voxel_size_um, how="mean", omero=grey_omero(*grey_range))
+    labels = group["labels"]
+    colors, properties = class_label_metadata()
+    write_label_image(labels, LABEL_IMAGE, voxel_size_um=voxel_size_um, colors=colors, properties=properties)
+    for name in names:
+        if name == "probabilities":
+            write_multiscale_image(group[name], name=name, voxel_size_um=voxel_size_um, how="mean", channels=True,
+                                   omero=class_omero())
+        elif name in LABEL_MAPS:
+            colors, properties = class_set_label_metadata()
+            write_label_image(labels, name, voxel_size_um=voxel_size_um, colors=colors, properties=properties)
+        elif name != "labels":
+            write_multiscale_image(group[zarr_map_path(name)], name=name, voxel_size_um=voxel_size_um, how="mean",
+                                   omero=grey_omero(0, 255, name))
+
+
+def input_voxel_size_um(volume: VolumeRef, *, required: bool) -> tp.Optional[float]:
+    """The voxel size in the input's own metadata (data.voxel_size), read before any prediction; None when it
+    gives none or the volume is missing (the input checks name that); anisotropic voxels refuse only if ``required``."""
+    if not Path(volume.path).exists():
+        return None
+    try:
+        return scan_voxel_size_um(volume)
+    except DataError:  # anisotropic or not positive: only an output that needs the voxel size is refused
+        if required:
+            raise
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # h5py, tifffile and JSON raise these for broken files
+        raise DataError(volume.path, volume.dataset, f"cannot read the voxel size, file corrupt ({exc})") from exc
+
+
+def check_ome_zarr_inputs(out_path: Path, image: tp.Optional[VolumeRef], voxel_size_um: tp.Optional[float]) -> None:
+    """An OME-Zarr store holds the scan at its physical scale: refuse one without either, before any work."""
+    if image is None:
+        raise ValueError(f"{out_path}: an OME-Zarr output needs image= (the input volume it shows the labels on)")
+    if voxel_size_um is None or not (np.isfinite(voxel_size_um) and voxel_size_um > 0):
+        raise ValueError(f"{out_path}: an OME-Zarr output needs a positive voxel size (--voxel-size UM), "
+                         f"got {voxel_size_um!r}")
+
+
 def fuse_planes(plane_paths: tp.Sequence[Path], out_path: Path, *, method: str, probabilities: bool = False,
                 tiff_path: tp.Optional[Path] = None, attrs: tp.Optional[dict] = None, inputs: tp.Sequence[Path] = (),
-                progress: bool = True, uncertainty: bool = False, times: tp.Optional[PhaseTimes] = None) -> Path:
+                progress: bool = True, uncertainty: bool = False, times: tp.Optional[PhaseTimes] = None,
+                image: tp.Optional[VolumeRef] = None, voxel_size_um: tp.Optional[float] = None) -> Path:
     """The fuse step: ``labels`` (uint8) by ``method`` vote, optionally ``probabilities`` (float16, P_avr of Eq. 4)
     and, with ``uncertainty``, the uint8 maps of :func:`model.fusion.uncertainty_maps` on the same grid.
 
-    ``out_path`` ending in ``.zarr`` gives an OME-Zarr store (NGFF 0.4): the labels as its multiscale
-    image (arrays ``0``, ``1``, … halving each axis), the other outputs as full-resolution arrays of
-    the same names; otherwise an HDF5 file with those datasets.
+    ``out_path`` ending in ``.zarr`` gives an OME-Zarr store (NGFF 0.4, needs ``image`` and ``voxel_size_um``):
+    the scan ``image`` as its root multiscale image, the labels as ``labels/segmentation`` (and
+    ``labels/plane_classes``), ``probabilities`` (c, z, y, x) and ``uncertainty/<map>`` as further multiscale
+    images of the same scales; otherwise an HDF5 file with those datasets (``voxel_size_um`` in its attributes).
     """
     plane_paths = [Path(p) for p in plane_paths]
     times = times or NoTimes()
+    zarr_out = is_zarr_path(out_path)
+    if zarr_out:
+        check_ome_zarr_inputs(Path(out_path), image, voxel_size_um)
     with h5py.File(plane_paths[0], "r") as f:
         shape = tuple(f[PLANE_FILE_DATASET].shape)
     meta = {"vote": method, "planes": [_plane_of(p) for p in plane_paths], "class_names": list(CLASS_NAMES)}
+    if voxel_size_um is not None:
+        meta["voxel_size_um"] = float(voxel_size_um)
     meta.update(attrs or {})
-    zarr_out = is_zarr_path(out_path)
     bars = Progress(progress)
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(atomic_output(out_path, inputs=inputs))
         tiff_tmp = stack.enter_context(atomic_path(tiff_path, inputs=inputs)) if tiff_path else None
+        folds = _fold_maps(stack, plane_paths) if uncertainty else []
+        map_names = (list(UNCERTAINTY_MAPS) if uncertainty else []) + ([FOLD_DISAGREEMENT] if folds else [])
         if zarr_out:
             group = create_zarr_group(tmp)
-            make = functools.partial(create_zarr_array, group, chunk=CHUNK)
-            labels = make("0", shape[:3], np.uint8)
             group.attrs.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in meta.items()})
+            with times.phase("write"):
+                grey_range = _write_zarr_image(group, tp.cast(VolumeRef, image), shape)
+            level0 = _zarr_level0(group, shape, probabilities=probabilities, maps=map_names)
+            labels, probs = level0["labels"], level0.get("probabilities")
+            maps = {name: level0[name] for name in map_names}
         else:
             group = stack.enter_context(h5py.File(tmp, "w"))
             make = functools.partial(create_dataset, group, compression="gzip")
             labels = make("labels", shape[:3], np.uint8)
             group.attrs.update(meta)
-        probs = (make("probabilities", shape, np.float16) if zarr_out else create_dataset(group, "probabilities", shape, np.float16)
-                 ) if probabilities else None
-        maps = {name: make(name, shape[:3], np.uint8) for name in UNCERTAINTY_MAPS} if uncertainty else {}
-        folds = _fold_maps(stack, plane_paths) if uncertainty else []
-        if folds:
-            maps[FOLD_DISAGREEMENT] = make(FOLD_DISAGREEMENT, shape[:3], np.uint8)
+            probs = create_dataset(group, "probabilities", shape, np.float16) if probabilities else None
+            maps = {name: make(name, shape[:3], np.uint8) for name in map_names}
         writer = stack.enter_context(_tiff_writer(tiff_tmp)) if tiff_tmp else None
         with bars.bar(shape[0], f"fuse {method} ({len(plane_paths)} planes)") as bar:
             pages = np.empty((0,), np.uint8)
@@ -108,7 +193,9 @@ def fuse_planes(plane_paths: tp.Sequence[Path], out_path: Path, *, method: str, 
                         extra[FOLD_DISAGREEMENT] = np.rint(np.mean([d[key] for d in folds], axis=0)).astype(np.uint8)
                 with times.phase("write"):
                     labels[key] = lab
-                    if probs is not None:
+                    if probs is not None and zarr_out:  # NGFF puts the channel axis first
+                        probs[(slice(None),) + key] = np.moveaxis(mean, -1, 0)
+                    elif probs is not None:
                         probs[key] = mean
                     for name, arr in extra.items():
                         maps[name][key] = arr
@@ -122,7 +209,7 @@ def fuse_planes(plane_paths: tp.Sequence[Path], out_path: Path, *, method: str, 
                         bar.update(lab.shape[0])
         if zarr_out:
             with times.phase("write"):
-                write_label_pyramid(group)
+                _finish_zarr(group, tp.cast(float, voxel_size_um), grey_range, list(level0))
         else:
             group.close()
     return Path(out_path)
