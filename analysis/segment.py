@@ -148,7 +148,7 @@ def segment_scan(scan: VolumeRef, specs: tp.Sequence[str], out: Path, *, voxel_s
                  initial_surface_mm2: tp.Optional[float] = None, days: tp.Optional[float] = None,
                  tracking_uri: tp.Optional[str] = None, overwrite: bool = False, batch_size: int = 4,
                  workers: tp.Optional[int] = None, keep_prepared: bool = False, progress: bool = True,
-                 slab_mb: int = 256) -> dict:
+                 slab_mb: int = 256, ome_zarr: bool = False) -> dict:
     """The whole command as a function; returns the report (also ``out/report.json``)."""
     t_start = time.perf_counter()
     out = Path(out)
@@ -179,10 +179,17 @@ def segment_scan(scan: VolumeRef, specs: tp.Sequence[str], out: Path, *, voxel_s
         t0 = time.perf_counter()
         times = PhaseTimes()
         seg = tmp / "segmentation.h5"
-        run_prediction(list(specs), prepared.sample.image, seg, planes=planes, vote=vote, uncertainty=True,
-                       model=(models, model_id), values_checked=True, batch_size=batch_size, workers=workers,
-                       progress=progress, times=times, fold_vote=fold_vote, work_dir=tmp / "planes")
+        common = dict(planes=planes, vote=vote, uncertainty=True, values_checked=True, batch_size=batch_size,
+                      workers=workers, progress=progress, times=times, fold_vote=fold_vote, work_dir=tmp / "planes",
+                      voxel_size_um=model_vs)
+        run_prediction(list(specs), prepared.sample.image, seg, model=(models, model_id), keep_planes=ome_zarr,
+                       **common)
         seconds["predict"] = time.perf_counter() - t0
+        if ome_zarr:  # the same plane files fused once more: the scan and its labels for napari / Fiji
+            t0 = time.perf_counter()
+            run_prediction(list(specs), prepared.sample.image, tmp / "segmentation.zarr", fuse_only=True,
+                           probabilities=True, **common)
+            seconds["ome-zarr"] = time.perf_counter() - t0
         if (tmp / "planes").is_dir() and not any((tmp / "planes").iterdir()):
             (tmp / "planes").rmdir()
         t0 = time.perf_counter()
@@ -246,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"), help="for runs:/ and models:/")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out folder")
     ap.add_argument("--keep-prepared", action="store_true", help="keep the preprocessed scan (prepared.h5)")
+    ap.add_argument("--ome-zarr", action="store_true",
+                    help="also write segmentation.zarr: the prepared scan with labels/, probabilities, uncertainty "
+                         "(OME-Zarr for napari, Fiji)")
     ap.add_argument("--batch-size", type=int, default=4, help="slices per forward pass (default: 4)")
     ap.add_argument("--workers", type=int, help="CPU threads for rotations and slab I/O (default: all cores)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -263,12 +273,14 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
                               initial_volume_mm3=args.initial_volume_mm3,
                               initial_surface_mm2=args.initial_surface_mm2, days=args.days,
                               tracking_uri=args.tracking_uri, overwrite=args.overwrite, batch_size=args.batch_size,
-                              workers=args.workers, keep_prepared=args.keep_prepared, progress=not args.no_progress)
+                              workers=args.workers, keep_prepared=args.keep_prepared, progress=not args.no_progress,
+                              ome_zarr=args.ome_zarr)
     except (SegmentError, PredictError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(report_markdown(report))
-    print(f"wrote {args.out}/: segmentation.h5, overview.png, report.json, report.md")
+    print(f"wrote {args.out}/: segmentation.h5{', segmentation.zarr' if args.ome_zarr else ''}, overview.png, "
+          "report.json, report.md")
     return 0
 
 

@@ -40,9 +40,11 @@ def run(capsys, *argv) -> tuple[int, str]:
 def test_a_raw_scan_becomes_labels_measures_a_picture_and_a_report(raw, tmp_path, capsys):
     out = tmp_path / "scan1"
     rc, text = run(capsys, raw / "scan.h5", "--model", raw / "oracle.keras", "--model-voxel-size", 5, "--out", out,
-                   "--roi-um", 20, "--initial-volume-mm3", 1e-4, "--initial-surface-mm2", 1e-2, "--days", 30)
+                   "--roi-um", 20, "--initial-volume-mm3", 1e-4, "--initial-surface-mm2", 1e-2, "--days", 30,
+                   "--ome-zarr")
     assert rc == 0, text
-    assert sorted(p.name for p in out.iterdir()) == ["overview.png", "report.json", "report.md", "segmentation.h5"]
+    assert sorted(p.name for p in out.iterdir()) == ["overview.png", "report.json", "report.md", "segmentation.h5",
+                                                     "segmentation.zarr"]
     report = json.loads((out / "report.json").read_text())
     assert report["scan"]["voxel_size_um"] == 2.5 and report["scan"]["voxel_size_from"] == "scan metadata"
     assert report["prepared"]["shape"] == [16, 14, 18] and report["prepared"]["voxel_size_um"] == 5.0
@@ -58,7 +60,17 @@ def test_a_raw_scan_becomes_labels_measures_a_picture_and_a_report(raw, tmp_path
     for key in ("dr_mm_per_year", "bic_percent", "bv_tv_percent"):
         lo, hi = report["intervals"][key]
         assert lo <= m[key] <= hi
-    assert set(report["seconds"]) == {"check and load", "prepare", "predict", "measures", "picture", "total"}
+    assert set(report["seconds"]) == {"check and load", "prepare", "predict", "ome-zarr", "measures", "picture",
+                                      "total"}
+    # The OME-Zarr store as a viewer reads it: the prepared scan at the model's voxel size, the labels beside it.
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    nodes = list(Reader(parse_url(str(out / "segmentation.zarr")))())
+    scale = nodes[0].metadata["coordinateTransformations"][0][0]["scale"]
+    assert scale == [5.0, 5.0, 5.0]
+    seg = next(n for n in nodes if "labels/segmentation " in str(n.zarr))
+    np.testing.assert_array_equal(np.asarray(seg.data[0]), labels)
     assert report["seconds"]["total"] >= report["seconds"]["predict"] > 0
     assert report["prediction"]["planes"] == "9" and report["prediction"]["phase_seconds"]["predict"] > 0
     assert "Time for this sample" in (out / "report.md").read_text() and "BIC (%)" in text
