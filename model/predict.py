@@ -2,8 +2,9 @@
 
 Segment a whole preprocessed volume (values in [0, 1]) with a trained model by multi-axes
 prediction fusing (paper, Eq. 4/5). MODEL is a ``.keras`` file or an MLflow model URI
-(``runs:/<run id>/model``, with ``--tracking-uri``); several MODELs (e.g. the 4 fold models of a config)
-predict as one ensemble: their probabilities are averaged per slice batch before the planes are fused. VOLUME is an HDF5 file (``--dataset``) or a
+(``runs:/<run id>/model``, with ``--tracking-uri``), or a registered version ``models:/<name>/<version>`` /
+``models:/<name>@<alias>`` (``python -m sweep.register``: its fold models predict as one ensemble);
+several MODELs (e.g. the 4 fold models of a config) predict as one ensemble: their probabilities are averaged per slice batch before the planes are fused. VOLUME is an HDF5 file (``--dataset``) or a
 folder of TIFF slices. OUT.h5 gets ``labels`` (uint8, the input's shape) and, with
 ``--probabilities``, ``probabilities`` (float16, classes last, the plane average P_avr); with
 ``--uncertainty`` the uint8 maps ``confidence``, ``disagreement`` and ``plane_classes`` (see
@@ -41,7 +42,7 @@ import numpy as np
 from data.errors import DataError
 from data.volume import NUM_CLASSES, VolumeRef, check_image, is_zarr_path, open_volume, volume_ref
 from model.disk import check_disk, estimate_disk_bytes, file_digest
-from model.fuse import fuse_planes
+from model.fuse import fuse_planes, input_voxel_size_um
 from model.fusion import VOTES
 from model.inference import Source, SlicePredictor, predict_plane
 from model.planes import PLANE_SETS, PLANES, plane_set
@@ -65,10 +66,19 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
 
 
 def load_model(spec: str, *, tracking_uri: tp.Optional[str] = None):
-    """A Keras model from a ``.keras`` file or ``runs:/<id>/<path>``; returns (model, identity string)."""
+    """A Keras model from a ``.keras`` file, ``runs:/<id>/<path>``, or a registered version ``models:/<name>/<version>``
+    or ``models:/<name>@<alias>`` (resolved in the registry of ``tracking_uri``); returns (model, identity string).
+
+    A registered version holds every ``.keras`` file of its folder (``python -m sweep.register``: one per fold): with
+    several it returns (their list, sorted by fold, identity), one ensemble. The identity names the URI and the
+    digest of each file, so plane files of another version (an alias moved) are not reused."""
     import keras
 
+    from model.registry import fold_order, is_registry_uri, resolve_model_uri
+    from model.server_health import redact_uri
+
     path = Path(spec)
+    paths = [path]
     dst: tp.Optional[Path] = None
     if spec.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
         import mlflow
@@ -77,34 +87,39 @@ def load_model(spec: str, *, tracking_uri: tp.Optional[str] = None):
 
         dst = Path(tempfile.mkdtemp(prefix="scaling-unet-model-"))
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(dst), tracking_uri=tracking_uri))
-        except Exception as exc:  # MLflow raises many types for a missing run/artifact/server
+            source = resolve_model_uri(spec, tracking_uri) if is_registry_uri(spec) else spec
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=tracking_uri))
+        except Exception as exc:  # MLflow raises many types for a missing run/artifact/version/server
             shutil.rmtree(dst, ignore_errors=True)
-            raise PredictError(f"MODEL: cannot fetch {spec} from {tracking_uri or 'the default tracking URI'} ({exc})") from None
-        files = [local] if local.is_file() else sorted(local.rglob("*.keras"))
+            where = redact_uri(tracking_uri or "the default tracking URI")
+            raise PredictError(f"MODEL: cannot fetch {spec} from {where} ({' '.join(redact_uri(str(exc)).split())})") from None
+        files = [local] if local.is_file() else sorted(local.rglob("*.keras"), key=fold_order)
         if not files:
+            shutil.rmtree(dst, ignore_errors=True)
             raise PredictError(f"MODEL: {spec} holds no .keras file")
-        path = files[0]
-        model_id = f"{spec}:{file_digest(path)}"
+        paths = files if is_registry_uri(spec) else files[:1]  # a run's model/ folder: its one model, as before
+        model_id = f"{spec}:{'+'.join(file_digest(p) for p in paths)}"
     else:
         if not path.is_file():
             raise PredictError(f"MODEL: {path}: file does not exist")
         if path.suffix != ".keras":
-            raise PredictError(f"MODEL: {path}: expected a .keras file or runs:/<id>/model")
+            raise PredictError(f"MODEL: {path}: expected a .keras file, runs:/<id>/model or models:/<name>/<version>")
         model_id = file_digest(path)
-    if not zipfile.is_zipfile(path):  # Keras says "File not found" for a file that exists but is no archive
-        if dst is not None:
-            shutil.rmtree(dst, ignore_errors=True)
-        raise PredictError(f"MODEL: {path}: not a Keras model file (a .keras file is a zip archive)")
+    models = []
     try:
-        model = keras.saving.load_model(path, compile=False)
-    except Exception as exc:  # Keras raises ValueError/OSError/zipfile errors for broken files
-        raise PredictError(f"MODEL: {path}: cannot load ({exc})") from None
+        for p in paths:
+            name = f"{spec} ({p.name})" if len(paths) > 1 else str(p)
+            if not zipfile.is_zipfile(p):  # Keras says "File not found" for a file that exists but is no archive
+                raise PredictError(f"MODEL: {name}: not a Keras model file (a .keras file is a zip archive)")
+            try:
+                models.append(keras.saving.load_model(p, compile=False))
+            except Exception as exc:  # Keras raises ValueError/OSError/zipfile errors for broken files
+                raise PredictError(f"MODEL: {name}: cannot load ({exc})") from None
+            check_model(models[-1], name)
     finally:
         if dst is not None:
             shutil.rmtree(dst, ignore_errors=True)
-    check_model(model, str(path))
-    return model, model_id
+    return (models[0] if len(models) == 1 else models), model_id
 
 
 def check_model(model, name: str, num_classes: int = NUM_CLASSES) -> None:
@@ -165,14 +180,16 @@ def ensemble_predictor(predictors: tp.Sequence[SlicePredictor], vote: str = "sof
 
 
 def load_models(specs: tp.Sequence[str], *, tracking_uri: tp.Optional[str] = None) -> tuple[list, str]:
-    """Every model of an ensemble (each checked as :func:`load_model` does); returns (models, identity string)."""
+    """Every model of an ensemble (each checked as :func:`load_model` does); returns (models, identity string).
+
+    A registered version with several fold models (``models:/<name>/<version>``) adds all of them, in fold order."""
     if not specs:
         raise PredictError("MODEL: give at least one model")
     if len(set(specs)) != len(specs):
         dup = sorted({s for s in specs if list(specs).count(s) > 1})
         raise PredictError(f"MODEL: {dup[0]} is given more than once (an ensemble averages distinct models)")
     loaded = [load_model(spec, tracking_uri=tracking_uri) for spec in specs]
-    models = [m for m, _ in loaded]
+    models = [x for m, _ in loaded for x in (m if isinstance(m, list) else [m])]
     ids = [i for _, i in loaded]
     return models, ids[0] if len(ids) == 1 else "ensemble(" + ",".join(ids) + ")"
 
@@ -266,7 +283,7 @@ def run_prediction(model_spec: tp.Union[str, tp.Sequence[str]], volume: VolumeRe
                    fuse_only: bool = False, progress: bool = True, model: tp.Optional[tuple] = None,
                    values_checked: bool = False, uncertainty: bool = False, workers: tp.Optional[int] = None,
                    rotate_on: str = "auto", max_disk: tp.Optional[int] = None, times=None,
-                   fold_vote: str = "soft") -> Path:
+                   fold_vote: str = "soft", voxel_size_um: tp.Optional[float] = None) -> Path:
     """The whole CLI as a function; returns OUT (or the plane file with ``only_plane``).
 
     ``model_spec``: one model, or several (the fold models: an ensemble, :func:`ensemble_predictor`);
@@ -289,6 +306,13 @@ def run_prediction(model_spec: tp.Union[str, tp.Sequence[str]], volume: VolumeRe
         raise PredictError(f"--workers: must be at least 1, got {workers}")
     if tiff is not None and is_zarr_path(tiff):
         raise PredictError(f"--tiff: {tiff} ends in .zarr; give the Zarr store as --out")
+    if voxel_size_um is not None and not 0 < voxel_size_um < float("inf"):
+        raise PredictError(f"--voxel-size: must be a positive number of micrometres, got {voxel_size_um}")
+    if voxel_size_um is None:  # the input's own metadata; an OME-Zarr store cannot be written without it
+        voxel_size_um = input_voxel_size_um(volume, required=is_zarr_path(out))
+    if voxel_size_um is None and is_zarr_path(out) and volume.path.exists():
+        raise PredictError(f"--voxel-size: {volume} carries no voxel size (attribute voxel_size_um or OME-Zarr "
+                           f"scale); give --voxel-size UM for the OME-Zarr output {out}")
     source = check_inputs(volume, out, planes=[only_plane] if only_plane else names, overwrite=overwrite,
                           probabilities=probabilities, tiff=tiff, work_dir=work_dir, check_out=only_plane is None,
                           scan_values=not (values_checked or fuse_only), uncertainty=uncertainty, max_disk=max_disk)
@@ -326,7 +350,7 @@ def run_prediction(model_spec: tp.Union[str, tp.Sequence[str]], volume: VolumeRe
                        **({"models": [str(m) for m in specs]} if specs and any(specs) else {}),
                        **({"fold_vote": fold_vote} if len(specs) > 1 else {})},
                 progress=progress, uncertainty=uncertainty,
-                times=times)
+                times=times, image=volume, voxel_size_um=voxel_size_um)
     if not keep_planes:
         for p in paths:
             p.unlink(missing_ok=True)
@@ -339,8 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m model.predict", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", metavar="MODEL", nargs="+",
-                    help=".keras file or runs:/<run id>/model; several (e.g. the 4 fold models): their probabilities "
-                         "are averaged (an ensemble)")
+                    help=".keras file, runs:/<run id>/model or models:/<name>/<version|@alias>; several (e.g. the 4 "
+                         "fold models, or a registered version holding them): one ensemble")
     ap.add_argument("volume", metavar="VOLUME", help="HDF5 file or Zarr store (see --dataset) or folder of TIFF slices")
     ap.add_argument("--dataset", default="image", help="HDF5 dataset / Zarr array of VOLUME (default: image)")
     ap.add_argument("--planes", default="3", choices=list(PLANE_SETS), help="slicing planes (default: 3)")
@@ -349,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="several MODELs: average their probabilities (soft) or their labels' votes (majority)")
     ap.add_argument("--out", required=True, type=Path,
                     help="output HDF5 file (dataset labels), or OME-Zarr store NAME.zarr (labels pyramid)")
+    ap.add_argument("--voxel-size", type=float, default=None, metavar="UM",
+                    help="voxel edge in micrometres (default: VOLUME's voxel_size_um attribute or OME-Zarr scale); "
+                         "an OME-Zarr OUT needs it")
     ap.add_argument("--probabilities", action="store_true", help="also write probabilities (float16, classes last)")
     ap.add_argument("--uncertainty", action="store_true",
                     help="also write uint8 maps: confidence (soft-vote probability of the label), disagreement "
@@ -387,7 +414,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
                                 fuse_only=args.fuse_only, progress=not args.no_progress,
                                 uncertainty=args.uncertainty, workers=args.workers, rotate_on=args.rotate_on,
                                 max_disk=None if args.max_disk is None else parse_size(args.max_disk),
-                                fold_vote=args.fold_vote)
+                                fold_vote=args.fold_vote, voxel_size_um=args.voxel_size)
     except (PredictError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

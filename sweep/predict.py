@@ -60,7 +60,8 @@ def plan_volumes(cfg: DictConfig) -> list[VolumeJob]:
         vols = [vols]
     if OmegaConf.select(cfg, "model_uri") in (None, "???") or (OmegaConf.is_list(cfg.model_uri)
                                                                and not len(cfg.model_uri)):
-        raise ValueError("model_uri: give a .keras file or runs:/<run id>/model, or a list of them (an ensemble)")
+        raise ValueError("model_uri: give a .keras file, runs:/<run id>/model, models:/<name>/<version>, best or a "
+                         "config key, or a list of models (an ensemble)")
     try:
         plane_set(str(cfg.planes))
     except ValueError as exc:

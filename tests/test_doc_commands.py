@@ -261,6 +261,15 @@ def check_command(cmd: Command, env: dict[str, Path]) -> None:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose("predict", overrides=_substitute(cmd.args, env), return_hydra_config=True)
         plan_volumes(cfg)
+    elif cmd.module == "sweep.register":
+        from hydra import compose, initialize_config_dir
+
+        from sweep.jobs.registry import check_settings
+        from sweep.orchestration.planning import CONF_DIR
+
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("register", overrides=_substitute(cmd.args, env), return_hydra_config=True)
+        check_settings(cfg)
     else:
         raise AssertionError(f"{cmd.where}: no check for python -m {cmd.module}: add one to tests/test_doc_commands.py")
 
