@@ -296,3 +296,33 @@ def test_an_ensemble_writes_the_fold_disagreement_map_beside_the_plane_disagreem
     rc, text = run(capsys, tmp_path / "oracle.keras", files / "vol.h5", "--planes", "3", "--out", tmp_path / "one.h5",
                    "--uncertainty")
     assert rc == 0 and "fold_disagreement" not in h5py.File(tmp_path / "one.h5", "r")
+
+
+def test_a_four_fold_ensemble_predicts_in_the_memory_of_one_model(tmp_path):
+    """Peak numpy memory (tracemalloc) of a plane task, rotated plane included, with 4 folds vs 1: the ensemble holds
+    one slice batch of every model, never a volume of probabilities per fold (4 × 9 × K would be ~36× the volume)."""
+    import tracemalloc
+
+    from data.volume import VolumeRef
+    from model.inference import Source, predict_plane
+    from model.predict import ensemble_predictor
+    from tests.test_predict import oracle
+
+    shape = (48, 48, 48)
+    lab = __import__("tests.test_predict", fromlist=["phantom"]).phantom(shape)
+    with h5py.File(tmp_path / "v.h5", "w") as f:
+        f["image"] = (lab / 3).astype(np.float32)
+    source = Source(VolumeRef(tmp_path / "v.h5", "/image"), shape)
+    folds = [lambda s, i=i: oracle(s) for i in range(4)]
+    peaks = {}
+    for n in (1, 4):
+        tracemalloc.start()
+        for plane in ("rc", "cp_r0"):
+            predict_plane(source, plane, ensemble_predictor(folds[:n], fold_disagreement=True),
+                          tmp_path / f"{n}-{plane}.h5", model_id=str(n), progress=False, fold_disagreement=True)
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    volume_probs = np.prod(shape) * 4 * 4  # one volume of float32 class probabilities
+    # Holding the 4 folds' probabilities of even one plane would take 4 volumes; the slabs and rotation buffers
+    # of one model are the whole peak.
+    assert peaks[4] < 1.2 * peaks[1] and peaks[4] < 4 * volume_probs, (peaks, volume_probs)
