@@ -317,12 +317,14 @@ def run_prediction(model_spec: tp.Union[str, tp.Sequence[str]], volume: VolumeRe
                           probabilities=probabilities, tiff=tiff, work_dir=work_dir, check_out=only_plane is None,
                           scan_values=not (values_checked or fuse_only), uncertainty=uncertainty, max_disk=max_disk)
     workers = workers or available_cores()
+    n_models = len(specs)  # the fuse-only step of a cluster job does not load them; a models:/ version may hold several
     if not fuse_only:
         if model is not None:  # (model, id) of load_model or (models, id) of load_models
             models, model_id = (list(model[0]) if isinstance(model[0], (list, tuple)) else [model[0]]), model[1]
         else:
             models, model_id = load_models(specs, tracking_uri=tracking_uri)
         fold_maps = uncertainty and len(models) > 1
+        n_models = len(models)
         predictor = ensemble_predictor([keras_predictor(m, batch_size=batch_size) for m in models], fold_vote,
                                        fold_disagreement=fold_maps)
         if len(models) > 1 and fold_vote != "soft":  # plane files of another fold vote are not reused
@@ -348,7 +350,7 @@ def run_prediction(model_spec: tp.Union[str, tp.Sequence[str]], volume: VolumeRe
     fuse_planes(paths, out, method=vote, probabilities=probabilities, tiff_path=tiff, inputs=[volume.path],
                 attrs={"source": str(volume), "planes_set": planes,
                        **({"models": [str(m) for m in specs]} if specs and any(specs) else {}),
-                       **({"fold_vote": fold_vote} if len(specs) > 1 else {})},
+                       **({"fold_vote": fold_vote} if n_models > 1 else {})},
                 progress=progress, uncertainty=uncertainty,
                 times=times, image=volume, voxel_size_um=voxel_size_um)
     if not keep_planes:
