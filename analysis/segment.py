@@ -79,23 +79,39 @@ def model_voxel_size(specs: tp.Sequence[str], given: tp.Optional[float], trackin
         return float(given), "--model-voxel-size"
     found: set[float] = set()
     for spec in specs:
-        if not spec.startswith("runs:/"):
+        if not spec.startswith(("runs:/", "models:/")):
             raise SegmentError(f"--model-voxel-size: {spec} does not say the voxel size it was trained at; give the "
                                "voxel size of its training data (the paper's: 5.0)")
-        from mlflow.tracking import MlflowClient
-
-        run_id = spec.removeprefix("runs:/").split("/")[0]
-        try:
-            params = MlflowClient(tracking_uri).get_run(run_id).data.params
-        except Exception as exc:  # noqa: BLE001 - a missing run or server: one line naming the model
-            raise SegmentError(f"--model: {spec}: cannot read its training run ({exc})") from None
-        if MODEL_VOXEL_PARAM not in params:
-            raise SegmentError(f"--model-voxel-size: the training run of {spec} has no param {MODEL_VOXEL_PARAM}; "
-                               "give the voxel size of its training data")
-        found.add(float(params[MODEL_VOXEL_PARAM]))
+        for params in _training_params(spec, tracking_uri):
+            if MODEL_VOXEL_PARAM not in params:
+                raise SegmentError(f"--model-voxel-size: the training run of {spec} has no param {MODEL_VOXEL_PARAM}; "
+                                   "give the voxel size of its training data")
+            found.add(float(params[MODEL_VOXEL_PARAM]))
     if len(found) != 1:
         raise SegmentError(f"--model: the models were trained at different voxel sizes {sorted(found)} µm")
     return found.pop(), f"MLflow param {MODEL_VOXEL_PARAM}"
+
+
+def _training_params(spec: str, tracking_uri: tp.Optional[str]) -> list[dict]:
+    """The params of the training runs behind a ``runs:/`` or ``models:/`` model (a registered version's run names
+    its fold runs in the tag ``fold_run_ids``, python -m sweep.register)."""
+    from mlflow.tracking import MlflowClient
+
+    from model.registry import is_registry_uri, resolve_model_uri
+
+    client = MlflowClient(tracking_uri)
+    try:
+        uri = resolve_model_uri(spec, tracking_uri) if is_registry_uri(spec) else spec
+        if not uri.startswith("runs:/"):
+            raise SegmentError(f"--model-voxel-size: {spec} is not stored in a run; give the voxel size it was "
+                               "trained at")
+        run = client.get_run(uri.removeprefix("runs:/").split("/")[0])
+        ids = [i for i in run.data.tags.get("fold_run_ids", "").split(",") if i]
+        return [client.get_run(i).data.params for i in ids] if ids else [run.data.params]
+    except SegmentError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a missing run, version or server: one line naming the model
+        raise SegmentError(f"--model: {spec}: cannot read its training run ({' '.join(str(exc).split())[:300]})") from None
 
 
 def check_out_dir(out: Path, scan: VolumeRef, overwrite: bool) -> None:

@@ -56,6 +56,7 @@ def make_fold_runs(uri: str, experiment: str, models: tp.Sequence[Path]) -> dict
             client.log_metric(rid, "flops", 1.5e9)
             client.log_metric(rid, "params", 123456)
             client.log_param(rid, "model.width", 32)
+            client.log_param(rid, "data.prepare.voxel_size_um", 5.0)
             client.log_artifact(rid, str(models[fold]), "model")
             client.set_terminated(rid, status or ("FINISHED" if fold < 3 else "FAILED"))
             ids.setdefault(key, []).append(rid)
@@ -224,3 +225,27 @@ def test_sweep_predict_takes_a_registered_version(trained, registered, tmp_path)
     with h5py.File(tmp_path / "pred" / "vol.h5", "r") as f:
         assert [str(m) for m in f.attrs["models"]] == [f"models:/{registered}@best"]
         assert (f["labels"][...] == phantom(SHAPE)).mean() > 0.99
+
+
+def test_a_raw_scan_is_segmented_by_the_registered_ensemble_at_its_training_voxel_size(trained, registered, tmp_path,
+                                                                                     capsys):
+    """analysis.segment with ``models:/<name>@best``: the 4 fold models predict, and the voxel size the scan is
+    resampled to is read from the fold runs the version names (param data.prepare.voxel_size_um)."""
+    import json
+
+    from analysis.segment import main
+
+    lab = phantom((24, 32, 32))
+    with h5py.File(tmp_path / "raw.h5", "w") as f:
+        f["image"] = (100 + 300 * lab.astype(np.uint16)).astype(np.uint16)
+        f["image"].attrs["voxel_size_um"] = 2.5
+    rc = main([str(tmp_path / "raw.h5"), "--model", f"models:/{registered}@best", "--out", str(tmp_path / "out"),
+               "--tracking-uri", trained["uri"], "--planes", "3", "--no-progress"])
+    text = capsys.readouterr()
+    assert rc == 0, text.out + text.err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["prepared"]["voxel_size_um"] == 5.0 and report["prepared"]["shape"] == [12, 16, 16]
+    assert report["prepared"]["voxel_size_from"] == "MLflow param data.prepare.voxel_size_um"
+    assert report["models"]["identity"].count("fold") == 4 and report["prediction"]["fold_vote"] == "soft"
+    with h5py.File(tmp_path / "out" / "segmentation.h5", "r") as f:
+        assert "fold_disagreement" in f and f["fold_disagreement"][...].any()
