@@ -36,6 +36,7 @@ from analysis.intervals import measure_intervals
 from analysis.measures import implant_measures
 from data.atomic import atomic_dir
 from data.errors import DataError
+from data.fingerprint import scan_digest
 from data.manifest import Sample
 from data.prepare import PAPER_CLIP_PERCENTILES, prepare_sample
 from data.volume import VolumeRef, check_image, volume_ref
@@ -127,6 +128,19 @@ def _home_free(text: str) -> str:
     """No home paths in a report that is shared: ``~`` stands for the user's home."""
     home = str(Path.home())
     return str(text).replace(home + os.sep, "~" + os.sep) if home not in ("", os.sep) else str(text)
+
+
+def _environment() -> dict:
+    """What produced the report: versions of Python and the libraries that decide the numbers, and the host."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "host": platform.node()}
+    for pkg in ("scaling-unet", "keras", "tensorflow", "numpy", "h5py"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
 
 
 def _finite(v: float) -> tp.Optional[float]:
@@ -227,7 +241,8 @@ def segment_scan(scan: VolumeRef, specs: tp.Sequence[str], out: Path, *, voxel_s
             (tmp / f"{name}.h5").rename(tmp / "prepared.h5")
         seconds["total"] = time.perf_counter() - t_start
         report = {
-            "scan": {"name": scan.path.name, "dataset": scan.dataset, "shape": list(prepared.shape_in),
+            "scan": {"name": scan.path.name, "dataset": scan.dataset, "digest": scan_digest(scan.path),
+                     "shape": list(prepared.shape_in),
                      "voxel_size_um": scan_vs, "voxel_size_from": scan_vs_from, "dtype": str(stats.dtype)},
             "prepared": {"shape": list(prepared.shape_out), "voxel_size_um": model_vs, "voxel_size_from": model_vs_from,
                          "clip_percentiles": list(clip_percentiles), "clip_low": prepared.clip_low,
@@ -239,7 +254,7 @@ def segment_scan(scan: VolumeRef, specs: tp.Sequence[str], out: Path, *, voxel_s
             "intervals": {k: [_finite(lo), _finite(hi)] for k, (lo, hi) in intervals.items()},
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
             "minutes_per_sample": round(seconds["total"] / 60, 3),
-            "environment": {"python": platform.python_version(), "host": platform.node()},
+            "environment": _environment(),
         }
         (tmp / "report.json").write_text(json.dumps(report, indent=1))
         (tmp / "report.md").write_text(report_markdown(report))

@@ -43,3 +43,19 @@ def dataset_digest(dataset: Dataset) -> str:
 def samples_digest(digest: str, samples: tp.Sequence[Sample]) -> str:
     """The digest of a subset (a fold's training or validation samples) of a dataset with ``digest``."""
     return hashlib.sha256((digest + ":" + ",".join(sorted(s.id for s in samples))).encode()).hexdigest()[:12]
+
+
+def scan_digest(path: tp.Union[str, Path]) -> str:
+    """12-hex digest of one scan: a file as :func:`dataset_digest` hashes a volume file; a folder (TIFF slices, a
+    Zarr store) by every file's relative name and size plus the first and last MiB of its first and last file."""
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_file():
+        _file_part(h, path, path.parent)
+        return h.hexdigest()[:12]
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    for p in files:
+        h.update(f"{p.relative_to(path)}:{p.stat().st_size}\n".encode())
+    for p in {files[0], files[-1]} if files else ():
+        _file_part(h, p, path)
+    return h.hexdigest()[:12]

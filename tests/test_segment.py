@@ -47,6 +47,7 @@ def test_a_raw_scan_becomes_labels_measures_a_picture_and_a_report(raw, tmp_path
                                                      "segmentation.zarr"]
     report = json.loads((out / "report.json").read_text())
     assert report["scan"]["voxel_size_um"] == 2.5 and report["scan"]["voxel_size_from"] == "scan metadata"
+    assert len(report["scan"]["digest"]) == 12 and "keras" in report["environment"]
     assert report["prepared"]["shape"] == [16, 14, 18] and report["prepared"]["voxel_size_um"] == 5.0
     assert (report["prepared"]["clip_low"], report["prepared"]["clip_high"]) == pytest.approx((500, 3500), abs=1)
     with h5py.File(out / "segmentation.h5", "r") as f:
