@@ -126,6 +126,20 @@ def _predict(out: tp.Callable[[Path], list[str]]) -> tp.Callable[[Path], list[st
     return setup
 
 
+def _segment(*extra: str, aniso: bool = False) -> tp.Callable[[Path], list[str]]:
+    """analysis.segment on a raw scan (without, or with anisotropic, voxel-size metadata) and a garbage model: the
+    scan's checks come before the model is even opened."""
+    def setup(root: Path) -> list[str]:
+        vol = _volume(root)
+        if aniso:
+            with h5py.File(vol, "a") as f:
+                f["image"].attrs["element_size_um"] = [5.0, 2.5, 2.5]
+        (root / "model.keras").write_bytes(b"garbage")
+        return ["-m", "analysis.segment", str(vol), "--model", str(root / "model.keras"), "--model-voxel-size", "5",
+                "--out", str(root / "result"), "--no-progress", *extra]
+    return setup
+
+
 def _file(root: Path, name: str) -> Path:
     (root / name).write_text("x")
     return root / name
@@ -220,6 +234,9 @@ CASES = [
     Case("predict: --out an existing directory with --overwrite",
          _predict(lambda r: ["--out", str((r / "outdir").mkdir() or r / "outdir"), "--overwrite"]), "is a directory"),
     Case("predict: runs:/ URI with an unreachable server", _predict_unreachable_server, "127.0.0.1:1"),
+    Case("segment: a scan whose voxel size is unknown", _segment(), "--voxel-size"),
+    Case("segment: anisotropic voxels", _segment(aniso=True), "anisotropic voxels [5.0, 2.5, 2.5]"),
+    Case("segment: --voxel-size 0", _segment("--voxel-size", "0"), "--voxel-size: must be a positive"),
     Case("model.summary: --width 0", _summary_width_zero, "width"),
     Case("sweep.predict: missing model and volume", _sweep_predict_missing, "nothing was queued"),
     Case("analysis.measures: an image instead of labels", _measures_on_an_image, "vol.h5"),
