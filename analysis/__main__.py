@@ -4,8 +4,10 @@ The paper's figures and tables rebuilt from MLflow:
   reports  everything the runs allow (Fig. 3 + configs.csv, Table 2, Table 3, Pareto front, missing.csv/.md);
            a part without runs is skipped with a one-line note
   fig3     Fig. 3: mean IoU vs FLOPs (depth, width, input size, compound) + configs.csv
-  table2   Table 2: IoU per fusing method (mean ± SE over folds, ×100)
-  table3   Table 3: DR, BIC, BV/TV per test sample for WF, HQ and ML segmentations
+  table2   Table 2: IoU per fusing method (mean ± SE over folds, ×100), and the 4-fold ensemble's rows
+           (one value each) when fusing.ensemble=true was run
+  table3   Table 3: DR, BIC, BV/TV per test sample for WF, HQ and ML segmentations (ML: the fold
+           ensemble's prediction when there is one, else the mean over the folds; --ml-from)
   pareto   Pareto front of the +experiment=optuna trials (max mean IoU, min FLOPs)
   missing  the missing-run report alone
 
@@ -45,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
         if name in ("reports", "table3"):
             p.add_argument("--roi-um", type=float, default=100.0,
                            help="BV/TV region of interest: distance around the implant in µm (default: %(default)s)")
+            p.add_argument("--ml-from", choices=("auto", "ensemble", "folds"), default="auto",
+                           help="Table 3's ML row: the fold-ensemble run's prediction (ensemble), the mean over the "
+                                "per-fold runs' predictions (folds), or the ensemble when there is one (auto, default)")
     return ap
 
 
@@ -81,7 +86,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
           f"({runs.search_calls} search call(s))")
     if args.what == "reports":
         parts = R.build_reports(args.tracking_uri, args.experiment, args.fusing_experiment, args.out,
-                                roi_um=args.roi_um, config_key=args.config_key, runs=runs)
+                                roi_um=args.roi_um, config_key=args.config_key, runs=runs, ml_from=args.ml_from)
         for part in parts:
             _report(part)
         return 0
@@ -90,7 +95,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     elif args.what == "table2":
         part, _ = R.table2_part(runs, args.out, args.config_key)
     elif args.what == "table3":
-        part = R.table3_part(runs, args.out, args.config_key, roi_um=args.roi_um)
+        part = R.table3_part(runs, args.out, args.config_key, roi_um=args.roi_um, ml_from=args.ml_from)
     elif args.what == "pareto":
         part = R.pareto_part(runs, args.out)
     else:

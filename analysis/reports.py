@@ -86,17 +86,23 @@ def table2_part(runs: Runs, out: tp.Union[str, Path], config_key: tp.Optional[st
     title = f"Table 2: multi-axes prediction fusing, IoU ×100 (config {key}{', ' + desc if desc else ''})"
     part.written += write_table2(df, out, title=title)
     part.notes.append(why)
+    ens = df[df.ensemble_of_folds != ""]
+    if not ens.empty:
+        part.notes.append(f"fold-ensemble rows ({', '.join(ens.method)}; folds {', '.join(sorted(set(ens.folds)))}): "
+                          "one value per column, marked with † in the table")
     for r in df[~df.complete].itertuples():
-        part.warnings.append(f"Table 2, {r.label}: {r.n_folds} of {len(EXPECTED_FOLDS)} folds "
+        what = "an ensemble of " if r.ensemble_of_folds else ""
+        part.warnings.append(f"Table 2, {r.label}: {what}{r.n_folds} of {len(EXPECTED_FOLDS)} folds "
                              f"(missing {r.missing_folds}); marked with * in the table")
     return part, key
 
 
 def table3_part(runs: Runs, out: tp.Union[str, Path], config_key: tp.Optional[str] = None, *, roi_um: float = 100.0,
-                measures_fn: tp.Optional[tp.Callable[..., dict]] = None) -> Part:
-    """Table 3 (CSV, Markdown, LaTeX) from the ``predictions.json`` artifacts of the config's fusing runs."""
+                measures_fn: tp.Optional[tp.Callable[..., dict]] = None, ml_from: str = "auto") -> Part:
+    """Table 3 (CSV, Markdown, LaTeX) from the ``predictions.json`` artifacts of the config's fusing runs: ML from
+    the fold-ensemble run when there is one (``ml_from``: auto, ensemble, folds), else from the per-fold runs."""
     from analysis.table2 import choose_config, describe_config
-    from analysis.table3 import default_measures, find_predictions, table3, table3_values, write_table3
+    from analysis.table3 import ENSEMBLE, default_measures, ml_predictions, table3, table3_values, write_table3
 
     part = Part("Table 3")
     if runs.fusing is None:
@@ -114,12 +120,13 @@ def table3_part(runs: Runs, out: tp.Union[str, Path], config_key: tp.Optional[st
             part.skipped = f"analysis.measures cannot be imported ({e})"
             return part
     try:
-        preds = find_predictions(tracking_client(runs.tracking_uri), runs.fusing, key)
+        preds = ml_predictions(tracking_client(runs.tracking_uri), runs.fusing, key, ml_from=ml_from)
     except Exception as e:  # noqa: BLE001 - an artifact store this machine cannot read: skip the part, say why
         part.skipped = f"cannot read the predictions.json artifacts of config {key}: {e}"
         return part
     if not preds:
-        part.skipped = f"no fusing run of config {key} has a predictions.json artifact"
+        what = "fold-ensemble run" if ml_from == "ensemble" else "fusing run"
+        part.skipped = f"no {what} of config {key} has a predictions.json artifact"
         return part
     try:
         values, notes = table3_values(preds, roi_um=roi_um, measures_fn=measures_fn)
@@ -135,9 +142,15 @@ def table3_part(runs: Runs, out: tp.Union[str, Path], config_key: tp.Optional[st
     desc = describe_config(runs.fusing, key)
     part.written += write_table3(df, out, roi_um=roi_um, method="/".join(methods), config=f"config {key}" + (f", {desc}" if desc else ""),
                                  title="Table 3: degradation rate, bone-to-implant contact, BV/TV per test sample")
-    part.notes += [f"{len(values)} test samples, predictions of folds {sorted(preds)} (config {key})"] + notes
+    if ENSEMBLE in preds:
+        doc = preds[ENSEMBLE]
+        source = (f"ML from the fold-ensemble run {str(doc.get('run_id', '?'))[:8]} (folds "
+                  f"{','.join(map(str, doc.get('ensemble_of_folds', [])))}, {doc.get('method', '?')})")
+    else:
+        source = f"ML from the predictions of folds {sorted(preds)}"
+    part.notes += [f"{len(values)} test samples, {source} (config {key})"] + notes
     missing = [f for f in EXPECTED_FOLDS if f not in preds]
-    if missing:
+    if missing and ENSEMBLE not in preds:
         part.warnings.append(f"Table 3: no predictions.json for fold(s) {missing}; ML is the mean of "
                              f"{len(preds)} fold(s), marked with *")
     return part
@@ -220,7 +233,8 @@ def missing_part(runs: Runs, out: tp.Union[str, Path]) -> Part:
 
 def build_reports(tracking_uri: str, experiment: str = "scaling-unet", fusing_experiment: tp.Optional[str] = None,
                   out: tp.Union[str, Path] = "reports", *, roi_um: float = 100.0, config_key: tp.Optional[str] = None,
-                  measures_fn: tp.Optional[tp.Callable[..., dict]] = None, runs: tp.Optional[Runs] = None) -> list[Part]:
+                  measures_fn: tp.Optional[tp.Callable[..., dict]] = None, runs: tp.Optional[Runs] = None,
+                  ml_from: str = "auto") -> list[Part]:
     """Everything the runs allow; raises StoreError only for an unreadable store / missing training experiment."""
     if runs is None:
         runs = read_runs(tracking_uri, experiment, fusing_experiment)
@@ -231,7 +245,7 @@ def build_reports(tracking_uri: str, experiment: str = "scaling-unet", fusing_ex
     if key is None and t2.skipped:
         parts.append(Part("Table 3", skipped=t2.skipped))
     else:
-        parts.append(table3_part(runs, out, key, roi_um=roi_um, measures_fn=measures_fn))
+        parts.append(table3_part(runs, out, key, roi_um=roi_um, measures_fn=measures_fn, ml_from=ml_from))
     parts.append(pareto_part(runs, out))
     parts.append(missing_part(runs, out))
     return parts

@@ -2,7 +2,10 @@
 
 Fusing runs (experiment ``<experiment>-fusing``): one FINISHED run per (config, fold, method), tags
 ``config_key``, ``fold``, ``task=fusing``, ``fusing_method``; metrics ``iou_bone``,
-``iou_degradation_layer``, ``iou_residual_material``, ``mean_iou``.
+``iou_degradation_layer``, ``iou_residual_material``, ``mean_iou``. Fold-ensemble runs
+(``python -m sweep +experiment=fusing fusing.ensemble=true``): the same tags and metrics, but no ``fold``;
+instead ``ensemble_of_folds`` (e.g. ``0,1,2,3``). They give the extra rows "<method>, 4-fold ensemble":
+one value per class (the ensemble's IoU), no standard error. Stores without them give the 7 rows alone.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from analysis.store import RunRecord
 from model.planes import TABLE2_METHODS
 
 METHODS = tuple(TABLE2_METHODS)  # row order of Table 2, as the fusing runs name them
+TAG_ENSEMBLE = "ensemble_of_folds"  # fold-ensemble fusing runs (sweep.jobs.fusing.run_ensemble_fusing)
 METHOD_LABELS = {"baseline_rc": "Baseline S_rc", "baseline_cp": "Baseline S_cp", "baseline_pr": "Baseline S_pr",
                  "avr_3": "Avr 3-planes", "mv_3": "MV 3-planes", "avr_9": "Avr 9-planes", "mv_9": "MV 9-planes"}
 LATEX_LABELS = {"baseline_rc": r"Baseline $S_{rc}$", "baseline_cp": r"Baseline $S_{cp}$",
@@ -27,21 +31,52 @@ TABLE2_COLUMNS = (("iou_bone", "Bone"), ("iou_degradation_layer", "Degradation l
                   ("iou_residual_material", "Residual material"), ("mean_iou", "Average"))
 
 
-def fusing_key(r: RunRecord) -> tp.Optional[tuple]:
-    """(config_key, method, fold) of a fusing run; None for anything else."""
+def _is_fusing_method_run(r: RunRecord) -> bool:
     t = r.tags
-    if t.get("task", "fusing") != "fusing" or t.get("fusing_method") not in METHODS or "config_key" not in t:
+    return t.get("task", "fusing") == "fusing" and t.get("fusing_method") in METHODS and "config_key" in t
+
+
+def fusing_key(r: RunRecord) -> tp.Optional[tuple]:
+    """(config_key, method, fold) of a per-fold fusing run; None for anything else (fold-ensemble runs too)."""
+    if not _is_fusing_method_run(r) or r.tags.get(TAG_ENSEMBLE):
         return None
     fold = r.fold()
-    return None if fold is None else (t["config_key"], t["fusing_method"], fold)
+    return None if fold is None else (r.tags["config_key"], r.tags["fusing_method"], fold)
+
+
+def ensemble_key(r: RunRecord) -> tp.Optional[tuple]:
+    """(config_key, method, folds text) of a fold-ensemble fusing run; None for anything else."""
+    if not _is_fusing_method_run(r) or not r.tags.get(TAG_ENSEMBLE):
+        return None
+    return r.tags["config_key"], r.tags["fusing_method"], r.tags[TAG_ENSEMBLE]
+
+
+def ensemble_folds(r: RunRecord) -> list[int]:
+    """The folds of a fold-ensemble run (tag ``ensemble_of_folds``); unreadable entries are left out."""
+    return [int(f) for f in str(r.tags.get(TAG_ENSEMBLE, "")).split(",") if f.strip().isdigit()]
+
+
+def ensemble_runs(fusing: tp.Iterable[RunRecord], config_key: str) -> dict[str, RunRecord]:
+    """method → the config's FINISHED fold-ensemble run, in Table 2 order; of several ensembles (fold sets) the
+    one of most folds, then the latest."""
+    done, _, _ = latest_finished(fusing, ensemble_key)
+    best: dict[str, RunRecord] = {}
+    for (k, m, _folds), r in done.items():
+        old = best.get(m)
+        if k == config_key and (old is None or (len(ensemble_folds(r)), r.end_time)
+                                > (len(ensemble_folds(old)), old.end_time)):
+            best[m] = r
+    return {m: best[m] for m in METHODS if m in best}
 
 
 def fusing_configs(fusing: tp.Iterable[RunRecord]) -> dict[str, int]:
-    """config_key → number of FINISHED fusing runs (one per method and fold)."""
-    done, _, _ = latest_finished(fusing, fusing_key)
+    """config_key → number of FINISHED fusing runs (one per method and fold, and one per fold-ensemble method)."""
+    fusing = list(fusing)
     out: dict[str, int] = {}
-    for key, _m, _f in done:
-        out[key] = out.get(key, 0) + 1
+    for keyfn in (fusing_key, ensemble_key):
+        done, _, _ = latest_finished(fusing, keyfn)
+        for key, *_rest in done:
+            out[key] = out.get(key, 0) + 1
     return out
 
 
@@ -59,9 +94,10 @@ def choose_config(fusing: tp.Sequence[RunRecord], config_key: tp.Optional[str] =
         key = next(iter(counts))
         return key, f"config {key}, the only one with fusing runs ({counts[key]} runs)"
     latest = {}
-    done, _, _ = latest_finished(fusing, fusing_key)
-    for (k, _m, _f), r in done.items():
-        latest[k] = max(latest.get(k, 0), r.end_time)
+    for keyfn in (fusing_key, ensemble_key):
+        done, _, _ = latest_finished(fusing, keyfn)
+        for (k, _m, _f), r in done.items():
+            latest[k] = max(latest.get(k, 0), r.end_time)
     key = max(counts, key=lambda k: (counts[k], latest[k]))
     others = ", ".join(f"{k} ({n})" for k, n in sorted(counts.items()) if k != key)
     return key, (f"config {key}, the one with most fusing runs ({counts[key]}); others: {others} "
@@ -79,32 +115,56 @@ def describe_config(fusing: tp.Iterable[RunRecord], key: str) -> str:
     return ""
 
 
+def _fold_row(method: str, label: str, runs: tp.Sequence[RunRecord], folds: tp.Sequence[int],
+              expected_folds: tp.Sequence[int], ensemble: str) -> dict[str, tp.Any]:
+    """One Table 2 row: mean and SE ×100 of ``runs`` per column (one run: its value, SE NaN)."""
+    row: dict[str, tp.Any] = {"method": method, "label": label, "ensemble_of_folds": ensemble, "n_folds": len(folds),
+                              "folds": ",".join(map(str, folds)),
+                              "missing_folds": ",".join(str(f) for f in expected_folds if f not in folds),
+                              "complete": set(expected_folds) <= set(folds)}
+    for name in IOU_METRICS:
+        vals = [r.metric(name) for r in runs]
+        if name == "mean_iou":
+            vals = [v if not math.isnan(v) else mean_of_classes(r) for v, r in zip(vals, runs)]
+        mean, se = se100(vals)
+        row[name], row[f"{name}_se"] = mean * 100, se * 100
+        row[f"{name}_n"] = sum(not math.isnan(v) for v in vals)
+    return row
+
+
+def ensemble_label(method: str, n_folds: int) -> str:
+    """Table 2 extension (not in the paper): the row of a method applied to the n-fold ensemble's probabilities,
+    e.g. "Avr 9-planes, 4-fold ensemble"."""
+    return f"{METHOD_LABELS[method]}, {n_folds}-fold ensemble"
+
+
 def table2(fusing: tp.Iterable[RunRecord], config_key: str, *,
            expected_folds: tp.Sequence[int] = EXPECTED_FOLDS) -> pd.DataFrame:
-    """One row per method (paper order): mean and SE over folds ×100 per column, folds used, ``complete``."""
+    """One row per method (paper order): mean and SE over folds ×100 per column, folds used, ``complete``; then one
+    row per method scored for the config's fold ensemble (one value per column, SE NaN; ``ensemble_of_folds`` set)."""
+    fusing = list(fusing)
     done, _, _ = latest_finished(fusing, fusing_key)
     rows = []
     for method in METHODS:
         runs = sorted((r for (k, m, _f), r in done.items() if k == config_key and m == method), key=lambda r: r.fold())
-        folds = [r.fold() for r in runs]
-        row: dict[str, tp.Any] = {"method": method, "label": METHOD_LABELS[method], "n_folds": len(runs),
-                                  "folds": ",".join(map(str, folds)),
-                                  "missing_folds": ",".join(str(f) for f in expected_folds if f not in folds),
-                                  "complete": set(expected_folds) <= set(folds)}
-        for name in IOU_METRICS:
-            vals = [r.metric(name) for r in runs]
-            if name == "mean_iou":
-                vals = [v if not math.isnan(v) else mean_of_classes(r) for v, r in zip(vals, runs)]
-            mean, se = se100(vals)
-            row[name], row[f"{name}_se"] = mean * 100, se * 100
-            row[f"{name}_n"] = sum(not math.isnan(v) for v in vals)
-        rows.append(row)
+        rows.append(_fold_row(method, METHOD_LABELS[method], runs, [tp.cast(int, r.fold()) for r in runs],
+                              expected_folds, ""))
+    for method, r in ensemble_runs(fusing, config_key).items():
+        folds = ensemble_folds(r)
+        rows.append(_fold_row(method, ensemble_label(method, len(folds)), [r], folds, expected_folds,
+                              r.tags[TAG_ENSEMBLE]))
     return pd.DataFrame(rows)
+
+
+def _is_ensemble(df: pd.DataFrame) -> pd.Series:
+    return df.ensemble_of_folds.fillna("").astype(str) != "" if "ensemble_of_folds" in df else pd.Series(False, df.index)
 
 
 def best_rows(df: pd.DataFrame, column: str, decimals: int = 2) -> set[int]:
     """Indices of the best (highest) mean in ``column`` at the printed precision; ties are all best.
-    Only complete rows compete, unless no row is complete."""
+    Only complete per-fold rows compete (unless no row is complete): the ensemble rows are one value, not a
+    mean over folds, and Table 2 compares the fusing methods of single fold models."""
+    df = df[~_is_ensemble(df)]
     pool = df[df.complete] if df.complete.any() else df
     vals = pool[column].round(decimals).dropna()
     if vals.empty:
@@ -114,13 +174,27 @@ def best_rows(df: pd.DataFrame, column: str, decimals: int = 2) -> set[int]:
 
 def _incomplete_note(df: pd.DataFrame, n_expected: int) -> list[str]:
     notes = []
-    for r in df.itertuples():
-        if r.n_folds == 0:
+    for r, ens in zip(df.itertuples(), _is_ensemble(df)):
+        if ens:
+            if not r.complete:
+                notes.append(f"{r.label}: an ensemble of folds {r.folds} only (missing {r.missing_folds}).")
+        elif r.n_folds == 0:
             notes.append(f"{r.label}: no FINISHED run (missing folds {r.missing_folds}).")
         elif not r.complete:
             notes.append(f"{r.label}: mean over {r.n_folds} of {n_expected} folds only (folds {r.folds}; "
                          f"missing {r.missing_folds}).")
     return notes
+
+
+def _ensemble_note(df: pd.DataFrame) -> tp.Optional[str]:
+    """The footnote of the fold-ensemble rows (marked †); None without them."""
+    ens = df[_is_ensemble(df)]
+    if ens.empty:
+        return None
+    sets = " / ".join(sorted(set(ens.folds)))
+    return (f"One value per column, not a mean over folds (no standard error): the IoU of one model, the ensemble "
+            f"of the fold models (folds {sets}; their softmax probabilities averaged per slice, then the planes "
+            "fused by the row's method), on the same test samples; not compared for bold.")
 
 
 def table2_markdown(df: pd.DataFrame, *, title: str = "", n_expected: int = len(EXPECTED_FOLDS)) -> str:
@@ -130,16 +204,20 @@ def table2_markdown(df: pd.DataFrame, *, title: str = "", n_expected: int = len(
         lines += [title, ""]
     lines.append("| Method | " + " | ".join(f"IoU {h}" if c != "mean_iou" else h for c, h in TABLE2_COLUMNS) + " |")
     lines.append("|---|" + "---:|" * len(TABLE2_COLUMNS))
+    ens = _is_ensemble(df)
     for i, r in df.iterrows():
-        label = r.label + ("*" if not r.complete else "")
+        label = r.label + ("†" if ens[i] else "") + ("*" if not r.complete else "")
         cells = []
         for c, _ in TABLE2_COLUMNS:
             text = cell(r[c], r[f"{c}_se"], ".2f", " ± ")
             cells.append(f"**{text}**" if i in best[c] else text)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")
+    per_fold = df[~_is_ensemble(df)]
     lines.append(f"Mean ± standard error over {n_expected} cross-validation folds, ×100; best per column in bold"
-                 + (" (among complete rows)." if (~df.complete).any() and df.complete.any() else "."))
+                 + (" (among complete rows)." if (~per_fold.complete).any() and per_fold.complete.any() else "."))
+    if _ensemble_note(df):
+        lines.append(f"† {_ensemble_note(df)}")
     for note in _incomplete_note(df, n_expected):
         lines.append(f"\\* {note}")
     return "\n".join(lines) + "\n"
@@ -153,8 +231,10 @@ def table2_latex(df: pd.DataFrame, *, caption: str = "", n_expected: int = len(E
     out += [r"\begin{tabular}{l" + "c" * len(TABLE2_COLUMNS) + "}", r"\toprule",
             "Method & " + " & ".join(("IoU " if c != "mean_iou" else "") + h for c, h in TABLE2_COLUMNS) + r" \\",
             r"\midrule"]
+    ens = _is_ensemble(df)
     for i, r in df.iterrows():
-        label = LATEX_LABELS.get(r.method, tex_escape(r.label)) + ("$^{*}$" if not r.complete else "")
+        label = (tex_escape(r.label) + r"$^{\dagger}$" if ens[i] else LATEX_LABELS.get(r.method, tex_escape(r.label))
+                 ) + ("$^{*}$" if not r.complete else "")
         cells = []
         for c, _ in TABLE2_COLUMNS:
             text = tex_unicode(cell(r[c], r[f"{c}_se"], ".2f", r" $\pm$ "))
@@ -162,13 +242,15 @@ def table2_latex(df: pd.DataFrame, *, caption: str = "", n_expected: int = len(E
         out.append(label + " & " + " & ".join(cells) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}"]
     notes = [f"Mean $\\pm$ standard error over {n_expected} folds, $\\times 100$; best per column in bold."]
+    if _ensemble_note(df):
+        notes.append(r"$^{\dagger}$ " + tex_escape(tp.cast(str, _ensemble_note(df))))
     notes += ["$^{*}$ " + tex_escape(n) for n in _incomplete_note(df, n_expected)]
     out += [r"\par\smallskip{\footnotesize " + r" \\ ".join(notes) + "}", r"\end{table}"]
     return "\n".join(out) + "\n"
 
 
 def write_table2(df: pd.DataFrame, out_dir: tp.Union[str, Path], *, title: str = "") -> list[Path]:
-    cols = ["method", "label", "n_folds", "folds", "missing_folds", "complete"]
+    cols = ["method", "label", "ensemble_of_folds", "n_folds", "folds", "missing_folds", "complete"]
     cols += [f"{m}{s}" for m, _ in TABLE2_COLUMNS for s in ("", "_se", "_n")]
     return write_table_files(out_dir, "table2", df[cols], table2_markdown(df, title=title),
                              table2_latex(df, caption=title))

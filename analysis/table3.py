@@ -2,7 +2,10 @@
 predictions, as CSV, Markdown, LaTeX.
 
 A fusing run may carry the artifact ``predictions.json`` = {"dataset": folder, "method": m, "samples": {id: HDF5
-file with ``labels``}}, which Table 3 reads.
+file with ``labels``}}, which Table 3 reads. The ML row comes from the config's fold-ensemble run (tag
+``ensemble_of_folds``; its predictions.json also has ``"ensemble_of_folds": [0, 1, 2, 3]``) when there is one:
+one prediction per sample, no standard error; else (older stores, or ``ml_from="folds"``) it is the mean of the
+measures over the per-fold runs' predictions, as in the paper.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import pandas as pd
 from analysis.formatting import tex_escape, tex_unicode, write_table_files
 from analysis.results import EXPECTED_FOLDS, latest_finished, se100
 from analysis.store import RunRecord
-from analysis.table2 import METHODS, fusing_key
+from analysis.table2 import METHODS, TAG_ENSEMBLE, ensemble_folds, ensemble_runs, fusing_key
 
 PREDICTIONS_ARTIFACT = "predictions.json"
 DEFAULT_PREDICTION_METHOD = "avr_9"  # paper, Fig. 5 caption: the ML segmentation is "Avr., 9-planes"
@@ -29,6 +32,8 @@ DEFAULT_PREDICTION_METHOD = "avr_9"  # paper, Fig. 5 caption: the ML segmentatio
 MEASURES = (("dr_mm_per_year", "DR [mm/year]", ".3f"), ("bic_percent", "BIC [%]", ".1f"),
             ("bv_tv_percent", "BV/TV [%]", ".1f"))
 SEGMENTATIONS = ("WF", "HQ", "ML")
+ENSEMBLE = "ensemble"  # the key of the fold ensemble's document in a predictions mapping (else: fold numbers)
+ML_FROM = ("auto", "ensemble", "folds")
 
 
 def find_predictions(client, fusing: tp.Iterable[RunRecord], config_key: str, *,
@@ -46,16 +51,52 @@ def find_predictions(client, fusing: tp.Iterable[RunRecord], config_key: str, *,
     with tempfile.TemporaryDirectory(prefix="scaling-unet-analysis-") as tmp:
         for fold, runs in sorted(by_fold.items()):
             for r in sorted(runs, key=lambda r: order.index(r.tags["fusing_method"])):
-                names = {a.path for a in client.list_artifacts(r.run_id)}
-                if PREDICTIONS_ARTIFACT not in names:
-                    continue
-                local = client.download_artifacts(r.run_id, PREDICTIONS_ARTIFACT, str(Path(tmp) / r.run_id))
-                doc = json.loads(Path(local).read_text(encoding="utf-8"))
-                doc["run_id"] = r.run_id
-                doc.setdefault("method", r.tags["fusing_method"])
-                found[fold] = doc
-                break
+                doc = _read_predictions(client, r, tmp)
+                if doc is not None:
+                    found[fold] = doc
+                    break
     return found
+
+
+def _read_predictions(client, r: RunRecord, tmp: str) -> tp.Optional[dict]:
+    """The run's parsed ``predictions.json`` plus ``run_id`` and ``method``; None if it has none."""
+    if PREDICTIONS_ARTIFACT not in {a.path for a in client.list_artifacts(r.run_id)}:
+        return None
+    local = client.download_artifacts(r.run_id, PREDICTIONS_ARTIFACT, str(Path(tmp) / r.run_id))
+    doc = json.loads(Path(local).read_text(encoding="utf-8"))
+    doc["run_id"] = r.run_id
+    doc.setdefault("method", r.tags["fusing_method"])
+    return doc
+
+
+def find_ensemble_predictions(client, fusing: tp.Iterable[RunRecord], config_key: str, *,
+                              prefer: str = DEFAULT_PREDICTION_METHOD) -> tp.Optional[dict]:
+    """Table 3's ML row from the fold ensemble: the parsed ``predictions.json`` of the config's fold-ensemble run
+    (method ``prefer`` first, then Table 2 order), with ``ensemble_of_folds``; None if no ensemble run has one."""
+    runs = ensemble_runs(fusing, config_key)
+    order = [prefer] + [m for m in METHODS if m != prefer]
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars in the report output
+    with tempfile.TemporaryDirectory(prefix="scaling-unet-analysis-") as tmp:
+        for m in (m for m in order if m in runs):
+            doc = _read_predictions(client, runs[m], tmp)
+            if doc is not None:
+                doc.setdefault("ensemble_of_folds", ensemble_folds(runs[m]))
+                doc["ensemble_tag"] = runs[m].tags[TAG_ENSEMBLE]
+                return doc
+    return None
+
+
+def ml_predictions(client, fusing: tp.Sequence[RunRecord], config_key: str, *, ml_from: str = "auto",
+                   prefer: str = DEFAULT_PREDICTION_METHOD) -> dict[tp.Union[int, str], dict]:
+    """Where Table 3's ML row comes from: ``{"ensemble": doc}`` of the fold ensemble (``auto``: when it exists),
+    else fold → doc of the per-fold runs (:func:`find_predictions`). ValueError names ``ml_from`` if unknown."""
+    if ml_from not in ML_FROM:
+        raise ValueError(f"ml_from: must be one of {ML_FROM}, got {ml_from!r}")
+    if ml_from != "folds":
+        doc = find_ensemble_predictions(client, fusing, config_key, prefer=prefer)
+        if doc is not None or ml_from == "ensemble":
+            return {ENSEMBLE: doc} if doc is not None else {}
+    return dict(find_predictions(client, fusing, config_key, prefer=prefer))
 
 
 def _path(text: str) -> Path:
@@ -68,12 +109,13 @@ def default_measures():
     return implant_measures
 
 
-def table3_values(predictions: tp.Mapping[int, dict], *, roi_um: float = 100.0,
+def table3_values(predictions: tp.Mapping[tp.Union[int, str], dict], *, roi_um: float = 100.0,
                   measures_fn: tp.Optional[tp.Callable[..., dict]] = None, slab: int = 64
                   ) -> tuple[dict[str, dict[str, tp.Any]], list[str]]:
     """Measures per test sample: {"WF": dict|None, "HQ": dict, "ML": [dict per fold], "folds": [...], "days": t}.
 
-    HQ = the sample's ``label`` in the dataset, WF = its ``wf_label``; ML = each fold's prediction file.
+    HQ = the sample's ``label`` in the dataset, WF = its ``wf_label``; ML = each fold's prediction file, or with
+    ``predictions = {"ensemble": doc}`` the fold ensemble's one file (``"ensemble": folds`` in the values).
     Returns (values, notes about what was skipped)."""
     import h5py
 
@@ -98,7 +140,8 @@ def table3_values(predictions: tp.Mapping[int, dict], *, roi_um: float = 100.0,
                                  initial_surface_mm2=sample.initial_surface_mm2, days=sample.implantation_days,
                                  slab=slab) if fn is default_measures() else {}  # a stand-in measure has no interval
 
-    for fold, doc in sorted(predictions.items()):
+    for fold, doc in sorted(predictions.items(), key=lambda kv: (isinstance(kv[0], str), kv[0])):
+        source = "the ensemble" if fold == ENSEMBLE else f"fold {fold}"
         folder = _path(doc["dataset"])
         if folder not in datasets:
             datasets[folder] = load_dataset(folder)
@@ -107,7 +150,7 @@ def table3_values(predictions: tp.Mapping[int, dict], *, roi_um: float = 100.0,
             try:
                 sample = ds.by_id(sid)
             except KeyError:
-                notes.append(f"fold {fold}: sample {sid!r} is not in dataset {folder}; skipped")
+                notes.append(f"{source}: sample {sid!r} is not in dataset {folder}; skipped")
                 continue
             if sample.label is None:
                 notes.append(f"sample {sid!r} has no reference label (HQ) in {folder}; skipped")
@@ -128,8 +171,12 @@ def table3_values(predictions: tp.Mapping[int, dict], *, roi_um: float = 100.0,
                 if "disagreement" in f and "plane_classes" in f:  # written by fusing with uncertainty maps
                     v.setdefault("ML_interval", []).append(interval(f, sample, ml))
                 else:
-                    notes.append(f"fold {fold}, sample {sid!r}: {pred_path} has no uncertainty maps; no ML interval")
-            v["folds"].append(fold)
+                    notes.append(f"{source}, sample {sid!r}: {pred_path} has no uncertainty maps; no ML interval")
+            if fold == ENSEMBLE:  # one prediction of all its folds' models
+                v["ensemble"] = [int(f) for f in doc.get("ensemble_of_folds", [])]
+                v["folds"].extend(v["ensemble"])
+            else:
+                v["folds"].append(fold)
             v["methods"].add(doc.get("method", ""))
     for sid, v in values.items():
         if v["WF"] is None:
@@ -139,7 +186,8 @@ def table3_values(predictions: tp.Mapping[int, dict], *, roi_um: float = 100.0,
 
 def table3(values: tp.Mapping[str, dict], *, expected_folds: tp.Sequence[int] = EXPECTED_FOLDS) -> pd.DataFrame:
     """Long table: one row per (sample, segmentation) with each measure, its relative difference to HQ in %,
-    and for ML the standard error over folds and the folds used."""
+    and for ML the standard error over folds and the folds used; ``ml_source`` says whether ML is the fold
+    ensemble's prediction (``ensemble``, no SE) or the mean over the fold models' predictions (``folds``)."""
     rows = []
     for sid in sorted(values):
         v = values[sid]
@@ -148,7 +196,8 @@ def table3(values: tp.Mapping[str, dict], *, expected_folds: tp.Sequence[int] = 
             row: dict[str, tp.Any] = {"sample": sid, "segmentation": seg, "days": v.get("days"),
                                       "n_folds": len(v["folds"]) if seg == "ML" else None,
                                       "folds": ",".join(map(str, sorted(v["folds"]))) if seg == "ML" else "",
-                                      "complete": (set(expected_folds) <= set(v["folds"])) if seg == "ML" else True}
+                                      "complete": (set(expected_folds) <= set(v["folds"])) if seg == "ML" else True,
+                                      "ml_source": ml_source(v) if seg == "ML" else ""}
             for key, _h, _f in MEASURES:
                 if seg == "ML":
                     x, se = se100([m.get(key, math.nan) for m in v["ML"]])
@@ -166,6 +215,11 @@ def table3(values: tp.Mapping[str, dict], *, expected_folds: tp.Sequence[int] = 
     return pd.DataFrame(rows)
 
 
+def ml_source(v: tp.Mapping[str, tp.Any]) -> str:
+    """``ensemble`` if a sample's ML values are the fold ensemble's prediction, else ``folds``."""
+    return ENSEMBLE if v.get("ensemble") else "folds"
+
+
 def _t3_cell(x: float, rel: float, fmt: str, lo: float = math.nan, hi: float = math.nan) -> str:
     if math.isnan(x):
         return "–"
@@ -181,16 +235,23 @@ def _t3_cells(r, fmt_of=lambda c: c) -> list[str]:
 def _t3_notes(df: pd.DataFrame, roi_um: float, method: str, config: str, n_expected: int) -> list[str]:
     ml = df[df.segmentation == "ML"]
     n = sorted(set(int(x) for x in ml.n_folds.dropna()))
-    notes = [f"Relative difference to HQ, (x − HQ)/HQ, in brackets. ML: mean of the measures over the predictions "
-             f"of the {'/'.join(map(str, n)) or 0} fold models (fusing method {method}{', ' + config if config else ''}). "
+    ensemble = "ml_source" in ml and (ml.ml_source == ENSEMBLE).any()
+    folds = '/'.join(map(str, n)) or "0"
+    where = f"fusing method {method}{', ' + config if config else ''}"
+    how = (f"the measures of the prediction of the {folds}-fold ensemble ({where}; the fold models' softmax "
+           f"probabilities averaged: one prediction, no standard error)" if ensemble else
+           f"mean of the measures over the predictions of the {folds} fold models ({where})")
+    notes = [f"Relative difference to HQ, (x − HQ)/HQ, in brackets. ML: {how}. "
              f"BV/TV in a region of interest of {roi_um:g} µm around the implant."]
     if any(not math.isnan(x) for k, _h, _f in MEASURES for x in ml.get(f"{k}_lo", [])):
         notes[0] += (" ML [lo, hi]: the plane-disagreement interval (README, 'Uncertainty'): the measure with the "
                      "uncertain voxels of its class (RM for DR, bone for BIC and BV/TV) removed where any plane "
-                     "disagrees, and added where any plane assigns the class; mean over folds.")
+                     "disagrees, and added where any plane assigns the class"
+                     + ("." if ensemble else "; mean over folds."))
     for r in ml.itertuples():
         if not r.complete:
-            notes.append(f"{r.sample}: ML mean over {int(r.n_folds)} of {n_expected} folds only (folds {r.folds}).")
+            what = "the ensemble of" if getattr(r, "ml_source", "") == ENSEMBLE else "mean over"
+            notes.append(f"{r.sample}: ML {what} {int(r.n_folds)} of {n_expected} folds only (folds {r.folds}).")
     return notes
 
 
