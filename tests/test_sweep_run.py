@@ -77,6 +77,17 @@ def test_tiny_run_is_one_finished_mlflow_run_with_the_schema(tmp_path, mlflow_se
     assert inputs["training"].name.endswith("/fold1/training") and len(inputs["training"].digest) == 12
     assert inputs["training"].digest != inputs["validation"].digest
     assert str(Path.home()) not in inputs["training"].source or str(Path.home()) == "/"
+    # The trained model as an MLflow 3 LoggedModel of the run (the runs table's Models column): READY, linked as the
+    # run's output at its last iteration, holding the model file; models:/<model id> loads it.
+    outputs = run.outputs.model_outputs
+    assert len(outputs) == 1 and outputs[0].step == 4
+    logged = client.get_logged_model(outputs[0].model_id)
+    assert logged.source_run_id == run.info.run_id and str(logged.status) in ("READY", "LoggedModelStatus.READY")
+    assert logged.tags.get("config_key") == run.data.tags["config_key"] and logged.tags.get("fold") == "1"
+    from model.predict import load_models
+
+    models, identity = load_models([f"models:/{logged.model_id}"], tracking_uri=mlflow_server.uri)
+    assert len(models) == 1 and identity.startswith(f"models:/{logged.model_id}:")
     # The same command again finds the FINISHED run and trains nothing.
     again = _sweep(work, f"mlflow.tracking_uri={mlflow_server.uri}", "mlflow.experiment=schema",
                    "train.max_iters=4", "train.checkpoint_every=2", "fold=1")

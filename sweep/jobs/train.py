@@ -373,6 +373,9 @@ def _train(cfg: DictConfig, plan: RunPlan, experiment_id: str, train_samples, va
                     recorder.log_artifact(path, artifact_path)
                 for text, artifact_file in texts:
                     recorder.log_text(text, artifact_file)
+                # The same file once more as a LoggedModel: what MLflow 3's UI lists in the Models column.
+                recorder.log_model(result.model_path, step=st.iteration,
+                                   tags={tracking.TAG_CONFIG_KEY: plan.config_key, tracking.TAG_FOLD: str(plan.fold)})
             except tracking.TrackingUnavailable as exc:
                 log.warning("%s: the server went away while the artifacts were uploaded: %s", plan.run_name, exc)
                 offline = True

@@ -313,6 +313,47 @@ class RunRecorder:
             self._retry(lambda: self.client.log_artifact(run_id, str(p), artifact_path),
                         f"log artifact {sanitize(p)} to run {run_id}")
 
+    def log_model(self, path: str | os.PathLike, *, name: str = "unet", step: int = 0,
+                  tags: Mapping[str, tp.Any] | None = None) -> str:
+        """The trained model as an MLflow 3 LoggedModel of this run (the runs table's Models column, the Models tab,
+        ``models:/<model id>``): created once per run and name (a rerun finds a READY one), its file uploaded, marked
+        READY, linked as the run's output at ``step``. Returns the model id.
+
+        Not named ``model``: MLflow 3 then reads the run's artifact folder ``model/`` (``runs:/<id>/model``, what
+        every reader here fetches) as that LoggedModel, through the process-wide tracking URI."""
+        import shutil
+        import tempfile
+
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+        run_id = self._run_id()
+        p = Path(path)
+        if not p.is_file():
+            raise TrackingError(f"MLflow at {redact_uri(self.uri)}: model file {sanitize(p)} does not exist")
+        # status is filtered here: MLflow 3.17 on PostgreSQL compares it as an integer and refuses 'READY'
+        found = self._retry(lambda: self.client.search_logged_models(
+            [self.experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{name}'"),
+            f"find the logged model of run {run_id}")
+        ready = [m for m in found if m.status == LoggedModelStatus.READY]
+        if ready:
+            return ready[0].model_id
+        model = self._retry(lambda: self.client.create_logged_model(
+            self.experiment_id, name=name, source_run_id=run_id, model_type="keras",
+            tags={k: sanitize(v, MAX_TAG_VAL_LENGTH) for k, v in (tags or {}).items()}),
+            f"create the logged model of run {run_id}")
+        folder = Path(tempfile.mkdtemp(prefix="scaling-unet-model-"))
+        try:  # the model's artifacts are a folder; a copy keeps the checkpoint folder's other files out
+            shutil.copy2(p, folder / p.name)
+            self._retry(lambda: self.client.log_model_artifacts(model.model_id, str(folder)),
+                        f"upload the logged model {model.model_id}")
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        self._retry(lambda: self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY),
+                    f"finalize the logged model {model.model_id}")
+        self._retry(lambda: self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, int(step))]),
+                    f"link the logged model {model.model_id} to run {run_id}")
+        return model.model_id
+
     def log_text(self, text: str, artifact_file: str) -> None:
         run_id = self._run_id()
         self._retry(lambda: self.client.log_text(run_id, text, artifact_file),
