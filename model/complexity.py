@@ -351,3 +351,21 @@ def training_memory(width: int, depth: int, input_size: IntOrPair, batch_per_rep
     return MemoryEstimate(weights=weights, gradients=4 * trainable, optimizer=8 * trainable,
                           activations=batch * per_image,
                           workspace=2 * batch * largest * act_bytes + FIXED_OVERHEAD_BYTES)
+
+
+def inference_memory_per_slice(width: int, depth: int, slice_size: IntOrPair, precision: str = "float32",
+                               num_classes: int = 4, *, in_channels: int = 1) -> int:
+    """Bytes one full slice (padded to a multiple of 2^depth) holds while it goes through the U-net for inference.
+
+    Nothing is kept for a backward pass: the encoder outputs wait for their decoder level (skips), and around the
+    largest layer its input, the conv output, the BN output and Mish's intermediate live at once (4 tensors);
+    the float32 logits, softmax and the ensemble's running sum (3 × K channels) and the float32 input come on top.
+    An upper bound under XLA, which fuses BN and Mish into the convolution."""
+    if precision not in COMPUTE_BYTES:
+        raise ValueError(f"precision must be one of {sorted(COMPUTE_BYTES)}, got {precision!r}")
+    act = COMPUTE_BYTES[precision]
+    h, w = check_input_size(slice_size, depth)
+    layers = conv_layers(width, depth, (h, w), num_classes, in_channels)
+    skips = sum((h >> level) * (w >> level) * width * 2**level for level in range(depth))
+    largest = max(layer.out_height * layer.out_width * max(layer.out_channels, layer.in_channels) for layer in layers)
+    return int((skips + 4 * largest) * act + 3 * h * w * num_classes * 4 + h * w * in_channels * 4)

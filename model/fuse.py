@@ -145,21 +145,55 @@ def fuse_planes(plane_paths: tp.Sequence[Path], out_path: Path, *, method: str, 
     """
     plane_paths = [Path(p) for p in plane_paths]
     times = times or NoTimes()
+    with h5py.File(plane_paths[0], "r") as f:
+        shape = tuple(f[PLANE_FILE_DATASET].shape)
+    meta = {"vote": method, "planes": [_plane_of(p) for p in plane_paths], **(attrs or {})}
+    with contextlib.ExitStack() as stack:
+        folds = _fold_maps(stack, plane_paths) if uncertainty else []
+        map_names = (list(UNCERTAINTY_MAPS) if uncertainty else []) + ([FOLD_DISAGREEMENT] if folds else [])
+        write = stack.enter_context(fused_output(
+            out_path, shape, meta=meta, probabilities=probabilities, map_names=map_names, tiff_path=tiff_path,
+            inputs=inputs, image=image, voxel_size_um=voxel_size_um, times=times, progress=progress,
+            desc=f"fuse {method} ({len(plane_paths)} planes)"))
+        blocks = fuse_blocks(plane_paths)
+        while True:
+            with times.phase("read"):
+                item = next(blocks, None)
+            if item is None:
+                break
+            key, block = item
+            with times.phase("fuse"):
+                lab = vote(block, method)
+                mean = mean_probabilities(block).astype(np.float16) if probabilities else None
+                extra = uncertainty_maps(block, lab) if map_names else {}
+                if folds:  # the planes' mean of each plane's fold disagreement
+                    extra[FOLD_DISAGREEMENT] = np.rint(np.mean([d[key] for d in folds], axis=0)).astype(np.uint8)
+            write(key, lab, mean, extra)
+    return Path(out_path)
+
+
+@contextlib.contextmanager
+def fused_output(out_path: Path, shape: tp.Sequence[int], *, meta: dict, probabilities: bool,
+                 map_names: tp.Sequence[str], tiff_path: tp.Optional[Path] = None, inputs: tp.Sequence[Path] = (),
+                 image: tp.Optional[VolumeRef] = None, voxel_size_um: tp.Optional[float] = None,
+                 times: tp.Optional[PhaseTimes] = None, progress: bool = True, desc: str = "fuse"
+                 ) -> tp.Iterator[tp.Callable[..., None]]:
+    """The outputs of a fused prediction (labels, ``probabilities``, each of ``map_names``; HDF5 or OME-Zarr,
+    optionally a BigTIFF), written atomically: yields ``write(key, labels, mean, maps)`` for blocks
+    ``key = (z slice, y slice)`` given in z order, every y band of a slab before the next slab.
+
+    Whatever fused them (plane files, or model.resident's accumulator) writes the same files."""
+    times = times or NoTimes()
+    shape = tuple(int(s) for s in shape)
     zarr_out = is_zarr_path(out_path)
     if zarr_out:
         check_ome_zarr_inputs(Path(out_path), image, voxel_size_um)
-    with h5py.File(plane_paths[0], "r") as f:
-        shape = tuple(f[PLANE_FILE_DATASET].shape)
-    meta = {"vote": method, "planes": [_plane_of(p) for p in plane_paths], "class_names": list(CLASS_NAMES)}
+    meta = {**meta, "class_names": list(CLASS_NAMES)}
     if voxel_size_um is not None:
         meta["voxel_size_um"] = float(voxel_size_um)
-    meta.update(attrs or {})
-    bars = Progress(progress)
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(atomic_output(out_path, inputs=inputs))
         tiff_tmp = stack.enter_context(atomic_path(tiff_path, inputs=inputs)) if tiff_path else None
-        folds = _fold_maps(stack, plane_paths) if uncertainty else []
-        map_names = (list(UNCERTAINTY_MAPS) if uncertainty else []) + ([FOLD_DISAGREEMENT] if folds else [])
         if zarr_out:
             group = create_zarr_group(tmp)
             group.attrs.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in meta.items()})
@@ -176,43 +210,34 @@ def fuse_planes(plane_paths: tp.Sequence[Path], out_path: Path, *, method: str, 
             probs = create_dataset(group, "probabilities", shape, np.float16) if probabilities else None
             maps = {name: make(name, shape[:3], np.uint8) for name in map_names}
         writer = stack.enter_context(_tiff_writer(tiff_tmp)) if tiff_tmp else None
-        with bars.bar(shape[0], f"fuse {method} ({len(plane_paths)} planes)") as bar:
-            pages = np.empty((0,), np.uint8)
-            blocks = fuse_blocks(plane_paths)
-            while True:
-                with times.phase("read"):
-                    item = next(blocks, None)
-                if item is None:
-                    break
-                key, block = item
-                with times.phase("fuse"):
-                    lab = vote(block, method)
-                    mean = mean_probabilities(block).astype(np.float16) if probs is not None else None
-                    extra = uncertainty_maps(block, lab) if maps else {}
-                    if folds:  # the planes' mean of each plane's fold disagreement
-                        extra[FOLD_DISAGREEMENT] = np.rint(np.mean([d[key] for d in folds], axis=0)).astype(np.uint8)
-                with times.phase("write"):
-                    labels[key] = lab
-                    if probs is not None and zarr_out:  # NGFF puts the channel axis first
-                        probs[(slice(None),) + key] = np.moveaxis(mean, -1, 0)
-                    elif probs is not None:
-                        probs[key] = mean
-                    for name, arr in extra.items():
-                        maps[name][key] = arr
-                    if writer is not None:  # TIFF pages are whole slices: collect the slab's bands, then write
-                        if key[1].start == 0:
-                            pages = np.empty((lab.shape[0],) + shape[1:3], np.uint8)
-                        pages[:, key[1]] = lab
-                    if key[1].stop == shape[1]:
-                        for page in pages if writer is not None else ():
-                            writer.write(page, contiguous=True)
-                        bar.update(lab.shape[0])
+        bar = stack.enter_context(Progress(progress).bar(shape[0], desc))
+        pages = np.empty((0,), np.uint8)
+
+        def write(key, lab, mean, extra) -> None:
+            nonlocal pages
+            with times.phase("write"):
+                labels[key] = lab
+                if probs is not None and zarr_out:  # NGFF puts the channel axis first
+                    probs[(slice(None),) + key] = np.moveaxis(mean, -1, 0)
+                elif probs is not None:
+                    probs[key] = mean
+                for name, arr in extra.items():
+                    maps[name][key] = arr
+                if writer is not None:  # TIFF pages are whole slices: collect the slab's bands, then write
+                    if key[1].start in (0, None):
+                        pages = np.empty((lab.shape[0],) + shape[1:3], np.uint8)
+                    pages[:, key[1]] = lab
+                if key[1].stop in (shape[1], None):
+                    for page in pages if writer is not None else ():
+                        writer.write(page, contiguous=True)
+                    bar.update(lab.shape[0])
+
+        yield write
         if zarr_out:
             with times.phase("write"):
                 _finish_zarr(group, tp.cast(float, voxel_size_um), grey_range, list(level0))
         else:
             group.close()
-    return Path(out_path)
 
 
 def _fold_maps(stack: contextlib.ExitStack, plane_paths: tp.Sequence[Path]) -> list:

@@ -44,6 +44,8 @@ from data.volume import NUM_CLASSES, VolumeRef, check_image, is_zarr_path, open_
 from model.disk import check_disk, estimate_disk_bytes, file_digest
 from model.fuse import fuse_planes, input_voxel_size_um
 from model.fusion import VOTES
+from model.forward import FOLD_VOTES
+from model.validation import PRECISIONS
 from model.inference import Source, SlicePredictor, predict_plane
 from model.planes import PLANE_SETS, PLANES, plane_set
 from model.rotate import ROTATE_ON, available_cores, make_rotation
@@ -134,18 +136,31 @@ def check_model(model, name: str, num_classes: int = NUM_CLASSES) -> None:
 
 
 def keras_predictor(model, *, batch_size: int = 4) -> SlicePredictor:
-    """Full-slice inference (reflect-padded to 2^depth), softmax probabilities."""
+    """Full-slice inference (reflect-padded to 2^depth), softmax probabilities, in one compiled function
+    (model.forward); a model built under a multi-replica strategy spreads each batch over its replicas."""
+    return models_predictor([model], batch_size=batch_size)
+
+
+def models_predictor(models: tp.Sequence, *, batch_size: int = 4, fold_vote: str = "soft",
+                     fold_disagreement: bool = False) -> SlicePredictor:
+    """One model or a fold ensemble (:func:`ensemble_predictor`'s votes) as one compiled function (model.forward),
+    so the models share each batch on the device; models on several replicas go through model.devices instead."""
+    from model.devices import replicas_of
+    from model.forward import compiled_predictor
     from model.unet import infer_depth, predict_full_slice
 
-    depth = infer_depth(model)
+    depths = {infer_depth(m) for m in models}
+    if len(depths) == 1 and all(replicas_of(m) == 1 for m in models):
+        if len(models) == 1 and not fold_disagreement:
+            fold_vote = "soft"  # one model: its probabilities, whatever the fold vote
+        return compiled_predictor(list(models), depth=depths.pop(), batch_size=batch_size, fold_vote=fold_vote,
+                                  fold_disagreement=fold_disagreement)
 
-    def predict(slices):
-        return predict_full_slice(model, slices, depth, batch_size=batch_size, probabilities=True)
+    def single(model):
+        depth = infer_depth(model)
+        return lambda slices: predict_full_slice(model, slices, depth, batch_size=batch_size, probabilities=True)
 
-    return predict
-
-
-FOLD_VOTES = ("soft", "majority")
+    return ensemble_predictor([single(m) for m in models], fold_vote, fold_disagreement=fold_disagreement)
 
 
 def ensemble_predictor(predictors: tp.Sequence[SlicePredictor], vote: str = "soft", *,
@@ -213,11 +228,12 @@ def parse_size(text: str) -> int:
 
 def check_inputs(volume: VolumeRef, out: Path, *, planes: tp.Sequence[str], overwrite: bool, probabilities: bool,
                  tiff: tp.Optional[Path], work_dir: Path, check_out: bool = True, scan_values: bool = True,
-                 uncertainty: bool = False, max_disk: tp.Optional[int] = None) -> Source:
+                 uncertainty: bool = False, max_disk: tp.Optional[int] = None, plane_files: bool = True) -> Source:
     """All input checks that need no model: OUT, the volume's values, free disk. Returns the source.
 
     ``scan_values=False`` reads only the shape: for the fuse step (it never reads the volume) and for
-    tasks whose volumes the submitting process has already scanned.
+    tasks whose volumes the submitting process has already scanned. ``plane_files=False``: the prediction may
+    run in memory (model.resident), so only the outputs' disk is checked here (:func:`check_plane_disk` later).
     """
     for target, opt in ((out, "--out"), (tiff, "--tiff"), (work_dir, "--work-dir")):
         if target is None or (opt != "--work-dir" and not check_out):
@@ -243,16 +259,21 @@ def check_inputs(volume: VolumeRef, out: Path, *, planes: tp.Sequence[str], over
     source = Source(volume, tp.cast(tuple, tuple(int(s) for s in shape)))
     need = estimate_disk_bytes(source.shape, planes, probabilities=probabilities, tiff=tiff is not None,
                                uncertainty=uncertainty)
-    # Plane files already written (a restart) are not needed again.
-    done = sum(plane_path(work_dir, p).stat().st_size for p in planes if plane_path(work_dir, p).is_file())
-    work_need = max(0, need["planes"] - done) + need["temporary"]
     if max_disk is not None:  # the user's bound replaces the uncompressed upper bound
         check_disk(work_dir, max_disk, f"--max-disk {max_disk / 2**30:.2f} GiB (output, plane and temporary files)")
         return source
     if check_out:
         check_disk(Path(out).parent, need["output"], f"the output {out}")
-    check_disk(work_dir, work_need, f"the plane files in {work_dir}")
+    if plane_files:
+        check_plane_disk(work_dir, source, planes)
     return source
+
+
+def check_plane_disk(work_dir: Path, source: Source, planes: tp.Sequence[str]) -> None:
+    """Free disk for the plane files still to write (those of a restart are kept) and one plane's temporaries."""
+    need = estimate_disk_bytes(source.shape, planes)
+    done = sum(plane_path(work_dir, p).stat().st_size for p in planes if plane_path(work_dir, p).is_file())
+    check_disk(work_dir, max(0, need["planes"] - done) + need["temporary"], f"the plane files in {work_dir}")
 
 
 def check_disk_as_written(work_dir: Path, written: tp.Sequence[Path], remaining: tp.Sequence[str], shape,
@@ -275,29 +296,60 @@ def plane_path(work_dir: Path, plane: str) -> Path:
     return Path(work_dir) / f"{plane}.h5"
 
 
+def _files_only(only_plane, fuse_only: bool, keep_planes: bool, max_disk) -> tp.Optional[str]:
+    """Why a prediction must go through plane files (model.resident's in-memory paths write none), or None."""
+    if only_plane:
+        return "--plane (one plane task of a cluster array)"
+    if fuse_only:
+        return "--fuse-only"
+    if keep_planes:
+        return "--keep-planes"
+    if max_disk is not None:
+        return "--max-disk (it bounds the plane files)"
+    return None
+
+
 def run_prediction(model_spec: tp.Union[str, tp.Sequence[str]], volume: VolumeRef, out: Path, *, planes: str = "3",
                    vote: str = "soft",
                    probabilities: bool = False, tiff: tp.Optional[Path] = None, overwrite: bool = False,
-                   work_dir: tp.Optional[Path] = None, keep_planes: bool = False, batch_size: int = 4,
+                   work_dir: tp.Optional[Path] = None, keep_planes: bool = False,
+                   batch_size: tp.Union[int, str, None] = "auto",
                    tracking_uri: tp.Optional[str] = None, only_plane: tp.Optional[str] = None,
                    fuse_only: bool = False, progress: bool = True, model: tp.Optional[tuple] = None,
                    values_checked: bool = False, uncertainty: bool = False, workers: tp.Optional[int] = None,
                    rotate_on: str = "auto", max_disk: tp.Optional[int] = None, times=None,
-                   fold_vote: str = "soft", voxel_size_um: tp.Optional[float] = None) -> Path:
+                   fold_vote: str = "soft", voxel_size_um: tp.Optional[float] = None, fuse_on: str = "auto",
+                   precision: str = "auto", extra_outputs: tp.Sequence[tuple[Path, bool]] = (),
+                   info: tp.Optional[dict] = None) -> Path:
     """The whole CLI as a function; returns OUT (or the plane file with ``only_plane``).
 
     ``model_spec``: one model, or several (the fold models: an ensemble, :func:`ensemble_predictor`);
     ``model``: an already loaded (model, identity) from :func:`load_model`; ``values_checked``: the
     volume's values were scanned by the caller (``python -m sweep.predict`` checks all volumes first).
+    ``fuse_on``: ``auto`` | ``device`` | ``host`` | ``files`` (model.resident); ``batch_size`` ``auto``: the
+    largest that fits; ``precision`` ``auto``: the training's on an accelerator, float32 on a CPU.
+    ``extra_outputs``: (path, probabilities) of further outputs of the same fused volume (an OME-Zarr beside the
+    HDF5), with the same maps. ``info`` (a dict) receives the plan (:class:`model.resident.Plan`).
     """
+    from model.resident import FUSE_ON, FuseOnError, MemoryEstimate, plan_prediction  # noqa: F401
+
     specs = [model_spec] if isinstance(model_spec, str) else list(model_spec)
     names = plane_set(planes)
     if vote not in VOTES:
         raise PredictError(f"--vote: must be one of {VOTES}, got {vote!r}")
     if fold_vote not in FOLD_VOTES:
         raise PredictError(f"--fold-vote: must be one of {FOLD_VOTES}, got {fold_vote!r}")
+    if fuse_on not in FUSE_ON:
+        raise PredictError(f"--fuse-on: must be one of {FUSE_ON}, got {fuse_on!r}")
+    if precision not in PRECISIONS:
+        raise PredictError(f"--precision: must be one of {PRECISIONS}, got {precision!r}")
+    batch = parse_batch_size(batch_size)
     if only_plane is not None and only_plane not in names:
         raise PredictError(f"--plane: {only_plane!r} is not one of the planes of --planes {planes}: {list(names)}")
+    files_only = _files_only(only_plane, fuse_only, keep_planes, max_disk)
+    if files_only and fuse_on in ("host", "device"):
+        raise PredictError(f"--fuse-on {fuse_on}: not with {files_only} (plane files are needed); use --fuse-on files "
+                           "or auto")
     out = Path(out)
     work_dir = Path(work_dir) if work_dir else default_work_dir(out)
     if rotate_on not in ROTATE_ON:
@@ -308,16 +360,24 @@ def run_prediction(model_spec: tp.Union[str, tp.Sequence[str]], volume: VolumeRe
         raise PredictError(f"--tiff: {tiff} ends in .zarr; give the Zarr store as --out")
     if voxel_size_um is not None and not 0 < voxel_size_um < float("inf"):
         raise PredictError(f"--voxel-size: must be a positive number of micrometres, got {voxel_size_um}")
+    zarr_wanted = is_zarr_path(out) or any(is_zarr_path(p) for p, _ in extra_outputs)
     if voxel_size_um is None:  # the input's own metadata; an OME-Zarr store cannot be written without it
-        voxel_size_um = input_voxel_size_um(volume, required=is_zarr_path(out))
-    if voxel_size_um is None and is_zarr_path(out) and volume.path.exists():
+        voxel_size_um = input_voxel_size_um(volume, required=zarr_wanted)
+    if voxel_size_um is None and zarr_wanted and volume.path.exists():
         raise PredictError(f"--voxel-size: {volume} carries no voxel size (attribute voxel_size_um or OME-Zarr "
                            f"scale); give --voxel-size UM for the OME-Zarr output {out}")
+    maybe_in_memory = files_only is None and fuse_on != "files"
     source = check_inputs(volume, out, planes=[only_plane] if only_plane else names, overwrite=overwrite,
                           probabilities=probabilities, tiff=tiff, work_dir=work_dir, check_out=only_plane is None,
-                          scan_values=not (values_checked or fuse_only), uncertainty=uncertainty, max_disk=max_disk)
+                          scan_values=not (values_checked or fuse_only), uncertainty=uncertainty, max_disk=max_disk,
+                          plane_files=not maybe_in_memory)
+    for extra, _ in extra_outputs:
+        if Path(extra).exists() and not overwrite:
+            raise PredictError(f"{extra} exists; give --overwrite to replace it")
     workers = workers or available_cores()
     n_models = len(specs)  # the fuse-only step of a cluster job does not load them; a models:/ version may hold several
+    meta = {"source": str(volume), "planes_set": planes,
+            **({"models": [str(m) for m in specs]} if specs and any(specs) else {})}
     if not fuse_only:
         if model is not None:  # (model, id) of load_model or (models, id) of load_models
             models, model_id = (list(model[0]) if isinstance(model[0], (list, tuple)) else [model[0]]), model[1]
@@ -325,40 +385,110 @@ def run_prediction(model_spec: tp.Union[str, tp.Sequence[str]], volume: VolumeRe
             models, model_id = load_models(specs, tracking_uri=tracking_uri)
         fold_maps = uncertainty and len(models) > 1
         n_models = len(models)
-        predictor = ensemble_predictor([keras_predictor(m, batch_size=batch_size) for m in models], fold_vote,
-                                       fold_disagreement=fold_maps)
-        if len(models) > 1 and fold_vote != "soft":  # plane files of another fold vote are not reused
-            model_id = f"{model_id}|fold_vote={fold_vote}"
+        if n_models > 1:
+            meta["fold_vote"] = fold_vote
+        models, chosen_precision = _in_precision(models, precision)
+        try:
+            plan = plan_prediction(fuse_on, source.shape, [only_plane] if only_plane else names, models, vote=vote,
+                                   uncertainty=uncertainty, fold_disagreement=fold_maps, batch_size=batch,
+                                   precision=chosen_precision, files_only=files_only)
+        except FuseOnError as exc:
+            raise PredictError(str(exc)) from None
+        log.info("%s", plan.describe())
+        if info is not None:
+            info.update(plan.as_dict())
         todo = [only_plane] if only_plane else list(names)
         rotation = make_rotation(rotate_on, workers) if any(PLANES[n].rotated for n in todo) else None
         try:
+            if plan.fuse_on in ("host", "device"):
+                _predict_in_memory(plan, source, names, models, out=out, vote=vote, uncertainty=uncertainty,
+                                   fold_vote=fold_vote, fold_maps=fold_maps, probabilities=probabilities, tiff=tiff,
+                                   extra_outputs=extra_outputs, meta=meta, rotation=rotation, workers=workers,
+                                   times=times, progress=progress, voxel_size_um=voxel_size_um)
+                return out
+            if maybe_in_memory:  # the disk check that check_inputs left for now
+                check_plane_disk(work_dir, source, names)
+            predictor = models_predictor(models, batch_size=plan.batch_size, fold_vote=fold_vote,
+                                         fold_disagreement=fold_maps)
+            if len(models) > 1 and fold_vote != "soft":  # plane files of another fold vote are not reused
+                model_id = f"{model_id}|fold_vote={fold_vote}"
             for i, name in enumerate(todo):
                 check_disk_as_written(work_dir, [plane_path(work_dir, n) for n in todo[:i]], todo[i:], source.shape,
                                       max_disk)
                 predict_plane(source, name, predictor, plane_path(work_dir, name), model_id=model_id,
-                              batch_size=batch_size, tmp_dir=work_dir, progress=progress, rotation=rotation,
+                              batch_size=plan.batch_size, tmp_dir=work_dir, progress=progress, rotation=rotation,
                               workers=workers, times=times, fold_disagreement=fold_maps)
         finally:
             if rotation is not None:
                 rotation.close()
         if only_plane:
             return plane_path(work_dir, only_plane)
+    elif info is not None:
+        info.update({"fuse_on": "files", "why": "--fuse-only"})
     paths = [plane_path(work_dir, n) for n in names]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise PredictError(f"--work-dir: plane files missing for the fuse step: {missing}")
-    fuse_planes(paths, out, method=vote, probabilities=probabilities, tiff_path=tiff, inputs=[volume.path],
-                attrs={"source": str(volume), "planes_set": planes,
-                       **({"models": [str(m) for m in specs]} if specs and any(specs) else {}),
-                       **({"fold_vote": fold_vote} if n_models > 1 else {})},
-                progress=progress, uncertainty=uncertainty,
-                times=times, image=volume, voxel_size_um=voxel_size_um)
+    if n_models > 1:
+        meta["fold_vote"] = fold_vote
+    for target, probs, tif in [(out, probabilities, tiff)] + [(Path(p), pr, None) for p, pr in extra_outputs]:
+        fuse_planes(paths, target, method=vote, probabilities=probs, tiff_path=tif, inputs=[volume.path],
+                    attrs={**meta, "fuse_on": "files"}, progress=progress, uncertainty=uncertainty,
+                    times=times, image=volume, voxel_size_um=voxel_size_um)
     if not keep_planes:
         for p in paths:
             p.unlink(missing_ok=True)
         if work_dir == default_work_dir(out) and work_dir.is_dir() and not any(work_dir.iterdir()):
             work_dir.rmdir()
     return out
+
+
+def parse_batch_size(value: tp.Union[int, str, None]) -> tp.Optional[int]:
+    """``auto`` (or None): from memory (model.resident.auto_batch_size); else a positive number of slices."""
+    if value is None or str(value) == "auto":
+        return None
+    try:
+        b = int(value)
+    except (TypeError, ValueError):
+        raise PredictError(f"--batch-size: must be a positive integer or auto, got {value!r}") from None
+    if b < 1:
+        raise PredictError(f"--batch-size: must be at least 1, got {value!r}")
+    return b
+
+
+def _in_precision(models: tp.Sequence, precision: str) -> tuple[list, str]:
+    """The models computing in ``precision`` (``auto``: model.unet.inference_precision) and that policy."""
+    from model.rotate import device_has_accelerator
+    from model.unet import inference_precision, with_precision
+
+    chosen = inference_precision(precision, models[0], device_has_accelerator())
+    return [with_precision(m, chosen) for m in models], chosen
+
+
+def _predict_in_memory(plan, source: Source, names: tp.Sequence[str], models: tp.Sequence, *, out: Path, vote: str,
+                       uncertainty: bool, fold_vote: str, fold_maps: bool, probabilities: bool, tiff: tp.Optional[Path],
+                       extra_outputs: tp.Sequence[tuple[Path, bool]], meta: dict, rotation, workers: int, times,
+                       progress: bool, voxel_size_um: tp.Optional[float]) -> None:
+    """model.resident's host or device path, then every output written from its accumulator."""
+    from model.resident import predict_on_host, write_outputs
+    from model.unet import infer_depth
+
+    if plan.fuse_on == "device":
+        from model.resident_device import predict_on_device
+
+        acc = predict_on_device(source.ref, source.shape, names, models, depth=infer_depth(models[0]), vote=vote,
+                                uncertainty=uncertainty, fold_vote=fold_vote, fold_disagreement=fold_maps,
+                                batch_size=plan.batch_size, times=times, progress=progress, rotation=rotation)
+    else:
+        predictor = models_predictor(models, batch_size=plan.batch_size, fold_vote=fold_vote,
+                                     fold_disagreement=fold_maps)
+        acc = predict_on_host(source.ref, source.shape, names, predictor, vote=vote, uncertainty=uncertainty,
+                              fold_disagreement=fold_maps, batch_size=plan.batch_size, rotation=rotation,
+                              workers=workers, times=times, progress=progress)
+    outputs = [(out, probabilities, tiff)] + [(Path(p), pr, None) for p, pr in extra_outputs]
+    write_outputs(acc, outputs, vote=vote, uncertainty=uncertainty, shape=source.shape, inputs=[source.ref.path],
+                  meta={"vote": vote, "planes": list(names), **meta, "fuse_on": plan.fuse_on}, image=source.ref,
+                  voxel_size_um=voxel_size_um, times=times, progress=progress)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -392,7 +522,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--overwrite", action="store_true", help="replace an existing OUT / --tiff")
     ap.add_argument("--work-dir", type=Path, help="per-plane files (default: OUT.planes/)")
     ap.add_argument("--keep-planes", action="store_true", help="keep the per-plane probability files")
-    ap.add_argument("--batch-size", type=int, default=4, help="slices per forward pass (default: 4)")
+    ap.add_argument("--batch-size", default="auto",
+                    help="slices per forward pass (default auto: the largest the memory holds, at most 8 on a CPU)")
+    ap.add_argument("--fuse-on", default="auto", choices=["auto", "device", "host", "files"],
+                    help="where the planes are fused: device (GPU memory, end to end), host (RAM), files (plane "
+                         "files on disk); auto: the device if it holds the volume, else RAM, else files")
+    ap.add_argument("--precision", default="auto", choices=list(PRECISIONS),
+                    help="inference dtype policy (default auto: the training's on a GPU, float32 on a CPU)")
     ap.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"), help="for runs:/ models")
     ap.add_argument("--plane", choices=list(PLANES), help="run this plane task only (cluster array task)")
     ap.add_argument("--fuse-only", action="store_true", help="only the fuse step, from the plane files")
@@ -405,9 +541,6 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # MLflow's default backs off for minutes
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.batch_size < 1:
-        print("error: --batch-size: must be at least 1", file=sys.stderr)
-        return 2
     try:
         result = run_prediction(args.model, volume_ref(args.volume, args.dataset), args.out, planes=args.planes,
                                 vote=args.vote, probabilities=args.probabilities, tiff=args.tiff,
@@ -416,7 +549,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
                                 fuse_only=args.fuse_only, progress=not args.no_progress,
                                 uncertainty=args.uncertainty, workers=args.workers, rotate_on=args.rotate_on,
                                 max_disk=None if args.max_disk is None else parse_size(args.max_disk),
-                                fold_vote=args.fold_vote, voxel_size_um=args.voxel_size)
+                                fold_vote=args.fold_vote, voxel_size_um=args.voxel_size, fuse_on=args.fuse_on,
+                                precision=args.precision)
     except (PredictError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -133,38 +133,58 @@ class DeviceRotation:
             out = term if out is None else out + term
         return out
 
+    def planes_per_step(self, pixels: int, channels: int = 1) -> int:
+        """Planes of ``pixels`` (× ``channels``) gathered at once: device memory stays within ``max_elements``."""
+        return max(1, self.max_elements // max(1, pixels * channels))
+
+    def rotate_tensor(self, planes):
+        """(m, H, W) float32 tensor on the device → (m, h, w) float32 tensor, rotated by 45° (no host copy)."""
+        m, hh, ww = (int(s) for s in planes.shape)
+        rot = rotated_plane_shape((hh, ww))
+        idx, w = self._table("rotate", (hh, ww))
+        return self.ops.reshape(self._sample(self.ops.reshape(planes, (m, hh * ww)), idx, w), (m,) + rot)
+
+    def unrotate_tensor(self, block, plane_shape: tp.Sequence[int]):
+        """(m, h, w, C) float32 values on the rotated grid → (m, H, W, C) float32 samples on the original grid."""
+        plane_shape = (int(plane_shape[0]), int(plane_shape[1]))
+        m, h, w_, c = (int(s) for s in block.shape)
+        idx, w = self._table("unrotate", plane_shape)
+        return self.ops.reshape(self._sample(self.ops.reshape(block, (m, h * w_, c)), idx, w), (m,) + plane_shape + (c,))
+
     def rotate(self, planes: np.ndarray, dtype=np.float32) -> np.ndarray:
         """(m, H, W) → (m, h, w) ``dtype``, rotated by 45° on the device."""
         planes = np.asarray(planes, np.float32)
         m, hh, ww = planes.shape
         rot = rotated_plane_shape((hh, ww))
-        idx, w = self._table("rotate", (hh, ww))
-        step = max(1, self.max_elements // max(1, rot[0] * rot[1]))
+        step = self.planes_per_step(rot[0] * rot[1])
         out = np.empty((m,) + rot, dtype)
         for a in range(0, m, step):
-            x = self.ops.convert_to_tensor(planes[a:a + step].reshape(-1, hh * ww))
-            out[a:a + step] = self.ops.convert_to_numpy(self._sample(x, idx, w)).reshape((-1,) + rot)
+            out[a:a + step] = self.ops.convert_to_numpy(self.rotate_tensor(self.ops.convert_to_tensor(planes[a:a + step])))
         return out
 
     def unrotate_probabilities(self, block: np.ndarray, plane_shape: tp.Sequence[int]) -> np.ndarray:
         """(m, h, w, K) uint8 → (m, H, W, K) uint8; the rounding (and background) done on the device."""
         ops = self.ops
         plane_shape = (int(plane_shape[0]), int(plane_shape[1]))
-        m, h, w_, k = block.shape
-        idx, w = self._table("unrotate", plane_shape)
-        n_out = plane_shape[0] * plane_shape[1]
-        step = max(1, self.max_elements // max(1, n_out * (k - 1)))
+        m, k = block.shape[0], block.shape[-1]
+        step = self.planes_per_step(plane_shape[0] * plane_shape[1], k - 1)
         out = np.empty((m,) + plane_shape + (k,), np.uint8)
         for a in range(0, m, step):
-            x = ops.cast(ops.convert_to_tensor(block[a:a + step, ..., 1:].reshape(-1, h * w_, k - 1)), "float32")
-            fg = self._sample(x, idx, w)
-            bg = ops.clip(ops.round(255.0 - ops.sum(fg, axis=-1, keepdims=True)), 0, 255)
-            res = ops.concatenate([bg, ops.clip(ops.round(fg), 0, 255)], axis=-1)
-            out[a:a + step] = ops.convert_to_numpy(ops.cast(res, "uint8")).reshape((-1,) + plane_shape + (k,))
+            fg = self.unrotate_tensor(ops.cast(ops.convert_to_tensor(block[a:a + step, ..., 1:]), "float32"), plane_shape)
+            out[a:a + step] = ops.convert_to_numpy(foreground_to_probabilities(fg))
         return out
 
     def close(self) -> None:
         self._tables.clear()
+
+
+def foreground_to_probabilities(foreground):
+    """:func:`back_to_probabilities` in ``keras.ops`` on the device: uint8 (…, K) from back-rotated (…, K − 1)."""
+    import keras
+
+    ops = keras.ops
+    bg = ops.clip(ops.round(255.0 - ops.sum(foreground, axis=-1, keepdims=True)), 0, 255)
+    return ops.cast(ops.concatenate([bg, ops.clip(ops.round(foreground), 0, 255)], axis=-1), "uint8")
 
 
 def device_has_accelerator() -> bool:

@@ -28,6 +28,7 @@ import keras
 import numpy as np
 
 from model.validation import (
+    PRECISIONS,
     check_depth,
     check_input_size,
     check_num_classes,
@@ -254,3 +255,46 @@ def predict_full_slice(
         outputs.append(np.asarray(keras.ops.convert_to_numpy(y), dtype=np.float32))
     out = crop_padding(np.concatenate(outputs, axis=0), pads)
     return out[0] if single else out
+
+
+def infer_width(model: keras.Model) -> int:
+    """Width c0 of a model built by :func:`build_unet`: the filters of its first convolution."""
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2D) and not isinstance(layer, keras.layers.Conv2DTranspose):
+            return int(layer.filters)
+    raise ValueError(f"model {model.name!r} has no Conv2D layer: not a U-net of build_unet")
+
+
+def model_precision(model: keras.Model) -> str:
+    """The dtype policy the model's hidden convolutions were built with (the 1×1 logits are float32 by design)."""
+    names = {layer.dtype_policy.name for layer in model.layers
+             if isinstance(layer, (keras.layers.Conv2D, keras.layers.Conv2DTranspose)) and layer.name != "logits"}
+    return names.pop() if len(names) == 1 else "float32"
+
+
+def inference_precision(requested: str, model: keras.Model, accelerator: bool) -> str:
+    """``auto``: the training's policy (a model trained in mixed_float16/bfloat16 predicts in it) on an accelerator,
+    float32 on a CPU (16-bit there is 75–200× slower, platform facts); otherwise ``requested``."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    return model_precision(model) if accelerator else "float32"
+
+
+def with_precision(model: keras.Model, policy: str) -> keras.Model:
+    """``model`` computing in ``policy`` (its own weights; the logits layer stays float32): the model itself when it
+    already does, else a clone with the policy on every other layer. A ``.keras`` file keeps the policy it was
+    trained in; this is how a GPU-trained (mixed) model predicts in float32 on a CPU, or a float32 one in bf16."""
+    if model_precision(model) == policy:
+        return model
+
+    def clone(layer):
+        cfg = layer.get_config()
+        if layer.name != "logits":
+            cfg["dtype"] = policy
+        return layer.__class__.from_config(cfg)
+
+    out = keras.models.clone_model(model, clone_function=clone)
+    out.set_weights(model.get_weights())
+    return out

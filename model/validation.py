@@ -10,6 +10,8 @@ import numbers
 import typing as tp
 
 IntOrPair = tp.Union[int, tp.Sequence[int]]
+#: Inference dtype policies (model.unet.inference_precision): auto, or a Keras mixed-precision policy.
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 
 
 def _is_int(value: object) -> bool:
