@@ -154,6 +154,9 @@ def report_markdown(report: dict) -> str:
              f"Models: {', '.join(report['models']['specs'])} ({report['prediction']['planes']} planes, "
              f"{report['prediction']['vote']} vote" + (f", fold vote {report['prediction']['fold_vote']}"
                                                         if len(report['models']['specs']) > 1 else "") + ")", "",
+             f"Fused on {report['prediction'].get('fuse_on', 'files')}: {report['prediction'].get('why', '')}; batch "
+             f"{report['prediction'].get('batch_size', '?')}, precision {report['prediction'].get('precision', '?')}.",
+             "",
              "| measure | value | interval (plane disagreement) |", "|---|---|---|"]
     for key, name in MEASURES:
         v, (lo, hi) = m[key], iv[key]
@@ -176,9 +179,10 @@ def segment_scan(scan: VolumeRef, specs: tp.Sequence[str], out: Path, *, voxel_s
                  fold_vote: str = "soft", clip_percentiles: tp.Sequence[float] = PAPER_CLIP_PERCENTILES,
                  roi_um: float = 100.0, initial_volume_mm3: tp.Optional[float] = None,
                  initial_surface_mm2: tp.Optional[float] = None, days: tp.Optional[float] = None,
-                 tracking_uri: tp.Optional[str] = None, overwrite: bool = False, batch_size: int = 4,
-                 workers: tp.Optional[int] = None, keep_prepared: bool = False, progress: bool = True,
-                 slab_mb: int = 256, ome_zarr: bool = False) -> dict:
+                 tracking_uri: tp.Optional[str] = None, overwrite: bool = False,
+                 batch_size: tp.Union[int, str] = "auto", workers: tp.Optional[int] = None,
+                 keep_prepared: bool = False, progress: bool = True, slab_mb: int = 256, ome_zarr: bool = False,
+                 fuse_on: str = "auto", precision: str = "auto") -> dict:
     """The whole command as a function; returns the report (also ``out/report.json``)."""
     t_start = time.perf_counter()
     out = Path(out)
@@ -209,17 +213,14 @@ def segment_scan(scan: VolumeRef, specs: tp.Sequence[str], out: Path, *, voxel_s
         t0 = time.perf_counter()
         times = PhaseTimes()
         seg = tmp / "segmentation.h5"
-        common = dict(planes=planes, vote=vote, uncertainty=True, values_checked=True, batch_size=batch_size,
-                      workers=workers, progress=progress, times=times, fold_vote=fold_vote, work_dir=tmp / "planes",
-                      voxel_size_um=model_vs)
-        run_prediction(list(specs), prepared.sample.image, seg, model=(models, model_id), keep_planes=ome_zarr,
-                       **common)
+        plan: dict = {}
+        # The OME-Zarr store (the scan and its labels for napari / Fiji) is a second output of the same fused volume.
+        run_prediction(list(specs), prepared.sample.image, seg, model=(models, model_id), planes=planes, vote=vote,
+                       uncertainty=True, values_checked=True, batch_size=batch_size, workers=workers,
+                       progress=progress, times=times, fold_vote=fold_vote, work_dir=tmp / "planes",
+                       voxel_size_um=model_vs, fuse_on=fuse_on, precision=precision, info=plan,
+                       extra_outputs=[(tmp / "segmentation.zarr", True)] if ome_zarr else ())
         seconds["predict"] = time.perf_counter() - t0
-        if ome_zarr:  # the same plane files fused once more: the scan and its labels for napari / Fiji
-            t0 = time.perf_counter()
-            run_prediction(list(specs), prepared.sample.image, tmp / "segmentation.zarr", fuse_only=True,
-                           probabilities=True, **common)
-            seconds["ome-zarr"] = time.perf_counter() - t0
         if (tmp / "planes").is_dir() and not any((tmp / "planes").iterdir()):
             (tmp / "planes").rmdir()
         t0 = time.perf_counter()
@@ -248,7 +249,7 @@ def segment_scan(scan: VolumeRef, specs: tp.Sequence[str], out: Path, *, voxel_s
                          "clip_percentiles": list(clip_percentiles), "clip_low": prepared.clip_low,
                          "clip_high": prepared.clip_high, "kept": bool(keep_prepared)},
             "models": {"specs": [_home_free(s) for s in specs], "identity": _home_free(model_id)},
-            "prediction": {"planes": planes, "vote": vote, "fold_vote": fold_vote,
+            "prediction": {"planes": planes, "vote": vote, "fold_vote": fold_vote, **plan,
                            "phase_seconds": {k: round(v, 3) for k, v in times.seconds.items()}},
             "measures": {k: _finite(v) for k, v in measures.items()},
             "intervals": {k: [_finite(lo), _finite(hi)] for k, (lo, hi) in intervals.items()},
@@ -287,7 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ome-zarr", action="store_true",
                     help="also write segmentation.zarr: the prepared scan with labels/, probabilities, uncertainty "
                          "(OME-Zarr for napari, Fiji)")
-    ap.add_argument("--batch-size", type=int, default=4, help="slices per forward pass (default: 4)")
+    ap.add_argument("--batch-size", default="auto",
+                    help="slices per forward pass (default auto: the largest the memory holds)")
+    ap.add_argument("--fuse-on", default="auto", choices=["auto", "device", "host", "files"],
+                    help="where the planes are fused: device (GPU memory), host (RAM), files (plane files); "
+                         "auto: by the memory estimate, printed and recorded in the report")
+    ap.add_argument("--precision", default="auto", choices=["auto", "float32", "mixed_float16", "mixed_bfloat16"],
+                    help="inference dtype policy (auto: the training's on a GPU, float32 on a CPU)")
     ap.add_argument("--workers", type=int, help="CPU threads for rotations and slab I/O (default: all cores)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     return ap
@@ -305,7 +312,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
                               initial_surface_mm2=args.initial_surface_mm2, days=args.days,
                               tracking_uri=args.tracking_uri, overwrite=args.overwrite, batch_size=args.batch_size,
                               workers=args.workers, keep_prepared=args.keep_prepared, progress=not args.no_progress,
-                              ome_zarr=args.ome_zarr)
+                              ome_zarr=args.ome_zarr, fuse_on=args.fuse_on, precision=args.precision)
     except (SegmentError, PredictError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

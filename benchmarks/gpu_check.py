@@ -22,13 +22,13 @@ it measures, in mixed precision (bfloat16 where the card has it, else float16):
 * full-slice inference images/s on 1200×1200 slices (padded to a multiple of 2^d as in prediction);
 * achieved TFLOP/s (training: 3× the forward FLOPs per image; inference: 1×) and its share of the
   card's dense bf16/fp16 peak (vendor figures, table below).
-Then ``volume9`` (fresh process): whole-volume 9-plane prediction with c0=64, d=5 (random weights)
-through ``model.inference`` exactly as ``python -m model.predict`` runs it, rotations on the GPU
-(``model.rotate.DeviceRotation``, ``--rotate-on device``), seconds per phase (read / rotate /
-predict / rotate back / fuse / write) and voxels/s. The volume is 512³ (``--volume-size``): the
-paper's 1200×1200×1000 needs ~60 GB of plane and temporary files, more than the machine's disk
-beside the input; the time for that size is extrapolated linearly in voxels (the network's work
-and every phase are per voxel), and printed as an extrapolation.
+Then ``volume9`` (fresh process): the paper's whole 1000×1200×1200 scan (a preprocessed sample at 5 µm),
+9 planes, soft vote, c0=64, d=5 (random weights), MEASURED end to end through ``model.predict.run_prediction`` as
+``python -m model.predict --fuse-on device`` runs it: the volume, each rotated plane and the fused accumulator in
+GPU memory (model.resident_device), no plane files; seconds per phase (read / rotate / predict / rotate back /
+fuse / write), the network's PFLOP and its share of the card's peak, peak GPU memory against the plan's estimate.
+``--volume-shape Z Y X`` changes the size, ``--volume-fuse-on files`` runs the plane-file path instead (the
+paper's size needs ~60 GB of plane files there), ``--volume-uncertainty`` adds the maps, ``--no-volume`` skips it.
 Where the machine also has TensorFlow, ``tf_train`` (fresh process, KERAS_BACKEND=tensorflow) runs the
 project's own training path, ``model.training.train_fold``, over every GPU under MirroredStrategy and reports
 its replicas, images/s and TF's peak GPU memory against the estimate; where it has JAX alone, the check
@@ -60,9 +60,9 @@ CONFIGS = {
 EXTRA_CONFIGS = {"largest": dict(width=112, depth=6, size=640, batch=4)}
 SMOKE = {"baseline": dict(width=4, depth=3, size=64, batch=2), "best": dict(width=4, depth=5, size=64, batch=2),
          "largest": dict(width=4, depth=6, size=64, batch=2)}
-VOLUME = dict(width=64, depth=5, size=512, batch=8)
-VOLUME_SMOKE = dict(width=4, depth=3, size=40, batch=4)
-PAPER_VOLUME = (1200, 1200, 1000)  # a preprocessed sample at 5 µm (paper)
+PAPER_VOLUME = (1000, 1200, 1200)  # a preprocessed sample at 5 µm (paper: about 1200 × 1200 × 1000)
+VOLUME = dict(width=64, depth=5, shape=PAPER_VOLUME, batch=None)  # the paper's best model, batch from memory
+VOLUME_SMOKE = dict(width=4, depth=3, shape=(24, 40, 40), batch=None)
 # Dense tensor-core peak (TFLOP/s) for 16-bit inputs, vendor data sheets (SXM parts).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "V100": 125.0, "L40S": 362.0, "A10": 125.0}
 
@@ -193,57 +193,71 @@ def measure(name: str, cfg: dict, *, steps: int, precision: str, infer_slices: i
     }
 
 
-def measure_volume(cfg: dict, *, precision: str, work: Path) -> dict:
-    """9-plane prediction of a cfg['size']³ volume with a random c0/d U-net, rotations on the device."""
+def write_volume(path: Path, shape: tp.Sequence[int]) -> None:
+    """A float32 volume of uniform noise in [0, 1] (the network's cost does not depend on the values), slab by slab."""
     import h5py
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        ds = f.create_dataset("image", tuple(shape), np.float32, chunks=(32, 32, 32))
+        for z in range(0, shape[0], 32):
+            ds[z:z + 32] = rng.random((min(32, shape[0] - z),) + tuple(shape[1:]), dtype=np.float32)
+
+
+def measure_volume(cfg: dict, *, precision: str, work: Path, fuse_on: str = "device", uncertainty: bool = False) -> dict:
+    """9-plane prediction of a cfg['shape'] volume with a random c0/d U-net through ``model.predict.run_prediction``
+    exactly as ``python -m model.predict --fuse-on FUSE_ON`` runs it: ``device`` keeps the volume, the rotated plane
+    and the fused accumulator in GPU memory (no plane files), ``files`` writes plane files (the path before)."""
     import jax
     import keras
     import numpy as np
 
     from data.volume import VolumeRef
-    from model.fuse import fuse_planes
-    from model.inference import Source, predict_plane
-    from model.planes import PLANE_SETS
+    from model.complexity import count_flops
+    from model.predict import run_prediction
+    from model.resident import slice_shapes
+    from model.planes import PLANE_SETS, PLANES
+    from data.rotation import rotated_volume_shape
     from model.streaming import PhaseTimes
-    from model.rotate import DeviceRotation
-    from model.unet import build_unet, pad_to_multiple
+    from model.unet import build_unet
 
     keras.mixed_precision.set_global_policy(precision)
     keras.utils.set_random_seed(0)
-    w, d, n, b = cfg["width"], cfg["depth"], cfg["size"], cfg["batch"]
-    net = build_unet(w, d)
-    # Softmax inside the compiled function: probabilities leave the GPU, not logits + a host softmax.
-    model = keras.Model(net.input, keras.layers.Activation("softmax", dtype="float32")(net.output))
-
-    def predictor(slices):
-        x, pads = pad_to_multiple(np.asarray(slices, np.float32)[..., None], d)
-        m = x.shape[0]
-        if m < b:  # a fixed batch: one compilation per slice shape, not per batch size
-            x = np.concatenate([x, np.zeros((b - m,) + x.shape[1:], x.dtype)])
-        y = np.asarray(model.predict_on_batch(x))[:m]
-        (t0, t1), (l0, l1) = pads
-        return y[:, t0:y.shape[1] - t1, l0:y.shape[2] - l1]
-
+    w, d, shape = cfg["width"], cfg["depth"], tuple(cfg["shape"])
+    model = build_unet(w, d)
     work.mkdir(parents=True, exist_ok=True)
     vol = work / "volume.h5"
-    rng = np.random.default_rng(0)
-    with h5py.File(vol, "w") as f:
-        ds = f.create_dataset("image", (n, n, n), np.float32, chunks=(32, 32, 32))
-        for z in range(0, n, 32):
-            ds[z:z + 32] = rng.random((min(32, n - z), n, n), dtype=np.float32)
-    src = Source(VolumeRef(vol, "/image"), (n, n, n))
-    times, rotation = PhaseTimes(), DeviceRotation()
     t0 = time.perf_counter()
-    files = [predict_plane(src, p, predictor, work / f"{p}.h5", model_id="gpu-check", batch_size=b, tmp_dir=work,
-                           progress=False, rotation=rotation, workers=4, times=times) for p in PLANE_SETS["9"]]
-    fuse_planes(files, work / "seg.h5", method="soft", progress=False, times=times)
+    write_volume(vol, shape)
+    make_s = time.perf_counter() - t0
+    times, info = PhaseTimes(), {}
+    t0 = time.perf_counter()
+    run_prediction("gpu-check", VolumeRef(vol, "/image"), work / "seg.h5", planes="9", model=(model, "gpu-check"),
+                   fuse_on=fuse_on, batch_size=cfg.get("batch") or "auto", progress=False, times=times, info=info,
+                   values_checked=True, uncertainty=uncertainty, rotate_on="device", work_dir=work / "planes")
     wall = time.perf_counter() - t0
     dev = jax.local_devices()[0]
-    scale = float(np.prod(PAPER_VOLUME)) / n ** 3
-    return {"config": "volume9", **cfg, "precision": precision, "device": getattr(dev, "device_kind", dev.platform),
-            "platform": dev.platform, "voxels": n ** 3, "wall_s": wall, "phases_s": dict(times.seconds),
-            "voxels_per_s": n ** 3 / wall, "non_network_share": 1 - times.seconds["predict"] / wall,
-            "extrapolated_paper_volume_s": wall * scale, "extrapolation_factor": scale}
+    kind = getattr(dev, "device_kind", dev.platform)
+    flops = 0
+    for name, (h, w_) in zip(PLANE_SETS["9"], slice_shapes(shape, PLANE_SETS["9"])):
+        p = PLANES[name]
+        grid = rotated_volume_shape(shape, p.rotation_axis) if p.rotated else shape
+        step = 2 ** d
+        flops += grid[p.slice_axis] * count_flops(w, d, (-(-h // step) * step, -(-w_ // step) * step))
+    peak = card_peak(kind) if dev.platform == "gpu" else None
+    predict_s = times.seconds["predict"]
+    stats = dev.memory_stats() or {}
+    n = int(np.prod(shape))
+    return {"config": "volume9", "width": w, "depth": d, "shape": list(shape), "fuse_on": info.get("fuse_on"),
+            "why": info.get("why"), "batch": info.get("batch_size"), "precision": precision, "device": kind,
+            "platform": dev.platform, "voxels": n, "make_volume_s": make_s, "wall_s": wall,
+            "phases_s": dict(times.seconds), "voxels_per_s": n / wall, "non_network_s": wall - predict_s,
+            "non_network_share": 1 - predict_s / wall, "network_pflop": flops / 1e15,
+            "network_tflops": flops / predict_s / 1e12 if predict_s else None,
+            "network_share_of_peak": flops / predict_s / 1e12 / peak if peak and predict_s else None,
+            "estimate_bytes": info.get("estimate_bytes"), "peak_gpu_bytes": stats.get("peak_bytes_in_use"),
+            "extrapolation_factor": float(np.prod(PAPER_VOLUME)) / n, "uncertainty": uncertainty}
 
 
 def default_precision() -> str:
@@ -319,7 +333,12 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     ap.add_argument("--configs", default=",".join(CONFIGS),
                     help=f"comma list of {sorted(CONFIGS) + sorted(EXTRA_CONFIGS)} (default: {','.join(CONFIGS)})")
     ap.add_argument("--only", choices=sorted(CONFIGS) + sorted(EXTRA_CONFIGS) + ["volume9", "tf_train"], help="one config, in this process (used by the parent)")
-    ap.add_argument("--volume-size", type=int, default=None, help="edge of the 9-plane volume (default 512; smoke 40)")
+    ap.add_argument("--volume-shape", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                    help="shape of the 9-plane volume (default the paper's 1000 1200 1200; smoke 24 40 40)")
+    ap.add_argument("--volume-fuse-on", default="device", choices=["device", "host", "files", "auto"],
+                    help="where the volume's planes are fused (default device: no plane files)")
+    ap.add_argument("--volume-uncertainty", action="store_true",
+                    help="also write the uncertainty maps (what analysis.segment writes)")
     ap.add_argument("--no-volume", action="store_true", help="skip the 9-plane whole-volume run")
     args = ap.parse_args(argv)
     if args.only == "tf_train":  # KERAS_BACKEND=tensorflow, in its own process (parent below)
@@ -343,9 +362,10 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
 
         precision = default_precision() if args.precision == "auto" else args.precision
         cfg = dict(VOLUME_SMOKE if args.smoke else VOLUME)
-        cfg["size"] = args.volume_size or cfg["size"]
+        cfg["shape"] = tuple(args.volume_shape or cfg["shape"])
         with tempfile.TemporaryDirectory(prefix="gpu-check-volume-") as tmp:
-            res = measure_volume(cfg, precision=precision, work=Path(tmp))
+            res = measure_volume(cfg, precision=precision, work=Path(tmp), fuse_on=args.volume_fuse_on,
+                                 uncertainty=args.volume_uncertainty)
         print("RESULT " + json.dumps(res), flush=True)
         return 0
     if args.only:
@@ -360,7 +380,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     for name in list(configs) + ([] if args.no_volume else ["volume9"]):
         cmd = [sys.executable, __file__, "--only", name, "--steps", str(steps), "--precision", args.precision]
         cmd += ["--smoke"] if args.smoke else []
-        cmd += ["--volume-size", str(args.volume_size)] if args.volume_size else []
+        cmd += ["--volume-shape", *map(str, args.volume_shape)] if args.volume_shape else []
+        cmd += ["--volume-fuse-on", args.volume_fuse_on] + (["--volume-uncertainty"] if args.volume_uncertainty else [])
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
         if proc.returncode or line is None:
@@ -404,13 +425,18 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     if results_volume:
         r = results_volume
         ph = r["phases_s"]
-        print(f"\n9-plane volume {r['size']}³, c0={r['width']} d={r['depth']}, {r['precision']}, rotations on the device: "
-              f"{r['wall_s']:.1f} s, {r['voxels_per_s'] / 1e6:.2f} Mvoxel/s, non-network share "
-              f"{100 * r['non_network_share']:.1f} %")
-        print("  phases (s, summed over threads): " + ", ".join(f"{k} {v:.1f}" for k, v in ph.items()))
-        print(f"  EXTRAPOLATED (linear in voxels, ×{r['extrapolation_factor']:.2f}) to "
-              f"{'×'.join(map(str, PAPER_VOLUME))}: {r['extrapolated_paper_volume_s']:.0f} s "
-              f"(paper: 20 min; aim ≤ 3 min on one H100)")
+        share = f"{100 * r['network_share_of_peak']:.1f} %" if r.get("network_share_of_peak") else "n/a"
+        tflops = f"{r['network_tflops']:.1f}" if r.get("network_tflops") else "n/a"
+        print(f"\n9-plane volume {'×'.join(map(str, r['shape']))} (MEASURED end to end), c0={r['width']} d={r['depth']}, "
+              f"{r['precision']}, fused on {r['fuse_on']} ({r['why']}), batch {r['batch']}: {r['wall_s']:.1f} s "
+              f"({r['wall_s'] / 60:.2f} min; paper: 20 min; aim ≤ 3 min on one H100/H200), "
+              f"{r['voxels_per_s'] / 1e6:.2f} Mvoxel/s, non-network {r['non_network_s']:.1f} s "
+              f"({100 * r['non_network_share']:.1f} %)")
+        print("  phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in ph.items()))
+        print(f"  network: {r['network_pflop']:.2f} PFLOP in {ph['predict']:.1f} s = {tflops} TFLOP/s, {share} of the "
+              f"card's dense 16-bit peak; peak GPU memory "
+              f"{(r['peak_gpu_bytes'] or 0) / 2**30:.1f} GiB against the estimate "
+              f"{(r['estimate_bytes'] or {}).get('total', 0) / 2**30:.1f} GiB")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     failed = [r["config"] for r in results if r.get("failed") or (r.get("config") in configs and not r.get("loss_falls"))]

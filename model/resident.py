@@ -30,7 +30,7 @@ import typing as tp
 
 import numpy as np
 
-from data.rotation import rotated_volume_shape
+from data.rotation import other_axes, rotated_volume_shape
 from data.volume import NUM_CLASSES, VolumeRef, open_volume, read_checked
 from model.fusion import (FOLD_DISAGREEMENT, UNCERTAINTY_MAPS, fold_disagreement_from_sum, majority_vote_from_counts,
                           mean_from_sums, soft_vote_from_sums, uncertainty_from_totals)
@@ -57,15 +57,17 @@ class MemoryEstimate:
     rotated_probabilities: int  # its uint8 probabilities (and fold disagreement) on the rotated grid
     accumulator: int  # Σ P_i (uint16), ballots (uint8), Σ fold disagreement (uint16)
     network: int  # one batch of slices through the network(s): activations, probabilities
+    working: int = 0  # slabs in flight: float32 probabilities of a slab of slices, the rotation's float32 samples
     where: str = "host"
+
+    PARTS = ("input", "rotated_image", "rotated_probabilities", "accumulator", "network", "working")
 
     @property
     def total(self) -> int:
-        return self.input + self.rotated_image + self.rotated_probabilities + self.accumulator + self.network
+        return sum(getattr(self, k) for k in self.PARTS)
 
     def describe(self) -> str:
-        parts = ", ".join(f"{k.replace('_', ' ')} {getattr(self, k) / 2**30:.2f}"
-                          for k in ("input", "rotated_image", "rotated_probabilities", "accumulator", "network"))
+        parts = ", ".join(f"{k.replace('_', ' ')} {getattr(self, k) / 2**30:.2f}" for k in self.PARTS)
         return f"{self.total / 2**30:.2f} GiB ({parts})"
 
     def as_dict(self) -> dict:
@@ -82,18 +84,22 @@ def estimate_memory(shape: tp.Sequence[int], planes: tp.Sequence[str], *, vote: 
                     network_bytes: int = 0, where: str = "host") -> MemoryEstimate:
     """What :func:`predict_on_host` (``where="host"``) or the device path (``"device"``) holds at its peak.
 
-    The device keeps only the K − 1 foreground classes of a rotated plane (background is the remainder when it
-    is rotated back); the host keeps all K, as the file path's temporary file does."""
+    Both keep only the K − 1 foreground classes of a rotated plane (background is the remainder when it is rotated
+    back), and one rotated input volume for the two planes of its rotation axis."""
     n = int(np.prod([int(s) for s in shape]))
     k = int(num_classes)
     rotated = [int(np.prod(rotated_volume_shape(shape, PLANES[p].rotation_axis)))
                for p in planes if PLANES[p].rotated]
     n_rot = max(rotated, default=0)
-    k_rot = k - 1 if where == "device" else k
+    k_rot = k - 1
     acc = n * k * 2 + (n * k if needs_ballots(vote, uncertainty) else 0) + (n * 2 if fold_disagreement else 0)
+    area = max((h * w for h, w in slice_shapes(shape, planes)), default=0)
+    # Host: a slab of CHUNK slices computed while the last one is written (float32 probabilities and their uint8
+    # copy) and the rotation back's float32 samples; the device goes batch by batch, in the network's part.
+    working = 3 * CHUNK * area * k * 4 if where == "host" else 0
     return MemoryEstimate(input=4 * n, rotated_image=2 * n_rot,
                           rotated_probabilities=n_rot * (k_rot + (1 if fold_disagreement else 0)),
-                          accumulator=acc, network=int(network_bytes), where=where)
+                          accumulator=acc, network=int(network_bytes), working=working, where=where)
 
 
 def host_free_bytes() -> int:
@@ -156,6 +162,12 @@ class _Sink:
         self._add(key, np.asarray(value))
 
 
+def _add_into(view: np.ndarray, value: np.ndarray) -> None:
+    """view += value in place: ``a[key] += b`` also copies the sum back through ``__setitem__`` (20× slower on a
+    strided slab, measured)."""
+    np.add(view, value, out=view, casting="unsafe")
+
+
 class HostAccumulator:
     """The fused accumulator in RAM (numpy): Σ P_i per class, ballots per class, Σ fold disagreement."""
 
@@ -174,12 +186,12 @@ class HostAccumulator:
 
     def _add_probabilities(self, key: tuple, probs: np.ndarray) -> None:
         key = tuple(key)[:3]
-        self.sums[key] += probs
+        _add_into(self.sums[key], probs)
         if self.counts is not None:
-            self.counts[key] += probs.argmax(-1)[..., None] == self._classes
+            _add_into(self.counts[key], probs.argmax(-1)[..., None] == self._classes)
 
     def _add_fold(self, key: tuple, fraction: np.ndarray) -> None:
-        tp.cast(np.ndarray, self.fold)[tuple(key)[:3]] += fraction
+        _add_into(tp.cast(np.ndarray, self.fold)[tuple(key)[:3]], fraction)
 
     def fused_blocks(self, vote: str, *, probabilities: bool, uncertainty: bool
                      ) -> tp.Iterator[tuple[tuple, np.ndarray, tp.Optional[np.ndarray], dict]]:
@@ -195,6 +207,56 @@ class HostAccumulator:
             if uncertainty and self.fold is not None:
                 maps[FOLD_DISAGREEMENT] = fold_disagreement_from_sum(self.fold[key], m)
             yield key, lab, mean, maps
+
+
+class RotatedPlane:
+    """A rotated plane's uint8 probabilities on the rotated grid, in RAM as its rotation back reads them: the rotation
+    axis first, then the K − 1 foreground classes (and an ensemble's fold disagreement) planar, then the plane.
+    model.inference's plane loop writes to :attr:`probabilities` / :attr:`fraction` as it writes a temporary file;
+    background is not kept (it is the remainder after the rotation back)."""
+
+    def __init__(self, rshape: tp.Sequence[int], axis: int, num_classes: int, fold: bool):
+        self.axis, self.num_classes = int(axis), int(num_classes)
+        b, c = other_axes(self.axis)
+        rshape = tuple(int(s) for s in rshape)
+        a = self.axis
+        data = self.data = np.empty((rshape[a], num_classes - 1 + int(fold), rshape[b], rshape[c]), np.uint8)
+        fg = slice(0, num_classes - 1)
+
+        # Closures over the array, not bound methods: no reference cycle, so the buffer goes when the plane does.
+        def set_probabilities(key: tuple, value: np.ndarray) -> None:
+            data[key[a], fg, key[b], key[c]] = np.transpose(value[..., 1:], (a, 3, b, c))
+
+        def set_fraction(key: tuple, value: np.ndarray) -> None:
+            data[key[a], num_classes - 1, key[b], key[c]] = np.transpose(value, (a, b, c))
+
+        self.probabilities = _Sink(set_probabilities, rshape + (num_classes,), np.uint8)
+        self.fraction = _Sink(set_fraction, rshape, np.uint8) if fold else None
+
+
+def rotate_back_into(plane: RotatedPlane, acc: "HostAccumulator", shape: tp.Sequence[int], rotation, *,
+                     overlap: bool, times: PhaseTimes, bars: Progress, desc: str) -> None:
+    """The plane's probabilities (and fold disagreement) rotated back onto the original grid, slab by slab along its
+    rotation axis (model.rotate.CpuRotation.unrotate_planar: the file path's arithmetic), added into ``acc``."""
+    from model.streaming import slabs, stream
+
+    a = plane.axis
+    b, c = other_axes(a)
+    plane_shape = (int(shape[b]), int(shape[c]))
+    with bars.bar(int(shape[a]), desc) as bar:
+        def compute(key, block):
+            res = rotation.unrotate_planar(block, plane_shape, plane.num_classes - 1)
+            bar.update(block.shape[0])
+            return res
+
+        def write(key, res):
+            probs, extra = res
+            acc.probabilities[key + (slice(None),)] = np.moveaxis(probs, 0, a)
+            if extra is not None and acc.fold_fraction is not None:
+                acc.fold_fraction[key] = np.moveaxis(extra[..., 0], 0, a)
+
+        stream([key for key, _ in slabs(int(shape[a]), a)], lambda key: plane.data[key[a]], compute, write,
+               overlap=overlap, times=times, compute_phase="rotate_back")
 
 
 def read_volume(ref: VolumeRef, shape: tp.Sequence[int]) -> np.ndarray:
@@ -214,15 +276,20 @@ def predict_on_host(ref: VolumeRef, shape: tp.Sequence[int], planes: tp.Sequence
 
     The plane loops are model.inference's own (the same slices, rotations, quantisation, threads), writing into
     the accumulator and into RAM arrays where the file path writes plane files and temporary memory maps."""
-    from model.inference import _predict_along, _rotate_volume, _unrotate_probabilities
+    from model.inference import _predict_along, _rotate_volume
+    from model.rotate import CpuRotation
 
     times = times or NoTimes()
+    own_rotation = not isinstance(rotation, CpuRotation)  # numpy here: the device has its own path
+    if own_rotation:
+        rotation = CpuRotation(workers)
     bars = Progress(progress)
     overlap = workers > 1
     shape = tuple(int(s) for s in shape)
     with times.phase("read"):
         volume = read_volume(ref, shape)
     acc = HostAccumulator(shape, num_classes, ballots=needs_ballots(vote, uncertainty), fold=fold_disagreement)
+    rotated: tuple[tp.Optional[int], tp.Optional[np.ndarray]] = (None, None)  # (axis, volume rotated about it)
     for name in planes:
         p = PLANES[name]
         if not p.rotated:
@@ -232,22 +299,25 @@ def predict_on_host(ref: VolumeRef, shape: tp.Sequence[int], planes: tp.Sequence
         else:
             a = tp.cast(int, p.rotation_axis)
             rshape = rotated_volume_shape(shape, a)
-            # float16 as in the file path's temporary file: the same network input, the same labels.
-            rimg = np.empty(rshape, np.float16)
-            _rotate_volume(volume, a, rimg, progress=bars, desc=f"{name} rotate", rotation=rotation,
-                           overlap=overlap, times=times)
-            rprob = np.empty(rshape + (num_classes,), np.uint8)
-            rfold = np.empty(rshape, np.uint8) if fold_disagreement else None
-            _predict_along(rimg, p.slice_axis, rprob, predictor, batch_size=batch_size, desc=f"{name} predict",
-                           progress=bars, overlap=overlap, times=times, extra=rfold)
+            if rotated[0] != a:  # the two planes of one rotation axis slice the same rotated volume: rotate it once
+                rotated = (None, None)  # the last axis's volume goes before the next one is made
+                # float16 as in the file path's temporary file: the same network input, the same labels.
+                rotated = (a, np.empty(rshape, np.float16))
+                _rotate_volume(volume, a, rotated[1], progress=bars, desc=f"{name} rotate", rotation=rotation,
+                               overlap=overlap, times=times)
+            rimg = tp.cast(np.ndarray, rotated[1])
+            plane = RotatedPlane(rshape, a, num_classes, fold_disagreement)
+            _predict_along(rimg, p.slice_axis, plane.probabilities, predictor, batch_size=batch_size,
+                           desc=f"{name} predict", progress=bars, overlap=overlap, times=times, extra=plane.fraction)
             del rimg
-            _unrotate_probabilities(rprob, a, acc.probabilities, progress=bars, desc=f"{name} rotate back",
-                                    rotation=rotation, overlap=overlap, times=times)
-            if rfold is not None:
-                _unrotate_probabilities(rfold, a, acc.fold_fraction, progress=bars,
-                                        desc=f"{name} rotate back (folds)", rotation=rotation, overlap=overlap,
-                                        times=times, fraction=True)
+            if not any(PLANES[q].rotation_axis == a for q in planes[list(planes).index(name) + 1:]):
+                rotated = (None, None)
+            rotate_back_into(plane, acc, shape, rotation, overlap=overlap, times=times, bars=bars,
+                             desc=f"{name} rotate back")
+            del plane
         acc.planes += 1
+    if own_rotation:
+        rotation.close()
     return acc
 
 
@@ -343,9 +413,17 @@ class Plan:
     def describe(self) -> str:
         return f"fuse on {self.fuse_on}: {self.why}; batch {self.batch_size}, precision {self.precision}"
 
+    @property
+    def estimate(self) -> tp.Optional[MemoryEstimate]:
+        """The chosen in-memory path's estimate (None for plane files)."""
+        return {"host": self.host, "device": self.device}.get(self.fuse_on)
+
     def as_dict(self) -> dict:
+        est = self.estimate
         return {"fuse_on": self.fuse_on, "why": self.why, "batch_size": self.batch_size, "precision": self.precision,
-                "estimate_bytes": (self.device if self.fuse_on == "device" and self.device else self.host).as_dict(),
+                "estimate_bytes": est.as_dict() if est is not None else None,
+                "host_estimate_bytes": self.host.total,
+                "device_estimate_bytes": self.device.total if self.device is not None else None,
                 "host_free_bytes": self.host_free, "device_free_bytes": self.device_free}
 
 
@@ -367,15 +445,15 @@ def plan_prediction(requested: str, shape: tp.Sequence[int], planes: tp.Sequence
     host_batch = batch_size or auto_batch_size(per_slice, host_free, base_host.total + weights, cap=MAX_BATCH["host"])
     host = estimate_memory(shape, planes, where="host", network_bytes=weights + per_slice * host_batch, **kw)
     device = None
-    device_batch = batch_size or MAX_BATCH["device"]
+    device_cap = MAX_BATCH["device"] if accelerator else MAX_BATCH["host"]  # a CPU "device" batches as the host
+    device_batch = batch_size or device_cap
     if requested == "device" or (requested == "auto" and accelerator and not files_only):
         import keras
 
         if keras.backend.backend() in ("jax", "tensorflow"):
             device_free = device_free_bytes() if device_free is None else int(device_free)
             base = estimate_memory(shape, planes, where="device", **kw)
-            device_batch = batch_size or auto_batch_size(per_slice, device_free, base.total + weights,
-                                                         cap=MAX_BATCH["device"])
+            device_batch = batch_size or auto_batch_size(per_slice, device_free, base.total + weights, cap=device_cap)
             device = estimate_memory(shape, planes, where="device", network_bytes=weights + per_slice * device_batch,
                                      **kw)
     choice, why = choose_fuse_on(requested, host, device, accelerator=accelerator, device_free=device_free,

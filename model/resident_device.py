@@ -192,6 +192,7 @@ def predict_on_device(ref: VolumeRef, shape: tp.Sequence[int], planes: tp.Sequen
             if y is not None:
                 sync(y)
 
+    rotated_about: tp.Optional[int] = None  # the axis the "rotated" buffer is rotated about
     for name in planes:
         p = PLANES[name]
         if not p.rotated:
@@ -205,24 +206,29 @@ def predict_on_device(ref: VolumeRef, shape: tp.Sequence[int], planes: tp.Sequen
         rshape = rotated_volume_shape(shape, a)
         plane_shape = (shape[b_ax], shape[c_ax])
         rot_pixels = rshape[b_ax] * rshape[c_ax]
-        # float16 as in the file path's temporary rotated volume: the same network input.
-        buffers.zeros("rotated", rshape, "float16")
-        with bars.bar(shape[a], f"{name} rotate") as bar, times.phase("rotate"):
-            step = rotation.planes_per_step(rot_pixels)
-            for j in range(0, shape[a], step):
-                m = min(step, shape[a] - j)
-                planes_t = ops.moveaxis(buffers.slab("volume", a, j, m), a, 0)
-                buffers.update("rotated", a, j, ops.moveaxis(ops.cast(rotation.rotate_tensor(planes_t), "float16"), 0, a),
-                               add=False)
-                bar.update(m)
-            sync(buffers.slab("rotated", 0, 0, 1))
+        if rotated_about != a:  # the two planes of one rotation axis slice the same rotated volume: rotate it once
+            buffers.free("rotated")
+            # float16 as in the file path's temporary rotated volume: the same network input.
+            buffers.zeros("rotated", rshape, "float16")
+            with bars.bar(shape[a], f"{name} rotate") as bar, times.phase("rotate"):
+                step = rotation.planes_per_step(rot_pixels)
+                for j in range(0, shape[a], step):
+                    m = min(step, shape[a] - j)
+                    planes_t = ops.moveaxis(buffers.slab("volume", a, j, m), a, 0)
+                    rot = ops.moveaxis(ops.cast(rotation.rotate_tensor(planes_t), "float16"), 0, a)
+                    buffers.update("rotated", a, j, rot, add=False)
+                    bar.update(m)
+                sync(buffers.slab("rotated", 0, 0, 1))
+            rotated_about = a
         # Foreground classes only (background is the remainder after rotating back), and the fold channel.
         channels = k - 1 + (1 if fold_disagreement else 0)
         buffers.zeros("rotated_probabilities", rshape + (channels,), "uint8")
         predict_slices("rotated", p.slice_axis, rshape[p.slice_axis],
                        lambda axis, j, y: buffers.update("rotated_probabilities", axis, j, y[..., 1:], add=False),
                        f"{name} predict")
-        buffers.free("rotated")
+        if not any(PLANES[q].rotation_axis == a for q in planes[list(planes).index(name) + 1:]):
+            buffers.free("rotated")
+            rotated_about = None
         with bars.bar(shape[a], f"{name} rotate back") as bar, times.phase("rotate_back"):
             step = rotation.planes_per_step(plane_shape[0] * plane_shape[1], channels)
             for j in range(0, shape[a], step):

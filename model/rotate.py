@@ -2,10 +2,10 @@
 
 Both give the paper's rotation (bilinear, constant fill 0, about the centre, not cropped; see
 data.rotation) of a slab of planes, and rotate uint8 class probabilities back onto the original
-grid. ``CpuRotation`` spreads the planes of a slab over ``workers`` threads (scipy's
-``affine_transform`` releases the GIL). ``DeviceRotation`` does the same sampling as a gather and a
-weighted sum in ``keras.ops``, so with the model on a GPU the interpolation runs there too and the
-host only reads and writes slabs. The two agree to float rounding (tests: probabilities within
+grid, by the same sampling tables (data.rotation.bilinear_table: 4 indices and weights per output
+pixel, which reproduce scipy's ``affine_transform``). ``CpuRotation`` gathers with numpy on ``workers``
+threads; ``DeviceRotation`` does the same gather and weighted sum in ``keras.ops``, so with the model on
+a GPU the interpolation runs there too. The two agree to float rounding (tests: probabilities within
 1/255, labels identical apart from exact ties).
 """
 
@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from data.rotation import rotate_planes, rotated_plane_shape, rotation_table, unrotate_planes, unrotation_table
+from data.rotation import rotated_plane_shape, rotation_table, unrotation_table
 
 ROTATE_ON = ("auto", "cpu", "device")
 
@@ -49,13 +49,26 @@ def back_to_probabilities(foreground: np.ndarray) -> np.ndarray:
 
 
 class CpuRotation:
-    """scipy's ``affine_transform`` on ``workers`` threads, planes of a slab split between them."""
+    """The bilinear sampling tables of data.rotation (4 indices and weights per output pixel) applied with numpy
+    gathers on ``workers`` threads, planes of a slab split between them (numpy's take and arithmetic release the GIL).
+
+    The same tables and the same order of sums as :class:`DeviceRotation`; 6.5× (rotate) and 2× (rotate back)
+    faster than scipy's ``affine_transform`` per plane (measured: 32 planes of 256², 38 vs 247 ms and 73 vs
+    144 ms), agreeing with it to float32 rounding (tests)."""
 
     name = "cpu"
 
     def __init__(self, workers: int = 1):
         self.workers = max(1, int(workers))
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="rotate") if self.workers > 1 else None
+        self._tables: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _table(self, kind: str, plane_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        key = (kind, plane_shape)
+        if key not in self._tables:
+            idx, w = (rotation_table if kind == "rotate" else unrotation_table)(plane_shape)
+            self._tables[key] = (idx.astype(np.intp), w)
+        return self._tables[key]
 
     def _map(self, fn, n: int) -> None:
         parts = _split(n, self.workers)
@@ -66,33 +79,56 @@ class CpuRotation:
         for f in [self._pool.submit(fn, sl) for sl in parts]:
             f.result()
 
+    @staticmethod
+    def _sample(flat: np.ndarray, idx: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """flat (…, N) gathered at the 4 index rows along its last axis, weighted and summed (float32)."""
+        acc = np.take(flat, idx[0], axis=-1) * w[0]
+        for t in range(1, 4):
+            acc += np.take(flat, idx[t], axis=-1) * w[t]
+        return acc
+
     def rotate(self, planes: np.ndarray, dtype=np.float32) -> np.ndarray:
         """(m, H, W) → (m, h, w) ``dtype``, rotated by 45°; each thread casts its own planes."""
         planes = np.asarray(planes)
-        out = np.empty((planes.shape[0],) + rotated_plane_shape(planes.shape[1:]), dtype)
+        m, hh, ww = planes.shape
+        rot = rotated_plane_shape((hh, ww))
+        idx, w = self._table("rotate", (int(hh), int(ww)))
+        out = np.empty((m,) + rot, dtype)
 
         def work(sl: slice) -> None:
-            if out.dtype == np.float32:
-                rotate_planes(planes[sl], out=out[sl])
-            else:  # scipy writes float32; the cast is the thread's, not the writer's (serial) work
-                out[sl] = rotate_planes(planes[sl])
+            flat = np.asarray(planes[sl], np.float32).reshape(sl.stop - sl.start, hh * ww)
+            out[sl] = self._sample(flat, idx, w).reshape((-1,) + rot)
 
-        self._map(work, planes.shape[0])
+        self._map(work, m)
         return out
 
     def unrotate_probabilities(self, block: np.ndarray, plane_shape: tp.Sequence[int]) -> np.ndarray:
         """(m, h, w, K) uint8 on the rotated grid → (m, H, W, K) uint8 on the original (H, W) grid."""
-        m, k = block.shape[0], block.shape[-1]
-        res = np.empty((m,) + tuple(plane_shape) + (k,), np.uint8)
+        # Foreground classes planar (a contiguous gather per class); background is the remainder.
+        planar = np.ascontiguousarray(np.moveaxis(np.asarray(block)[..., 1:], -1, 1))
+        return self.unrotate_planar(planar, plane_shape, planar.shape[1])[0]
 
-        def work(sl: slice) -> None:  # each thread also casts and rounds its own planes: no serial tail
-            fg = np.empty((sl.stop - sl.start,) + tuple(plane_shape) + (k - 1,), np.float32)
-            for cls in range(1, k):
-                fg[..., cls - 1] = unrotate_planes(np.ascontiguousarray(block[sl, ..., cls], np.float32), plane_shape)
-            res[sl] = back_to_probabilities(fg)
+    def unrotate_planar(self, planar: np.ndarray, plane_shape: tp.Sequence[int], foreground: int
+                        ) -> tuple[np.ndarray, tp.Optional[np.ndarray]]:
+        """(m, C, h, w) uint8 on the rotated grid, channels planar: the first ``foreground`` are foreground classes,
+        any further channel a fraction (an ensemble's fold disagreement). Returns the (m, H, W, foreground + 1)
+        uint8 probabilities (background the remainder) and the (m, H, W, C − foreground) uint8 fractions or None."""
+        plane_shape = (int(plane_shape[0]), int(plane_shape[1]))
+        m, c = planar.shape[:2]
+        idx, w = self._table("unrotate", plane_shape)
+        probs = np.empty((m,) + plane_shape + (foreground + 1,), np.uint8)
+        extra = np.empty((m,) + plane_shape + (c - foreground,), np.uint8) if c > foreground else None
+
+        def work(sl: slice) -> None:  # each thread also rounds its own planes: no serial tail
+            n = sl.stop - sl.start
+            sampled = np.moveaxis(self._sample(planar[sl].reshape(n, c, -1), idx, w).reshape((n, c) + plane_shape),
+                                  1, -1)
+            probs[sl] = back_to_probabilities(sampled[..., :foreground])
+            if extra is not None:
+                extra[sl] = np.clip(np.rint(sampled[..., foreground:]), 0, 255)
 
         self._map(work, m)
-        return res
+        return probs, extra
 
     def close(self) -> None:
         if self._pool is not None:

@@ -70,6 +70,18 @@ def plan_volumes(cfg: DictConfig) -> list[VolumeJob]:
         raise ValueError(f"vote: must be one of {VOTES}, got {cfg.vote!r}")
     if cfg.get("fold_vote", "soft") not in VOTES:
         raise ValueError(f"fold_vote: must be one of {VOTES}, got {cfg.fold_vote!r}")
+    from model.predict import PredictError, parse_batch_size
+    from model.resident import FUSE_ON
+    from model.validation import PRECISIONS
+
+    try:
+        parse_batch_size(cfg.get("batch_size", "auto"))
+    except PredictError as exc:
+        raise ValueError(str(exc).replace("--batch-size", "batch_size")) from None
+    if str(cfg.get("fuse_on", "auto")) not in FUSE_ON:
+        raise ValueError(f"fuse_on: must be one of {FUSE_ON}, got {cfg.fuse_on!r}")
+    if str(cfg.get("precision", "auto")) not in PRECISIONS:
+        raise ValueError(f"precision: must be one of {PRECISIONS}, got {cfg.precision!r}")
     out_dir = Path(str(cfg.out_dir)).resolve()  # jobs may start in another folder
     stems = [Path(str(v)).stem or Path(str(v)).name for v in vols]
     dup = sorted({s for s in stems if stems.count(s) > 1})
@@ -149,12 +161,12 @@ def _predict_kwargs(cfg: DictConfig, job: VolumeJob) -> dict:
 
     return dict(planes=str(cfg.planes), vote=str(cfg.vote), probabilities=bool(cfg.probabilities),
                 tiff=job.out.with_suffix(".tif") if cfg.tiff else None, overwrite=bool(cfg.overwrite),
-                work_dir=job.work_dir, batch_size=int(cfg.batch_size), tracking_uri=cfg.get("tracking_uri"),
+                work_dir=job.work_dir, batch_size=cfg.get("batch_size", "auto"), tracking_uri=cfg.get("tracking_uri"),
                 values_checked=True,  # _check_all scanned every volume before anything ran
                 progress=bool(cfg.progress), uncertainty=bool(cfg.get("uncertainty", False)),
                 workers=cfg.get("workers"), rotate_on=str(cfg.get("rotate_on", "auto")),
                 max_disk=None if cfg.get("max_disk") is None else parse_size(str(cfg.max_disk)),
-                fold_vote=str(cfg.get("fold_vote", "soft")))
+                fold_vote=str(cfg.get("fold_vote", "soft")), precision=str(cfg.get("precision", "auto")))
 
 
 class PlaneTask:
@@ -259,11 +271,16 @@ def main(cfg: DictConfig) -> None:
         for j in jobs:
             try:
                 log.info("%s → %s", j.volume, run_prediction(model_specs(cfg), volume_ref(j.volume, j.dataset), j.out,
-                                                             model=model, **_predict_kwargs(cfg, j)))
+                                                             model=model, fuse_on=str(cfg.get("fuse_on", "auto")),
+                                                             **_predict_kwargs(cfg, j)))
             except (PredictError, DataError) as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 sys.exit(2)
         return
+    if str(cfg.get("fuse_on", "auto")) in ("host", "device"):
+        print(f"error: fuse_on={cfg.fuse_on}: the SLURM launcher predicts each plane in its own array task and fuses "
+              "plane files (fuse_on=files or auto)", file=sys.stderr)
+        sys.exit(2)
     _, fuse_jobs = submit_slurm(cfg, launcher, jobs)
     if cfg.wait:
         failed = wait_for(fuse_jobs, jobs, float(launcher.get("poll_interval_s", 10)))

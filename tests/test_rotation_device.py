@@ -36,12 +36,14 @@ def test_device_and_threaded_cpu_rotation_agree_on_a_slab():
     planes = rng.random((5, 36, 48)).astype(np.float32)
     cpu, dev = CpuRotation(workers=2), DeviceRotation(max_elements=3 * 59 * 59)  # forces two groups of planes
     np.testing.assert_allclose(dev.rotate(planes), rotate_planes(planes), atol=1e-6)
-    np.testing.assert_allclose(cpu.rotate(planes), rotate_planes(planes), atol=0)
+    np.testing.assert_allclose(cpu.rotate(planes), rotate_planes(planes), atol=1e-6)
+    # The same sampling tables and order of sums: numpy on threads and the device give the same floats.
+    np.testing.assert_array_equal(cpu.rotate(planes), dev.rotate(planes))
     p = rng.random((5, 59, 59, 4)).astype(np.float32)
     q = np.rint(255 * p / p.sum(-1, keepdims=True)).astype(np.uint8)
     a, b = cpu.unrotate_probabilities(q, (36, 48)), dev.unrotate_probabilities(q, (36, 48))
     assert a.dtype == b.dtype == np.uint8 and a.shape == (5, 36, 48, 4)
-    assert np.abs(a.astype(int) - b).max() <= 1
+    np.testing.assert_array_equal(a, b)
     assert np.abs(a.astype(int).sum(-1) - 255).max() <= 2  # background is the remainder: still sums to 1
     cpu.close()
 

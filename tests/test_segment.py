@@ -61,8 +61,10 @@ def test_a_raw_scan_becomes_labels_measures_a_picture_and_a_report(raw, tmp_path
     for key in ("dr_mm_per_year", "bic_percent", "bv_tv_percent"):
         lo, hi = report["intervals"][key]
         assert lo <= m[key] <= hi
-    assert set(report["seconds"]) == {"check and load", "prepare", "predict", "ome-zarr", "measures", "picture",
-                                      "total"}
+    assert set(report["seconds"]) == {"check and load", "prepare", "predict", "measures", "picture", "total"}
+    # Fused in RAM (this CPU has no accelerator): the plan before the first slice is in the report.
+    assert report["prediction"]["fuse_on"] == "host" and report["prediction"]["estimate_bytes"]["total"] > 0
+    assert "Fused on host: needs ~" in (out / "report.md").read_text()
     # The OME-Zarr store as a viewer reads it: the prepared scan at the model's voxel size, the labels beside it.
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Reader
