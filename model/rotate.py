@@ -104,25 +104,25 @@ class CpuRotation:
 
     def unrotate_probabilities(self, block: np.ndarray, plane_shape: tp.Sequence[int]) -> np.ndarray:
         """(m, h, w, K) uint8 on the rotated grid → (m, H, W, K) uint8 on the original (H, W) grid."""
-        # Foreground classes planar (a contiguous gather per class); background is the remainder.
-        planar = np.ascontiguousarray(np.moveaxis(np.asarray(block)[..., 1:], -1, 1))
-        return self.unrotate_planar(planar, plane_shape, planar.shape[1])[0]
+        block = np.asarray(block)
+        return self.unrotate_channels(block[..., 1:], plane_shape, block.shape[-1] - 1)[0]
 
-    def unrotate_planar(self, planar: np.ndarray, plane_shape: tp.Sequence[int], foreground: int
-                        ) -> tuple[np.ndarray, tp.Optional[np.ndarray]]:
-        """(m, C, h, w) uint8 on the rotated grid, channels planar: the first ``foreground`` are foreground classes,
-        any further channel a fraction (an ensemble's fold disagreement). Returns the (m, H, W, foreground + 1)
-        uint8 probabilities (background the remainder) and the (m, H, W, C − foreground) uint8 fractions or None."""
+    def unrotate_channels(self, block: np.ndarray, plane_shape: tp.Sequence[int], foreground: int
+                          ) -> tuple[np.ndarray, tp.Optional[np.ndarray]]:
+        """(m, h, w, C) uint8 on the rotated grid: the first ``foreground`` channels are foreground classes, any
+        further one a fraction (an ensemble's fold disagreement). Returns the (m, H, W, foreground + 1) uint8
+        probabilities (background the remainder) and the (m, H, W, C − foreground) uint8 fractions or None."""
         plane_shape = (int(plane_shape[0]), int(plane_shape[1]))
-        m, c = planar.shape[:2]
+        m, c = block.shape[0], block.shape[-1]
         idx, w = self._table("unrotate", plane_shape)
         probs = np.empty((m,) + plane_shape + (foreground + 1,), np.uint8)
         extra = np.empty((m,) + plane_shape + (c - foreground,), np.uint8) if c > foreground else None
 
         def work(sl: slice) -> None:  # each thread also rounds its own planes: no serial tail
             n = sl.stop - sl.start
-            sampled = np.moveaxis(self._sample(planar[sl].reshape(n, c, -1), idx, w).reshape((n, c) + plane_shape),
-                                  1, -1)
+            # Channels planar, in this thread: one contiguous gather per channel.
+            planar = np.ascontiguousarray(np.moveaxis(block[sl], -1, 1)).reshape(n, c, -1)
+            sampled = np.moveaxis(self._sample(planar, idx, w).reshape((n, c) + plane_shape), 1, -1)
             probs[sl] = back_to_probabilities(sampled[..., :foreground])
             if extra is not None:
                 extra[sl] = np.clip(np.rint(sampled[..., foreground:]), 0, 255)
