@@ -164,6 +164,9 @@ def measure(name: str, cfg: dict, *, steps: int, precision: str, infer_slices: i
     peak = stats.get("peak_bytes_in_use")
     est = training_memory(w, d, s, b, precision)
     flops = count_flops(w, d, s)
+    levers = training_levers(model, batches, steps=max(16, min(64, steps // 3)), flops_per_image=3 * count_flops(w, d, s),
+                             peak_tflops=card_peak(getattr(jax.local_devices()[0], "device_kind", ""))
+                             if jax.local_devices()[0].platform == "gpu" else None)
     # Full-slice inference, as model.predict does it: the slice padded to a multiple of 2^d.
     slices = rng.random((infer_slices, slice_size, slice_size), dtype=np.float32)
     padded, _ = pad_to_multiple(slices[..., None], d)
@@ -189,8 +192,61 @@ def measure(name: str, cfg: dict, *, steps: int, precision: str, infer_slices: i
         "measured_over_estimate": (peak / est.total) if peak else None,
         "infer_slice": slice_size, "infer_padded": int(padded.shape[1]), "infer_images_per_s": len(padded) / infer_s,
         "infer_tflops": infer_tflops, "infer_share_of_peak": infer_tflops / peak_tflops if peak_tflops else None,
-        **nvml_fields,
+        "levers": levers, **nvml_fields,
     }
+
+
+def training_levers(model, batches, *, steps: int, flops_per_image: float, peak_tflops: tp.Optional[float]) -> dict:
+    """Where a training step's time goes beyond the kernels, measured as levers that do not change what is trained
+    (the same batches, the same optimizer): ms/step and the share of the peak for
+    * ``host_feed_sync``: numpy batches copied to the device every step and the loss read back (a host sync) each
+      step — what ``model.training``'s loop does;
+    * ``device_feed_sync``: the batches already on the device (an input pipeline that prefetches to the device;
+      Keras' ``train_on_batch`` still reads the loss back every step);
+    * ``steps_per_execution_8``: ``compile(steps_per_execution=8)`` + ``fit``: 8 steps in one compiled loop, one
+      read-back per 8 steps.
+    The gap between the first and the others is the host's share of a step."""
+    import jax
+    import keras
+    import numpy as np
+
+    out: dict = {}
+    b = int(batches[0][0].shape[0])
+
+    def record(name: str, seconds: float, n: int) -> None:
+        ms = 1e3 * seconds / n
+        tflops = flops_per_image * b / (ms / 1e3) / 1e12
+        out[name] = {"ms_per_step": ms, "images_per_s": b / (ms / 1e3), "tflops": tflops,
+                     "share_of_peak": tflops / peak_tflops if peak_tflops else None}
+
+    def timed(fn) -> float:
+        fn(2)  # warm: nothing compiles in the timed part
+        t0 = time.perf_counter()
+        fn(steps)
+        return time.perf_counter() - t0
+
+    def host_sync(n):
+        for i in range(n):
+            float(np.asarray(model.train_on_batch(*batches[i % len(batches)])))
+
+    record("host_feed_sync", timed(host_sync), steps)
+    on_device = [(jax.device_put(x), jax.device_put(y)) for x, y in batches]
+
+    def device_sync(n):
+        for i in range(n):
+            float(np.asarray(model.train_on_batch(*on_device[i % len(on_device)])))
+
+    record("device_feed_sync", timed(device_sync), steps)
+
+    x = np.concatenate([x for x, _ in batches])
+    y = np.concatenate([y for _, y in batches])
+    model.compile(optimizer=model.optimizer, loss=model.loss, steps_per_execution=8)
+    spe_steps = max(8, steps - steps % 8)
+    model.fit(x, y, batch_size=b, epochs=1, steps_per_epoch=8, verbose=0)  # compile the 8-step loop
+    t0 = time.perf_counter()
+    model.fit(x, y, batch_size=b, epochs=spe_steps // 8, steps_per_epoch=8, verbose=0, shuffle=False)
+    record("steps_per_execution_8", time.perf_counter() - t0, spe_steps)
+    return out
 
 
 def write_volume(path: Path, shape: tp.Sequence[int]) -> None:
@@ -422,6 +478,12 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
                   f"{r['train_tflops']:>8.2f} {share:>6} {r['loss_first10']:>8.3f}→{r['loss_last10']:<8.3f} "
                   f"{pk:>8} {r['estimate_bytes'] / 2**30:>8.2f} {ratio:>8} {r['infer_images_per_s']:>11.1f} "
                   f"{r['infer_tflops']:>11.2f}")
+        for r in ok:
+            lv = r.get("levers") or {}
+            if lv:
+                print(f"  {r['config']} training levers (ms/step, % of peak): " + "; ".join(
+                    f"{k} {v['ms_per_step']:.1f}" + (f" ({100 * v['share_of_peak']:.1f} %)" if v.get("share_of_peak")
+                                                      else "") for k, v in lv.items()))
     if results_volume:
         r = results_volume
         ph = r["phases_s"]

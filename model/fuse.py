@@ -5,8 +5,8 @@ methods (Table 2) against a reference label in one pass."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import typing as tp
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
@@ -21,7 +21,8 @@ from data.volume import (CLASS_NAMES, NUM_CLASSES, VolumeRef, atomic_output, cla
 from model.evaluation import confusion_matrix
 from model.fusion import FOLD_DISAGREEMENT, UNCERTAINTY_MAPS, mean_probabilities, uncertainty_maps, vote
 from model.planes import PLANES, plane_set
-from model.streaming import CHUNK, NoTimes, PhaseTimes, Progress, create_dataset
+from model.rotate import available_cores
+from model.streaming import CHUNK, NoTimes, ParallelDeflate, PhaseTimes, Progress, create_dataset
 
 PLANE_FILE_DATASET = "probabilities"  # the dataset of a plane file (model.inference.predict_plane)
 LABEL_IMAGE = "segmentation"  # the fused labels in an OME-Zarr store: labels/segmentation
@@ -204,11 +205,15 @@ def fused_output(out_path: Path, shape: tp.Sequence[int], *, meta: dict, probabi
             maps = {name: level0[name] for name in map_names}
         else:
             group = stack.enter_context(h5py.File(tmp, "w"))
-            make = functools.partial(create_dataset, group, compression="gzip")
-            labels = make("labels", shape[:3], np.uint8)
+            pool = stack.enter_context(ThreadPoolExecutor(min(16, available_cores()), thread_name_prefix="deflate"))
+
+            def make(name: str):  # gzip, as Fiji, Avizo and h5py read it; deflated on threads
+                return ParallelDeflate(create_dataset(group, name, shape[:3], np.uint8, compression="gzip"), pool)
+
+            labels = make("labels")
             group.attrs.update(meta)
             probs = create_dataset(group, "probabilities", shape, np.float16) if probabilities else None
-            maps = {name: make(name, shape[:3], np.uint8) for name in map_names}
+            maps = {name: make(name) for name in map_names}
         writer = stack.enter_context(_tiff_writer(tiff_tmp)) if tiff_tmp else None
         bar = stack.enter_context(Progress(progress).bar(shape[0], desc))
         pages = np.empty((0,), np.uint8)
