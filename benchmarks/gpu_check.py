@@ -126,7 +126,8 @@ class NvmlSampler:
                 "used_over_allocated": util / 100.0, "energy_j_per_image": watts * seconds / max(1, images)}
 
 
-def measure(name: str, cfg: dict, *, steps: int, precision: str, infer_slices: int, slice_size: int) -> dict:
+def measure(name: str, cfg: dict, *, steps: int, precision: str, infer_slices: int, slice_size: int,
+            with_levers: bool = False) -> dict:
     """One config in this process: train ``steps`` steps, then full-slice inference."""
     import jax
     import keras
@@ -164,9 +165,10 @@ def measure(name: str, cfg: dict, *, steps: int, precision: str, infer_slices: i
     peak = stats.get("peak_bytes_in_use")
     est = training_memory(w, d, s, b, precision)
     flops = count_flops(w, d, s)
-    levers = training_levers(model, batches, steps=max(16, min(64, steps // 3)), flops_per_image=3 * count_flops(w, d, s),
-                             peak_tflops=card_peak(getattr(jax.local_devices()[0], "device_kind", ""))
-                             if jax.local_devices()[0].platform == "gpu" else None)
+    levers = (training_levers(model, batches, steps=max(16, min(32, steps // 3)),
+                              flops_per_image=3 * count_flops(w, d, s),
+                              peak_tflops=card_peak(getattr(jax.local_devices()[0], "device_kind", ""))
+                              if jax.local_devices()[0].platform == "gpu" else None) if with_levers else {})
     # Full-slice inference, as model.predict does it: the slice padded to a multiple of 2^d.
     slices = rng.random((infer_slices, slice_size, slice_size), dtype=np.float32)
     padded, _ = pad_to_multiple(slices[..., None], d)
@@ -256,7 +258,7 @@ def write_volume(path: Path, shape: tp.Sequence[int]) -> None:
 
     rng = np.random.default_rng(0)
     with h5py.File(path, "w") as f:
-        ds = f.create_dataset("image", tuple(shape), np.float32, chunks=(32, 32, 32))
+        ds = f.create_dataset("image", tuple(shape), np.float32, chunks=tuple(min(32, int(s)) for s in shape))
         for z in range(0, shape[0], 32):
             ds[z:z + 32] = rng.random((min(32, shape[0] - z),) + tuple(shape[1:]), dtype=np.float32)
 
@@ -396,6 +398,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     ap.add_argument("--volume-uncertainty", action="store_true",
                     help="also write the uncertainty maps (what analysis.segment writes)")
     ap.add_argument("--no-volume", action="store_true", help="skip the 9-plane whole-volume run")
+    ap.add_argument("--levers", default="best",
+                    help="comma list of configs whose training levers are measured (each costs a second compilation)")
     args = ap.parse_args(argv)
     if args.only == "tf_train":  # KERAS_BACKEND=tensorflow, in its own process (parent below)
         print("RESULT " + json.dumps(measure_tf_training(steps=args.steps or 40, smoke=args.smoke)), flush=True)
@@ -427,14 +431,17 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     if args.only:
         precision = default_precision() if args.precision == "auto" else args.precision
         res = measure(args.only, configs[args.only], steps=steps, precision=precision, infer_slices=infer[0],
-                      slice_size=infer[1])
+                      slice_size=infer[1], with_levers=args.only in args.levers.split(","))
         print("RESULT " + json.dumps(res), flush=True)
         return 0
-    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")  # the peak is then what the config needs
+    # The peak is then what the config needs; the limit is the card less a margin (the default caps XLA at 75 %).
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", XLA_PYTHON_CLIENT_MEM_FRACTION="0.95")
     results = []
     t0 = time.perf_counter()
-    for name in list(configs) + ([] if args.no_volume else ["volume9"]):
-        cmd = [sys.executable, __file__, "--only", name, "--steps", str(steps), "--precision", args.precision]
+    # The paper-size scan first: a run stopped at the device call's time limit keeps what it finished (--json).
+    for name in ([] if args.no_volume else ["volume9"]) + list(configs):
+        cmd = [sys.executable, __file__, "--only", name, "--steps", str(steps), "--precision", args.precision,
+               "--levers", args.levers]
         cmd += ["--smoke"] if args.smoke else []
         cmd += ["--volume-shape", *map(str, args.volume_shape)] if args.volume_shape else []
         cmd += ["--volume-fuse-on", args.volume_fuse_on] + (["--volume-uncertainty"] if args.volume_uncertainty else [])

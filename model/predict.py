@@ -11,6 +11,13 @@ folder of TIFF slices. OUT.h5 gets ``labels`` (uint8, the input's shape) and, wi
 model.fusion.uncertainty_maps). ``--out seg.zarr`` writes an OME-Zarr store instead (labels as a
 multiscale pyramid, the other outputs beside them). VOLUME may also be a ``.zarr`` store.
 
+Where the planes are fused is ``--fuse-on``: ``device`` (the volume, each rotated plane and one fused accumulator
+in the device's memory, end to end; model.resident_device), ``host`` (the same in RAM; model.resident), ``files``
+(per-plane files, below), ``auto`` (default: the device if it is a GPU that holds the memory estimate, else RAM,
+else files; the choice and the estimate are printed before the first slice and recorded in OUT's attribute
+``fuse_on``). The models run as one compiled function (model.forward), ``--batch-size auto`` slices at a time (what
+the free memory holds), in ``--precision auto`` (the training's policy on a GPU, float32 on a CPU).
+
 Rotations of the 9-plane path run where ``--rotate-on`` says: ``device`` (Keras ops on the
 network's device), ``cpu`` (scipy on ``--workers`` threads, default all cores of this process),
 ``auto`` (the device when it is a GPU). ``--workers`` > 1 also overlaps slab I/O with compute.
@@ -19,7 +26,7 @@ Everything that can be wrong is checked before the first slice is predicted: OUT
 (``--overwrite``), the volume (NaN, values outside [0, 1]), the model's number of classes, free
 disk (the uncompressed upper bound, or ``--max-disk``; before each further plane again, from the
 sizes of the plane files actually written). Outputs are written to temporary files and renamed at the end: an interrupted run leaves no
-half-written OUT. Per-plane files go to ``--work-dir`` (default ``OUT.planes/``) and are reused
+half-written OUT. With ``--fuse-on files``, per-plane files go to ``--work-dir`` (default ``OUT.planes/``) and are reused
 when a run is restarted; they are deleted after the fuse step unless ``--keep-planes``.
 ``--plane NAME`` runs one plane task only and ``--fuse-only`` only the fuse step (how the SLURM
 array of ``python -m sweep.predict`` splits the work).

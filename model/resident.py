@@ -67,8 +67,9 @@ class MemoryEstimate:
         return sum(getattr(self, k) for k in self.PARTS)
 
     def describe(self) -> str:
-        parts = ", ".join(f"{k.replace('_', ' ')} {getattr(self, k) / 2**30:.2f}" for k in self.PARTS)
-        return f"{self.total / 2**30:.2f} GiB ({parts})"
+        unit, scale = ("GiB", 2**30) if self.total >= 2**30 else ("MiB", 2**20)
+        parts = ", ".join(f"{k.replace('_', ' ')} {getattr(self, k) / scale:.2f}" for k in self.PARTS)
+        return f"{self.total / scale:.2f} {unit} ({parts})"
 
     def as_dict(self) -> dict:
         return {**dataclasses.asdict(self), "total": self.total}
@@ -104,8 +105,12 @@ def estimate_memory(shape: tp.Sequence[int], planes: tp.Sequence[str], *, vote: 
 
 def host_free_bytes() -> int:
     """RAM this process may still use: what the system has available, capped by a SLURM job's memory."""
-    import psutil
-
+    try:
+        import psutil
+    except ImportError:  # a bare GPU machine (benchmarks/gpu_check.py): the kernel's own figure
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:2]}
+        return int(info.get("MemAvailable", 0))
     free = int(psutil.virtual_memory().available)
     slurm_mb = os.environ.get("SLURM_MEM_PER_NODE")
     if slurm_mb and slurm_mb.isdigit():  # the job's limit, not the node's: an overrun is an OOM kill

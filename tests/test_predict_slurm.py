@@ -96,3 +96,15 @@ def test_bad_model_is_refused_before_anything_is_queued(slurm_cluster, scans):  
     log = (scans / "predbad.log").read_text()
     assert "nothing was queued" in log and "three.keras" in log and "3 classes" in log
     assert _sacct(slurm_cluster, name="su-test-predbad-planes") == {}
+
+
+def test_in_memory_fusing_is_refused_for_slurm_plane_arrays_before_anything_is_queued(scans):
+    """Plane tasks each predict one plane into a plane file: fuse_on=host/device cannot hold for them."""
+    proc = _launch(scans, "refused", "model_uri=oracle.keras", "fuse_on=host")
+    assert proc.wait(timeout=120) == 2
+    log = (scans / "refused.log").read_text()
+    assert "error: fuse_on=host: the SLURM launcher predicts each plane in its own array task" in log
+    assert "submitted" not in log and not (scans / "predictions").exists()
+    proc = _launch(scans, "refused2", "model_uri=oracle.keras", "fuse_on=gpu")
+    assert proc.wait(timeout=120) == 2
+    assert "error: fuse_on: must be one of" in (scans / "refused2.log").read_text()

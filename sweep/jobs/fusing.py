@@ -368,10 +368,10 @@ def ensemble_methods() -> dict[str, tuple[str, str]]:
 def fold_ensemble_predictor(models: tp.Sequence, batch_size: int) -> tp.Callable:
     """Soft voting over the fold models (paper Eq. 4, applied across the cross-validation folds as the paper
     applies it across planes): their softmax probabilities averaged per slice batch, so the plane methods on
-    top fuse folds × planes; one batch of every model in memory."""
-    from model.predict import ensemble_predictor, keras_predictor
+    top fuse folds × planes; one batch of every model in memory, all models in one compiled function (model.forward)."""
+    from model.predict import models_predictor
 
-    return ensemble_predictor([keras_predictor(m, batch_size=batch_size) for m in models])
+    return models_predictor(list(models), batch_size=batch_size)
 
 
 def ensemble_folds(plan: RunPlan) -> tuple[int, ...]:
