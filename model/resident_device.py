@@ -16,7 +16,7 @@ import typing as tp
 
 import numpy as np
 
-from data.rotation import other_axes, rotated_volume_shape
+from data.rotation import other_axes, rotated_plane_shape, rotated_volume_shape
 from data.volume import NUM_CLASSES, VolumeRef, open_volume, read_checked
 from model.fusion import (FOLD_DISAGREEMENT, fold_disagreement_from_sum, majority_vote_from_counts, mean_from_sums,
                           soft_vote_from_sums, uncertainty_from_totals)
@@ -31,8 +31,16 @@ def _key(ndim: int, axis: int, start: int, size: int) -> tuple:
     return tuple(slice(start, start + size) if d == axis else slice(None) for d in range(ndim))
 
 
+def _select(value, channels: tp.Optional[tuple[int, tp.Optional[int]]]):
+    return value if channels is None else value[..., channels[0]:channels[1]]
+
+
 class DeviceBuffers:
-    """Large arrays on the device with in-place slab updates along one axis."""
+    """Large arrays on the device with slab reads and in-place slab updates along one axis.
+
+    JAX: every read, update and accumulation is one jitted function with a traced start (a Python slice compiles
+    once per start index in eager mode) and the buffer donated, so XLA updates it in place; the moves of the slab
+    axis to the front and back happen inside. TensorFlow: ``tf.Variable`` slice assignment, eagerly."""
 
     def __init__(self) -> None:
         import keras
@@ -44,20 +52,60 @@ class DeviceBuffers:
         self.ops = keras.ops
         self._buffers: dict[str, tp.Any] = {}
         if self.backend == "jax":
-            import functools
+            self._jax_functions()
 
+    def _jax_functions(self) -> None:
+        import functools
+
+        import jax
+        import jax.numpy as jnp
+        from jax import lax
+
+        def starts(ndim: int, axis: int, start) -> tuple:
+            return tuple(start if d == axis else 0 for d in range(ndim))
+
+        @functools.partial(jax.jit, static_argnames=("axis", "size", "front", "dtype"))
+        def read(buf, start, *, axis: int, size: int, front: bool, dtype: tp.Optional[str]):
+            x = lax.dynamic_slice(buf, starts(buf.ndim, axis, start),
+                                  tuple(size if d == axis else n for d, n in enumerate(buf.shape)))
+            x = x.astype(dtype) if dtype else x
+            return jnp.moveaxis(x, axis, 0) if front else x
+
+        def add_at(buf, value, start, axis: int):
+            at = starts(buf.ndim, axis, start)
+            return lax.dynamic_update_slice(buf, lax.dynamic_slice(buf, at, value.shape) + value.astype(buf.dtype), at)
+
+        @functools.partial(jax.jit, static_argnames=("axis", "add", "front", "channels"), donate_argnums=(0,))
+        def update(buf, value, start, *, axis: int, add: bool, front: bool, channels):
+            value = _select(value, channels)
+            value = jnp.moveaxis(value, 0, axis) if front else value
+            if add:
+                return add_at(buf, value, start, axis)
+            return lax.dynamic_update_slice(buf, value.astype(buf.dtype), starts(buf.ndim, axis, start))
+
+        @functools.partial(jax.jit, static_argnames=("axis", "k"), donate_argnums=(0,))
+        def accumulate(state: dict, y, start, *, axis: int, k: int):
+            probs = jnp.moveaxis(y[..., :k], 0, axis)
+            out = {"sums": add_at(state["sums"], probs, start, axis)}
+            if "counts" in state:  # the plane's ballot: its argmax, the first class on a tie (as numpy's)
+                votes = (jnp.argmax(probs, axis=-1)[..., None] == jnp.arange(k)).astype(jnp.uint8)
+                out["counts"] = add_at(state["counts"], votes, start, axis)
+            if "fold" in state:
+                out["fold"] = add_at(state["fold"], jnp.moveaxis(y[..., k], 0, axis), start, axis)
+            return out
+
+        self._jax = {"read": read, "update": update, "accumulate": accumulate}
+
+    def compile(self, fn, static_argnames: tp.Sequence[str] = ()):
+        """``fn`` (keras.ops on tensors, shapes static) compiled once per input shape (and value of each of
+        ``static_argnames``, Python ints: tf.function retraces per Python value anyway): jax.jit or tf.function."""
+        if self.backend == "jax":
             import jax
-            from jax import lax
 
-            @functools.partial(jax.jit, static_argnames=("axis", "add"), donate_argnums=(0,))
-            def update(buf, value, start, *, axis: int, add: bool):
-                starts = tuple(start if d == axis else 0 for d in range(buf.ndim))
-                value = value.astype(buf.dtype)
-                if add:
-                    value = lax.dynamic_slice(buf, starts, value.shape) + value
-                return lax.dynamic_update_slice(buf, value, starts)
+            return jax.jit(fn, static_argnames=tuple(static_argnames))
+        import tensorflow as tf
 
-            self._jax_update = update
+        return tf.function(fn, autograph=False, reduce_retracing=False)
 
     def zeros(self, name: str, shape: tp.Sequence[int], dtype: str) -> None:
         shape = tuple(int(s) for s in shape)
@@ -73,27 +121,53 @@ class DeviceBuffers:
     def __contains__(self, name: str) -> bool:
         return name in self._buffers
 
-    def get(self, name: str):
-        """The buffer's current value (a tensor; read it before the next update)."""
-        buf = self._buffers[name]
-        return buf if self.backend == "jax" else buf.read_value()
-
-    def slab(self, name: str, axis: int, start: int, size: int):
-        """``size`` indices along ``axis`` from ``start`` (a copy on the device)."""
-        buf = self._buffers[name]
-        return buf[_key(len(buf.shape), axis, start, size)]
-
-    def update(self, name: str, axis: int, start: int, value, *, add: bool) -> None:
-        """buffer[start:start + len along axis] = value (or += value with ``add``), in place."""
+    def read(self, name: str, axis: int, start: int, size: int, *, front: bool = False,
+             dtype: tp.Optional[str] = None):
+        """``size`` indices along ``axis`` from ``start`` (a copy on the device), cast to ``dtype``, the axis moved to
+        the front with ``front``."""
         buf = self._buffers[name]
         if self.backend == "jax":
             import jax.numpy as jnp
 
-            self._buffers[name] = self._jax_update(buf, value, jnp.int32(start), axis=axis, add=add)
+            return self._jax["read"](buf, jnp.int32(start), axis=axis, size=int(size), front=front, dtype=dtype)
+        x = buf[_key(len(buf.shape), axis, start, size)]
+        x = self.ops.cast(x, dtype) if dtype else x
+        return self.ops.moveaxis(x, axis, 0) if front else x
+
+    def update(self, name: str, axis: int, start: int, value, *, add: bool, front: bool = False,
+               channels: tp.Optional[tuple[int, tp.Optional[int]]] = None) -> None:
+        """buffer[start:start + len along axis] = value (or += value with ``add``), in place; ``value`` with the axis
+        in front when ``front``, of which the ``channels`` (start, stop) of its last axis."""
+        buf = self._buffers[name]
+        if self.backend == "jax":
+            import jax.numpy as jnp
+
+            self._buffers[name] = self._jax["update"](buf, value, jnp.int32(start), axis=axis, add=add, front=front,
+                                                      channels=channels)
             return
+        value = _select(value, channels)
+        value = self.ops.moveaxis(value, 0, axis) if front else value
         key = _key(len(buf.shape), axis, start, int(value.shape[axis]))
         value = self.ops.cast(value, buf.dtype.name)
         buf[key].assign(buf[key] + value if add else value)
+
+    def accumulate(self, axis: int, start: int, y, *, k: int) -> None:
+        """Add a batch of uint8 probabilities ``y`` (slices first, K classes [+ the fold channel] last) into the
+        buffers ``sums``, ``counts`` (the ballots, when kept) and ``fold`` (when kept), at ``start`` along ``axis``."""
+        if self.backend == "jax":
+            import jax.numpy as jnp
+
+            names = [n for n in ("sums", "counts", "fold") if n in self._buffers]
+            out = self._jax["accumulate"]({n: self._buffers[n] for n in names}, y, jnp.int32(start), axis=axis, k=k)
+            self._buffers.update(out)
+            return
+        ops = self.ops
+        self.update("sums", axis, start, y, add=True, front=True, channels=(0, k))
+        if "counts" in self._buffers:
+            votes = ops.one_hot(ops.argmax(y[..., :k], axis=-1), k, dtype="uint8")
+            self.update("counts", axis, start, votes, add=True, front=True)
+        if "fold" in self._buffers:
+            self.update("fold", axis, start, y[..., k], add=True, front=True)
 
     def free(self, name: str) -> None:
         self._buffers.pop(name, None)
@@ -115,31 +189,33 @@ class DeviceAccumulator:
         if fold:
             buffers.zeros("fold", self.shape, "uint16")
 
-    def add(self, axis: int, start: int, probs, fold=None) -> None:
-        """Add uint8 probabilities (a slab along ``axis``, original grid, classes last) and their fold channel."""
-        ops = self.ops
-        self.buffers.update("sums", axis, start, probs, add=True)
-        if self.ballots:
-            self.buffers.update("counts", axis, start, ops.one_hot(ops.argmax(probs, axis=-1), self.num_classes,
-                                                                   dtype="uint8"), add=True)
-        if self.fold and fold is not None:
-            self.buffers.update("fold", axis, start, fold, add=True)
+    def add(self, axis: int, start: int, y) -> None:
+        """Add a batch of uint8 probabilities (slices first, classes last, the fold channel after them when kept) whose
+        first axis lies along ``axis`` of the original grid from ``start``."""
+        self.buffers.accumulate(axis, start, y, k=self.num_classes)
 
     def fused_blocks(self, vote: str, *, probabilities: bool, uncertainty: bool, slab: int = CHUNK
                      ) -> tp.Iterator[tuple[tuple, np.ndarray, tp.Optional[np.ndarray], dict]]:
-        """(key, labels, P_avr float16 or None, maps) per slab along axis 0: voted on the device, then copied."""
+        """(key, labels, P_avr float16 or None, maps) per slab along axis 0: voted on the device (one compiled
+        function per slab shape), then copied."""
         ops, m = self.ops, self.planes
+
+        def finalize(sums, counts, fold):
+            lab = majority_vote_from_counts(counts, sums, m, ops) if vote == "majority" else soft_vote_from_sums(sums, ops)
+            maps = uncertainty_from_totals(sums, counts, lab, m, ops) if uncertainty else {}
+            if uncertainty and fold is not None:
+                maps[FOLD_DISAGREEMENT] = fold_disagreement_from_sum(fold, m, ops)
+            mean = ops.cast(mean_from_sums(sums, m, ops), "float16") if probabilities else None
+            return lab, mean, maps
+
+        compiled = self.buffers.compile(finalize)
         for z0 in range(0, self.shape[0], slab):
             size = min(slab, self.shape[0] - z0)
-            sums = self.buffers.slab("sums", 0, z0, size)
-            counts = self.buffers.slab("counts", 0, z0, size) if self.ballots else None
-            lab = (majority_vote_from_counts(counts, sums, m, ops) if vote == "majority"
-                   else soft_vote_from_sums(sums, ops))
-            maps = uncertainty_from_totals(sums, counts, lab, m, ops) if uncertainty else {}
-            if uncertainty and self.fold:
-                maps[FOLD_DISAGREEMENT] = fold_disagreement_from_sum(self.buffers.slab("fold", 0, z0, size), m, ops)
-            mean = ops.convert_to_numpy(ops.cast(mean_from_sums(sums, m, ops), "float16")) if probabilities else None
-            yield ((slice(z0, z0 + size), slice(0, self.shape[1])), ops.convert_to_numpy(lab), mean,
+            lab, mean, maps = compiled(self.buffers.read("sums", 0, z0, size),
+                                       self.buffers.read("counts", 0, z0, size) if self.ballots else None,
+                                       self.buffers.read("fold", 0, z0, size) if self.fold else None)
+            yield ((slice(z0, z0 + size), slice(0, self.shape[1])), ops.convert_to_numpy(lab),
+                   None if mean is None else ops.convert_to_numpy(mean),
                    {k: ops.convert_to_numpy(v) for k, v in maps.items()})
 
 
@@ -177,28 +253,41 @@ def predict_on_device(ref: VolumeRef, shape: tp.Sequence[int], planes: tp.Sequen
         load_volume(buffers, ref, shape)
     acc = DeviceAccumulator(buffers, shape, k, ballots=needs_ballots(vote, uncertainty), fold=fold_disagreement)
 
-    def sync(x):  # device work is asynchronous: wait for it where a phase ends, so the phase times are true
+    def sync(name: str) -> None:  # device work is asynchronous: wait for it where a phase ends (true phase times)
+        x = buffers.read(name, 0, 0, 1)
         ops.convert_to_numpy(x[tuple(0 for _ in x.shape)])
 
-    def predict_slices(source: str, axis: int, n: int, sink, desc: str) -> None:
+    def rotate_step(planes, idx, w):  # (m, H, W) float32 → (m, h, w) float16, the file path's temporary dtype
+        m, hh, ww = (int(v) for v in planes.shape)
+        rot = rotated_plane_shape((hh, ww))
+        return ops.reshape(ops.cast(rotation.sample(ops.reshape(planes, (m, hh * ww)), idx, w), "float16"), (m,) + rot)
+
+    def unrotate_step(block, idx, w, plane_h: int, plane_w: int):  # (m, h, w, C) f32 → (m, H, W, K [+1]) uint8
+        m, h, w_, c = (int(v) for v in block.shape)
+        plane = (plane_h, plane_w)  # static: 1200 × 1000 and 1000 × 1200 planes rotate to the same square
+        back = ops.reshape(rotation.sample(ops.reshape(block, (m, h * w_, c)), idx, w), (m,) + plane + (c,))
+        probs = foreground_to_probabilities(back[..., :k - 1])
+        if not fold_disagreement:
+            return probs
+        fold = ops.cast(ops.clip(ops.round(back[..., k - 1:]), 0, 255), "uint8")
+        return ops.concatenate([probs, fold], axis=-1)
+
+    rotate_compiled = buffers.compile(rotate_step)
+    unrotate_compiled = buffers.compile(unrotate_step, static_argnames=("plane_h", "plane_w"))
+
+    def predict_slices(source: str, axis: int, n: int, on_batch, desc: str, into: str) -> None:
         with bars.bar(n, desc) as bar, times.phase("predict"):
-            y = None
             for j in range(0, n, batch_size):
                 b = min(batch_size, n - j)
-                x = ops.moveaxis(ops.cast(buffers.slab(source, axis, j, b), "float32"), axis, 0)
-                y = forward(x)
-                sink(axis, j, ops.moveaxis(y, 0, axis))
+                on_batch(axis, j, forward(buffers.read(source, axis, j, b, front=True, dtype="float32")))
                 bar.update(b)
-            if y is not None:
-                sync(y)
+            sync(into)
 
     rotated_about: tp.Optional[int] = None  # the axis the "rotated" buffer is rotated about
     for name in planes:
         p = PLANES[name]
         if not p.rotated:
-            predict_slices("volume", p.slice_axis, shape[p.slice_axis],
-                           lambda axis, j, y: acc.add(axis, j, y[..., :k], y[..., k] if fold_disagreement else None),
-                           f"{name} predict")
+            predict_slices("volume", p.slice_axis, shape[p.slice_axis], acc.add, f"{name} predict", "sums")
             acc.planes += 1
             continue
         a = tp.cast(int, p.rotation_axis)
@@ -210,37 +299,35 @@ def predict_on_device(ref: VolumeRef, shape: tp.Sequence[int], planes: tp.Sequen
             buffers.free("rotated")
             # float16 as in the file path's temporary rotated volume: the same network input.
             buffers.zeros("rotated", rshape, "float16")
+            idx, w = rotation.table("rotate", plane_shape)
             with bars.bar(shape[a], f"{name} rotate") as bar, times.phase("rotate"):
                 step = rotation.planes_per_step(rot_pixels)
                 for j in range(0, shape[a], step):
                     m = min(step, shape[a] - j)
-                    planes_t = ops.moveaxis(buffers.slab("volume", a, j, m), a, 0)
-                    rot = ops.moveaxis(ops.cast(rotation.rotate_tensor(planes_t), "float16"), 0, a)
-                    buffers.update("rotated", a, j, rot, add=False)
+                    rot = rotate_compiled(buffers.read("volume", a, j, m, front=True, dtype="float32"), idx, w)
+                    buffers.update("rotated", a, j, rot, add=False, front=True)
                     bar.update(m)
-                sync(buffers.slab("rotated", 0, 0, 1))
+                sync("rotated")
             rotated_about = a
         # Foreground classes only (background is the remainder after rotating back), and the fold channel.
         channels = k - 1 + (1 if fold_disagreement else 0)
         buffers.zeros("rotated_probabilities", rshape + (channels,), "uint8")
         predict_slices("rotated", p.slice_axis, rshape[p.slice_axis],
-                       lambda axis, j, y: buffers.update("rotated_probabilities", axis, j, y[..., 1:], add=False),
-                       f"{name} predict")
+                       lambda axis, j, y: buffers.update("rotated_probabilities", axis, j, y, add=False, front=True,
+                                                         channels=(1, None)),
+                       f"{name} predict", "rotated_probabilities")
         if not any(PLANES[q].rotation_axis == a for q in planes[list(planes).index(name) + 1:]):
             buffers.free("rotated")
             rotated_about = None
+        idx, w = rotation.table("unrotate", plane_shape)
         with bars.bar(shape[a], f"{name} rotate back") as bar, times.phase("rotate_back"):
             step = rotation.planes_per_step(plane_shape[0] * plane_shape[1], channels)
             for j in range(0, shape[a], step):
                 m = min(step, shape[a] - j)
-                block = ops.moveaxis(buffers.slab("rotated_probabilities", a, j, m), a, 0)
-                back = rotation.unrotate_tensor(ops.cast(block, "float32"), plane_shape)
-                probs = foreground_to_probabilities(back[..., :k - 1])
-                fold = (ops.moveaxis(ops.cast(ops.clip(ops.round(back[..., k - 1]), 0, 255), "uint8"), 0, a)
-                        if fold_disagreement else None)
-                acc.add(a, j, ops.moveaxis(probs, 0, a), fold)
+                block = buffers.read("rotated_probabilities", a, j, m, front=True, dtype="float32")
+                acc.add(a, j, unrotate_compiled(block, idx, w, plane_h=plane_shape[0], plane_w=plane_shape[1]))
                 bar.update(m)
-            sync(buffers.slab("sums", 0, 0, 1))
+            sync("sums")
         buffers.free("rotated_probabilities")
         acc.planes += 1
     buffers.free("volume")

@@ -152,12 +152,19 @@ class DeviceRotation:
         self.max_elements = int(max_elements)
         self._tables: dict[tuple, tuple] = {}
 
-    def _table(self, kind: str, plane_shape: tuple[int, int]):
-        key = (kind, plane_shape)
+    def table(self, kind: str, plane_shape: tp.Sequence[int]):
+        """The ``rotate``/``unrotate`` sampling table of an original (H, W) plane, on the device (made once)."""
+        key = (kind, (int(plane_shape[0]), int(plane_shape[1])))
         if key not in self._tables:
-            idx, w = (rotation_table if kind == "rotate" else unrotation_table)(plane_shape)
+            idx, w = (rotation_table if kind == "rotate" else unrotation_table)(key[1])
             self._tables[key] = (self.ops.convert_to_tensor(idx), self.ops.convert_to_tensor(w))
         return self._tables[key]
+
+    _table = table
+
+    def sample(self, flat, idx, w):
+        """flat (m, N, …) gathered at the 4 index rows and summed with their weights → (m, P, …) (traceable)."""
+        return self._sample(flat, idx, w)
 
     def _sample(self, flat, idx, w):
         """flat (m, N, …) gathered at 4 index rows and summed with their weights → (m, P, …)."""
