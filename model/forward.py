@@ -120,8 +120,9 @@ def compiled_predictor(models: tp.Sequence, *, depth: int, batch_size: int, fold
 
     def predict(slices: np.ndarray) -> np.ndarray:
         slices = np.asarray(slices, np.float32)
-        out = [ops.convert_to_numpy(forward(ops.convert_to_tensor(slices[i:i + batch_size])))
-               for i in range(0, slices.shape[0], batch_size)]
-        return np.concatenate(out, axis=0).astype(np.float32, copy=False)
+        # Every batch dispatched before the first is read back: on an asynchronous device (JAX, TF on a GPU) the
+        # copies of one batch overlap the computation of the next.
+        pending = [forward(ops.convert_to_tensor(slices[i:i + batch_size])) for i in range(0, slices.shape[0], batch_size)]
+        return np.concatenate([ops.convert_to_numpy(y) for y in pending], axis=0).astype(np.float32, copy=False)
 
     return predict

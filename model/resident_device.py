@@ -275,13 +275,23 @@ def predict_on_device(ref: VolumeRef, shape: tp.Sequence[int], planes: tp.Sequen
     rotate_compiled = buffers.compile(rotate_step)
     unrotate_compiled = buffers.compile(unrotate_step, static_argnames=("plane_h", "plane_w"))
 
+    compiled_shapes: set = set()
+
     def predict_slices(source: str, axis: int, n: int, on_batch, desc: str, into: str) -> None:
-        with bars.bar(n, desc) as bar, times.phase("predict"):
+        with bars.bar(n, desc) as bar:
             for j in range(0, n, batch_size):
                 b = min(batch_size, n - j)
-                on_batch(axis, j, forward(buffers.read(source, axis, j, b, front=True, dtype="float32")))
+                x = buffers.read(source, axis, j, b, front=True, dtype="float32")
+                shape_key = tuple(int(v) for v in x.shape[1:])
+                # The first batch of a slice shape compiles the network (seconds per shape on a GPU): its own phase.
+                with times.phase("predict" if shape_key in compiled_shapes else "compile"):
+                    on_batch(axis, j, forward(x))
+                    if shape_key not in compiled_shapes:
+                        compiled_shapes.add(shape_key)
+                        sync(into)
                 bar.update(b)
-            sync(into)
+            with times.phase("predict"):
+                sync(into)
 
     rotated_about: tp.Optional[int] = None  # the axis the "rotated" buffer is rotated about
     for name in planes:
