@@ -17,6 +17,27 @@ FOLD_VOTES = ("soft", "majority")
 COMPILED_BACKENDS = ("jax", "tensorflow")
 
 
+def compile_for_backend(fn, static_argnames: tp.Sequence[str] = ()):
+    """``fn`` (keras.ops on tensors, shapes static) compiled once per input shape and value of each of
+    ``static_argnames`` (Python ints, keywords): ``jax.jit``, ``tf.function``, or ``fn`` itself under torch."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.jit(fn, static_argnames=tuple(static_argnames))
+    if backend != "tensorflow":
+        return fn
+    import tensorflow as tf
+
+    compiled = tf.function(fn, autograph=False, reduce_retracing=False)
+    # One trace per slice shape is the design (9 planes have up to 5 shapes, and a last shorter slab): TensorFlow's
+    # "expensive retracing" warning would fill every log.
+    compiled._omit_frequent_tracing_warning = True
+    return compiled
+
+
 def combine_ensemble(outputs: tp.Sequence, *, fold_vote: str = "soft", fold_disagreement: bool = False):
     """The fold models' logits → mean softmax probabilities (``soft``) or mean one-hot labels (``majority``),
     float32, with one more channel, the fraction of models whose label differs from the ensemble's, when
@@ -90,10 +111,7 @@ def make_forward(models: tp.Sequence, *, depth: int, batch_size: int, fold_vote:
         def call(x):
             return run(states, x)
     elif backend == "tensorflow":
-        import tensorflow as tf
-
-        call = tf.function(lambda x: body(x, lambda xp: [m(xp, training=False) for m in models]),
-                           reduce_retracing=False, autograph=False)
+        call = compile_for_backend(lambda x: body(x, lambda xp: [m(xp, training=False) for m in models]))
     else:  # torch: no compilation, the same function eagerly
         def call(x):
             return body(x, lambda xp: [m(xp, training=False) for m in models])

@@ -97,15 +97,10 @@ class DeviceBuffers:
         self._jax = {"read": read, "update": update, "accumulate": accumulate}
 
     def compile(self, fn, static_argnames: tp.Sequence[str] = ()):
-        """``fn`` (keras.ops on tensors, shapes static) compiled once per input shape (and value of each of
-        ``static_argnames``, Python ints: tf.function retraces per Python value anyway): jax.jit or tf.function."""
-        if self.backend == "jax":
-            import jax
+        """``fn`` (keras.ops on tensors) compiled once per input shape (model.forward.compile_for_backend)."""
+        from model.forward import compile_for_backend
 
-            return jax.jit(fn, static_argnames=tuple(static_argnames))
-        import tensorflow as tf
-
-        return tf.function(fn, autograph=False, reduce_retracing=False)
+        return compile_for_backend(fn, static_argnames)
 
     def zeros(self, name: str, shape: tp.Sequence[int], dtype: str) -> None:
         shape = tuple(int(s) for s in shape)
