@@ -51,15 +51,37 @@ def load_weights(model, path: Path) -> None:
     saving_lib.load_weights_only(model, path, objects_to_skip=[optimizer] if optimizer else None)
 
 
+def portable_model(model):
+    """The model as every Keras backend loads it: BatchNormalization layers built ``synchronized`` (statistics over
+    the global batch of several replicas, TensorFlow only) become plain ones with the same weights and moving
+    statistics; inference never uses batch statistics, so the outputs are the same. ``model`` itself if none is."""
+    import keras
+
+    if not any(getattr(layer, "synchronized", False) for layer in model.layers):
+        return model
+
+    def clone(layer):
+        cfg = layer.get_config()
+        if cfg.get("synchronized"):
+            cfg["synchronized"] = False
+        return layer.__class__.from_config(cfg)
+
+    out = keras.models.clone_model(model, clone_function=clone)
+    out.set_weights(model.get_weights())
+    return out
+
+
 def export_model(model, path: Path) -> None:
-    """Architecture and weights as a ``.keras`` file without the optimizer (what prediction loads), atomically."""
-    optimizer = model.optimizer
+    """Architecture and weights as a ``.keras`` file without the optimizer (what prediction loads), atomically, in
+    the form every backend loads (:func:`portable_model`: JAX and torch refuse synchronized BatchNormalization)."""
+    portable = portable_model(model)
+    optimizer = getattr(portable, "optimizer", None)
     with atomic_path(path, suffix=".keras") as tmp:  # Keras requires the .keras ending
         try:
-            model.optimizer = None  # Keras saves a compiled model's optimizer state: 2x the weights for Adam
-            model.save(tmp)
+            portable.optimizer = None  # Keras saves a compiled model's optimizer state: 2x the weights for Adam
+            portable.save(tmp)
         finally:
-            model.optimizer = optimizer
+            portable.optimizer = optimizer
 
 
 def save_checkpoint(model, state: ScheduleState, ckpt_dir: Path) -> None:

@@ -172,3 +172,26 @@ def test_predict_full_slice_returns_input_size():
     np.testing.assert_allclose(predict_full_slice(model, even), direct, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="slice2d_or_batch"):
         predict_full_slice(model, np.zeros((1, 1, 8, 8, 1), np.float32))
+
+
+def test_a_model_trained_with_synchronized_batch_norm_exports_a_file_every_backend_loads(tmp_path):
+    """JAX and torch refuse BatchNormalization(synchronized=True) (issue 29, item 5): the export drops the flag."""
+    import json
+    import zipfile
+
+    import keras
+
+    from model.training import export_model
+    from model.unet import build_unet
+
+    keras.utils.set_random_seed(0)
+    model = build_unet(4, 2, synchronized_bn=True)
+    assert any(getattr(layer, "synchronized", False) for layer in model.layers)
+    export_model(model, tmp_path / "model.keras")
+    with zipfile.ZipFile(tmp_path / "model.keras") as z:
+        config = z.read("config.json").decode()
+    assert '"synchronized": true' not in config and '"synchronized": false' in config
+    loaded = keras.saving.load_model(tmp_path / "model.keras", compile=False)
+    x = np.random.default_rng(0).random((2, 16, 16, 1)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(loaded(x, training=False)), np.asarray(model(x, training=False)), atol=1e-6)
+    assert json.loads(config)["config"]["name"] == model.name
