@@ -16,10 +16,15 @@ from pathlib import Path
 
 # A checkpoint holds each tensor once: the weights, the optimizer's variables, the schedule state. The best
 # weights (no optimizer) are kept beside it; the finished run's model (best weights, no optimizer) is EXPORT_FILE.
+# It is ONE atomic unit: weights, optimizer and best are written under new numbered names (last.000007.weights.h5),
+# then state.json names them with their sizes and SHA-256 digests (its key "files"), written last by an atomic
+# rename; only then are the files it no longer names removed. A kill anywhere in between resumes the previous
+# checkpoint whole. Checkpoints written before 2026-12-06 have the fixed names below and no "files".
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "last.weights.h5"  # all model variables (BN statistics included), no optimizer
 OPTIMIZER_FILE = "optimizer.npz"  # optimizer variables in order: Keras 3.15 does not restore a LossScaleOptimizer
 BEST_FILE = "best.weights.h5"  # weights of the lowest validation loss, no optimizer
+CHECKPOINT_ROLES = {"weights": WEIGHTS_FILE, "optimizer": OPTIMIZER_FILE, "best": BEST_FILE}
 EXPORT_FILE = "model.keras"  # architecture + best weights, written when the run finishes (the MLflow artifact)
 LEGACY_MODEL_FILE = "last.keras"  # checkpoints before 2026-12: model + optimizer; read on resume, then removed
 
@@ -118,12 +123,62 @@ def update_schedule(state: ScheduleState, val_loss: float, iters: int, s: TrainS
     return changed
 
 
+class CheckpointError(ValueError):
+    """A committed checkpoint whose files are missing or not the ones it names (names the file)."""
+
+
+def numbered_name(role: str, number: int) -> str:
+    """``last.000007.weights.h5``, ``optimizer.000007.npz``, ``best.000007.weights.h5``."""
+    stem, _, suffix = CHECKPOINT_ROLES[role].partition(".")
+    return f"{stem}.{number:06d}.{suffix}"
+
+
+def checkpoint_files(ckpt_dir: Path) -> dict[str, Path]:
+    """The files of the checkpoint that ``state.json`` commits, by role (weights, optimizer, best when there is
+    one); a checkpoint without a manifest (before 2026-12-06) has the fixed names (or the legacy ``last.keras``)."""
+    ckpt_dir = Path(ckpt_dir)
+    path = ckpt_dir / STATE_FILE
+    raw = json.loads(path.read_text()) if path.is_file() else {}
+    if raw.get("files"):
+        return {role: ckpt_dir / entry["name"] for role, entry in raw["files"].items()}
+    out = {role: ckpt_dir / name for role, name in CHECKPOINT_ROLES.items()}
+    if not out["weights"].is_file() and (ckpt_dir / LEGACY_MODEL_FILE).is_file():
+        out["weights"] = ckpt_dir / LEGACY_MODEL_FILE
+    if not out["best"].is_file():
+        del out["best"]
+    return out
+
+
+def verify_checkpoint_file(ckpt_dir: Path, role: str) -> Path:
+    """The committed file of ``role``, checked against the size and SHA-256 that state.json recorded for it."""
+    import hashlib
+
+    ckpt_dir = Path(ckpt_dir)
+    raw = json.loads((ckpt_dir / STATE_FILE).read_text())
+    path = checkpoint_files(ckpt_dir)[role]
+    entry = (raw.get("files") or {}).get(role)
+    if entry is None:  # an older checkpoint: nothing recorded to check against
+        return path
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing, but {ckpt_dir / STATE_FILE} commits it as the checkpoint's {role}; "
+                              "the checkpoint folder was changed from outside (delete it to start again)")
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    if path.stat().st_size != entry["bytes"] or digest != entry["sha256"]:
+        raise CheckpointError(f"{path}: not the file {ckpt_dir / STATE_FILE} commits as the checkpoint's {role} "
+                              f"(size or SHA-256 differ); delete the checkpoint folder to start again")
+    return path
+
+
 def load_state(ckpt_dir: Path) -> tp.Optional[ScheduleState]:
     """The schedule state of a complete checkpoint (weights and optimizer written), else None."""
-    path = ckpt_dir / STATE_FILE
-    weights = (ckpt_dir / WEIGHTS_FILE).is_file() or (ckpt_dir / LEGACY_MODEL_FILE).is_file()
-    if not path.is_file() or not weights or not (ckpt_dir / OPTIMIZER_FILE).is_file():
+    path = Path(ckpt_dir) / STATE_FILE
+    if not path.is_file():
         return None
+    files = checkpoint_files(ckpt_dir)
     raw = json.loads(path.read_text())
+    if not raw.get("files") and not (files["weights"].is_file() and files["optimizer"].is_file()):
+        return None  # an older layout's state without its files: nothing to resume
+    raw.pop("files", None)
     raw["best_val_loss"] = math.inf if raw.get("best_val_loss") is None else raw["best_val_loss"]
     return ScheduleState(**raw)

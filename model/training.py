@@ -30,7 +30,8 @@ from model.evaluation import confusion_matrix, iou_metrics
 from model.unet import build_unet
 
 from model.schedule import (BEST_FILE, EXPORT_FILE, LEGACY_MODEL_FILE, OPTIMIZER_FILE, STATE_FILE,  # noqa: F401
-                            WEIGHTS_FILE, ScheduleState, TrainSettings, load_state, model_key, paper_batch_size,
+                            WEIGHTS_FILE, CheckpointError, ScheduleState, TrainSettings, checkpoint_files,
+                            load_state, model_key, numbered_name, paper_batch_size, verify_checkpoint_file,
                             update_schedule)
 
 
@@ -84,30 +85,79 @@ def export_model(model, path: Path) -> None:
             portable.optimizer = optimizer
 
 
-def save_checkpoint(model, state: ScheduleState, ckpt_dir: Path) -> None:
-    """Weights, then optimizer variables, then state.json: the state never points at newer files than exist.
+#: Tests set this to a function called with the name of each step of :func:`save_checkpoint` before it runs
+#: ("weights", "optimizer", "best", "state", "cleanup"): raising there is a kill between two writes.
+CHECKPOINT_HOOK: tp.Optional[tp.Callable[[str], None]] = None
 
-    Each tensor once: ``last.weights.h5`` the model's variables, ``optimizer.npz`` the optimizer's (Adam's
+
+def _step(name: str) -> None:
+    if CHECKPOINT_HOOK is not None:
+        CHECKPOINT_HOOK(name)
+
+
+def _file_entry(path: Path) -> dict:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return {"name": path.name, "bytes": path.stat().st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+
+
+def save_checkpoint(model, state: ScheduleState, ckpt_dir: Path, *, best: bool = False) -> None:
+    """One checkpoint as one atomic unit (model.schedule): the weights and optimizer variables (and, with ``best``,
+    these weights as the best so far) under new numbered names, then state.json naming them with their digests,
+    written last; then the files it no longer names are removed. A kill between any two steps resumes the previous
+    checkpoint whole, never newer weights with older Adam moments or iteration count.
+
+    Each tensor once: the weights file holds the model's variables, the optimizer file the optimizer's (Adam's
     moments, its iteration counter and, under mixed_float16, the loss scale: ``keras.models.load_model``
-    3.15 does not restore a LossScaleOptimizer's state), ``state.json`` the schedule.
+    3.15 does not restore a LossScaleOptimizer's state); a best checkpoint names the same weights file as best.
     """
     import keras
 
+    ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    save_weights(model, ckpt_dir / WEIGHTS_FILE)
-    with atomic_path(ckpt_dir / OPTIMIZER_FILE) as tmp, open(tmp, "wb") as f:
+    previous = json.loads((ckpt_dir / STATE_FILE).read_text()) if (ckpt_dir / STATE_FILE).is_file() else {}
+    number = max([int(e["name"].split(".")[1]) for e in (previous.get("files") or {}).values()], default=0) + 1
+    files = {}
+    _step("weights")
+    weights = ckpt_dir / numbered_name("weights", number)
+    save_weights(model, weights)
+    files["weights"] = _file_entry(weights)
+    _step("optimizer")
+    optimizer = ckpt_dir / numbered_name("optimizer", number)
+    with atomic_path(optimizer) as tmp, open(tmp, "wb") as f:
         np.savez(f, *[keras.ops.convert_to_numpy(v) for v in model.optimizer.variables])
+    files["optimizer"] = _file_entry(optimizer)
+    if best:
+        _step("best")
+        files["best"] = files["weights"]  # the best weights are these: named twice, written once
+    elif "best" in (previous.get("files") or {}):
+        files["best"] = previous["files"]["best"]
+    elif not previous.get("files") and (ckpt_dir / BEST_FILE).is_file():  # an older layout's best: carried over
+        files["best"] = _file_entry(ckpt_dir / BEST_FILE)
     raw = dataclasses.asdict(state)
     raw["best_val_loss"] = None if math.isinf(state.best_val_loss) else state.best_val_loss
-    atomic_write_json(ckpt_dir / STATE_FILE, raw, indent=1)
-    (ckpt_dir / LEGACY_MODEL_FILE).unlink(missing_ok=True)  # an older checkpoint's model + optimizer, now stale
+    raw["files"] = files
+    _step("state")
+    atomic_write_json(ckpt_dir / STATE_FILE, raw, indent=1)  # the commit point
+    _step("cleanup")
+    named = {e["name"] for e in files.values()}
+    for path in ckpt_dir.iterdir():  # files of earlier (or half-written) checkpoints, and older layouts'
+        if path.name not in named and (path.name in (WEIGHTS_FILE, OPTIMIZER_FILE, BEST_FILE, LEGACY_MODEL_FILE)
+                                       or _is_numbered(path.name)):
+            path.unlink(missing_ok=True)
+
+
+def _is_numbered(name: str) -> bool:
+    parts = name.split(".")
+    return len(parts) >= 3 and parts[0] in ("last", "optimizer", "best") and parts[1].isdigit()
 
 
 def restore_checkpoint(model, ckpt_dir: Path) -> None:
-    """Weights and optimizer variables of the checkpoint into ``model`` (built and compiled the same way)."""
-    weights = ckpt_dir / WEIGHTS_FILE
-    load_weights(model, weights if weights.is_file() else ckpt_dir / LEGACY_MODEL_FILE)
-    path = ckpt_dir / OPTIMIZER_FILE
+    """Weights and optimizer variables of the committed checkpoint into ``model`` (built and compiled the same
+    way), each file checked against the digest state.json recorded (model.schedule.CheckpointError if not)."""
+    load_weights(model, verify_checkpoint_file(ckpt_dir, "weights"))
+    path = verify_checkpoint_file(ckpt_dir, "optimizer")
     with np.load(path) as npz:
         values = [npz[f"arr_{i}"] for i in range(len(npz.files))]
     variables = model.optimizer.variables
@@ -408,21 +458,18 @@ def train_fold(*, width: int, depth: int, input_size: int, train_samples: tp.Seq
             metrics = {"train_loss": float(hist.history["loss"][-1]), "learning_rate": state.learning_rate,
                        "images_per_s": iters * settings.batch_size / dt, **val}
             update_schedule(state, val["val_loss"], since_validation, settings)
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            if improved:
-                save_weights(model, ckpt_dir / BEST_FILE)
             # The time stamps the chunk's metrics, so a run that logs them late (a server outage) logs them as of now.
             state.history.append({"iteration": state.iteration, "time": time.time(), **metrics})
             state.wall_seconds += time.perf_counter() - t0
-            save_checkpoint(model, state, ckpt_dir)
+            save_checkpoint(model, state, ckpt_dir, best=improved)
             phases["checkpoint"] += time.perf_counter() - t_phase
             if on_chunk is not None:
                 on_chunk(state, metrics)
     finally:
         _SAVE_NOW = None
     t_phase = time.perf_counter()
-    if (ckpt_dir / BEST_FILE).is_file():
-        load_weights(model, ckpt_dir / BEST_FILE)
+    if "best" in checkpoint_files(ckpt_dir):
+        load_weights(model, verify_checkpoint_file(ckpt_dir, "best"))
     final = evaluate_slices(model, val_samples, depth=depth, planes=settings.planes, step=settings.final_slice_step,
                             crop=None)
     phases["final_evaluation"] = time.perf_counter() - t_phase

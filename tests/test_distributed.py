@@ -96,7 +96,7 @@ def test_usr2_checkpoint_mid_chunk_and_resume_on_four_replicas_restore_weights_a
         prepared_dataset, tmp_path):
     import keras
 
-    from model.training import OPTIMIZER_FILE, WEIGHTS_FILE, load_weights, save_active_checkpoint
+    from model.training import checkpoint_files, load_weights, save_active_checkpoint
     from model.unet import build_unet
 
     train, val = split_fold(load_dataset(prepared_dataset), 3)
@@ -115,10 +115,11 @@ def test_usr2_checkpoint_mid_chunk_and_resume_on_four_replicas_restore_weights_a
         train_fold(on_start=lambda st, m, d: seen.setdefault("model", m), on_first_step=usr2, **kw)
     state = json.loads((tmp_path / "ck" / STATE_FILE).read_text())
     assert state["iteration"] == 1 and not state["finished"]
-    with np.load(tmp_path / "ck" / OPTIMIZER_FILE) as npz:
+    files = checkpoint_files(tmp_path / "ck")
+    with np.load(files["optimizer"]) as npz:
         on_disk = [npz[f"arr_{i}"] for i in range(len(npz.files))]
     disk_model = build_unet(2, DEPTH)
-    load_weights(disk_model, tmp_path / "ck" / WEIGHTS_FILE)
+    load_weights(disk_model, files["weights"])
     at_start = []
 
     def on_start(state, model, devices):

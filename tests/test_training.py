@@ -140,7 +140,7 @@ def test_resume_restores_weights_and_optimizer_state_exactly(prepared_dataset, t
     # keras.models.load_model alone brings a LossScaleOptimizer back fresh (Adam moments 0, initial loss scale).
     import keras
 
-    from model.training import OPTIMIZER_FILE, WEIGHTS_FILE
+    from model.training import checkpoint_files
 
     ds = load_dataset(prepared_dataset)
     train, val = split_fold(ds, 2)
@@ -152,9 +152,10 @@ def test_resume_restores_weights_and_optimizer_state_exactly(prepared_dataset, t
     raw = json.loads((tmp_path / "ck" / STATE_FILE).read_text())
     raw["finished"] = False
     (tmp_path / "ck" / STATE_FILE).write_text(json.dumps(raw))
-    with np.load(tmp_path / "ck" / OPTIMIZER_FILE) as npz:
+    files = checkpoint_files(tmp_path / "ck")
+    with np.load(files["optimizer"]) as npz:
         saved = [npz[f"arr_{i}"] for i in range(len(npz.files))]
-    saved_weights = _weights_in(tmp_path / "ck" / WEIGHTS_FILE)
+    saved_weights = _weights_in(files["weights"])
     assert any(np.abs(a).sum() > 0 for a in saved[6:])  # Adam moments were written, not zeros
     at_start = []
 
@@ -190,7 +191,7 @@ def _stored_values(path) -> int:
 
 def test_a_checkpoint_holds_each_tensor_once(prepared_dataset, tmp_path):
     from model.complexity import count_params, trainable_params
-    from model.training import BEST_FILE, EXPORT_FILE, LEGACY_MODEL_FILE, OPTIMIZER_FILE, WEIGHTS_FILE
+    from model.training import EXPORT_FILE, LEGACY_MODEL_FILE, checkpoint_files
 
     train, val = split_fold(load_dataset(prepared_dataset), 0)
     width, depth = 24, 2  # big enough that file metadata is a few percent of the tensors
@@ -199,14 +200,17 @@ def test_a_checkpoint_holds_each_tensor_once(prepared_dataset, tmp_path):
     train_fold(width=width, depth=depth, input_size=16, train_samples=train, val_samples=val, settings=s,
                augment=AugmentConfig(), ckpt_dir=tmp_path / "ck")
     ck = tmp_path / "ck"
+    files = checkpoint_files(ck)
     params, trainable = count_params(width, depth), trainable_params(width, depth)
-    assert _stored_values(ck / WEIGHTS_FILE) == params and _stored_values(ck / BEST_FILE) == params
+    assert _stored_values(files["weights"]) == params and _stored_values(files["best"]) == params
     # Adam's two moments per trainable parameter, plus a handful of scalars (iterations, loss scale, ...).
-    assert 2 * trainable <= _stored_values(ck / OPTIMIZER_FILE) <= 2 * trainable + 16
-    last = (ck / WEIGHTS_FILE).stat().st_size + (ck / OPTIMIZER_FILE).stat().st_size
+    assert 2 * trainable <= _stored_values(files["optimizer"]) <= 2 * trainable + 16
+    last = files["weights"].stat().st_size + files["optimizer"].stat().st_size
     metadata = 160 * 1024  # HDF5's per-dataset headers (~1.7 kB each) and the npz index: the "little" on top
     assert 4 * (params + 2 * trainable) <= last <= 4 * params * 3 + 2 * metadata, (last, params)
-    assert (ck / BEST_FILE).stat().st_size <= 4 * params + metadata
+    assert files["best"].stat().st_size <= 4 * params + metadata
+    # Nothing beside the committed files: the export, state.json, and the files state.json names.
+    assert {p.name for p in ck.iterdir()} == {EXPORT_FILE, "state.json"} | {p.name for p in files.values()}
     # The finished run's model (what MLflow and prediction get): best weights, no optimizer.
     import zipfile
 
@@ -217,8 +221,8 @@ def test_a_checkpoint_holds_each_tensor_once(prepared_dataset, tmp_path):
 
 
 def test_a_checkpoint_of_the_earlier_layout_resumes_and_is_replaced(prepared_dataset, tmp_path):
-    # Before 2026-12 a checkpoint was last.keras (model + optimizer) + optimizer.npz + state.json.
-    from model.training import LEGACY_MODEL_FILE, WEIGHTS_FILE
+    # Before 2026-12 a checkpoint was last.keras (model + optimizer) + optimizer.npz + state.json (no manifest).
+    from model.training import LEGACY_MODEL_FILE, OPTIMIZER_FILE, WEIGHTS_FILE, checkpoint_files
 
     train, val = split_fold(load_dataset(prepared_dataset), 1)
     s = TrainSettings(max_iters=4, checkpoint_every=2, batch_size=2, val_crop=16, val_slice_step=12,
@@ -228,15 +232,100 @@ def test_a_checkpoint_of_the_earlier_layout_resumes_and_is_replaced(prepared_dat
     models = []
     train_fold(settings=dataclasses.replace(s, max_iters=2), on_start=lambda st, m, d: models.append(m), **kw)
     ck = tmp_path / "ck"
+    files = checkpoint_files(ck)
+    files["optimizer"].rename(ck / OPTIMIZER_FILE)
+    for path in files.values():
+        path.unlink(missing_ok=True)
     models[0].save(ck / LEGACY_MODEL_FILE)
     legacy = models[0].get_weights()
-    (ck / WEIGHTS_FILE).unlink()
     raw = json.loads((ck / STATE_FILE).read_text())
     raw["finished"] = False
+    del raw["files"]
     (ck / STATE_FILE).write_text(json.dumps(raw))
+    assert checkpoint_files(ck)["weights"] == ck / LEGACY_MODEL_FILE
     at_start = []
     resumed = train_fold(settings=s, on_start=lambda st, m, d: at_start.append(m.get_weights()), **kw)
     assert resumed.state.resumed_from == [2]
     for a, b in zip(at_start[0], legacy):
         np.testing.assert_array_equal(a, b)
-    assert (ck / WEIGHTS_FILE).is_file() and not (ck / LEGACY_MODEL_FILE).exists()
+    assert checkpoint_files(ck)["weights"].is_file() and not (ck / LEGACY_MODEL_FILE).exists()
+    assert not (ck / WEIGHTS_FILE).exists() and not (ck / OPTIMIZER_FILE).exists()  # replaced by the manifest's
+
+
+class _Killed(BaseException):
+    """A kill: not an Exception, so nothing in the training path catches it."""
+
+
+def test_a_kill_between_any_two_checkpoint_writes_resumes_a_whole_checkpoint(prepared_dataset, tmp_path):
+    """Issue 29, item 3: before, a kill between last.weights.h5 and optimizer.npz resumed new weights with old Adam
+    moments and iteration. Now each step of a checkpoint is interrupted once (a hook raises there) and the rerun
+    must end where an uninterrupted run ends: the same weights, optimizer state, best weights and iteration."""
+    import model.training as training
+    from model.training import checkpoint_files
+
+    train, val = split_fold(load_dataset(prepared_dataset), 0)
+    s = TrainSettings(max_iters=4, checkpoint_every=2, batch_size=2, val_crop=16, val_slice_step=12,
+                      final_slice_step=12, open_slabs=2, precision="float32")
+    kw = dict(width=2, depth=2, input_size=16, train_samples=train, val_samples=val, augment=AugmentConfig(),
+              settings=s)
+
+    def outcome(ck):
+        files = checkpoint_files(ck)
+        with np.load(files["optimizer"]) as npz:
+            opt = [npz[f"arr_{i}"] for i in range(len(npz.files))]
+        state = json.loads((ck / STATE_FILE).read_text())
+        return _weights_in(files["weights"]), opt, _weights_in(files["best"]), state["iteration"], state["finished"]
+
+    train_fold(ckpt_dir=tmp_path / "reference", **kw)
+    want = outcome(tmp_path / "reference")
+    # "best" happens at the first checkpoint (any loss beats none); the other steps are cut at the second.
+    for step, nth in (("weights", 2), ("optimizer", 2), ("best", 1), ("state", 2), ("cleanup", 2)):
+        seen: list[str] = []
+
+        def hook(name, step=step, nth=nth):
+            seen.append(name)
+            if name == step and seen.count(step) == nth:
+                raise _Killed(step)
+
+        ck = tmp_path / f"killed-at-{step}"
+        training.CHECKPOINT_HOOK = hook
+        try:
+            with pytest.raises(_Killed):
+                train_fold(ckpt_dir=ck, **kw)
+        finally:
+            training.CHECKPOINT_HOOK = None
+        committed = json.loads((ck / STATE_FILE).read_text()) if (ck / STATE_FILE).is_file() else None
+        if step in ("state", "cleanup") or committed is None:
+            assert committed is None or committed["iteration"] in (2, 4)
+        else:  # killed before the commit: the last whole checkpoint is the one of iteration 2
+            assert committed["iteration"] == 2, step
+        resumed = train_fold(ckpt_dir=ck, **kw)
+        assert resumed.state.iteration == 4 and resumed.state.finished
+        got = outcome(ck)
+        for a, b in zip(got[0] + got[1] + got[2], want[0] + want[1] + want[2]):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=step)
+        assert got[3:] == want[3:] == (4, True)
+        # Nothing left of the interrupted checkpoint: only what state.json names, its export, state.json.
+        named = {p.name for p in checkpoint_files(ck).values()}
+        assert {p.name for p in ck.iterdir()} == named | {"state.json", "model.keras"}, step
+
+
+def test_a_committed_checkpoint_whose_file_was_changed_is_refused_by_name(prepared_dataset, tmp_path):
+    from model.training import CheckpointError, checkpoint_files
+
+    train, val = split_fold(load_dataset(prepared_dataset), 0)
+    s = TrainSettings(max_iters=2, checkpoint_every=2, batch_size=2, val_crop=16, val_slice_step=12,
+                      final_slice_step=12, open_slabs=2, precision="float32")
+    kw = dict(width=2, depth=2, input_size=16, train_samples=train, val_samples=val, augment=AugmentConfig(),
+              ckpt_dir=tmp_path / "ck")
+    train_fold(settings=s, **kw)
+    raw = json.loads((tmp_path / "ck" / STATE_FILE).read_text())
+    raw["finished"] = False
+    (tmp_path / "ck" / STATE_FILE).write_text(json.dumps(raw))
+    opt = checkpoint_files(tmp_path / "ck")["optimizer"]
+    with np.load(opt) as npz:
+        arrays = [npz[f"arr_{i}"] * 0 for i in range(len(npz.files))]
+    with open(opt, "wb") as f:  # the same shapes, other values: only the digest tells
+        np.savez(f, *arrays)
+    with pytest.raises(CheckpointError, match=f"{opt.name}: not the file .* commits as the checkpoint's optimizer"):
+        train_fold(settings=dataclasses.replace(s, max_iters=4), **kw)
