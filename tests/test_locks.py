@@ -187,3 +187,95 @@ def test_an_optuna_slot_gives_up_a_duplicate_after_lease_wait_s_and_shows_the_wa
     (line,) = trials.lease_waits(waiting)
     assert line.startswith("slot 0: trial 3 waits since") and "on a lease: already trained by SLURM job 77" in line
     assert trials.lease_waits(events) == []
+
+
+def _threaded_contender(path: Path, name: str, results: dict, timeout_s: float):
+    me = {"host": os.uname().nodename, "pid": os.getpid(), "since": time.time(), "token": name}
+    try:
+        results[name] = locks.acquire(path, timeout_s=timeout_s, poll_s=0.01, me=me)
+    except locks.LockTimeout as exc:
+        results[name] = exc
+
+
+def test_a_waiter_paused_between_reading_a_stale_lock_and_taking_it_over_never_removes_a_live_one(tmp_path,
+                                                                                                monkeypatch):
+    """Issue 29, item 1, forced: B reads the dead holder and stops; A takes the lock over and holds it; B goes on;
+    C arrives. Before, B renamed A's live lock aside, C acquired in the gap, B's put-back failed and A's file was
+    deleted: A and C both held it. Now B's claim finds A's lock, not the dead one, and leaves it."""
+    import threading
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path = tmp_path / "x.lock"
+    path.write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid, "token": "dead"}))
+    b_read, b_go = threading.Event(), threading.Event()
+    results: dict = {}
+    c = threading.Thread(target=_threaded_contender, args=(path, "C", results, 1.0), name="C")
+
+    def hook(step):
+        if threading.current_thread().name != "B":
+            return
+        if step == "read" and not b_read.is_set():
+            b_read.set()
+            b_go.wait(10)
+        elif step == "claimed" and not c.is_alive() and "C" not in results:  # B is about to remove what it took:
+            c.start()  # C tries in that gap (where the old rename-aside left the path free)
+            c.join(20)
+
+    monkeypatch.setattr(locks, "TAKEOVER_HOOK", hook)
+    b = threading.Thread(target=_threaded_contender, args=(path, "B", results, 1.0), name="B")
+    b.start()
+    assert b_read.wait(10)  # B has read the dead holder, its take-over not begun
+    _threaded_contender(path, "A", results, 5.0)
+    assert results["A"]["token"] == "A" and locks.read_holder(path)["token"] == "A"
+    b_go.set()
+    b.join(20)
+    if "C" not in results:  # B never got to a second step: C comes now
+        c.start()
+        c.join(20)
+    assert isinstance(results["B"], locks.LockTimeout) and isinstance(results["C"], locks.LockTimeout)
+    assert locks.read_holder(path)["token"] == "A"  # A's lock was never moved or removed
+    assert not list(tmp_path.glob(".x.lock.takeover.*"))  # no claim left behind
+
+
+def test_while_one_waiter_claims_a_stale_lock_the_others_wait_and_exactly_one_gets_it(tmp_path, monkeypatch):
+    import threading
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path = tmp_path / "x.lock"
+    path.write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid, "token": "dead"}))
+    claimed, go = threading.Event(), threading.Event()
+
+    def hook(step):
+        if threading.current_thread().name == "B" and step == "claimed" and not claimed.is_set():
+            claimed.set()
+            go.wait(10)
+
+    monkeypatch.setattr(locks, "TAKEOVER_HOOK", hook)
+    results: dict = {}
+    threads = [threading.Thread(target=_threaded_contender, args=(path, n, results, 2.0), name=n) for n in "BAC"]
+    threads[0].start()
+    assert claimed.wait(10)  # B holds the claim on the dead lock and stops before removing it
+    for t in threads[1:]:
+        t.start()
+    time.sleep(0.3)
+    assert locks.read_holder(path)["token"] == "dead" and not results  # A and C wait: B's claim is in progress
+    go.set()
+    for t in threads:
+        t.join(20)
+    winners = [n for n, r in results.items() if isinstance(r, dict)]
+    assert len(winners) == 1 and locks.read_holder(path)["token"] == winners[0]
+    assert all(isinstance(r, locks.LockTimeout) for n, r in results.items() if n != winners[0])
+
+
+def test_a_claim_left_by_a_waiter_that_died_mid_take_over_expires(tmp_path, monkeypatch):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path = tmp_path / "x.lock"
+    path.write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid, "token": "dead"}))
+    os.link(path, tmp_path / ".x.lock.takeover.dead")  # the claim of a waiter killed between its two steps
+    monkeypatch.setattr(locks, "CLAIM_STALE_S", 0.5)
+    t0 = time.monotonic()
+    assert locks.acquire(path, timeout_s=5, poll_s=0.05)["pid"] == os.getpid()
+    assert 0.5 <= time.monotonic() - t0 < 5
