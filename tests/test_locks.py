@@ -134,8 +134,13 @@ def test_a_requeued_job_retakes_its_own_lock_and_slurm_decides_for_other_jobs(tm
         path.write_text(json.dumps({"host": "node-b", "pid": 7, "slurm_job_id": live, "token": "t"}))
         with pytest.raises(locks.LockTimeout, match=f"SLURM job {live}"):
             locks.acquire(path, timeout_s=1, poll_s=0.2)
-        # The same job after a requeue (new pid, maybe another node): its earlier attempt, not a live rival.
-        me = {"host": "node-c", "pid": 8, "slurm_job_id": live, "token": "new"}
+        # Another process of the same attempt of that job (a pool worker of the same allocation, on another node):
+        # a live rival, not us (before 2026-12-06 the job id alone made it "an earlier attempt" and took it over).
+        sibling = {"host": "node-c", "pid": 8, "slurm_job_id": live, "slurm_restart": 0, "token": "sibling"}
+        with pytest.raises(locks.LockTimeout, match="another process of this SLURM job on another node"):
+            locks.acquire(path, timeout_s=1, poll_s=0.2, me=sibling)
+        # The same job after a requeue (SLURM_RESTART_COUNT 1, new pid, maybe another node): its earlier attempt.
+        me = {"host": "node-c", "pid": 8, "slurm_job_id": live, "slurm_restart": 1, "token": "new"}
         assert locks.acquire(path, timeout_s=5, me=me)["token"] == "new"
         path.write_text(json.dumps({"host": "node-b", "pid": 7, "slurm_job_id": done, "token": "t"}))
         assert locks.acquire(path, timeout_s=5)["pid"] == os.getpid()  # SLURM says the holder is gone
@@ -279,3 +284,65 @@ def test_a_claim_left_by_a_waiter_that_died_mid_take_over_expires(tmp_path, monk
     t0 = time.monotonic()
     assert locks.acquire(path, timeout_s=5, poll_s=0.05)["pid"] == os.getpid()
     assert 0.5 <= time.monotonic() - t0 < 5
+
+
+def test_pool_workers_of_one_allocation_are_rivals_and_a_requeued_attempt_takes_its_own_back(tmp_path, monkeypatch):
+    """Issue 29, item 2: a holder is the job AND its attempt and process, not the job id alone."""
+    from sweep.slurm import holders, lease, queue as slurm_state
+
+    monkeypatch.setattr(slurm_state, "is_alive", lambda job_id: (True, "RUNNING"))  # SLURM: the job runs (ours)
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # a sibling pool worker
+    try:
+        sibling = {"host": os.uname().nodename, "pid": worker.pid, "slurm_job_id": "700", "slurm_restart": 0}
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / lease.LEASE_FILE).write_text(json.dumps(sibling))
+        monkeypatch.setenv("SLURM_JOB_ID", "700")
+        monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+        monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+        assert holders.relation(sibling, holders.process_record()) == "sibling"
+        with pytest.raises(lease.LeaseHeld, match="already trained by SLURM job 700, process running"):
+            lease.acquire(tmp_path / "run", "c2-d1-is64-fold0")
+        path = tmp_path / "x.lock"
+        path.write_text(json.dumps({**sibling, "token": "w"}))
+        with pytest.raises(locks.LockTimeout, match="process running"):
+            locks.acquire(path, timeout_s=0.5, poll_s=0.05)
+        # The same job requeued: its lease and lock from before the requeue are its own, however alive SLURM says.
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+        assert holders.relation(sibling, holders.process_record()) == "earlier_attempt"
+        assert lease.acquire(tmp_path / "run", "c2-d1-is64-fold0")["slurm_restart"] == 1
+        assert locks.acquire(path, timeout_s=2, poll_s=0.05)["pid"] == os.getpid()
+    finally:
+        worker.kill()
+        worker.wait()
+    # A sibling whose process is gone is taken over like any dead holder.
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    gone = {"host": os.uname().nodename, "pid": worker.pid, "slurm_job_id": "700", "slurm_restart": 0}
+    (tmp_path / "run" / lease.LEASE_FILE).write_text(json.dumps(gone))
+    assert lease.acquire(tmp_path / "run", "c2-d1-is64-fold0")["pid"] == os.getpid()
+
+
+def test_an_optuna_slot_never_resumes_a_sibling_workers_running_trial(tmp_path, monkeypatch):
+    from sweep.orchestration import trials
+    from sweep.slurm import queue as slurm_state
+
+    monkeypatch.setattr(slurm_state, "is_alive", lambda job_id: (True, "RUNNING"))
+    spec = trials.StudySpec(study_name="s", storage=f"journal:{tmp_path}/s.journal", directions=["maximize"],
+                            n_trials=4, n_slots=2, distributions={"x": optuna.distributions.FloatDistribution(0, 1)},
+                            fixed_params={}, sampler=None, folder=str(tmp_path / "s"), poll_interval_s=0.1,
+                            lease_wait_s=0.5)
+    study = optuna.create_study(study_name="s", storage=trials.open_storage(spec.storage), direction="maximize")
+    (tmp_path / "s").mkdir()
+    a = {"host": os.uname().nodename, "pid": os.getpid(), "slurm_job_id": "800", "slurm_restart": 0}
+    first = trials.claim(study, spec, a)
+    assert first.how == "new"
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        b = {**a, "pid": worker.pid}  # another worker of the same allocation
+        second = trials.claim(study, spec, b)
+        assert second.how == "new" and second.number != first.number  # not a "resumed" copy of a's trial
+        requeued = {**a, "pid": worker.pid, "slurm_restart": 1}  # a's job after a requeue takes a's trial back
+        again = trials.claim(study, spec, requeued)
+        assert again.how == "resumed" and again.number == first.number
+    finally:
+        worker.kill()
+        worker.wait()

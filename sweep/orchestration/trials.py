@@ -145,13 +145,13 @@ def claim(study, spec: StudySpec, me: tp.Mapping[str, tp.Any]) -> tp.Optional[Cl
     with claim_lock(spec.path):
         trials = study.get_trials(deepcopy=False)
         running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
-        for t in running:  # a requeued job keeps its SLURM job id: it takes back the trial it was running
+        for t in running:  # a requeued job (a later attempt of the same job) takes back the trial it was running
             w = _worker_of(t)
             if w is not None and _same_holder(w, me):
                 return Claim(t.number, dict(t.params), "resumed")
         for t in running:
             w = _worker_of(t)
-            if w is not None and not holder_alive(w)[0]:
+            if w is not None and not holder_alive(w, me)[0]:
                 study._storage.set_trial_user_attr(t._trial_id, TRIAL_WORKER_ATTR, json.dumps(dict(me)))
                 return Claim(t.number, dict(t.params), "adopted")
         if len(trials) >= spec.n_trials:

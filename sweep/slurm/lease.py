@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
-import time
 import typing as tp
 from pathlib import Path
 
 from data.atomic import atomic_write_json
 from sweep.slurm import locks
-from sweep.slurm.holders import _same_holder, describe, holder_alive
+from sweep.slurm.holders import _same_holder, describe, holder_alive, process_record
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +29,8 @@ class LeaseHeld(RuntimeError):
 
 
 def my_lease() -> dict[str, tp.Any]:
-    env = os.environ
-    lease: dict[str, tp.Any] = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
-    if env.get("SLURM_JOB_ID"):
-        lease["slurm_job_id"] = env["SLURM_JOB_ID"]
-        if env.get("SLURM_ARRAY_JOB_ID"):
-            lease["slurm_task"] = f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '')}"
-    return lease
+    """This process as a lease's holder (sweep.slurm.holders.process_record)."""
+    return process_record()
 
 
 def read_lease(ckpt_dir: Path) -> tp.Optional[dict[str, tp.Any]]:
@@ -62,7 +54,7 @@ def acquire(ckpt_dir: Path, run_name: str) -> dict[str, tp.Any]:
     with locks.locked(ckpt_dir / LOCK_FILE, timeout_s=LOCK_TIMEOUT_S):
         held = read_lease(ckpt_dir)
         if held and not _same_holder(held, mine):
-            alive, why = holder_alive(held)
+            alive, why = holder_alive(held, mine)
             if alive:
                 raise LeaseHeld(f"{run_name}: already trained by {describe(held)}, {why} (lease "
                                 f"{ckpt_dir.name}/{LEASE_FILE}); this job exits without training")

@@ -24,13 +24,12 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import time
 import typing as tp
 import uuid
 from pathlib import Path
 
-from sweep.slurm.holders import describe, holder_alive
+from sweep.slurm.holders import describe, holder_alive, process_record
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +42,9 @@ class LockTimeout(RuntimeError):
 
 
 def holder() -> dict[str, tp.Any]:
-    """Who this process is: SLURM job id and array task when present, host, pid, since, and a unique token."""
-    env = os.environ
-    me: dict[str, tp.Any] = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(),
-                             "token": uuid.uuid4().hex}
-    if env.get("SLURM_JOB_ID"):
-        me["slurm_job_id"] = env["SLURM_JOB_ID"]
-        if env.get("SLURM_ARRAY_JOB_ID"):
-            me["slurm_task"] = f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '')}"
-    return me
+    """Who this process is (sweep.slurm.holders.process_record: SLURM job, array task and attempt when present,
+    host, pid, since) and a unique token."""
+    return {**process_record(), "token": uuid.uuid4().hex}
 
 
 def read_holder(path: Path) -> tp.Optional[dict[str, tp.Any]]:
@@ -60,11 +53,6 @@ def read_holder(path: Path) -> tp.Optional[dict[str, tp.Any]]:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def _alive(lock: tp.Mapping[str, tp.Any]) -> tuple[bool, str]:
-
-    return holder_alive(lock)
 
 
 def _describe(lock: tp.Optional[tp.Mapping[str, tp.Any]]) -> str:
@@ -181,11 +169,9 @@ def acquire(path: Path, *, timeout_s: float = 300.0, poll_s: float = 0.1,
 
 
 def _holder_alive(seen: tp.Mapping[str, tp.Any], mine: tp.Mapping[str, tp.Any]) -> tuple[bool, str]:
-    job = seen.get("slurm_job_id")
-    if job and job == mine.get("slurm_job_id") and (seen.get("pid"), seen.get("host")) != (mine.get("pid"),
-                                                                                           mine.get("host")):
-        return False, "an earlier attempt of this SLURM job (requeued)"  # SLURM would call it alive: it is us
-    return _alive(seen)
+    """An earlier attempt of this SLURM job is gone (SLURM would call it alive: it is us, requeued); another process
+    of the same attempt (a pool worker of one allocation) is a rival, alive while its process is."""
+    return holder_alive(seen, mine)
 
 
 def release(path: Path, mine: tp.Mapping[str, tp.Any]) -> None:
