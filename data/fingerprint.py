@@ -56,6 +56,6 @@ def scan_digest(path: tp.Union[str, Path]) -> str:
     files = sorted(p for p in path.rglob("*") if p.is_file())
     for p in files:
         h.update(f"{p.relative_to(path)}:{p.stat().st_size}\n".encode())
-    for p in {files[0], files[-1]} if files else ():
+    for p in dict.fromkeys((files[0], files[-1])) if files else ():  # ordered: a set's order follows hash seeding
         _file_part(h, p, path)
     return h.hexdigest()[:12]

@@ -80,9 +80,10 @@ def test_a_worker_resumes_its_own_trial_and_adopts_a_dead_workers_trial(tmp_path
     orphan.set_user_attr(TRIAL_WORKER_ATTR, json.dumps({"host": os.uname().nodename, "pid": dead.pid}))
     live = study.ask(spec.distributions)  # another live process holds this one
     live.set_user_attr(TRIAL_WORKER_ATTR, json.dumps({"host": os.uname().nodename, "pid": os.getppid()}))
-    me = {"slurm_job_id": "4242", "host": "node7", "pid": 1}
+    me = {"slurm_job_id": "4242", "slurm_restart": 1, "host": "node7", "pid": 1}
     mine = study.ask(spec.distributions)
-    mine.set_user_attr(TRIAL_WORKER_ATTR, json.dumps({**me, "pid": 99}))  # before my requeue: same job, new pid
+    # Before my requeue: the same job, its first attempt (SLURM_RESTART_COUNT unset), another pid.
+    mine.set_user_attr(TRIAL_WORKER_ATTR, json.dumps({**me, "pid": 99, "slurm_restart": 0}))
     first = claim(study, spec, me)
     assert (first.number, first.how) == (mine.number, "resumed")
     study.tell(first.number, [0.5])

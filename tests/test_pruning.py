@@ -278,3 +278,34 @@ def test_a_grid_with_fold_pruning_skips_the_remaining_folds_of_a_worse_config(tm
     total = next(ln for ln in status.stdout.splitlines() if ln.startswith("total")).split()
     assert total[1:3] == ["2", "2"], status.stdout  # FINISHED 2, PRUNED 2
     assert "PRUNED       c32-d1-is384-fold2: fold pruning (paired_t)" in status.stdout
+
+
+def test_a_trial_pruned_while_the_server_is_away_ends_killed_in_its_offline_store(tmp_path, monkeypatch):
+    """Issue 29, item 4: the pruner stops a trial while the tracking server does not answer. Before, its pending
+    metrics and tags were dropped and the server run stayed RUNNING; now it ends as any run ending in an outage:
+    in its offline store, KILLED, with pruned_at_iteration and the metrics the server did not get (sweep.sync)."""
+    from sweep.jobs.train import run
+    from sweep.tracking.outbox import Outbox
+
+    monkeypatch.chdir(tmp_path)
+    work = tmp_path / "work"
+    cfg = _train_cfg(work, "mlflow.end_wait_s=0.5")
+    away = {"on": False}
+    real_log, real_flush = Outbox.log_metrics, Outbox.flush
+
+    def log_metrics(self, metrics, step=None, **kw):
+        if step == 4 and "val_mean_iou" in metrics:
+            away["on"] = True  # the server stops answering just as the first checkpoint's values come
+        return real_log(self, metrics, step, **kw)
+
+    monkeypatch.setattr(Outbox, "log_metrics", log_metrics)
+    monkeypatch.setattr(Outbox, "flush", lambda self, **kw: False if away["on"] else real_flush(self, **kw))
+    with trial_report.reporting(lambda value, iteration: True), pytest.raises(trial_report.TrialPruned):
+        run(cfg)
+    (store,) = list((work / "checkpoints").glob("*/fold0/mlflow/mlflow.db"))
+    client = MlflowClient(f"sqlite:///{store}")
+    (exp,) = [e for e in client.search_experiments() if e.name != "Default"]
+    (r,) = client.search_runs([exp.experiment_id])
+    assert r.info.status == "KILLED" and r.data.tags["pruned_at_iteration"] == "4"
+    assert [m.step for m in client.get_metric_history(r.info.run_id, "val_mean_iou")] == [4]
+    assert r.data.tags["server_run_id"]  # the server run it completes when sweep.sync copies it

@@ -162,8 +162,12 @@ def test_lease_of_a_live_job_is_respected_a_dead_ones_taken_over_and_a_requeued_
         {"slurm_job_id": holder})[0], timeout=30)
     mine = lease.acquire(ckpt, "run-x")  # the holder is dead: taken over
     assert json.loads((ckpt / lease.LEASE_FILE).read_text())["slurm_job_id"] == "424242" == mine["slurm_job_id"]
-    monkeypatch.setenv("SLURM_JOB_ID", "424242")  # the same job requeued: a new process, its own lease
+    # Another live process of the same attempt of this job (a pool worker of the allocation; pid 1 is alive): a rival.
     (ckpt / lease.LEASE_FILE).write_text(json.dumps({**mine, "pid": 1}))
+    with pytest.raises(lease.LeaseHeld, match="already trained by SLURM job 424242, process running"):
+        lease.acquire(ckpt, "run-x")
+    # The same job requeued (SLURM sets SLURM_RESTART_COUNT=1): a new process, its own lease.
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     assert lease.acquire(ckpt, "run-x")["pid"] == os.getpid()
     lease.release(ckpt, mine)
     assert not (ckpt / lease.LEASE_FILE).exists()

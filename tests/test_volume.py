@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import h5py
@@ -127,3 +128,21 @@ def test_atomic_write_refuses_to_overwrite_an_input(tmp_path):
         with atomic_path(src, inputs=[src]):
             pass
     assert src.read_bytes() == before
+
+
+def test_a_scan_folders_digest_does_not_depend_on_hash_seeding(tmp_path):
+    """Issue 29, item 6: the first and last file were hashed in a set's order, which PYTHONHASHSEED changes."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "scan"
+    folder.mkdir()
+    for i, text in enumerate(("first slice", "middle", "last slice")):
+        (folder / f"s{i:03d}.tif").write_text(text * 1000)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from data.fingerprint import scan_digest; "
+            "print(scan_digest(sys.argv[2]))")
+    repo = str(Path(__file__).resolve().parents[1])
+    digests = {subprocess.run([sys.executable, "-c", code, repo, str(folder)], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONHASHSEED": str(seed)}, check=True).stdout.strip()
+               for seed in range(6)}
+    assert len(digests) == 1 and len(digests.pop()) == 12

@@ -301,7 +301,10 @@ def _train(cfg: DictConfig, plan: RunPlan, experiment_id: str, train_samples, va
             log.warning("%s: %s", plan.run_name, pruned)
             log_usage(final=True)
             outbox.set_tags(pruned.run_tags)
-            outbox.wait(_seconds(cfg, "mlflow.end_wait_s", DEFAULT_END_WAIT_S))
+            if not outbox.wait(_seconds(cfg, "mlflow.end_wait_s", DEFAULT_END_WAIT_S)):
+                # The server is away: the pruned run ends as a run that ends in an outage does, in its offline
+                # store (KILLED, its pruning tags and every metric the server did not get); sweep.sync brings it in.
+                _end_offline(cfg, plan, outbox, {**tags, **pruned.run_tags}, [], [], status="KILLED")
             raise
 
     with recorder:
@@ -444,12 +447,13 @@ def _seconds(cfg: DictConfig, field: str, default: float) -> float:
     return default if value is None else float(value)
 
 
-def _end_offline(cfg: DictConfig, plan: RunPlan, outbox: Outbox, tags: dict, artifacts, texts) -> None:
+def _end_offline(cfg: DictConfig, plan: RunPlan, outbox: Outbox, tags: dict, artifacts, texts,
+                 status: str = "FINISHED") -> None:
     """The server is still away at the run's end: the run goes to its offline store, the job ends well."""
 
     store = offline_uri(plan.ckpt_dir)
     ending = OfflineEnding(params=_params(cfg, plan), tags=tags, artifacts=artifacts, texts=texts)
-    local_id = end_offline(outbox, store, plan.experiment, plan.run_name, ending)
+    local_id = end_offline(outbox, store, plan.experiment, plan.run_name, ending, status=status)
     log.warning("%s: MLflow at %s did not answer at the end of training; the run is recorded in its offline store "
                 "(%s, run %s, completing server run %s): `python -m sweep.sync` or `python -m sweep.status` copies it",
                 plan.run_name, tracking.redact_uri(plan.tracking_uri), f"{plan.config_key}/fold{plan.fold}/mlflow/mlflow.db",
