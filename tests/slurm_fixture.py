@@ -139,10 +139,13 @@ def _run_script(name: str, timeout: float) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> tp.Iterator[SlurmCluster]:
     """Install (fast no-op when installed) and start the local cluster; leave it running afterwards."""
+    # `make test` (what CI runs) starts the cluster itself and sets SCALING_UNET_REQUIRE_SLURM=1: there a SLURM test
+    # that cannot run fails the suite; a skip would hide it (issue 29, item 7). Elsewhere (a laptop) it skips.
+    unavailable = pytest.fail if os.environ.get("SCALING_UNET_REQUIRE_SLURM") == "1" else pytest.skip
     if os.geteuid() != 0:
-        pytest.skip("the local SLURM cluster needs root (apt-get install, munge/mysql users); run slurm/start.sh with sudo")
+        unavailable("the local SLURM cluster needs root (apt-get install, munge/mysql users); run slurm/start.sh with sudo")
     if not shutil.which("apt-get") and not shutil.which("slurmctld"):
-        pytest.skip("SLURM is not installed and apt-get is not available")
+        unavailable("SLURM is not installed and apt-get is not available")
     _run_script("install.sh", INSTALL_TIMEOUT_S)
     t0 = time.monotonic()
     p = _run_script("start.sh", START_TIMEOUT_S)

@@ -3,7 +3,9 @@ requeue and partition limits behave as the sweep launcher (hydra-submitit) needs
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -111,3 +113,22 @@ def test_time_above_partition_limit_is_rejected_at_submission(slurm_cluster: Slu
     assert "time limit" in p.stderr.lower(), p.stderr
     assert time.monotonic() - t0 < 10
     assert not p.stdout.strip()
+
+
+def test_where_the_cluster_is_required_a_slurm_test_that_cannot_run_fails_instead_of_skipping(tmp_path):
+    """Issue 29, item 7: `make test` (CI) sets SCALING_UNET_REQUIRE_SLURM=1 after starting the cluster."""
+    import subprocess
+    import sys
+
+    (tmp_path / "test_needs_slurm.py").write_text(
+        "import os, sys\nsys.path.insert(0, {repo!r})\nos.geteuid = lambda: 1000  # as a user without root\n"
+        "from tests.slurm_fixture import slurm_cluster  # noqa: F401\n\n"
+        "def test_x(slurm_cluster):\n    pass\n".format(repo=str(Path(__file__).resolve().parents[1])))
+    env = {k: v for k, v in os.environ.items() if k != "SCALING_UNET_REQUIRE_SLURM"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "test_needs_slurm.py")]
+    skipped = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert skipped.returncode == 0 and "1 skipped" in skipped.stdout, skipped.stdout[-2000:]
+    required = subprocess.run(cmd, cwd=tmp_path, env={**env, "SCALING_UNET_REQUIRE_SLURM": "1"}, capture_output=True,
+                              text=True)
+    assert required.returncode != 0 and "1 error" in required.stdout and "needs root" in required.stdout, \
+        required.stdout[-2000:]
