@@ -118,10 +118,45 @@ def _training_params(spec: str, tracking_uri: tp.Optional[str]) -> list[dict]:
 def check_out_dir(out: Path, scan: VolumeRef, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise SegmentError(f"--out: {out} is a file; give a folder")
+    blocked = next((p for p in out.absolute().parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise SegmentError(f"--out: {out}: {blocked} is a file, not a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise SegmentError(f"--out: {out} exists and is not empty; give --overwrite to replace it")
     if out.resolve() == scan.path.resolve() or out.resolve() in scan.path.resolve().parents:
         raise SegmentError(f"--out: {out} holds the scan {scan.path}; give another folder")
+
+
+def check_options(*, clip_percentiles: tp.Sequence[float], roi_um: float, initial_volume_mm3: tp.Optional[float],
+                  initial_surface_mm2: tp.Optional[float], days: tp.Optional[float], batch_size, workers) -> None:
+    """Every number option, before the scan is read (they were checked only after 9 planes were predicted)."""
+    from model.predict import parse_batch_size
+
+    lo, hi = (float(v) for v in clip_percentiles)
+    if not 0 <= lo < hi <= 100:
+        raise SegmentError(f"--clip-percentiles: need 0 <= LOW < HIGH <= 100, got {lo:g} {hi:g}")
+    if not (math.isfinite(roi_um) and roi_um > 0):
+        raise SegmentError(f"--roi-um: must be a positive number of µm, got {roi_um:g}")
+    for name, value in (("--initial-volume-mm3", initial_volume_mm3), ("--initial-surface-mm2", initial_surface_mm2),
+                        ("--days", days)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise SegmentError(f"{name}: must be a positive number, got {value:g}")
+    parse_batch_size(batch_size)  # PredictError names --batch-size
+    if workers is not None and int(workers) < 1:
+        raise SegmentError(f"--workers: must be at least 1, got {workers}")
+
+
+def check_scan(scan: VolumeRef) -> None:
+    """The scan opens as a 3D volume (its file exists, is HDF5/Zarr/TIFF, has the dataset): DataError naming it."""
+    from data.volume import open_volume
+
+    try:
+        with open_volume(scan):
+            pass
+    except DataError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # zarr and tifffile raise these for foreign files
+        raise DataError(scan.path, scan.dataset, f"not a readable volume ({' '.join(str(exc).split())[:200]})") from None
 
 
 def _home_free(text: str) -> str:
@@ -193,6 +228,9 @@ def segment_scan(scan: VolumeRef, specs: tp.Sequence[str], out: Path, *, voxel_s
     if fold_vote not in FOLD_VOTES:
         raise SegmentError(f"--fold-vote: must be one of {FOLD_VOTES}, got {fold_vote!r}")
     check_out_dir(out, scan, overwrite)
+    check_options(clip_percentiles=clip_percentiles, roi_um=roi_um, initial_volume_mm3=initial_volume_mm3,
+                  initial_surface_mm2=initial_surface_mm2, days=days, batch_size=batch_size, workers=workers)
+    check_scan(scan)  # before its metadata is read for the voxel size
     scan_vs, scan_vs_from = scan_voxel_size(scan, voxel_size_um)
     if any(s.startswith(("runs:/", "models:/")) for s in specs):
         check_tracking_server(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""))
@@ -200,6 +238,8 @@ def segment_scan(scan: VolumeRef, specs: tp.Sequence[str], out: Path, *, voxel_s
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     stats = check_image(scan, field="image")  # finite values, before a model is loaded or a voxel written
+    if not stats.max > stats.min:
+        raise SegmentError(f"SCAN: {scan}: every voxel is {stats.min:g}: a constant scan has no contrast to segment")
     models, model_id = load_models(list(specs), tracking_uri=tracking_uri)
     seconds["check and load"] = time.perf_counter() - t0
     name = scan.path.stem if scan.path.suffix else scan.path.name

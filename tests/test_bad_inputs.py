@@ -126,14 +126,22 @@ def _predict(out: tp.Callable[[Path], list[str]]) -> tp.Callable[[Path], list[st
     return setup
 
 
-def _segment(*extra: str, aniso: bool = False) -> tp.Callable[[Path], list[str]]:
-    """analysis.segment on a raw scan (without, or with anisotropic, voxel-size metadata) and a garbage model: the
-    scan's checks come before the model is even opened."""
+def _segment(*extra: str, aniso: bool = False, scan: str = "random") -> tp.Callable[[Path], list[str]]:
+    """analysis.segment on a raw scan (without, or with anisotropic, voxel-size metadata; or ``scan`` missing, a
+    text file named .h5, constant) and a garbage model: the scan's checks come before the model is even opened."""
     def setup(root: Path) -> list[str]:
         vol = _volume(root)
         if aniso:
             with h5py.File(vol, "a") as f:
                 f["image"].attrs["element_size_um"] = [5.0, 2.5, 2.5]
+        if scan == "missing":
+            vol.unlink()
+        elif scan == "text":
+            vol.write_text("not an HDF5 file")
+        elif scan == "constant":
+            with h5py.File(vol, "w") as f:
+                f["image"] = np.full((8, 16, 16), 7.0, np.float32)
+                f["image"].attrs["voxel_size_um"] = 2.5
         (root / "model.keras").write_bytes(b"garbage")
         return ["-m", "analysis.segment", str(vol), "--model", str(root / "model.keras"), "--model-voxel-size", "5",
                 "--out", str(root / "result"), "--no-progress", *extra]
@@ -237,6 +245,17 @@ CASES = [
     Case("segment: a scan whose voxel size is unknown", _segment(), "--voxel-size"),
     Case("segment: anisotropic voxels", _segment(aniso=True), "anisotropic voxels [5.0, 2.5, 2.5]"),
     Case("segment: --voxel-size 0", _segment("--voxel-size", "0"), "--voxel-size: must be a positive"),
+    Case("segment: a missing scan", _segment("--voxel-size", "5", scan="missing"), "vol.h5"),
+    Case("segment: a text file named .h5", _segment("--voxel-size", "5", scan="text"), "vol.h5"),
+    Case("segment: a constant scan", _segment(scan="constant"), "a constant scan has no contrast"),
+    Case("segment: --out under a file", lambda r: [*_segment("--voxel-size", "5")(r)[:-3], "--out",
+                                                   str(_file(r, "afile") / "result"), "--no-progress"], "afile"),
+    Case("segment: --batch-size 0", _segment("--voxel-size", "5", "--batch-size", "0"), "--batch-size"),
+    Case("segment: inverted --clip-percentiles", _segment("--voxel-size", "5", "--clip-percentiles", "99", "1"),
+         "--clip-percentiles"),
+    Case("segment: --roi-um 0", _segment("--voxel-size", "5", "--roi-um", "0"), "--roi-um"),
+    Case("segment: --days -1", _segment("--voxel-size", "5", "--days", "-1"), "--days"),
+    Case("segment: --workers 0", _segment("--voxel-size", "5", "--workers", "0"), "--workers"),
     Case("model.summary: --width 0", _summary_width_zero, "width"),
     Case("sweep.predict: missing model and volume", _sweep_predict_missing, "nothing was queued"),
     Case("analysis.measures: an image instead of labels", _measures_on_an_image, "vol.h5"),
