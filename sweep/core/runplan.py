@@ -55,6 +55,18 @@ def _int(cfg: DictConfig, field: str) -> int:
     return value
 
 
+#: Switches of the training config: true or false, nothing else ("maybe" was read as true: allow_stand_in=maybe
+#: started stand-in GPU jobs).
+BOOLEAN_FIELDS = ("allow_stand_in", "mlflow.offline", "train.jit_compile", "data.synthesize",
+                  "data.augment.horizontal_flip", "fusing.keep_planes", "fusing.progress", "fusing.ensemble")
+
+
+def _check_boolean(cfg: DictConfig, field: str) -> None:
+    value = OmegaConf.select(cfg, field, default=None)
+    if value is not None and not isinstance(value, bool):
+        raise ConfigError(field, f"must be true or false, got {value!r}")
+
+
 def plan_run(cfg: DictConfig) -> RunPlan:
     """Resolve and check a run's config. Raises ConfigError naming the field; touches no file."""
     width, depth, input_size, fold = (_int(cfg, f) for f in ("model.width", "model.depth", "model.input_size", "fold"))
@@ -77,6 +89,12 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         raise ConfigError("mlflow.system_metrics_interval_s", f"must be a finite number of seconds >= 0 (0: off), "
                                                               f"got {interval!r}")
     fold_pruning_setting(cfg, num_folds)
+    for field in BOOLEAN_FIELDS:
+        _check_boolean(cfg, field)
+    replicas = OmegaConf.select(cfg, "train.cpu_replicas", default=None)
+    if replicas is not None and (isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1):
+        raise ConfigError("train.cpu_replicas", f"must be a whole number of logical CPU devices >= 1 (or null), "
+                                                f"got {replicas!r}")
     eff_width = max(1, round(width / divisor))
     eff_size = size_map.get(input_size, input_size)
     if eff_size % 2**depth:
