@@ -54,10 +54,12 @@ def test_outbox_keeps_batches_in_order_through_a_restart_and_raises_for_a_refuse
         box.log_metrics({"val_loss": float(step)}, step=step, timestamp_ms=step * 1_000)
     box.set_tags({"during": "outage"})
     assert box.down and len(box.pending) == 4
+    # A system-metrics sample (its own step: a sample index) does not move the iteration the outage is stamped with.
+    box.log_metrics({"system/cpu_utilization_percentage": 5.0}, step=37, timestamp_ms=4_500)
     assert time.monotonic() - t0 < 20, "an outage must cost the training loop seconds, not minutes of retries"
     _restart(own_server, tmp_path)
     assert box.flush(force=True) and not box.pending and not box.down
-    assert len(box.outages) == 1
+    assert len(box.outages) == 1 and box.outage_tag()["tracking_outages"].endswith("s@4")  # not @37 (issue 29)
     client = MlflowClient(uri)
     hist = client.get_metric_history(rec.run_id, "val_loss")
     assert [(m.step, m.timestamp, m.value) for m in hist] == [(s, s * 1000, float(s)) for s in (1, 2, 3, 4)]

@@ -92,14 +92,15 @@ class Outbox:
         self.gave_up = False  # an outage outlasted tolerance_s: no more tries, the run ends offline
         self.outages: list[tuple[float, int]] = []  # (seconds, iteration when it ended) of outages lived through
         self._last_try = -float("inf")
-        self._step = 0
+        self._step = 0  # the last training iteration logged: where an outage ended (tracking_outages tag)
 
     # ------------------------------------------------------------------------------------------ what a run logs
     def log_metrics(self, metrics: Mapping[str, tp.Any], step: int | None = None, *,
                     timestamp_ms: int | None = None) -> None:
         ts = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
-        self._step = int(step or 0)
-        self.pending.append(_Entry("metrics", dict(metrics), self._step, ts))
+        if step is not None and not all(str(k).startswith("system/") for k in metrics):
+            self._step = int(step)  # the training iteration (system metrics count their own samples)
+        self.pending.append(_Entry("metrics", dict(metrics), int(step or 0), ts))
         self.flush()
 
     def set_tags(self, tags: Mapping[str, tp.Any]) -> None:
