@@ -117,7 +117,9 @@ def save_checkpoint(model, state: ScheduleState, ckpt_dir: Path, *, best: bool =
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     previous = json.loads((ckpt_dir / STATE_FILE).read_text()) if (ckpt_dir / STATE_FILE).is_file() else {}
-    number = max([int(e["name"].split(".")[1]) for e in (previous.get("files") or {}).values()], default=0) + 1
+    # The next number after every numbered file named; a best carried over from before has its fixed name.
+    number = max([int(e["name"].split(".")[1]) for e in (previous.get("files") or {}).values()
+                  if _is_numbered(e["name"])], default=0) + 1
     files = {}
     _step("weights")
     weights = ckpt_dir / numbered_name("weights", number)

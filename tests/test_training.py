@@ -220,15 +220,22 @@ def test_a_checkpoint_holds_each_tensor_once(prepared_dataset, tmp_path):
     assert not (ck / LEGACY_MODEL_FILE).exists()
 
 
-def test_a_checkpoint_of_the_earlier_layout_resumes_and_is_replaced(prepared_dataset, tmp_path):
-    # Before 2026-12 a checkpoint was last.keras (model + optimizer) + optimizer.npz + state.json (no manifest).
-    from model.training import LEGACY_MODEL_FILE, OPTIMIZER_FILE, WEIGHTS_FILE, checkpoint_files
-
-    train, val = split_fold(load_dataset(prepared_dataset), 1)
-    s = TrainSettings(max_iters=4, checkpoint_every=2, batch_size=2, val_crop=16, val_slice_step=12,
+def _tiny_fold(prepared_dataset, fold: int, max_iters: int, ckpt_dir=None) -> tuple[TrainSettings, dict]:
+    """Settings and train_fold's keywords of a 2-wide U-net trained a few iterations, checkpointed every 2."""
+    train, val = split_fold(load_dataset(prepared_dataset), fold)
+    s = TrainSettings(max_iters=max_iters, checkpoint_every=2, batch_size=2, val_crop=16, val_slice_step=12,
                       final_slice_step=12, open_slabs=2, precision="float32")
-    kw = dict(width=2, depth=2, input_size=16, train_samples=train, val_samples=val, augment=AugmentConfig(),
-              ckpt_dir=tmp_path / "ck")
+    kw = dict(width=2, depth=2, input_size=16, train_samples=train, val_samples=val, augment=AugmentConfig())
+    return s, (kw if ckpt_dir is None else {**kw, "ckpt_dir": ckpt_dir})
+
+
+def test_a_checkpoint_of_the_earlier_layout_resumes_and_is_replaced(prepared_dataset, tmp_path):
+    # Before 2026-12 a checkpoint was last.keras (model + optimizer) + optimizer.npz + state.json (no manifest), and
+    # until 2026-12-06 best.weights.h5 beside them: a best no later checkpoint beats is carried over by name.
+    from model.training import (BEST_FILE, LEGACY_MODEL_FILE, OPTIMIZER_FILE, WEIGHTS_FILE, checkpoint_files,
+                                save_weights)
+
+    s, kw = _tiny_fold(prepared_dataset, 1, 6, tmp_path / "ck")
     models = []
     train_fold(settings=dataclasses.replace(s, max_iters=2), on_start=lambda st, m, d: models.append(m), **kw)
     ck = tmp_path / "ck"
@@ -237,9 +244,11 @@ def test_a_checkpoint_of_the_earlier_layout_resumes_and_is_replaced(prepared_dat
     for path in files.values():
         path.unlink(missing_ok=True)
     models[0].save(ck / LEGACY_MODEL_FILE)
+    save_weights(models[0], ck / BEST_FILE)
     legacy = models[0].get_weights()
     raw = json.loads((ck / STATE_FILE).read_text())
     raw["finished"] = False
+    raw["best_val_loss"] = -1.0  # never beaten: the old best is carried through every later checkpoint
     del raw["files"]
     (ck / STATE_FILE).write_text(json.dumps(raw))
     assert checkpoint_files(ck)["weights"] == ck / LEGACY_MODEL_FILE
@@ -248,8 +257,12 @@ def test_a_checkpoint_of_the_earlier_layout_resumes_and_is_replaced(prepared_dat
     assert resumed.state.resumed_from == [2]
     for a, b in zip(at_start[0], legacy):
         np.testing.assert_array_equal(a, b)
+    assert resumed.state.iteration == 6  # three checkpoints after the carried-over best (the 2nd failed before)
     assert checkpoint_files(ck)["weights"].is_file() and not (ck / LEGACY_MODEL_FILE).exists()
     assert not (ck / WEIGHTS_FILE).exists() and not (ck / OPTIMIZER_FILE).exists()  # replaced by the manifest's
+    assert checkpoint_files(ck)["best"] == ck / BEST_FILE
+    for a, b in zip(_weights_in(ck / BEST_FILE), legacy):
+        np.testing.assert_array_equal(a, b)
 
 
 class _Killed(BaseException):
@@ -263,11 +276,8 @@ def test_a_kill_between_any_two_checkpoint_writes_resumes_a_whole_checkpoint(pre
     import model.training as training
     from model.training import checkpoint_files
 
-    train, val = split_fold(load_dataset(prepared_dataset), 0)
-    s = TrainSettings(max_iters=4, checkpoint_every=2, batch_size=2, val_crop=16, val_slice_step=12,
-                      final_slice_step=12, open_slabs=2, precision="float32")
-    kw = dict(width=2, depth=2, input_size=16, train_samples=train, val_samples=val, augment=AugmentConfig(),
-              settings=s)
+    s, kw = _tiny_fold(prepared_dataset, 0, 4)
+    kw["settings"] = s
 
     def outcome(ck):
         files = checkpoint_files(ck)
@@ -313,11 +323,7 @@ def test_a_kill_between_any_two_checkpoint_writes_resumes_a_whole_checkpoint(pre
 def test_a_committed_checkpoint_whose_file_was_changed_is_refused_by_name(prepared_dataset, tmp_path):
     from model.training import CheckpointError, checkpoint_files
 
-    train, val = split_fold(load_dataset(prepared_dataset), 0)
-    s = TrainSettings(max_iters=2, checkpoint_every=2, batch_size=2, val_crop=16, val_slice_step=12,
-                      final_slice_step=12, open_slabs=2, precision="float32")
-    kw = dict(width=2, depth=2, input_size=16, train_samples=train, val_samples=val, augment=AugmentConfig(),
-              ckpt_dir=tmp_path / "ck")
+    s, kw = _tiny_fold(prepared_dataset, 0, 2, tmp_path / "ck")
     train_fold(settings=s, **kw)
     raw = json.loads((tmp_path / "ck" / STATE_FILE).read_text())
     raw["finished"] = False
