@@ -19,7 +19,8 @@ from data.volume import (CLASS_NAMES, NUM_CLASSES, VolumeRef, atomic_output, cla
                          class_set_label_metadata, copy_volume, create_zarr_array, create_zarr_group, grey_omero,
                          is_zarr_path, open_volume, read_checked, write_label_image, write_multiscale_image)
 from model.evaluation import confusion_matrix
-from model.fusion import FOLD_DISAGREEMENT, UNCERTAINTY_MAPS, mean_probabilities, uncertainty_maps, vote
+from model.fusion import (FOLD_DISAGREEMENT, UNCERTAINTY_MAPS, fold_disagreement_from_sum, map_names,
+                          mean_probabilities, uncertainty_maps, vote)
 from model.planes import PLANES, plane_set
 from model.rotate import available_cores
 from model.streaming import CHUNK, NoTimes, ParallelDeflate, PhaseTimes, Progress, create_dataset
@@ -151,9 +152,9 @@ def fuse_planes(plane_paths: tp.Sequence[Path], out_path: Path, *, method: str, 
     meta = {"vote": method, "planes": [_plane_of(p) for p in plane_paths], **(attrs or {})}
     with contextlib.ExitStack() as stack:
         folds = _fold_maps(stack, plane_paths) if uncertainty else []
-        map_names = (list(UNCERTAINTY_MAPS) if uncertainty else []) + ([FOLD_DISAGREEMENT] if folds else [])
+        names = map_names(uncertainty, bool(folds))
         write = stack.enter_context(fused_output(
-            out_path, shape, meta=meta, probabilities=probabilities, map_names=map_names, tiff_path=tiff_path,
+            out_path, shape, meta=meta, probabilities=probabilities, map_names=names, tiff_path=tiff_path,
             inputs=inputs, image=image, voxel_size_um=voxel_size_um, times=times, progress=progress,
             desc=f"fuse {method} ({len(plane_paths)} planes)"))
         blocks = fuse_blocks(plane_paths)
@@ -166,9 +167,10 @@ def fuse_planes(plane_paths: tp.Sequence[Path], out_path: Path, *, method: str, 
             with times.phase("fuse"):
                 lab = vote(block, method)
                 mean = mean_probabilities(block).astype(np.float16) if probabilities else None
-                extra = uncertainty_maps(block, lab) if map_names else {}
+                extra = uncertainty_maps(block, lab) if names else {}
                 if folds:  # the planes' mean of each plane's fold disagreement
-                    extra[FOLD_DISAGREEMENT] = np.rint(np.mean([d[key] for d in folds], axis=0)).astype(np.uint8)
+                    fold_sum = np.sum([d[key] for d in folds], axis=0, dtype=np.uint16)
+                    extra[FOLD_DISAGREEMENT] = fold_disagreement_from_sum(fold_sum, len(folds))
             write(key, lab, mean, extra)
     return Path(out_path)
 

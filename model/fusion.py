@@ -174,3 +174,21 @@ def fold_disagreement_from_sum(fold_sum, m: int, ops=None):
     """The planes' mean fold disagreement (uint8, 255 = every fold model disagrees) from its sum over ``m`` planes."""
     ops = ops or NUMPY_OPS
     return ops.cast(ops.round(ops.cast(fold_sum, "float32") / float(m)), "uint8")
+
+
+def fuse_totals(sums, counts, fold_sum, m: int, vote: str, *, probabilities: bool, uncertainty: bool, ops=None):
+    """(labels, P_avr as float16 or None, maps) of a block of accumulated totals over ``m`` planes (model.resident):
+    Eq. 4 or 5 (``vote``), the uncertainty maps and an ensemble's fold disagreement; numpy or ``keras.ops``."""
+    ops = ops or NUMPY_OPS
+    lab = majority_vote_from_counts(counts, sums, m, ops) if vote == "majority" else soft_vote_from_sums(sums, ops)
+    maps = uncertainty_from_totals(sums, counts, lab, m, ops) if uncertainty else {}
+    if uncertainty and fold_sum is not None:
+        maps[FOLD_DISAGREEMENT] = fold_disagreement_from_sum(fold_sum, m, ops)
+    mean = ops.cast(mean_from_sums(sums, m, ops), "float16") if probabilities else None
+    return lab, mean, maps
+
+
+def map_names(uncertainty: bool, fold_disagreement: bool) -> list[str]:
+    """The uncertainty maps a fused output holds: those of :func:`uncertainty_maps`, and an ensemble's fold
+    disagreement when it has one."""
+    return (list(UNCERTAINTY_MAPS) + ([FOLD_DISAGREEMENT] if fold_disagreement else [])) if uncertainty else []

@@ -32,8 +32,7 @@ import numpy as np
 
 from data.rotation import other_axes, rotated_volume_shape
 from data.volume import NUM_CLASSES, VolumeRef, open_volume, read_checked
-from model.fusion import (FOLD_DISAGREEMENT, UNCERTAINTY_MAPS, fold_disagreement_from_sum, majority_vote_from_counts,
-                          mean_from_sums, soft_vote_from_sums, uncertainty_from_totals)
+from model.fusion import fuse_totals, map_names
 from model.planes import PLANES
 from model.streaming import CHUNK, NoTimes, PhaseTimes, Progress
 
@@ -189,43 +188,44 @@ class HostAccumulator:
         self.counts = np.zeros(self.shape + (self.num_classes,), np.uint8) if ballots else None
         self.fold = np.zeros(self.shape, np.uint16) if fold else None
         self.planes = 0
-        self.has_fold = fold
-        self._packed = self.num_classes == 4
-        self._classes = np.arange(self.num_classes, dtype=np.uint8)
-        # What model.inference's plane loops write to, as they write a plane file.
-        self.probabilities = _Sink(self._add_probabilities, self.shape + (self.num_classes,), np.uint8)
-        self.fold_fraction = _Sink(self._add_fold, self.shape, np.uint8) if fold else None
+        sums, counts, fold_sum = self.sums, self.counts, self.fold
+        packed = self.num_classes == 4
+        classes = np.arange(self.num_classes, dtype=np.uint8)
 
-    def _add_probabilities(self, key: tuple, probs: np.ndarray) -> None:
-        key = tuple(key)[:3]
-        if self._packed:  # 4 uint16 lanes in one uint64 (no carry: 9 × 255 < 2^16): one strided add per voxel
-            _add_into(self.sums.view(np.uint64)[..., 0][key], _widen(probs, np.uint16).view(np.uint64)[..., 0])
-        else:
-            _add_into(self.sums[key], probs)
-        if self.counts is not None:
-            votes = probs.argmax(-1)[..., None] == self._classes
-            if self._packed:  # 4 uint8 ballots in one uint32 (at most 255 planes)
-                _add_into(self.counts.view(np.uint32)[..., 0][key], _widen(votes, np.uint8).view(np.uint32)[..., 0])
+        # Closures over the arrays, not bound methods: no reference cycle, so the (large) totals go with the
+        # accumulator instead of waiting for the garbage collector.
+        def add_probabilities(key: tuple, probs: np.ndarray) -> None:
+            key = tuple(key)[:3]
+            if packed:  # 4 uint16 lanes in one uint64 (no carry: 9 × 255 < 2^16): one strided add per voxel
+                _add_into(sums.view(np.uint64)[..., 0][key], _widen(probs, np.uint16).view(np.uint64)[..., 0])
             else:
-                _add_into(self.counts[key], votes)
+                _add_into(sums[key], probs)
+            if counts is not None:
+                votes = probs.argmax(-1)[..., None] == classes
+                if packed:  # 4 uint8 ballots in one uint32 (at most 255 planes)
+                    _add_into(counts.view(np.uint32)[..., 0][key], _widen(votes, np.uint8).view(np.uint32)[..., 0])
+                else:
+                    _add_into(counts[key], votes)
 
-    def _add_fold(self, key: tuple, fraction: np.ndarray) -> None:
-        _add_into(tp.cast(np.ndarray, self.fold)[tuple(key)[:3]], fraction)
+        def add_fold(key: tuple, fraction: np.ndarray) -> None:
+            _add_into(tp.cast(np.ndarray, fold_sum)[tuple(key)[:3]], fraction)
+
+        # What model.inference's plane loops write to, as they write a plane file.
+        self.probabilities = _Sink(add_probabilities, self.shape + (self.num_classes,), np.uint8)
+        self.fold_fraction = _Sink(add_fold, self.shape, np.uint8) if fold else None
+
+    @property
+    def has_fold(self) -> bool:
+        return self.fold is not None
 
     def fused_blocks(self, vote: str, *, probabilities: bool, uncertainty: bool
                      ) -> tp.Iterator[tuple[tuple, np.ndarray, tp.Optional[np.ndarray], dict]]:
         """(key, labels, P_avr as float16 or None, maps) per slab of :data:`CHUNK` slices along axis 0."""
-        m = self.planes
         for z0 in range(0, self.shape[0], CHUNK):
             key = (slice(z0, min(z0 + CHUNK, self.shape[0])), slice(0, self.shape[1]))
-            sums = self.sums[key]
-            counts = self.counts[key] if self.counts is not None else None
-            lab = (majority_vote_from_counts(counts, sums, m) if vote == "majority" else soft_vote_from_sums(sums))
-            mean = mean_from_sums(sums, m).astype(np.float16) if probabilities else None
-            maps = uncertainty_from_totals(sums, counts, lab, m) if uncertainty else {}
-            if uncertainty and self.fold is not None:
-                maps[FOLD_DISAGREEMENT] = fold_disagreement_from_sum(self.fold[key], m)
-            yield key, lab, mean, maps
+            yield (key, *fuse_totals(self.sums[key], None if self.counts is None else self.counts[key],
+                                     None if self.fold is None else self.fold[key], self.planes, vote,
+                                     probabilities=probabilities, uncertainty=uncertainty))
 
 
 class RotatedPlane:
@@ -346,11 +346,6 @@ def predict_on_host(ref: VolumeRef, shape: tp.Sequence[int], planes: tp.Sequence
     if own_rotation:
         rotation.close()
     return acc
-
-
-def map_names(uncertainty: bool, fold_disagreement: bool) -> list[str]:
-    """The uncertainty maps a fused output holds, as the file path's fuse step names them."""
-    return (list(UNCERTAINTY_MAPS) + ([FOLD_DISAGREEMENT] if fold_disagreement else [])) if uncertainty else []
 
 
 def device_free_bytes() -> tp.Optional[int]:

@@ -18,8 +18,7 @@ import numpy as np
 
 from data.rotation import other_axes, rotated_plane_shape, rotated_volume_shape
 from data.volume import NUM_CLASSES, VolumeRef, open_volume, read_checked
-from model.fusion import (FOLD_DISAGREEMENT, fold_disagreement_from_sum, majority_vote_from_counts, mean_from_sums,
-                          soft_vote_from_sums, uncertainty_from_totals)
+from model.fusion import fuse_totals
 from model.planes import PLANES
 from model.resident import FuseOnError, needs_ballots
 from model.streaming import CHUNK, NoTimes, PhaseTimes, Progress
@@ -176,13 +175,16 @@ class DeviceAccumulator:
         self.buffers, self.ops = buffers, buffers.ops
         self.shape, self.num_classes = tuple(int(s) for s in shape), int(num_classes)
         self.ballots, self.fold = ballots, fold
-        self.has_fold = fold
         self.planes = 0
         buffers.zeros("sums", self.shape + (self.num_classes,), "uint16")
         if ballots:
             buffers.zeros("counts", self.shape + (self.num_classes,), "uint8")
         if fold:
             buffers.zeros("fold", self.shape, "uint16")
+
+    @property
+    def has_fold(self) -> bool:
+        return self.fold
 
     def add(self, axis: int, start: int, y) -> None:
         """Add a batch of uint8 probabilities (slices first, classes last, the fold channel after them when kept) whose
@@ -196,12 +198,7 @@ class DeviceAccumulator:
         ops, m = self.ops, self.planes
 
         def finalize(sums, counts, fold):
-            lab = majority_vote_from_counts(counts, sums, m, ops) if vote == "majority" else soft_vote_from_sums(sums, ops)
-            maps = uncertainty_from_totals(sums, counts, lab, m, ops) if uncertainty else {}
-            if uncertainty and fold is not None:
-                maps[FOLD_DISAGREEMENT] = fold_disagreement_from_sum(fold, m, ops)
-            mean = ops.cast(mean_from_sums(sums, m, ops), "float16") if probabilities else None
-            return lab, mean, maps
+            return fuse_totals(sums, counts, fold, m, vote, probabilities=probabilities, uncertainty=uncertainty, ops=ops)
 
         compiled = self.buffers.compile(finalize)
         for z0 in range(0, self.shape[0], slab):
