@@ -14,7 +14,6 @@ import typing as tp
 import numpy as np
 
 FOLD_VOTES = ("soft", "majority")
-COMPILED_BACKENDS = ("jax", "tensorflow")
 
 
 def compile_for_backend(fn, static_argnames: tp.Sequence[str] = ()):
@@ -65,15 +64,16 @@ def combine_ensemble(outputs: tp.Sequence, *, fold_vote: str = "soft", fold_disa
 
 
 def quantize(probs, num_classes: int):
-    """model.fusion.quantize_probabilities on the device: uint8 (255 = 1), the fold channel as ``rint(f · 255)``."""
+    """The class probabilities and the fold channel as the plane files hold them (model.fusion), on the device."""
     import keras
 
+    from model.fusion import quantize_fraction, quantize_probabilities
+
     ops = keras.ops
-    q = ops.cast(ops.clip(ops.round(probs[..., :num_classes] * 255.0), 0, 255), "uint8")
+    q = quantize_probabilities(probs[..., :num_classes], ops)
     if int(probs.shape[-1]) == num_classes:
         return q
-    extra = ops.cast(ops.round(ops.clip(probs[..., num_classes:], 0, 1) * 255.0), "uint8")
-    return ops.concatenate([q, extra], axis=-1)
+    return ops.concatenate([q, quantize_fraction(probs[..., num_classes:], ops)], axis=-1)
 
 
 def make_forward(models: tp.Sequence, *, depth: int, batch_size: int, fold_vote: str = "soft",

@@ -116,12 +116,20 @@ def vote(stack: np.ndarray, method: str) -> np.ndarray:
     raise ValueError(f"vote must be one of {VOTES}, got {method!r}")
 
 
-def quantize_probabilities(probs: np.ndarray) -> np.ndarray:
+def quantize_probabilities(probs, ops=None):
     """Probabilities in [0, 1] → uint8 (255 = 1): per-plane files are 4× smaller than float32.
 
-    The step 1/255 only changes a label where two classes are within 0.4 % of each other.
+    The step 1/255 only changes a label where two classes are within 0.4 % of each other. ``ops``: numpy
+    (default) or ``keras.ops`` (the compiled forward of model.forward quantizes on the device).
     """
-    return np.clip(np.rint(np.asarray(probs, np.float32) * 255.0), 0, 255).astype(np.uint8)
+    ops = ops or NUMPY_OPS
+    return ops.cast(ops.clip(ops.round(ops.cast(probs, "float32") * 255.0), 0, 255), "uint8")
+
+
+def quantize_fraction(fraction, ops=None):
+    """A fraction in [0, 1] (an ensemble's fold disagreement) → uint8 (255 = 1), as the plane files keep it."""
+    ops = ops or NUMPY_OPS
+    return ops.cast(ops.round(ops.clip(ops.cast(fraction, "float32"), 0, 1) * 255.0), "uint8")
 
 
 

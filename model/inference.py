@@ -28,7 +28,7 @@ from data.atomic import atomic_path
 from data.rotation import other_axes, rotated_volume_shape
 from data.volume import NUM_CLASSES, VolumeRef, open_volume
 from model.fuse import PLANE_FILE_DATASET, evaluate_methods  # noqa: F401 - evaluate_methods re-exported for sweep/
-from model.fusion import FOLD_DISAGREEMENT, quantize_probabilities
+from model.fusion import FOLD_DISAGREEMENT, quantize_fraction, quantize_probabilities
 from model.planes import PLANE_SETS, PLANES, TABLE2_METHODS, plane_set  # noqa: F401 - re-exported for sweep/
 from model.streaming import NoTimes, PhaseTimes, Progress, create_dataset, read_slab, slabs, stream, temp_arrays
 
@@ -58,7 +58,7 @@ def _predict_along(source, axis: int, out: h5py.Dataset, predictor: SlicePredict
                                      f"expected {k_pred} channels last")
                 probs[b:b + batch_size] = quantize_probabilities(p[..., :k_out])
                 if fraction is not None:
-                    fraction[b:b + batch_size] = np.rint(np.clip(p[..., k_out], 0, 1) * 255).astype(np.uint8)
+                    fraction[b:b + batch_size] = quantize_fraction(p[..., k_out])
                 bar.update(p.shape[0])
             return probs, fraction
 

@@ -338,7 +338,7 @@ def run_prediction(model_spec: tp.Union[str, tp.Sequence[str]], volume: VolumeRe
     ``extra_outputs``: (path, probabilities) of further outputs of the same fused volume (an OME-Zarr beside the
     HDF5), with the same maps. ``info`` (a dict) receives the plan (:class:`model.resident.Plan`).
     """
-    from model.resident import FUSE_ON, FuseOnError, MemoryEstimate, plan_prediction  # noqa: F401
+    from model.resident import FUSE_ON, FuseOnError, plan_prediction
 
     specs = [model_spec] if isinstance(model_spec, str) else list(model_spec)
     names = plane_set(planes)

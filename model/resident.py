@@ -286,6 +286,12 @@ def rotate_back_into(plane: RotatedPlane, acc: "HostAccumulator", shape: tp.Sequ
                compute, write, overlap=overlap, times=times, compute_phase="rotate_back")
 
 
+def rotated_again_later(planes: tp.Sequence[str], index: int) -> bool:
+    """Whether a plane after ``planes[index]`` (a rotated one) slices the same rotated volume: then it is kept."""
+    axis = PLANES[planes[index]].rotation_axis
+    return any(PLANES[q].rotation_axis == axis for q in planes[index + 1:])
+
+
 def read_volume(ref: VolumeRef, shape: tp.Sequence[int]) -> np.ndarray:
     """The whole input volume as float32 in RAM, read slab by slab (read errors name the file)."""
     out = np.empty(tuple(int(s) for s in shape), np.float32)
@@ -317,7 +323,7 @@ def predict_on_host(ref: VolumeRef, shape: tp.Sequence[int], planes: tp.Sequence
         volume = read_volume(ref, shape)
     acc = HostAccumulator(shape, num_classes, ballots=needs_ballots(vote, uncertainty), fold=fold_disagreement)
     rotated: tuple[tp.Optional[int], tp.Optional[np.ndarray]] = (None, None)  # (axis, volume rotated about it)
-    for name in planes:
+    for i, name in enumerate(planes):
         p = PLANES[name]
         if not p.rotated:
             _predict_along(volume, p.slice_axis, acc.probabilities, predictor, batch_size=batch_size,
@@ -337,7 +343,7 @@ def predict_on_host(ref: VolumeRef, shape: tp.Sequence[int], planes: tp.Sequence
             _predict_along(rimg, p.slice_axis, plane.probabilities, predictor, batch_size=batch_size,
                            desc=f"{name} predict", progress=bars, overlap=overlap, times=times, extra=plane.fraction)
             del rimg
-            if not any(PLANES[q].rotation_axis == a for q in planes[list(planes).index(name) + 1:]):
+            if not rotated_again_later(planes, i):
                 rotated = (None, None)
             rotate_back_into(plane, acc, shape, rotation, overlap=overlap, times=times, bars=bars,
                              desc=f"{name} rotate back")
@@ -480,9 +486,12 @@ def plan_prediction(requested: str, shape: tp.Sequence[int], planes: tp.Sequence
                                      **kw)
     choice, why = choose_fuse_on(requested, host, device, accelerator=accelerator, device_free=device_free,
                                  host_free=host_free, files_only=files_only)
-    batch = device_batch if choice == "device" else (batch_size or
-                                                     auto_batch_size(per_slice, host_free, weights, cap=MAX_BATCH["files"])
-                                                     if choice == "files" else host_batch)
+    if choice == "device":
+        batch = device_batch
+    elif choice == "host":
+        batch = host_batch
+    else:  # plane files hold nothing big in memory: the network's batch beside the weights
+        batch = batch_size or auto_batch_size(per_slice, host_free, weights, cap=MAX_BATCH["files"])
     return Plan(choice, why, int(batch), precision, host, device, host_free, device_free)
 
 

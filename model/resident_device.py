@@ -16,11 +16,11 @@ import typing as tp
 
 import numpy as np
 
-from data.rotation import other_axes, rotated_plane_shape, rotated_volume_shape
+from data.rotation import other_axes, rotated_volume_shape
 from data.volume import NUM_CLASSES, VolumeRef, open_volume, read_checked
 from model.fusion import fuse_totals
 from model.planes import PLANES
-from model.resident import FuseOnError, needs_ballots
+from model.resident import FuseOnError, needs_ballots, rotated_again_later
 from model.streaming import CHUNK, NoTimes, PhaseTimes, Progress
 
 DEVICE_BACKENDS = ("jax", "tensorflow")
@@ -250,14 +250,11 @@ def predict_on_device(ref: VolumeRef, shape: tp.Sequence[int], planes: tp.Sequen
         ops.convert_to_numpy(x[tuple(0 for _ in x.shape)])
 
     def rotate_step(planes, idx, w):  # (m, H, W) float32 → (m, h, w) float16, the file path's temporary dtype
-        m, hh, ww = (int(v) for v in planes.shape)
-        rot = rotated_plane_shape((hh, ww))
-        return ops.reshape(ops.cast(rotation.sample(ops.reshape(planes, (m, hh * ww)), idx, w), "float16"), (m,) + rot)
+        return ops.cast(rotation.rotate_tensor(planes, (idx, w)), "float16")
 
     def unrotate_step(block, idx, w, plane_h: int, plane_w: int):  # (m, h, w, C) f32 → (m, H, W, K [+1]) uint8
-        m, h, w_, c = (int(v) for v in block.shape)
-        plane = (plane_h, plane_w)  # static: 1200 × 1000 and 1000 × 1200 planes rotate to the same square
-        back = ops.reshape(rotation.sample(ops.reshape(block, (m, h * w_, c)), idx, w), (m,) + plane + (c,))
+        # The plane shape is static: 1200 × 1000 and 1000 × 1200 planes rotate to the same square.
+        back = rotation.unrotate_tensor(block, (plane_h, plane_w), (idx, w))
         probs = foreground_to_probabilities(back[..., :k - 1])
         if not fold_disagreement:
             return probs
@@ -286,7 +283,7 @@ def predict_on_device(ref: VolumeRef, shape: tp.Sequence[int], planes: tp.Sequen
                 sync(into)
 
     rotated_about: tp.Optional[int] = None  # the axis the "rotated" buffer is rotated about
-    for name in planes:
+    for i, name in enumerate(planes):
         p = PLANES[name]
         if not p.rotated:
             predict_slices("volume", p.slice_axis, shape[p.slice_axis], acc.add, f"{name} predict", "sums")
@@ -318,7 +315,7 @@ def predict_on_device(ref: VolumeRef, shape: tp.Sequence[int], planes: tp.Sequen
                        lambda axis, j, y: buffers.update("rotated_probabilities", axis, j, y, add=False, front=True,
                                                          channels=(1, None)),
                        f"{name} predict", "rotated_probabilities")
-        if not any(PLANES[q].rotation_axis == a for q in planes[list(planes).index(name) + 1:]):
+        if not rotated_again_later(planes, i):
             buffers.free("rotated")
             rotated_about = None
         idx, w = rotation.table("unrotate", plane_shape)

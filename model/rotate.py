@@ -160,12 +160,6 @@ class DeviceRotation:
             self._tables[key] = (self.ops.convert_to_tensor(idx), self.ops.convert_to_tensor(w))
         return self._tables[key]
 
-    _table = table
-
-    def sample(self, flat, idx, w):
-        """flat (m, N, …) gathered at the 4 index rows and summed with their weights → (m, P, …) (traceable)."""
-        return self._sample(flat, idx, w)
-
     def _sample(self, flat, idx, w):
         """flat (m, N, …) gathered at 4 index rows and summed with their weights → (m, P, …)."""
         ops = self.ops
@@ -180,18 +174,22 @@ class DeviceRotation:
         """Planes of ``pixels`` (× ``channels``) gathered at once: device memory stays within ``max_elements``."""
         return max(1, self.max_elements // max(1, pixels * channels))
 
-    def rotate_tensor(self, planes):
-        """(m, H, W) float32 tensor on the device → (m, h, w) float32 tensor, rotated by 45° (no host copy)."""
-        m, hh, ww = (int(s) for s in planes.shape)
-        rot = rotated_plane_shape((hh, ww))
-        idx, w = self._table("rotate", (hh, ww))
-        return self.ops.reshape(self._sample(self.ops.reshape(planes, (m, hh * ww)), idx, w), (m,) + rot)
+    def rotate_tensor(self, planes, table=None):
+        """(m, H, W) float32 tensor on the device → (m, h, w) float32 tensor, rotated by 45° (no host copy).
 
-    def unrotate_tensor(self, block, plane_shape: tp.Sequence[int]):
-        """(m, h, w, C) float32 values on the rotated grid → (m, H, W, C) float32 samples on the original grid."""
+        ``table``: :meth:`table`'s ``rotate`` table of the plane (inside a compiled function it comes as an argument:
+        a table the function captured would be compiled into it as a constant)."""
+        m, hh, ww = (int(s) for s in planes.shape)
+        idx, w = table if table is not None else self.table("rotate", (hh, ww))
+        return self.ops.reshape(self._sample(self.ops.reshape(planes, (m, hh * ww)), idx, w),
+                                (m,) + rotated_plane_shape((hh, ww)))
+
+    def unrotate_tensor(self, block, plane_shape: tp.Sequence[int], table=None):
+        """(m, h, w, C) float32 values on the rotated grid → (m, H, W, C) float32 samples on the original grid
+        (``table`` as for :meth:`rotate_tensor`)."""
         plane_shape = (int(plane_shape[0]), int(plane_shape[1]))
         m, h, w_, c = (int(s) for s in block.shape)
-        idx, w = self._table("unrotate", plane_shape)
+        idx, w = table if table is not None else self.table("unrotate", plane_shape)
         return self.ops.reshape(self._sample(self.ops.reshape(block, (m, h * w_, c)), idx, w), (m,) + plane_shape + (c,))
 
     def rotate(self, planes: np.ndarray, dtype=np.float32) -> np.ndarray:
