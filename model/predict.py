@@ -338,7 +338,7 @@ def run_prediction(model_spec: tp.Union[str, tp.Sequence[str]], volume: VolumeRe
     ``extra_outputs``: (path, probabilities) of further outputs of the same fused volume (an OME-Zarr beside the
     HDF5), with the same maps. ``info`` (a dict) receives the plan (:class:`model.resident.Plan`).
     """
-    from model.resident import FUSE_ON, FuseOnError, plan_prediction
+    from model.resident import FuseOnError, check_fuse_on, plan_prediction
 
     specs = [model_spec] if isinstance(model_spec, str) else list(model_spec)
     names = plane_set(planes)
@@ -346,17 +346,16 @@ def run_prediction(model_spec: tp.Union[str, tp.Sequence[str]], volume: VolumeRe
         raise PredictError(f"--vote: must be one of {VOTES}, got {vote!r}")
     if fold_vote not in FOLD_VOTES:
         raise PredictError(f"--fold-vote: must be one of {FOLD_VOTES}, got {fold_vote!r}")
-    if fuse_on not in FUSE_ON:
-        raise PredictError(f"--fuse-on: must be one of {FUSE_ON}, got {fuse_on!r}")
     if precision not in PRECISIONS:
         raise PredictError(f"--precision: must be one of {PRECISIONS}, got {precision!r}")
     batch = parse_batch_size(batch_size)
     if only_plane is not None and only_plane not in names:
         raise PredictError(f"--plane: {only_plane!r} is not one of the planes of --planes {planes}: {list(names)}")
     files_only = _files_only(only_plane, fuse_only, keep_planes, max_disk)
-    if files_only and fuse_on in ("host", "device"):
-        raise PredictError(f"--fuse-on {fuse_on}: not with {files_only} (plane files are needed); use --fuse-on files "
-                           "or auto")
+    try:
+        check_fuse_on(fuse_on, files_only)
+    except FuseOnError as exc:
+        raise PredictError(str(exc)) from None
     out = Path(out)
     work_dir = Path(work_dir) if work_dir else default_work_dir(out)
     if rotate_on not in ROTATE_ON:

@@ -117,6 +117,16 @@ def host_free_bytes() -> int:
     return max(0, free)
 
 
+def check_fuse_on(requested: str, files_only: tp.Optional[str] = None) -> None:
+    """Refuse an unknown ``fuse_on``, and an in-memory one where ``files_only`` says plane files are needed (before
+    any model is loaded: no memory figures needed for that)."""
+    if requested not in FUSE_ON:
+        raise FuseOnError(f"--fuse-on: must be one of {FUSE_ON}, got {requested!r}")
+    if files_only and requested in ("host", "device"):
+        raise FuseOnError(f"--fuse-on {requested}: not with {files_only} (plane files are needed); "
+                          "use --fuse-on files or auto")
+
+
 def choose_fuse_on(requested: str, host: MemoryEstimate, device: tp.Optional[MemoryEstimate], *,
                    accelerator: bool, device_free: tp.Optional[int], host_free: int,
                    files_only: tp.Optional[str] = None) -> tuple[str, str]:
@@ -124,12 +134,8 @@ def choose_fuse_on(requested: str, host: MemoryEstimate, device: tp.Optional[Mem
 
     ``files_only``: a reason that rules out the in-memory paths (a single plane task, ``--keep-planes``, ...).
     An explicit ``host``/``device`` that does not fit, or that ``files_only`` rules out, raises FuseOnError."""
-    if requested not in FUSE_ON:
-        raise FuseOnError(f"--fuse-on: must be one of {FUSE_ON}, got {requested!r}")
+    check_fuse_on(requested, files_only)
     if files_only:
-        if requested in ("host", "device"):
-            raise FuseOnError(f"--fuse-on {requested}: not with {files_only} (plane files are needed); "
-                              "use --fuse-on files or auto")
         return "files", files_only
     if requested == "files":
         return "files", "asked for"
