@@ -41,12 +41,14 @@ LABEL_FIELDS = ("label", "wf_label")
 
 @dataclasses.dataclass(frozen=True)
 class AxisMap:
-    """Source coordinate of every output index along one axis (voxel centres aligned)."""
+    """Source voxels every output index along one axis reads, and their weights (voxel centres aligned)."""
 
-    lo: np.ndarray  # int64, lower source index
-    hi: np.ndarray  # int64, upper source index (lo + 1, clamped)
-    w: np.ndarray  # float32, weight of ``hi``
-    nearest: np.ndarray  # int64, nearest source index
+    taps: np.ndarray  # int64 (n_out, K), source indices
+    weights: np.ndarray  # float32 (n_out, K), summing to 1 per output index
+    nearest: np.ndarray  # int64 (n_out,), nearest source index (labels)
+
+    def rows(self, a: int, b: int) -> AxisMap:
+        return AxisMap(self.taps[a:b], self.weights[a:b], self.nearest[a:b])
 
 
 def output_shape(shape: tp.Sequence[int], voxel_in_um: float, voxel_out_um: float) -> tuple[int, ...]:
@@ -55,28 +57,62 @@ def output_shape(shape: tp.Sequence[int], voxel_in_um: float, voxel_out_um: floa
 
 
 def axis_map(n_in: int, n_out: int, voxel_in_um: float, voxel_out_um: float) -> AxisMap:
-    """Map output voxel centres to source coordinates: x = (o + 0.5)·s_out/s_in − 0.5, clamped to the volume."""
-    x = (np.arange(n_out, dtype=np.float64) + 0.5) * (voxel_out_um / voxel_in_um) - 0.5
+    """Paper: images resampled by linear interpolation; x = (o + 0.5)·s_out/s_in − 0.5, clamped to the volume.
+
+    Shrinking by more than 2 (s_out > 2·s_in) averages every source voxel the output voxel covers (area weights),
+    as linear interpolation there reads 2 of the ⌈s_out/s_in⌉ voxels and aliases fine structure and noise into the
+    result; at exactly 2 both rules give the same weights."""
+    f = voxel_out_um / voxel_in_um
+    x = (np.arange(n_out, dtype=np.float64) + 0.5) * f - 0.5
+    nearest = np.clip(np.rint(x), 0, n_in - 1).astype(np.int64)
+    if f > 2.0:
+        taps, weights = area_weights(n_in, n_out, f)
+        return AxisMap(taps, weights, nearest)
     x = np.clip(x, 0.0, n_in - 1)
     lo = np.floor(x).astype(np.int64)
     hi = np.minimum(lo + 1, n_in - 1)
-    return AxisMap(lo, hi, (x - lo).astype(np.float32), np.clip(np.rint(x), 0, n_in - 1).astype(np.int64))
+    w = (x - lo).astype(np.float32)
+    return AxisMap(np.stack([lo, hi], axis=1), np.stack([1.0 - w, w], axis=1).astype(np.float32), nearest)
 
 
-def _linear_along(a: np.ndarray, m: AxisMap, axis: int, offset: int = 0) -> np.ndarray:
-    lo = np.take(a, m.lo - offset, axis=axis).astype(np.float32, copy=False)
-    hi = np.take(a, m.hi - offset, axis=axis).astype(np.float32, copy=False)
+def area_weights(n_in: int, n_out: int, f: float) -> tuple[np.ndarray, np.ndarray]:
+    """Anti-aliased downsampling by ``f`` > 2: output voxel o covers source edges [o·f, (o+1)·f); each source voxel
+    [i, i+1) weighs by its overlap (clipped to the volume, renormalised)."""
+    k = int(math.ceil(f)) + 1
+    start = np.floor(np.arange(n_out, dtype=np.float64) * f).astype(np.int64)
+    taps = start[:, None] + np.arange(k, dtype=np.int64)[None, :]
+    a = np.arange(n_out, dtype=np.float64)[:, None] * f
+    b = np.minimum(a + f, float(n_in))
+    overlap = np.clip(np.minimum(taps + 1.0, b) - np.maximum(taps.astype(np.float64), a), 0.0, None)
+    overlap[taps >= n_in] = 0.0
+    total = overlap.sum(axis=1, keepdims=True)
+    weights = np.where(total > 0, overlap / np.where(total > 0, total, 1.0), 0.0)
+    # an output voxel entirely past the volume's end (rounding of the shape) repeats the last source voxel
+    weights[total[:, 0] == 0, 0] = 1.0
+    taps = np.clip(taps, 0, n_in - 1)
+    taps[total[:, 0] == 0, 0] = n_in - 1
+    return taps, weights.astype(np.float32)
+
+
+def _weighted_along(a: np.ndarray, m: AxisMap, axis: int, offset: int = 0) -> np.ndarray:
     shape = [1] * a.ndim
     shape[axis] = -1
-    w = m.w.reshape(shape)
-    return lo + (hi - lo) * w
+    if m.taps.shape[1] == 2:  # linear: lo + (hi − lo)·w, as it has always been computed (same float32 rounding)
+        lo = np.take(a, m.taps[:, 0] - offset, axis=axis).astype(np.float32, copy=False)
+        hi = np.take(a, m.taps[:, 1] - offset, axis=axis).astype(np.float32, copy=False)
+        return lo + (hi - lo) * m.weights[:, 1].reshape(shape)
+    out = None
+    for j in range(m.taps.shape[1]):
+        term = np.take(a, m.taps[:, j] - offset, axis=axis).astype(np.float32, copy=False) * m.weights[:, j].reshape(shape)
+        out = term if out is None else out + term
+    return tp.cast(np.ndarray, out)
 
 
 def resample_linear(slab: np.ndarray, maps: tp.Sequence[AxisMap], z_offset: int) -> np.ndarray:
-    """Paper: resample images by linear interpolation (separable trilinear)."""
-    out = _linear_along(slab, maps[2], 2)
-    out = _linear_along(out, maps[1], 1)
-    return _linear_along(out, maps[0], 0, offset=z_offset)
+    """Paper: resample images by linear interpolation (separable trilinear; area-weighted where shrinking by > 2)."""
+    out = _weighted_along(slab, maps[2], 2)
+    out = _weighted_along(out, maps[1], 1)
+    return _weighted_along(out, maps[0], 0, offset=z_offset)
 
 
 def resample_nearest(slab: np.ndarray, maps: tp.Sequence[AxisMap], z_offset: int) -> np.ndarray:
@@ -87,11 +123,11 @@ def resample_nearest(slab: np.ndarray, maps: tp.Sequence[AxisMap], z_offset: int
 def resampled_slabs(vol, ref: VolumeRef, maps: tp.Sequence[AxisMap], out_depth: int, *, nearest: bool,
                     field: str) -> tp.Iterator[tuple[slice, np.ndarray]]:
     """Yield (output z-range, resampled block), reading only the source slices each block needs."""
-    n_out = len(maps[0].lo)
+    n_out = len(maps[0].nearest)
     for o0 in range(0, n_out, out_depth):
         o1 = min(o0 + out_depth, n_out)
-        sub = AxisMap(maps[0].lo[o0:o1], maps[0].hi[o0:o1], maps[0].w[o0:o1], maps[0].nearest[o0:o1])
-        idx = sub.nearest if nearest else np.concatenate([sub.lo, sub.hi])
+        sub = maps[0].rows(o0, o1)
+        idx = sub.nearest if nearest else sub.taps
         z0, z1 = int(idx.min()), int(idx.max()) + 1
         src = read_checked(vol, slice(z0, z1), ref=ref, field=field)
         block = (resample_nearest if nearest else resample_linear)(src, (sub, maps[1], maps[2]), z0)

@@ -12,7 +12,8 @@ import yaml
 
 from data.errors import DataError
 from data.manifest import Sample, load_dataset, validate_volumes, write_manifest
-from data.prepare import axis_map, output_shape, percentiles_from_histogram, prepare_dataset
+from data.prepare import (area_weights, axis_map, output_shape, percentiles_from_histogram, prepare_dataset,
+                          resample_linear)
 from data.volume import VolumeRef
 from tests.conftest import tree_snapshot, write_raw_dataset
 
@@ -37,10 +38,10 @@ def test_linear_ramp_is_resampled_exactly(tmp_path):
     # A volume linear in each axis stays linear under trilinear resampling: check against the formula.
     z, y, x = np.meshgrid(np.arange(30), np.arange(20), np.arange(25), indexing="ij")
     image = (10 * z + 3 * y + x + 100).astype(np.float32)
-    _one_sample(tmp_path / "raw", image, np.zeros(image.shape, np.uint8), voxel=2.4)
+    _one_sample(tmp_path / "raw", image, np.zeros(image.shape, np.uint8), voxel=2.6)
     (p,) = prepare_dataset(tmp_path / "raw", tmp_path / "out", voxel_size_um=5.0, clip_percentiles=(0, 100))
-    assert p.shape_out == output_shape(image.shape, 2.4, 5.0) == (14, 10, 12)
-    coords = [np.clip((np.arange(n) + 0.5) * 5.0 / 2.4 - 0.5, 0, m - 1) for n, m in zip(p.shape_out, image.shape)]
+    assert p.shape_out == output_shape(image.shape, 2.6, 5.0) == (16, 10, 13)
+    coords = [np.clip((np.arange(n) + 0.5) * 5.0 / 2.6 - 0.5, 0, m - 1) for n, m in zip(p.shape_out, image.shape)]
     zz, yy, xx = np.meshgrid(*coords, indexing="ij")
     expected = 10 * zz + 3 * yy + xx + 100
     bin_width = (image.max() - image.min()) / 65536
@@ -175,5 +176,33 @@ def test_cli_reports_errors_in_one_line(tmp_path, raw_dataset, capsys):
 
 def test_axis_map_aligns_voxel_centres():
     m = axis_map(10, 5, 1.0, 2.0)  # 2× downsampling: output centre o sits between inputs 2o and 2o+1
-    np.testing.assert_array_equal(m.lo, [0, 2, 4, 6, 8])
-    np.testing.assert_allclose(m.w, 0.5)
+    np.testing.assert_array_equal(m.taps, [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]])
+    np.testing.assert_allclose(m.weights, 0.5)
+    # at exactly 2 the area rule (used above 2) gives the same weights: no seam between the two rules
+    taps, weights = area_weights(10, 5, 2.0)
+    dense = np.zeros((5, 10))
+    np.add.at(dense, (np.arange(5)[:, None], taps), weights)
+    np.testing.assert_allclose(dense, np.kron(np.eye(5), [0.5, 0.5]), atol=1e-7)
+
+
+@pytest.mark.parametrize("factor", [3, 4, 5])
+def test_downsampling_by_more_than_two_averages_every_voxel_it_covers(factor):
+    """Issue 29: at factor 4 linear interpolation averaged 2 of 4 source voxels per axis, so a structure one voxel
+    thin vanished or doubled depending on where it lay (aliasing); every source voxel now counts by its overlap."""
+    n_out = 6
+    n_in = n_out * factor
+    line = np.zeros(n_in, np.float32)
+    line[::factor] = 1.0  # one bright voxel per output voxel, where linear interpolation never reads
+    vol = line[None, None, :] * np.ones((n_in, n_in, 1), np.float32)
+    maps = [axis_map(n_in, n_out, 1.0, float(factor)) for _ in range(3)]
+    out = resample_linear(vol, maps, 0)
+    assert out.shape == (n_out, n_out, n_out)
+    np.testing.assert_allclose(out, 1.0 / factor, rtol=1e-5)  # the mean is kept, wherever the voxel lies
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=(n_in, n_in, n_in)).astype(np.float32)
+    # averaging factor³ voxels: the noise falls by factor^1.5 (linear read 8 voxels: only by 2^1.5)
+    assert resample_linear(noise, maps, 0).std() < 1.3 / factor ** 1.5
+    # a ramp stays a ramp: each inner output voxel holds the value at its centre, (o + 0.5)·factor − 0.5
+    ramp = np.arange(n_in, dtype=np.float32)[None, None, :] * np.ones((n_in, n_in, 1), np.float32)
+    inner = resample_linear(ramp, maps, 0)[0, 0, 1:-1]
+    np.testing.assert_allclose(inner, (np.arange(1, n_out - 1) + 0.5) * factor - 0.5, rtol=1e-5)
