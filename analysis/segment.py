@@ -44,7 +44,7 @@ from data.voxel_size import scan_voxel_size_um
 from model.figures import segmentation_overview
 from model.fusion import VOTES
 from model.planes import PLANE_SETS
-from model.predict import FOLD_VOTES, PredictError, check_tracking_server, load_models, run_prediction
+from model.predict import FOLD_VOTES, PredictError, check_model_store, load_models, run_prediction
 from model.streaming import PhaseTimes
 
 log = logging.getLogger(__name__)
@@ -232,8 +232,7 @@ def segment_scan(scan: VolumeRef, specs: tp.Sequence[str], out: Path, *, voxel_s
                   initial_surface_mm2=initial_surface_mm2, days=days, batch_size=batch_size, workers=workers)
     check_scan(scan)  # before its metadata is read for the voxel size
     scan_vs, scan_vs_from = scan_voxel_size(scan, voxel_size_um)
-    if any(s.startswith(("runs:/", "models:/")) for s in specs):
-        check_tracking_server(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""))
+    check_model_store(specs, tracking_uri)
     model_vs, model_vs_from = model_voxel_size(specs, model_voxel_size_um, tracking_uri)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -65,6 +65,27 @@ class PredictError(ValueError):
     """A bad argument or input; the message names the file or option."""
 
 
+STORE_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
+
+
+def check_model_store(specs: tp.Sequence[str], tracking_uri: tp.Optional[str]) -> None:
+    """A model looked up in MLflow needs a store that exists: without ``--tracking-uri`` (or MLFLOW_TRACKING_URI),
+    or with a ``sqlite:///`` file that is not there, MLflow would create an empty ./mlflow.db (or that file) and
+    then fail to find the model; refused before anything is written. A server must answer (:func:`check_tracking_server`)."""
+    stored = [s for s in specs if str(s).startswith(STORE_SCHEMES)]
+    if not stored:
+        return
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        raise PredictError(f"--tracking-uri: {stored[0]} is looked up in an MLflow store: give --tracking-uri (or set "
+                           "MLFLOW_TRACKING_URI)")
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        if not db.is_file():
+            raise PredictError(f"--tracking-uri: {db} does not exist (an MLflow store holding {stored[0]} was expected)")
+    check_tracking_server(uri)
+
+
 def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
     """An http(s) tracking server must answer /health within ``timeout_s`` (and accept API requests): MLflow's own
     retries would take minutes to say the same."""
@@ -89,10 +110,10 @@ def load_model(spec: str, *, tracking_uri: tp.Optional[str] = None):
     path = Path(spec)
     paths = [path]
     dst: tp.Optional[Path] = None
-    if spec.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
+    if spec.startswith(STORE_SCHEMES):
         import mlflow
 
-        check_tracking_server(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""))
+        check_model_store([spec], tracking_uri)
 
         dst = Path(tempfile.mkdtemp(prefix="scaling-unet-model-"))
         try:

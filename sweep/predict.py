@@ -27,12 +27,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from data.errors import DataError
 from data.volume import volume_ref
-from sweep.jobs.fusing import TAG_METHOD, best_config
+from sweep.jobs.registry import Settings, choose_fold_ensemble
 from sweep.tracking import client as tracking
 
 log = logging.getLogger("sweep.predict")
@@ -105,28 +104,17 @@ CONFIG_KEY_RE = re.compile(r"^[0-9a-f]{12}$")
 def resolve_models(cfg: DictConfig) -> list[str]:
     """``model_uri=best`` (the config with the highest mean IoU over all folds FINISHED in ``mlflow.experiment``,
     as ``fusing.model=best``) or a 12-hex config key → the ``runs:/<id>/model`` of each of its fold runs: the fold
-    ensemble. Anything else is returned as given. ValueError naming ``model_uri`` when nothing is found."""
+    ensemble, chosen as ``python -m sweep.register`` chooses it (every one of ``data.num_folds`` folds FINISHED; a
+    missing store or experiment is refused, not created). Anything else is returned as given. ValueError naming
+    ``model_uri`` or the field when nothing is found."""
     specs = model_specs(cfg)
     if len(specs) != 1 or not (specs[0] == "best" or CONFIG_KEY_RE.match(specs[0])):
         return specs
-    uri, name = str(cfg.mlflow.tracking_uri), str(cfg.mlflow.experiment)
-    folds = int(OmegaConf.select(cfg, "data.num_folds", default=4) or 4)
-    tracking.check_tracking_uri(uri)
-    exp = MlflowClient(uri).get_experiment_by_name(name)
-    if exp is None:
-        raise ValueError(f"model_uri={specs[0]}: no experiment {name!r} at {tracking.redact_uri(uri)} (mlflow.experiment)")
-    key = specs[0]
-    if key == "best":
-        try:
-            key, _iou, _n = best_config(uri, exp.experiment_id, folds)
-        except ValueError as exc:
-            raise ValueError(f"model_uri=best: {exc} in experiment {name!r}") from None
-    runs = {int(r.data.tags[tracking.TAG_FOLD]): r for r in tracking.find_runs(uri, exp.experiment_id, config_key=key,
-                                                                               status="FINISHED")
-            if r.data.tags.get(TAG_METHOD) is None and tracking.TAG_FOLD in r.data.tags}
-    if not runs:
-        raise ValueError(f"model_uri={specs[0]}: no FINISHED fold run of config {key} in experiment {name!r}")
-    return [f"runs:/{runs[f].info.run_id}/model" for f in sorted(runs)]
+    folds = OmegaConf.select(cfg, "data.num_folds", default=4)
+    settings = Settings(str(cfg.mlflow.tracking_uri), str(cfg.mlflow.experiment), specs[0],
+                        folds if isinstance(folds, int) and folds > 0 else 4, name="", alias=None)
+    ensemble = choose_fold_ensemble(settings)
+    return [f"runs:/{f.run_id}/model" for f in ensemble.folds]
 
 
 def _check_all(cfg: DictConfig, jobs: tp.Sequence[VolumeJob]) -> tuple:

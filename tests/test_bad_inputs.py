@@ -29,10 +29,12 @@ class Case:
     setup: tp.Callable[[Path], list[str]]  # makes the bad input under the folder, returns the command's args
     names: str  # what the error line must mention (a file name or a field)
     exit_code: int = 2
+    in_case_folder: bool = False  # run from the case folder: a store MLflow creates in the cwd would show
 
 
 def run_cli(args: list[str], cwd: Path = REPO, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -172,6 +174,70 @@ def _sweep_predict_missing(root: Path) -> list[str]:
             f"hydra.run.dir={root.parent / (root.name + '-hydra')}"]
 
 
+def _stored_model(module: str, uri: tp.Optional[tp.Callable[[Path], str]] = None) -> tp.Callable[[Path], list[str]]:
+    """model.predict / analysis.segment given a models:/ or runs:/ model and no store, or a missing sqlite store:
+    MLflow created ./mlflow.db (or that file) and then did not find the model."""
+    def setup(root: Path) -> list[str]:
+        vol = _volume(root)
+        extra = ["--tracking-uri", uri(root)] if uri else []
+        if module == "model.predict":
+            return ["-m", module, "models:/screws/1", str(vol), "--out", str(root / "seg.h5"), "--no-progress", *extra]
+        return ["-m", module, str(vol), "--model", "runs:/0123456789abcdef/model", "--voxel-size", "5", "--out",
+                str(root / "result"), "--no-progress", *extra]
+    return setup
+
+
+def _store_with_folds(root: Path, folds: tp.Sequence[int], key: str = "0123456789ab") -> str:
+    """A sqlite store with FINISHED training runs of config ``key`` for ``folds`` (tags as the sweep writes them)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{root / 'work' / 'mlflow.db'}"
+    (root / "work").mkdir(exist_ok=True)
+    client = MlflowClient(uri)
+    exp = client.create_experiment("scaling-unet", artifact_location=(root / "work" / "artifacts").as_uri())
+    for f in folds:
+        run = client.create_run(exp, tags={"config_key": key, "fold": str(f)})
+        client.log_metric(run.info.run_id, "mean_iou", 0.5)
+        client.set_terminated(run.info.run_id, "FINISHED")
+    return uri
+
+
+def _hydra_outside(root: Path) -> list[str]:
+    outside = root.parent / (root.name + "-hydra")
+    return [f"hydra.run.dir={outside}", f"hydra.sweep.dir={outside}"]
+
+
+def _sweep_predict_partial_folds(root: Path) -> list[str]:
+    uri = _store_with_folds(root, [0, 1, 2])
+    return ["-m", "sweep.predict", "model_uri=0123456789ab", f"volumes=[{_volume(root)}]", f"mlflow.tracking_uri={uri}",
+            f"paths.work={root / 'work'}", *_hydra_outside(root)]
+
+
+def _sweep_predict_best_no_store(root: Path) -> list[str]:
+    return ["-m", "sweep.predict", "model_uri=best", f"volumes=[{_volume(root)}]",
+            f"mlflow.tracking_uri=sqlite:///{root / 'none.db'}", f"paths.work={root / 'work'}", *_hydra_outside(root)]
+
+
+def _ensemble_misspelt_experiment(root: Path) -> list[str]:
+    uri = _store_with_folds(root, [0, 1, 2, 3])
+    return ["-m", "sweep", "+experiment=fusing", "fusing.ensemble=true", "mlflow.experiment=scalng-unet",
+            f"mlflow.tracking_uri={uri}", f"paths.work={root / 'work'}", *_hydra_outside(root)]
+
+
+def _offline_on_an_online_run(root: Path) -> list[str]:
+    from hydra import compose, initialize_config_dir
+
+    import sweep  # noqa: F401 - registers the abspath resolver
+    from sweep.core.runplan import plan_run
+
+    overrides = ["model.width=32", "model.depth=1", f"paths.work={root / 'work'}"]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        ckpt = plan_run(compose("config", overrides=overrides)).ckpt_dir
+    ckpt.mkdir(parents=True)
+    (ckpt / "mlflow_run_id").write_text("0123456789abcdef0123456789abcdef")  # started on the server
+    return ["-m", "sweep", *overrides, "mlflow.offline=true", *_hydra_outside(root)]
+
+
 def _optuna_bad_storage(root: Path) -> list[str]:
     return ["-m", "sweep", "+experiment=optuna", "hydra.sweeper.storage=optuna.db", f"paths.work={root / 'work'}",
             f"hydra.sweep.dir={root.parent / (root.name + '-hydra')}", "-m"]
@@ -299,6 +365,19 @@ CASES = [
     Case("analysis fig3: unknown URI scheme", _analysis("fig3", lambda r: "foo://bar"), "foo"),
     Case("analysis table2: missing sqlite file", _analysis("table2", lambda r: f"sqlite:///{r / 'none.db'}"), "none.db"),
     Case("analysis fig3: unreachable server", _analysis("fig3", lambda r: "http://127.0.0.1:1"), "127.0.0.1:1"),
+    Case("predict: models:/ without a tracking URI (created ./mlflow.db)", _stored_model("model.predict"),
+         "--tracking-uri", in_case_folder=True),
+    Case("predict: models:/ in a missing sqlite store", _stored_model("model.predict", lambda r: f"sqlite:///{r / 'no.db'}"),
+         "no.db"),
+    Case("segment: runs:/ without a tracking URI (created ./mlflow.db)", _stored_model("analysis.segment"),
+         "--tracking-uri", in_case_folder=True),
+    Case("sweep.predict: model_uri=best on a missing store", _sweep_predict_best_no_store, "none.db"),
+    Case("sweep.predict: a config with 3 of 4 folds FINISHED (predicted as 3)", _sweep_predict_partial_folds,
+         "missing: [3]"),
+    Case("sweep: fusing.ensemble with a misspelt experiment (created it)", _ensemble_misspelt_experiment,
+         "mlflow.experiment: no training experiment 'scalng-unet'"),
+    Case("sweep: mlflow.offline=true on a run started online (empty offline store)", _offline_on_an_online_run,
+         "mlflow.offline"),
 ]
 
 
@@ -307,7 +386,7 @@ def test_bad_input_gives_one_clear_error_and_writes_nothing(case: Case, tmp_path
     args = case.setup(tmp_path)
     before = tree_snapshot(tmp_path)
     dirs_before = sorted(p for p in tmp_path.rglob("*") if p.is_dir())
-    proc = run_cli(args)
+    proc = run_cli(args, cwd=tmp_path if case.in_case_folder else REPO)
     assert_one_clear_error(proc, case.names, case.exit_code)
     assert tree_snapshot(tmp_path) == before, "files were written or changed"
     assert sorted(p for p in tmp_path.rglob("*") if p.is_dir()) == dirs_before, "folders were created"

@@ -230,3 +230,42 @@ def test_pool_workers_die_with_a_killed_sweep(tmp_path):
     for p in alive:
         os.kill(p, signal.SIGKILL)
     assert not alive, f"workers {alive} outlived the killed sweep"
+
+
+def test_a_local_sweep_leaves_a_pair_a_live_process_trains_and_ends_in_one_line_with_exit_3(tmp_path):
+    """Issue 29 item 8: a (config, fold) whose lease a live process holds (a single run started beside the sweep)
+    gave a 16-line Hydra traceback and rc 1; now it is left to that process, the sweep's other runs train, and the
+    command ends as a single run on a held lease does: one error line, exit 3. Run again after: it trains the pair."""
+    import json
+    import socket
+
+    from hydra import compose, initialize_config_dir
+
+    import sweep  # noqa: F401 - registers the abspath resolver
+    from sweep.core.runplan import plan_run
+
+    work = tmp_path / "work"
+    grid = ["+experiment=compound", "model.width=32", "model.input_size=384"]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[*grid, *TINY, "fold=1", f"paths.work={work}"])
+    ckpt = plan_run(cfg).ckpt_dir
+    ckpt.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        (ckpt / "lease.json").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
+                                                     "since": 0.0}))
+        res = _sweep(work, *grid, "fold=0,1")
+        assert res.returncode == 3, res.stderr[-3000:]
+        assert "Traceback" not in res.stderr, res.stderr[-3000:]
+        errors = [ln for ln in res.stderr.splitlines() if "error:" in ln]
+        assert len(errors) == 1 and f"process {holder.pid}" in errors[0] and "-fold1" in errors[0], errors
+        folds = {r.data.tags["fold"]: r.info.status for r in _runs(work) if "fold" in r.data.tags}
+        assert folds == {"0": "FINISHED"}  # the free pair trained; the held one was not touched
+        assert json.loads((ckpt / "lease.json").read_text())["pid"] == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+    res = _sweep(work, *grid, "fold=0,1")  # the holder is gone: its lease is taken over, the pair trains
+    assert res.returncode == 0, res.stderr[-3000:]
+    folds = {r.data.tags["fold"]: r.info.status for r in _runs(work) if "fold" in r.data.tags}
+    assert folds == {"0": "FINISHED", "1": "FINISHED"}

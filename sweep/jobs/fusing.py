@@ -143,11 +143,25 @@ def best_config(uri: str, experiment_id: str, num_folds: int) -> tuple[str, floa
     return key, -neg_iou, len(scored)
 
 
+def training_experiment(plan: RunPlan) -> str:
+    """The id of the training experiment the fusing job reads; ConfigError naming ``mlflow.experiment`` when the
+    store or the experiment does not exist (a misspelt name must not create an empty one)."""
+    try:
+        tracking.check_store_exists(plan.tracking_uri)
+        exp = tracking.existing_experiment(plan.tracking_uri, plan.experiment)
+    except tracking.TrackingError as exc:
+        raise ConfigError("mlflow.tracking_uri", str(exc).removeprefix("mlflow.tracking_uri: ")) from None
+    if exp is None:
+        raise ConfigError("mlflow.experiment", f"no training experiment {plan.experiment!r} at "
+                          f"{tracking.redact_uri(plan.tracking_uri)}: train it first, or check the name")
+    return exp
+
+
 def select_trained_config(cfg: DictConfig, plan: RunPlan) -> TrainedConfig:
     """Resolve ``fusing.model`` against the training experiment; ConfigError naming the field if impossible."""
     check_fusing(cfg)
     selection = str(OmegaConf.select(cfg, "fusing.model", default="best"))
-    exp = tracking.ensure_experiment(plan.tracking_uri, plan.experiment)
+    exp = training_experiment(plan)
     if selection == "best":
         try:
             key, iou, n = best_config(plan.tracking_uri, exp, plan.num_folds)
@@ -178,7 +192,7 @@ def fusing_plan(plan: RunPlan, trained: TrainedConfig) -> RunPlan:
 
 def trained_run(plan: RunPlan) -> tp.Any:
     """The FINISHED training run of this (config, fold); ConfigError if it has not been trained."""
-    exp = tracking.ensure_experiment(plan.tracking_uri, plan.experiment)
+    exp = training_experiment(plan)
     runs = [r for r in tracking.find_runs(plan.tracking_uri, exp, config_key=plan.config_key, fold=plan.fold,
                                           status="FINISHED") if r.data.tags.get(TAG_METHOD) is None]
     if not runs:
@@ -385,7 +399,7 @@ def _folds_text(folds: tp.Sequence[int]) -> str:
 
 def fold_training_runs(plan: RunPlan) -> dict[int, tp.Any]:
     """fold → the FINISHED training run of every fold of the config; ConfigError (one line) if any is missing."""
-    exp = tracking.ensure_experiment(plan.tracking_uri, plan.experiment)
+    exp = training_experiment(plan)
     runs: dict[int, tp.Any] = {}
     for r in tracking.find_runs(plan.tracking_uri, exp, config_key=plan.config_key, status="FINISHED"):
         t = r.data.tags

@@ -31,7 +31,6 @@ from omegaconf import DictConfig, OmegaConf
 from sweep.jobs.fusing import TAG_METHOD, best_config
 from sweep.tracking import client as tracking
 from sweep.tracking import registry
-from sweep.tracking.store import _local_store_dir
 
 log = logging.getLogger("sweep.register")
 
@@ -109,20 +108,17 @@ def check_settings(cfg: DictConfig) -> Settings:
 
 def check_store(uri: str) -> None:
     """A server that answers, or a local store that exists (MLflow would create an empty one and find nothing)."""
-    tracking.check_tracking_uri(uri)
-    local = _local_store_dir(uri)
-    if local is not None and local[0] == "sqlite":
-        db = Path(uri[len("sqlite:///"):].split("?", 1)[0]).expanduser()
-        if not db.is_file():
-            raise ValueError(f"mlflow.tracking_uri: no MLflow store at {tracking.redact_uri(uri)} (nothing trained)")
+    try:
+        tracking.check_store_exists(uri)
+    except tracking.TrackingError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _experiment_id(uri: str, name: str) -> str:
-    client = tracking._client(uri)
-    exp = tracking._retry(lambda: client.get_experiment_by_name(name), f"get experiment {name!r}", uri, 3, 0.5)
-    if exp is None or exp.lifecycle_stage != "active":
+    exp_id = tracking.existing_experiment(uri, name)
+    if exp_id is None:
         raise ValueError(f"mlflow.experiment: no experiment {name!r} at {tracking.redact_uri(uri)}")
-    return exp.experiment_id
+    return exp_id
 
 
 def _fold_runs(uri: str, experiment_id: str, key: str) -> list:

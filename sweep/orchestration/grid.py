@@ -35,6 +35,7 @@ from sweep.orchestration.prepare import (
 from sweep.resources.groups import job_groups, measured_rate
 from sweep.resources.memory import halved_reason
 from sweep.slurm import record as sweep_record
+from sweep.slurm.lease import LeaseHeld, live_holders
 from sweep.slurm.queue import SlurmQueryError
 from sweep.tracking.client import finished_fold_runs, redact_uri
 from sweep.tracking.offline import sync_pairs
@@ -111,7 +112,16 @@ def launch_batch(launcher: tp.Any, config: DictConfig, composed: list[tuple[int,
     if isinstance(launcher, SlurmArrayLauncher):
         return _on_slurm(launcher, config, prepared, params, parent_runs)
     results, failed = _prepared_returns(prepared), []
-    todo = sorted(prepared.todo, key=lambda j: (j.plan.input_size, j.plan.config_key, j.plan.fold))
+    # Pairs another live process trains (a single run, another sweep): left to it, as the SLURM path leaves them.
+    held = live_holders({j.pair: j.plan.ckpt_dir for j in prepared.todo}) if prepared.task == "train" else {}
+    held_jobs = [(j, f"trained by {who}") for j in prepared.todo if (who := held.get(j.pair))]
+    for j, who in held_jobs:
+        results[j.idx] = (j, _failed(j, LeaseHeld(f"{j.plan.run_name}: {who}")))
+    if held_jobs:
+        log.warning("%d runs left to live processes (not run):\n%s", len(held_jobs),
+                    "\n".join(f"  {j.plan.run_name}: {who}" for j, who in held_jobs))
+    todo = sorted((j for j in prepared.todo if j.pair not in held),
+                  key=lambda j: (j.plan.input_size, j.plan.config_key, j.plan.fold))
     if todo:
         launcher.hints = LaunchHints(job_idx=[j.idx for j in todo], names=[j.plan.run_name for j in todo],
                                      groups=pool_groups(todo),
@@ -120,7 +130,18 @@ def launch_batch(launcher: tp.Any, config: DictConfig, composed: list[tuple[int,
         for j, ret in zip(todo, rets):  # a launcher without hints reports only here
             if j.idx not in results:
                 _keep(j, ret, results, failed, "")
-    return _finish(prepared, results, failed, parent_runs)
+    # A lease taken between the check above and the run's start: the run refused it (LeaseHeld), not a failure.
+    held_jobs += [(j, why.removeprefix(f"LeaseHeld: {j.plan.run_name}: ")) for j, why in failed
+                  if why.startswith("LeaseHeld:")]
+    failed[:] = [(j, why) for j, why in failed if not why.startswith("LeaseHeld:")]
+    returns = _finish(prepared, results, failed, parent_runs)
+    if held_jobs:
+        j, why = held_jobs[0]
+        others = f" (and {len(held_jobs) - 1} more, listed above)" if len(held_jobs) > 1 else ""
+        print(f"error: {j.plan.run_name}: {why}{others}; the other runs of the sweep ran: run the same command "
+              "again when it has ended", file=sys.stderr)
+        raise SystemExit(3)  # as a single run on a held lease exits: another live job trains it
+    return returns
 
 
 def _cost(job: Job) -> float:

@@ -73,3 +73,17 @@ def release(ckpt_dir: Path, mine: tp.Mapping[str, tp.Any]) -> None:
                 (ckpt_dir / LEASE_FILE).unlink()
     except (OSError, locks.LockTimeout) as exc:  # a leftover lease of a finished job is harmless: it is taken over
         log.warning("could not remove the lease in %s: %s", ckpt_dir, exc)
+
+
+def live_holders(ckpt_dirs: tp.Mapping[tp.Any, Path]) -> dict[tp.Any, str]:
+    """The keys of ``ckpt_dirs`` whose lease a live holder has (what the run would refuse with LeaseHeld), and who:
+    a sweep leaves those pairs alone before queueing them."""
+    live: dict[tp.Any, str] = {}
+    mine = my_lease()
+    for key, ckpt in ckpt_dirs.items():
+        held = read_lease(ckpt)
+        if held and not _same_holder(held, mine):
+            alive, why = holder_alive(held)
+            if alive:
+                live[key] = f"{describe(held)} {why}"
+    return live

@@ -184,10 +184,7 @@ def live_pairs(work: tp.Union[str, Path], experiment: str, ckpt_dirs: tp.Mapping
             pair = task_map.get(tid)
             if pair in ckpt_dirs and pair not in live:
                 live[pair] = f"array task {task.name} {task.state}"
-    for pair, ckpt in ckpt_dirs.items():  # a job started some other way (single run, another work folder's record)
-        held = None if pair in live or not leases else lease.read_lease(ckpt)
-        if held:
-            alive, why = lease.holder_alive(held)
-            if alive:
-                live[pair] = f"{lease.describe(held)} {why}"
+    if leases:  # a job started some other way (single run, another work folder's record)
+        others = lease.live_holders({p: c for p, c in ckpt_dirs.items() if p not in live})
+        live.update(others)
     return live

@@ -128,6 +128,24 @@ def _default_artifact_location(uri: str) -> str | None:
     return None
 
 
+def check_store_exists(uri: str, field: str = "mlflow.tracking_uri") -> None:
+    """A store that is read (never written) must exist: MLflow would create an empty sqlite file and find nothing.
+    Raises TrackingError naming ``field``; a server must answer (:func:`check_tracking_uri`)."""
+    local = _local_store_dir(uri)
+    if local is not None and local[0] == "sqlite":
+        db = Path(uri[len("sqlite:///"):].split("?", 1)[0]).expanduser()
+        if not db.is_file():
+            raise TrackingError(f"{field}: no MLflow store at {redact_uri(uri)} (nothing trained there)")
+    check_tracking_uri(uri)
+
+
+def existing_experiment(uri: str, name: str, *, retries: int = 3, backoff_s: float = 0.5) -> str | None:
+    """The id of the active experiment ``name``, or None: a reader's lookup, which creates nothing."""
+    client = _client(uri)
+    exp = _retry(lambda: client.get_experiment_by_name(name), f"get experiment {name!r}", uri, retries, backoff_s)
+    return None if exp is None or exp.lifecycle_stage != "active" else str(exp.experiment_id)
+
+
 def ensure_experiment(uri: str, name: str, *, artifact_location: str | None = None,
                       retries: int = 3, backoff_s: float = 0.5) -> str:
     """Get or create experiment ``name`` and return its id; call once before launching parallel jobs.
