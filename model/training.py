@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import time
 import typing as tp
@@ -33,6 +34,8 @@ from model.schedule import (BEST_FILE, EXPORT_FILE, LEGACY_MODEL_FILE, OPTIMIZER
                             WEIGHTS_FILE, CheckpointError, ScheduleState, TrainSettings, checkpoint_files,
                             load_state, model_key, numbered_name, paper_batch_size, verify_checkpoint_file,
                             update_schedule)
+
+log = logging.getLogger(__name__)
 
 
 def save_weights(model, path: Path) -> None:
@@ -353,8 +356,11 @@ def save_active_checkpoint() -> bool:
     """Write a checkpoint of the training running in this process, mid-chunk (preemption / time-out).
 
     Called from the launcher's signal handler (submitit's USR2 checkpoint hook) before the job is
-    requeued; Python runs signal handlers between training steps, so the weights are consistent.
-    Returns False when no training is running.
+    requeued; Python runs signal handlers between bytecodes: during a chunk's steps the weights are those
+    of the steps counted (±1), and a checkpoint is written (eagerly, also when the signal lands while
+    TensorFlow traces a function). After a chunk's steps, while it is validated and checkpointed, nothing
+    is written: the last whole checkpoint stays and the resumed job trains that chunk again, so no
+    validation point is skipped. Returns False when no training is running.
     """
     if _SAVE_NOW is None:
         return False
@@ -414,12 +420,31 @@ def train_fold(*, width: int, depth: int, input_size: int, train_samples: tp.Seq
 
     count_steps = keras.callbacks.LambdaCallback(on_train_batch_end=step_end)
 
+    # From the end of a chunk's steps until the next chunk's steps start (validation, the chunk's checkpoint, the
+    # callbacks, the next dataset): the checkpoint on disk is then whole and the newest one to resume from.
+    between_steps = [False]
+    chunk_steps = [0]
+
     def save_mid_chunk() -> None:
+        if between_steps[0] or (chunk_steps[0] and steps_done[0] >= chunk_steps[0]):  # (its last step counted)
+            # A checkpoint here would record the chunk's end without its validation point, which the resumed job
+            # would never make (it trains on from the chunk's end), or interleave with the chunk's own checkpoint
+            # being written. The one on disk stays: the resumed job trains this chunk again (same seed) and validates.
+            try:
+                last = load_state(ckpt_dir)
+            except (OSError, ValueError, TypeError):
+                last = None
+            log.warning("USR2 after the steps of the chunk ending at iteration %d: the resumed job starts from the "
+                        "last whole checkpoint (%s)", state.iteration + steps_done[0],
+                        f"iteration {last.iteration}" if last else "none: the run starts again")
+            return
         # ±1 step: a signal can land between a step and its callback.
         partial = dataclasses.replace(state, iteration=state.iteration + steps_done[0],
                                       images_seen=state.images_seen + steps_done[0] * settings.batch_size,
                                       resumed_from=list(state.resumed_from), history=list(state.history))
-        save_checkpoint(model, partial, ckpt_dir)
+        # The signal may land while TensorFlow traces a function (the first step, a dataset's map): save eagerly.
+        with tf.init_scope():
+            save_checkpoint(model, partial, ckpt_dir)
 
     _SAVE_NOW = save_mid_chunk
     try:
@@ -434,9 +459,11 @@ def train_fold(*, width: int, depth: int, input_size: int, train_samples: tp.Seq
                                   open_slabs=settings.open_slabs)
             ds = ds.map(lambda x, y: (x, tf.cast(y, tf.int32)))
             model.optimizer.learning_rate.assign(state.learning_rate)
-            steps_done[0] = 0
+            steps_done[0], chunk_steps[0] = 0, iters
+            between_steps[0] = False
             t0 = time.perf_counter()
             hist = model.fit(ds, steps_per_epoch=iters, epochs=1, verbose=0, shuffle=False, callbacks=[count_steps])
+            between_steps[0] = True
             dt = time.perf_counter() - t0
             if not phases["first_step"] and first_step_end[0]:
                 phases["first_step"] = first_step_end[0] - t0

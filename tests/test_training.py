@@ -335,3 +335,61 @@ def test_a_committed_checkpoint_whose_file_was_changed_is_refused_by_name(prepar
         np.savez(f, *arrays)
     with pytest.raises(CheckpointError, match=f"{opt.name}: not the file .* commits as the checkpoint's optimizer"):
         train_fold(settings=dataclasses.replace(s, max_iters=4), **kw)
+
+
+def test_a_usr2_while_a_chunk_is_validated_loses_no_validation_point(prepared_dataset, tmp_path, monkeypatch):
+    """Found by benchmarks/chaos.py: a USR2 (preemption) that landed while a chunk was validated checkpointed the
+    chunk's end without its validation point, and the resumed job trained on from there: that point was never made
+    (a FINISHED run with a hole in its history). Now the last whole checkpoint stays and the chunk is trained again."""
+    import model.training as training
+    from model.training import save_active_checkpoint
+
+    s, kw = _tiny_fold(prepared_dataset, 0, 6, tmp_path / "ck")
+    real = training.evaluate_slices
+    calls = []
+
+    def evaluate(*args, **kwargs):  # the second chunk's validation is where the signal lands
+        calls.append(1)
+        if len(calls) == 2:
+            assert save_active_checkpoint()  # what submitit's USR2 hook does; then the job ends
+            raise _Killed("USR2")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate_slices", evaluate)
+    with pytest.raises(_Killed):
+        train_fold(settings=s, **kw)
+    on_disk = json.loads((tmp_path / "ck" / STATE_FILE).read_text())
+    assert on_disk["iteration"] == 2 and [h["iteration"] for h in on_disk["history"]] == [2]
+    monkeypatch.setattr(training, "evaluate_slices", real)
+    resumed = train_fold(settings=s, **kw)
+    assert [h["iteration"] for h in resumed.state.history] == [2, 4, 6]
+    assert resumed.state.resumed_from == [2] and resumed.state.finished
+
+
+def test_a_usr2_while_tensorflow_traces_saves_the_checkpoint_eagerly(prepared_dataset, tmp_path, monkeypatch):
+    """Found by benchmarks/chaos.py: a USR2 that landed while TensorFlow traced a function (a dataset's map, the first
+    step) failed to save ("numpy() is only available when eager execution is enabled"); now it saves eagerly."""
+    import tensorflow as tf
+
+    import model.training as training
+    from model.training import save_active_checkpoint
+
+    s, kw = _tiny_fold(prepared_dataset, 0, 4, tmp_path / "ck")
+    real = training.training_dataset
+    traced = []
+
+    def dataset(*args, **kwargs):
+        def usr2_in_trace(x, y):  # traced in graph mode, as tf.data traces every map function
+            traced.append(tf.executing_eagerly())
+            assert save_active_checkpoint()
+            raise _Killed("USR2")
+        return real(*args, **kwargs).map(usr2_in_trace)
+
+    monkeypatch.setattr(training, "training_dataset", dataset)
+    with pytest.raises(_Killed):
+        train_fold(settings=s, **kw)
+    assert traced == [False]
+    assert json.loads((tmp_path / "ck" / STATE_FILE).read_text())["iteration"] == 0
+    monkeypatch.setattr(training, "training_dataset", real)
+    resumed = train_fold(settings=s, **kw)
+    assert resumed.state.resumed_from == [0] and [h["iteration"] for h in resumed.state.history] == [2, 4]
