@@ -223,6 +223,68 @@ def test_a_resumed_run_backfills_the_points_a_killed_job_held_in_memory(tmp_path
     assert backfill(rec, history, _chunk_metrics, box) == 0
 
 
+@pytest.fixture
+def sqlite_server(tmp_path):
+    """A server of this test's own on a sqlite file, which a restart keeps (quicker to start than a database)."""
+    box = {"db": None}
+    box["handle"] = start_mlflow_server(tmp_path / "server")
+    yield box
+    box["handle"].stop()
+
+
+def _history(*iterations: int) -> list[dict]:
+    return [{"iteration": it, "time": 1000.0 + it, "train_loss": 1.0 / it, "val_loss": 2.0, "learning_rate": 1e-3,
+             "images_per_s": 5.0, "mean_iou": it / 1000} for it in iterations]
+
+
+def test_a_backfill_the_server_was_away_for_is_done_once_it_answers(tmp_path, sqlite_server):
+    """The requeued job resumes while the server is away: the points its killed attempt held in memory only reach the
+    server run at the first flush after the restart, not never."""
+    from sweep.jobs.train import _chunk_metrics
+
+    uri = sqlite_server["handle"].uri
+    rec = tracking.RunRecorder(uri, tracking.ensure_experiment(uri, "backfill"), run_name="r")
+    rec.start()
+    history = _history(100, 200, 300)
+    # The killed attempt logged its first point only, stamped when it was made (on_chunk does).
+    rec.log_metrics(_chunk_metrics(history[0]), step=100, timestamp_ms=1_100_000)
+    sqlite_server["handle"].stop()
+    box = Outbox(rec, tolerance_s=3600, probe_every_s=0.0)
+    box.backfill_when_up(history, _chunk_metrics)  # the resume, during the outage
+    assert box.down and box.owed is not None
+    (later,) = _history(400)
+    box.log_metrics(_chunk_metrics(later), step=400, timestamp_ms=1_400_000)
+    assert not box.flush(force=True)  # still away: still owed
+    _restart(sqlite_server, tmp_path)
+    assert box.flush(force=True) and box.owed is None
+    hist = MlflowClient(uri).get_metric_history(rec.run_id, "val_mean_iou")
+    assert sorted((m.step, m.value) for m in hist) == [(100, 0.1), (200, 0.2), (300, 0.3), (400, 0.4)]
+
+
+def test_a_run_that_ends_before_its_backfill_brings_the_points_through_its_offline_store(tmp_path, sqlite_server):
+    """The server stays away until the run ends: the offline store carries the whole history and the sync adds what
+    the server run lacks, each point once."""
+    from sweep.jobs.train import _chunk_metrics
+    from sweep.tracking.offline import SyncCounts, offline_uri, sync_store
+    from sweep.tracking.outbox import OfflineEnding, end_offline
+
+    uri = sqlite_server["handle"].uri
+    rec = tracking.RunRecorder(uri, tracking.ensure_experiment(uri, "backfill"), run_name="r")
+    rec.start()
+    history = _history(100, 200, 300)
+    rec.log_metrics(_chunk_metrics(history[0]), step=100, timestamp_ms=1_100_000)
+    sqlite_server["handle"].stop()
+    box = Outbox(rec, tolerance_s=3600, probe_every_s=0.0)
+    box.backfill_when_up(history, _chunk_metrics)
+    end_offline(box, offline_uri(tmp_path / "ck"), "backfill", "r", OfflineEnding({}, {}, [], []))
+    _restart(sqlite_server, tmp_path)
+    sync_store(tmp_path / "ck" / "mlflow" / "mlflow.db", uri, "backfill", SyncCounts())
+    client = MlflowClient(uri)
+    hist = client.get_metric_history(rec.run_id, "val_mean_iou")
+    assert sorted((m.step, m.value) for m in hist) == [(100, 0.1), (200, 0.2), (300, 0.3)]
+    assert client.get_run(rec.run_id).info.status == "FINISHED"
+
+
 def test_a_slurm_job_that_starts_during_a_restart_waits_for_the_server(tmp_path, own_server, monkeypatch):
     import threading
 

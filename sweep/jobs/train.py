@@ -46,7 +46,6 @@ from sweep.tracking.outbox import (
     DEFAULT_TOLERANCE_S,
     OfflineEnding,
     Outbox,
-    backfill,
     end_offline,
 )
 
@@ -330,8 +329,8 @@ def _train(cfg: DictConfig, plan: RunPlan, experiment_id: str, train_samples, va
                 outbox.set_tags({"resumed_from_iteration": ",".join(map(str, state.resumed_from))})
                 log.info("%s: resuming from iteration %d", plan.run_name, state.iteration)
                 # A job killed during an outage held some validation points in memory only: state.json has them.
-                backfill(recorder, state.history, _chunk_metrics, outbox)
-                outbox.flush()
+                # Compared with the server run at the first flush it answers (it may be away now), once.
+                outbox.backfill_when_up(state.history, _chunk_metrics)
                 if state.history and trial_report.active():  # judged again on its last value (reported once)
                     log.info("%s: the resumed trial is judged again at iteration %d", plan.run_name,
                              state.history[-1]["iteration"])

@@ -9,6 +9,9 @@ requeued). So, while a run trains:
   oldest first. A batch sent twice adds nothing (MLflow keys a value by key, timestamp, step and value).
 - a server that does not answer is probed once per ``probe_every_s`` with one quick HTTP request instead of MLflow's
   minutes of retries, so an outage costs the training loop seconds, not minutes per chunk;
+- a resumed run's validation points that a job killed during an outage held in memory only (state.json has them) are
+  compared with the server run at the first flush the server answers, and retried at each flush until that worked
+  once (:meth:`Outbox.backfill_when_up`); a run that ends before it did carries them all into its offline store;
 - an outage longer than ``mlflow.outage_tolerance_s`` (default 6 h) stops the probing: the run ends in the offline
   store, like one that ends while the server is away (after ``mlflow.end_wait_s`` of waiting for it). The job exits 0;
   ``python -m sweep.sync`` (or ``sweep.status``) copies the run into its server run (tag ``server_run_id``).
@@ -46,6 +49,15 @@ class _Entry:
     values: dict[str, tp.Any]
     step: int = 0
     timestamp_ms: int = 0
+
+
+@dataclasses.dataclass
+class _Owed:
+    """A resumed run's history (state.json) not yet compared with the server run (:func:`backfill`)."""
+
+    history: list[dict[str, tp.Any]]
+    rename: tp.Callable[[Mapping[str, tp.Any]], dict[str, float]]
+    key: str
 
 
 @contextlib.contextmanager
@@ -93,6 +105,7 @@ class Outbox:
         self.outages: list[tuple[float, int]] = []  # (seconds, iteration when it ended) of outages lived through
         self._last_try = -float("inf")
         self._step = 0  # the last training iteration logged: where an outage ended (tracking_outages tag)
+        self.owed: _Owed | None = None  # a backfill not done yet (backfill_when_up)
 
     # ------------------------------------------------------------------------------------------ what a run logs
     def log_metrics(self, metrics: Mapping[str, tp.Any], step: int | None = None, *,
@@ -107,6 +120,21 @@ class Outbox:
         self.pending.append(_Entry("tags", dict(tags)))
         self.flush()
 
+    def backfill_when_up(self, history: tp.Sequence[Mapping[str, tp.Any]],
+                         rename: tp.Callable[[Mapping[str, tp.Any]], dict[str, float]], key: str = "train_loss") -> None:
+        """Queue the points of ``history`` the server run lacks (:func:`backfill`) at the first flush the server
+        answers: tried now and at every later flush until it worked once (the server may be away at the resume)."""
+        self.owed = _Owed([dict(h) for h in history], rename, key) if history else None
+        self.flush()
+
+    def _backfill_owed(self) -> None:
+        """The owed backfill, done once; raises TrackingUnavailable while the server run cannot be read."""
+        if self.owed is None:
+            return
+        if backfill(self.recorder, self.owed.history, self.owed.rename, self, self.owed.key) is None:
+            raise TrackingUnavailable(f"the metric history of run {self.recorder.run_id} could not be read")
+        self.owed = None
+
     @property
     def down(self) -> bool:
         return self.down_since is not None
@@ -118,7 +146,7 @@ class Outbox:
     def flush(self, *, force: bool = False) -> bool:
         """Send what waits, oldest first; True when nothing is left. While the server is away, one probe per
         ``probe_every_s`` (every call with ``force``); raises TrackingError only for a refused request."""
-        if not self.pending:
+        if not self.pending and self.owed is None:
             return True
         if self.gave_up:
             return False
@@ -133,6 +161,7 @@ class Outbox:
         try:
             with _quick_http():
                 self.recorder.retries = 1 if self.down else min(saved, 2)
+                self._backfill_owed()
                 while self.pending:
                     e = self.pending[0]
                     if e.kind == "metrics":
@@ -209,6 +238,9 @@ def end_offline(outbox: Outbox, store_uri: str, experiment: str, run_name: str |
     local = RunRecorder(store_uri, exp_id, run_name=run_name, tags=tags)
     local.start()
     local.log_params(ending.params)
+    if outbox.owed is not None:  # never compared with the server run: all of it (sweep.sync adds what it lacks)
+        _queue(outbox, outbox.owed.history, outbox.owed.rename)
+        outbox.owed = None
     for e in outbox.pending:
         if e.kind == "metrics":
             local.log_metrics(e.values, step=e.step, timestamp_ms=e.timestamp_ms)
@@ -225,23 +257,34 @@ def end_offline(outbox: Outbox, store_uri: str, experiment: str, run_name: str |
 
 def backfill(recorder: RunRecorder, history: tp.Sequence[Mapping[str, tp.Any]],
              rename: tp.Callable[[Mapping[str, tp.Any]], dict[str, float]], outbox: Outbox,
-             key: str = "train_loss") -> int:
+             key: str = "train_loss") -> int | None:
     """Queue the validation points of ``history`` (state.json) that the server run lacks: those a job killed during
-    an outage (preempted, timed out) held in memory only. Returns how many were queued."""
+    an outage (preempted, timed out) held in memory only. Returns how many were queued; None while the server is
+    away (try again: :meth:`Outbox.backfill_when_up` does)."""
+    run_id = tp.cast(str, recorder.run_id)
     try:
-        have = {m.step for m in recorder.client.get_metric_history(tp.cast(str, recorder.run_id), key)}
-    except Exception as exc:  # noqa: BLE001 - the server may be away right now: nothing to compare with, try later
-        log.warning("could not read the metric history of run %s to backfill it: %s", recorder.run_id,
-                    redact_uri(str(exc))[:300])
+        have = {m.step for m in recorder._retry(lambda: recorder.client.get_metric_history(run_id, key),
+                                                f"read the {key} history of run {run_id}")}
+    except TrackingUnavailable as exc:
+        log.warning("could not read the metric history of run %s to backfill it: %s", run_id, str(exc)[:300])
+        return None
+    except TrackingError as exc:  # refused: no later try changes that
+        log.error("run %s refused its metric history; not backfilled: %s", run_id, str(exc)[:300])
         return 0
     todo = [h for h in history if int(h["iteration"]) not in have]
-    for h in todo:
-        ts = int(float(h.get("time", time.time())) * 1000)
-        outbox.pending.append(_Entry("metrics", rename(h), int(h["iteration"]), ts))
+    _queue(outbox, todo, rename)
     if todo:
         log.warning("run %s lacked %d validation point(s) of its checkpoint's history: queued", recorder.run_id,
                     len(todo))
     return len(todo)
+
+
+def _queue(outbox: Outbox, history: tp.Iterable[Mapping[str, tp.Any]],
+           rename: tp.Callable[[Mapping[str, tp.Any]], dict[str, float]]) -> None:
+    """History points as metric batches at their iteration, stamped when they were made."""
+    for h in history:
+        ts = int(float(h.get("time", time.time())) * 1000)
+        outbox.pending.append(_Entry("metrics", rename(h), int(h["iteration"]), ts))
 
 
 __all__ = ["Outbox", "OfflineEnding", "end_offline", "backfill", "server_answers", "TAG_SERVER_RUN_ID",
