@@ -1,15 +1,23 @@
-"""What a run used (sweep.tracking.cost): only the job's own GPUs count on a shared node, and a requeued run logs its
-system metrics at steps after the earlier attempt's."""
+"""What a run used (sweep.tracking.cost): only the job's own GPUs count on a shared node, and a requeued run keeps the
+time its preempted attempt ran up to the signal and logs its system metrics at steps after the earlier attempt's."""
 
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
+from sweep.core import trial_report
 from sweep.tracking import cost
 from sweep.tracking.cost import SystemMetrics, job_gpus, visible_gpus
 
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["model.width=32", "model.depth=1", "model.input_size=384", "data.synth.size=32", "data.synth.n_train=4",
+        "data.synth.n_test=1", "train.batch_size=2", "train.val_crop=32", "train.val_slice_step=8",
+        "train.final_slice_step=8", "train.open_slabs=2", "train.early_stop_patience_iters=100000"]
 # A node's four GPUs as NVML lists them (index, UUID); GPU 3 carries a MIG device.
 NODE = [(0, "GPU-aaaa-0000"), (1, "GPU-bbbb-1111"), (2, "GPU-cccc-2222"), (3, "GPU-dddd-3333"), (3, "MIG-eeee-4444")]
 
@@ -84,3 +92,51 @@ def test_system_steps_continue_after_the_earlier_attempts():
     assert [s for _, s, _ in second.drain()] == [3]
     assert second.totals()["system_step"] == 4
 
+
+# ----------------------------------------------------------------------------- a preempted run, in the job
+
+
+def _train_cfg(work: Path):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=[*TINY, f"paths.work={work}", "train.max_iters=8", "train.checkpoint_every=4",
+                                            "mlflow.system_metrics_interval_s=0.2"])
+
+
+def test_a_preempted_run_keeps_its_time_up_to_the_signal_and_continues_its_system_steps(tmp_path, monkeypatch):
+    """The job is preempted 1.5 s after its first chunk end (submitit's USR2 hook, then SystemExit); the requeued
+    attempt adds to what usage.json says at the signal, and logs its samples at steps after the first attempt's."""
+    from sweep.jobs.train import checkpoint_before_requeue, run
+
+    monkeypatch.chdir(tmp_path)
+    work = tmp_path / "work"
+    cfg = _train_cfg(work)
+    seen: dict[str, dict] = {}
+
+    def preempted_later(value: float, iteration: int) -> bool:
+        usage = next((work / "checkpoints").glob("*/fold0/usage.json"))
+        seen["chunk"] = json.loads(usage.read_text())  # written at this chunk end
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 1.5:  # the job keeps working (CPU-bound) after the chunk end
+            pass
+        checkpoint_before_requeue("the test's run")
+        seen["signal"] = json.loads(usage.read_text())
+        raise SystemExit(-1)  # submitit's requeue after USR2
+
+    with trial_report.reporting(preempted_later), pytest.raises(SystemExit):
+        run(cfg)
+    assert seen["signal"]["wall_s"] >= seen["chunk"]["wall_s"] + 1.5
+    assert seen["signal"]["cpu_core_s"] >= seen["chunk"]["cpu_core_s"] + 0.5
+    assert seen["signal"]["system_step"] >= 1  # the first attempt sampled
+
+    run(cfg)
+    client = MlflowClient(str(cfg.mlflow.tracking_uri))
+    (r,) = client.search_runs([client.get_experiment_by_name("scaling-unet").experiment_id])
+    assert r.info.status == "FINISHED" and r.data.tags["resumed_from_iteration"] == "4"
+    assert r.data.metrics["system_metrics_wall_s"] > seen["signal"]["wall_s"]  # both attempts, the first to its signal
+    assert r.data.metrics["cpu_core_hours_used"] * 3600 > seen["signal"]["cpu_core_s"]
+    steps = [m.step for m in client.get_metric_history(r.info.run_id, "system/cpu_utilization_percentage")]
+    first = [s for s in steps if s < seen["signal"]["system_step"]]
+    assert first and len(steps) > len(first), steps  # both attempts logged samples ...
+    assert len(steps) == len(set(steps)), steps  # ... never two at one step

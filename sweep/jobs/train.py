@@ -6,6 +6,7 @@ done before the first training step: config fields, the dataset, the tracking se
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -55,6 +56,7 @@ RUN_ID_FILE = "mlflow_run_id"
 USAGE_FILE = "usage.json"  # what the run's attempts used so far (sweep.tracking.cost), beside its checkpoint
 DATASET_LOCK_TIMEOUT_S = 3600.0  # making a synthetic dataset takes seconds to minutes
 START_POLL_S = 15.0  # a SLURM job that starts while the tracking server is away asks it again this often
+_SAVE_USAGE: tp.Optional[tp.Callable[[], None]] = None  # writes the running run's usage.json (the USR2 hook calls it)
 
 
 def ensure_dataset(cfg: DictConfig) -> Path:
@@ -204,6 +206,33 @@ def checkpoint_before_requeue(what: str = "the run") -> None:
         log.warning("USR2: %s; requeueing %s", "checkpoint saved" if saved else "no training running", what)
     except Exception as exc:
         log.error("USR2: saving the checkpoint failed: %s", exc)
+    try:
+        if _SAVE_USAGE is not None:  # the requeued attempt adds to it: this attempt's time up to now is not lost
+            _SAVE_USAGE()
+    except Exception as exc:
+        log.error("USR2: writing %s failed: %s", USAGE_FILE, exc)
+
+
+@contextlib.contextmanager
+def _usage_saved_on_requeue(path: Path, usage: SystemMetrics) -> tp.Iterator[None]:
+    """While the block runs, the USR2 hook (:func:`checkpoint_before_requeue`) writes ``usage``'s totals to ``path``."""
+    global _SAVE_USAGE
+    _SAVE_USAGE = lambda: atomic_write_json(path, usage.totals())  # noqa: E731
+    try:
+        yield
+    finally:
+        _SAVE_USAGE = None
+
+
+def check_offline_resume(plan: RunPlan) -> None:
+    """``mlflow.offline=true`` on a run its checkpoint says was started on the server: resuming it offline would start
+    an empty offline store that knows nothing of the server run (its metrics, FINISHED); refused, nothing written."""
+    run_id_file = plan.ckpt_dir / RUN_ID_FILE
+    store = Path(offline_uri(plan.ckpt_dir).removeprefix("sqlite:///"))
+    if run_id_file.is_file() and not store.is_file():
+        raise ConfigError("mlflow.offline", f"{plan.run_name} was started online (MLflow run "
+                          f"{run_id_file.read_text().strip()} at mlflow.tracking_uri; checkpoint {plan.ckpt_dir}): "
+                          "run it with mlflow.offline=false where the server answers")
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -211,7 +240,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     t_setup = time.perf_counter()
     plan = plan_run(cfg)
     if OmegaConf.select(cfg, "mlflow.offline", default=False):
-
+        check_offline_resume(plan)
         # A compute node without the server: this run's own store, synced later (python -m sweep.sync).
         plan = dataclasses.replace(plan, tracking_uri=offline_uri(plan.ckpt_dir))
     _check_tracking_at_start(cfg, plan.tracking_uri)
@@ -306,7 +335,7 @@ def _train(cfg: DictConfig, plan: RunPlan, experiment_id: str, train_samples, va
                 _end_offline(cfg, plan, outbox, {**tags, **pruned.run_tags}, [], [], status="KILLED")
             raise
 
-    with recorder:
+    with recorder, _usage_saved_on_requeue(usage_file, usage):
         run_id = recorder.start()
         plan.ckpt_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_id_file, run_id)
