@@ -10,6 +10,7 @@ The paper's figures and tables rebuilt from MLflow:
            ensemble's prediction when there is one, else the mean over the folds; --ml-from)
   pareto   Pareto front of the +experiment=optuna trials (max mean IoU, min FLOPs)
   missing  the missing-run report alone
+  calibrate  a calibration table for conformal measure intervals (python -m analysis calibrate --help)
 
 Exit status: 0 done; 1 the single part asked for has no runs to build from; 2 the tracking store is
 unreachable or the training experiment does not exist.
@@ -65,6 +66,11 @@ def _report(part) -> None:
 
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["calibrate"]:  # its own options (models, scans): analysis.calibrate
+        from analysis.calibrate import main as calibrate
+
+        return calibrate(argv[1:])
     args = _parser().parse_args(argv)
     from analysis import reports as R
     from analysis.store import StoreError, read_runs

@@ -192,11 +192,20 @@ def report_markdown(report: dict) -> str:
              f"Fused on {report['prediction'].get('fuse_on', 'files')}: {report['prediction'].get('why', '')}; batch "
              f"{report['prediction'].get('batch_size', '?')}, precision {report['prediction'].get('precision', '?')}.",
              "",
-             "| measure | value | interval (plane disagreement) |", "|---|---|---|"]
+             "| measure | value | interval (plane disagreement) | conformal interval |", "|---|---|---|---|"]
+    cv = report.get("conformal_intervals") or {}
     for key, name in MEASURES:
         v, (lo, hi) = m[key], iv[key]
         fmt = (lambda x: "n/a" if x is None else f"{x:.3f}")
-        lines.append(f"| {name} | {fmt(v)} | [{fmt(lo)}, {fmt(hi)}] |")
+        conf = f"[{fmt(cv[key][0])}, {fmt(cv[key][1])}]" if key in cv else "no calibration"
+        if key in cv and v is not None and cv[key] == [None, None]:
+            conf = f"unbounded (needs ≥ {report['calibration']['min_scans_for_alpha']} calibration scans)"
+        lines.append(f"| {name} | {fmt(v)} | [{fmt(lo)}, {fmt(hi)}] | {conf} |")
+    cal = report.get("calibration")
+    lines += ["", (f"Conformal intervals: {cal['description']}, from {cal['source']}; measured coverage: "
+                   "docs/measures.md." if cal else
+                   "No calibration table: the plane-disagreement interval is a worst case with no stated coverage "
+                   "(python -m analysis calibrate makes one).")]
     lines += ["", "| phase | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in report["seconds"].items()]
     t = report["seconds"]["total"]
@@ -209,6 +218,47 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def calibration_table(choice: str, specs: tp.Sequence[str], tracking_uri: tp.Optional[str]
+                      ) -> tuple[tp.Any, str]:
+    """(Calibration or None, where it came from) for ``--calibration``: a file (read and checked now, before any
+    model is loaded), ``auto`` (logged with a single registered model version) or ``none``."""
+    from analysis.calibrate import find_calibration
+    from analysis.calibration import Calibration
+
+    if choice == "none":
+        return None, ""
+    if choice == "auto":
+        try:
+            cal = find_calibration(specs, tracking_uri)
+        except Exception as exc:  # noqa: BLE001 - no table is not an error: the plane interval is still reported
+            log.warning("no calibration table found with %s: %s", specs[0], exc)
+            return None, ""
+        return (cal, f"the artifact calibration.json of {specs[0]}") if cal is not None else (None, "")
+    try:
+        return Calibration.read(Path(choice)), _home_free(str(choice))
+    except ValueError as exc:
+        raise SegmentError(f"--calibration: {exc}") from None
+
+
+def conformal_report(cal, source: str, measures: tp.Mapping[str, float]) -> dict:
+    """The report's conformal intervals (centre ML − bias, half-width q; kind ``conformal``) and the calibration
+    they came from; nothing when there is no table."""
+    if cal is None:
+        return {}
+    from analysis.calibration import min_calibration_scans
+
+    out = {}
+    for key in cal.measures:
+        lo, hi = cal.interval(key, float(measures.get(key, math.nan)))
+        out[key] = [lo if math.isfinite(lo) else None, hi if math.isfinite(hi) else None]  # None: unbounded or n/a
+    return {"conformal_intervals": out,
+            "calibration": {"description": cal.describe(), "source": source, "alpha": cal.alpha, "scans": cal.n,
+                            "min_scans_for_alpha": min_calibration_scans(cal.alpha),
+                            "scan_ids": [s["id"] for s in cal.scans], "scan_digests": [s["digest"] for s in cal.scans],
+                            "model": _home_free(cal.model),
+                            "bias": {k: _finite(m.bias) for k, m in cal.measures.items()}}}
+
+
 def segment_scan(scan: VolumeRef, specs: tp.Sequence[str], out: Path, *, voxel_size_um: tp.Optional[float] = None,
                  model_voxel_size_um: tp.Optional[float] = None, planes: str = "9", vote: str = "soft",
                  fold_vote: str = "soft", clip_percentiles: tp.Sequence[float] = PAPER_CLIP_PERCENTILES,
@@ -217,8 +267,11 @@ def segment_scan(scan: VolumeRef, specs: tp.Sequence[str], out: Path, *, voxel_s
                  tracking_uri: tp.Optional[str] = None, overwrite: bool = False,
                  batch_size: tp.Union[int, str] = "auto", workers: tp.Optional[int] = None,
                  keep_prepared: bool = False, progress: bool = True, slab_mb: int = 256, ome_zarr: bool = False,
-                 fuse_on: str = "auto", precision: str = "auto") -> dict:
-    """The whole command as a function; returns the report (also ``out/report.json``)."""
+                 fuse_on: str = "auto", precision: str = "auto", calibration: str = "auto") -> dict:
+    """The whole command as a function; returns the report (also ``out/report.json``).
+
+    ``calibration``: a calibration table (``python -m analysis calibrate``) for conformal measure intervals: a
+    JSON file, ``auto`` (the table logged with a registered model version, if any) or ``none``."""
     t_start = time.perf_counter()
     out = Path(out)
     if planes not in PLANE_SETS:
@@ -234,6 +287,7 @@ def segment_scan(scan: VolumeRef, specs: tp.Sequence[str], out: Path, *, voxel_s
     scan_vs, scan_vs_from = scan_voxel_size(scan, voxel_size_um)
     check_model_store(specs, tracking_uri)
     model_vs, model_vs_from = model_voxel_size(specs, model_voxel_size_um, tracking_uri)
+    cal, cal_from = calibration_table(calibration, specs, tracking_uri)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     stats = check_image(scan, field="image")  # finite values, before a model is loaded or a voxel written
@@ -292,6 +346,8 @@ def segment_scan(scan: VolumeRef, specs: tp.Sequence[str], out: Path, *, voxel_s
                            "phase_seconds": {k: round(v, 3) for k, v in times.seconds.items()}},
             "measures": {k: _finite(v) for k, v in measures.items()},
             "intervals": {k: [_finite(lo), _finite(hi)] for k, (lo, hi) in intervals.items()},
+            "interval_kind": "plane_disagreement",
+            **conformal_report(cal, cal_from, measures),
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
             "minutes_per_sample": round(seconds["total"] / 60, 3),
             "environment": _environment(),
@@ -335,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--precision", default="auto", choices=["auto", "float32", "mixed_float16", "mixed_bfloat16"],
                     help="inference dtype policy (auto: the training's on a GPU, float32 on a CPU)")
     ap.add_argument("--workers", type=int, help="CPU threads for rotations and slab I/O (default: all cores)")
+    ap.add_argument("--calibration", default="auto",
+                    help="calibration table for conformal measure intervals (python -m analysis calibrate): a JSON "
+                         "file, auto (the one logged with a registered model version; default) or none")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     return ap
 
@@ -351,7 +410,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
                               initial_surface_mm2=args.initial_surface_mm2, days=args.days,
                               tracking_uri=args.tracking_uri, overwrite=args.overwrite, batch_size=args.batch_size,
                               workers=args.workers, keep_prepared=args.keep_prepared, progress=not args.no_progress,
-                              ome_zarr=args.ome_zarr, fuse_on=args.fuse_on, precision=args.precision)
+                              ome_zarr=args.ome_zarr, fuse_on=args.fuse_on, precision=args.precision,
+                              calibration=args.calibration)
     except (SegmentError, PredictError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

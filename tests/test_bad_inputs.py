@@ -238,6 +238,19 @@ def _offline_on_an_online_run(root: Path) -> list[str]:
     return ["-m", "sweep", *overrides, "mlflow.offline=true", *_hydra_outside(root)]
 
 
+def _calibrate(*extra: str, scans: str = "raw") -> tp.Callable[[Path], list[str]]:
+    def setup(root: Path) -> list[str]:
+        raw = _raw(root)  # WF-labelled training samples and one test sample
+        return ["-m", "analysis", "calibrate", "--model", str(_tiny_model(root)), "--scans",
+                str(raw if scans == "raw" else root / scans), "--out", str(root / "cal.json"), *extra]
+    return setup
+
+
+def _segment_bad_calibration(root: Path) -> list[str]:
+    (root / "cal.json").write_text('{"not": "a table"}')
+    return [*_segment("--voxel-size", "5")(root), "--calibration", str(root / "cal.json")]
+
+
 def _optuna_bad_storage(root: Path) -> list[str]:
     return ["-m", "sweep", "+experiment=optuna", "hydra.sweeper.storage=optuna.db", f"paths.work={root / 'work'}",
             f"hydra.sweep.dir={root.parent / (root.name + '-hydra')}", "-m"]
@@ -378,6 +391,10 @@ CASES = [
          "mlflow.experiment: no training experiment 'scalng-unet'"),
     Case("sweep: mlflow.offline=true on a run started online (empty offline store)", _offline_on_an_online_run,
          "mlflow.offline"),
+    Case("calibrate: --alpha 1.5", _calibrate("--alpha", "1.5"), "--alpha"),
+    Case("calibrate: --scans a missing folder", _calibrate(scans="nope"), "nope"),
+    Case("calibrate: --roi-um 0", _calibrate("--roi-um", "0"), "--roi-um"),
+    Case("segment: --calibration not a calibration table", _segment_bad_calibration, "cal.json"),
 ]
 
 
