@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
         if name in ("reports", "table3"):
             p.add_argument("--roi-um", type=float, default=100.0,
                            help="BV/TV region of interest: distance around the implant in µm (default: %(default)s)")
+            p.add_argument("--calibration", default=None, type=Path,
+                           help="a calibration table (python -m analysis calibrate): Table 3's ML rows get its "
+                                "conformal intervals")
             p.add_argument("--ml-from", choices=("auto", "ensemble", "folds"), default="auto",
                            help="Table 3's ML row: the fold-ensemble run's prediction (ensemble), the mean over the "
                                 "per-fold runs' predictions (folds), or the ensemble when there is one (auto, default)")
@@ -82,6 +85,15 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     if any(p.exists() and not p.is_dir() for p in out.parents):
         print(f"error: --out {out}: a parent path is a file, not a folder", file=sys.stderr)
         return 2
+    calibration = None
+    if getattr(args, "calibration", None) is not None:
+        from analysis.calibration import Calibration
+
+        try:
+            calibration = Calibration.read(args.calibration)
+        except ValueError as exc:
+            print(f"error: --calibration {exc}", file=sys.stderr)
+            return 2
     need_training = args.what not in ("table2", "table3")
     try:
         runs = read_runs(args.tracking_uri, args.experiment, args.fusing_experiment, need_training=need_training)
@@ -92,7 +104,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
           f"({runs.search_calls} search call(s))")
     if args.what == "reports":
         parts = R.build_reports(args.tracking_uri, args.experiment, args.fusing_experiment, args.out,
-                                roi_um=args.roi_um, config_key=args.config_key, runs=runs, ml_from=args.ml_from)
+                                roi_um=args.roi_um, config_key=args.config_key, runs=runs, ml_from=args.ml_from,
+                                calibration=calibration)
         for part in parts:
             _report(part)
         return 0
@@ -101,7 +114,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     elif args.what == "table2":
         part, _ = R.table2_part(runs, args.out, args.config_key)
     elif args.what == "table3":
-        part = R.table3_part(runs, args.out, args.config_key, roi_um=args.roi_um, ml_from=args.ml_from)
+        part = R.table3_part(runs, args.out, args.config_key, roi_um=args.roi_um, ml_from=args.ml_from,
+                             calibration=calibration)
     elif args.what == "pareto":
         part = R.pareto_part(runs, args.out)
     else:

@@ -20,7 +20,7 @@ def cell(mean: float, se: float, fmt: str, pm: str) -> str:
 
 
 _TEX_UNICODE = (("×", r"$\times$"), ("²", r"$^2$"), ("±", r"$\pm$"), ("µ", r"$\mu$"), ("−", "$-$"), ("–", "--"),
-                ("∈", r"$\in$"))
+                ("∈", r"$\in$"), ("⟨", r"$\langle$"), ("⟩", r"$\rangle$"), ("α", r"$\alpha$"))
 
 
 def tex_unicode(text: str) -> str:

@@ -98,7 +98,8 @@ def table2_part(runs: Runs, out: tp.Union[str, Path], config_key: tp.Optional[st
 
 
 def table3_part(runs: Runs, out: tp.Union[str, Path], config_key: tp.Optional[str] = None, *, roi_um: float = 100.0,
-                measures_fn: tp.Optional[tp.Callable[..., dict]] = None, ml_from: str = "auto") -> Part:
+                measures_fn: tp.Optional[tp.Callable[..., dict]] = None, ml_from: str = "auto",
+                calibration: tp.Any = None) -> Part:
     """Table 3 (CSV, Markdown, LaTeX) from the ``predictions.json`` artifacts of the config's fusing runs: ML from
     the fold-ensemble run when there is one (``ml_from``: auto, ensemble, folds), else from the per-fold runs."""
     from analysis.table2 import choose_config, describe_config
@@ -137,7 +138,7 @@ def table3_part(runs: Runs, out: tp.Union[str, Path], config_key: tp.Optional[st
         part.skipped = "predictions.json names no usable test sample"
         part.notes += notes
         return part
-    df = table3(values)
+    df = table3(values, calibration=calibration)
     methods = sorted({m for v in values.values() for m in v["methods"]} - {""}) or ["?"]
     desc = describe_config(runs.fusing, key)
     part.written += write_table3(df, out, roi_um=roi_um, method="/".join(methods), config=f"config {key}" + (f", {desc}" if desc else ""),
@@ -234,7 +235,7 @@ def missing_part(runs: Runs, out: tp.Union[str, Path]) -> Part:
 def build_reports(tracking_uri: str, experiment: str = "scaling-unet", fusing_experiment: tp.Optional[str] = None,
                   out: tp.Union[str, Path] = "reports", *, roi_um: float = 100.0, config_key: tp.Optional[str] = None,
                   measures_fn: tp.Optional[tp.Callable[..., dict]] = None, runs: tp.Optional[Runs] = None,
-                  ml_from: str = "auto") -> list[Part]:
+                  ml_from: str = "auto", calibration: tp.Any = None) -> list[Part]:
     """Everything the runs allow; raises StoreError only for an unreadable store / missing training experiment."""
     if runs is None:
         runs = read_runs(tracking_uri, experiment, fusing_experiment)
@@ -245,7 +246,8 @@ def build_reports(tracking_uri: str, experiment: str = "scaling-unet", fusing_ex
     if key is None and t2.skipped:
         parts.append(Part("Table 3", skipped=t2.skipped))
     else:
-        parts.append(table3_part(runs, out, key, roi_um=roi_um, measures_fn=measures_fn, ml_from=ml_from))
+        parts.append(table3_part(runs, out, key, roi_um=roi_um, measures_fn=measures_fn, ml_from=ml_from,
+                                 calibration=calibration))
     parts.append(pareto_part(runs, out))
     parts.append(missing_part(runs, out))
     return parts

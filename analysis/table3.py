@@ -184,10 +184,13 @@ def table3_values(predictions: tp.Mapping[tp.Union[int, str], dict], *, roi_um: 
     return values, notes
 
 
-def table3(values: tp.Mapping[str, dict], *, expected_folds: tp.Sequence[int] = EXPECTED_FOLDS) -> pd.DataFrame:
+def table3(values: tp.Mapping[str, dict], *, expected_folds: tp.Sequence[int] = EXPECTED_FOLDS,
+           calibration: tp.Any = None) -> pd.DataFrame:
     """Long table: one row per (sample, segmentation) with each measure, its relative difference to HQ in %,
     and for ML the standard error over folds and the folds used; ``ml_source`` says whether ML is the fold
-    ensemble's prediction (``ensemble``, no SE) or the mean over the fold models' predictions (``folds``)."""
+    ensemble's prediction (``ensemble``, no SE) or the mean over the fold models' predictions (``folds``).
+    ``calibration`` (analysis.calibration.Calibration): ML rows also get the conformal interval
+    (``*_conf_lo``, ``*_conf_hi``); the table's ``attrs["calibration"]`` describes it."""
     rows = []
     for sid in sorted(values):
         v = values[sid]
@@ -211,8 +214,14 @@ def table3(values: tp.Mapping[str, dict], *, expected_folds: tp.Sequence[int] = 
                 # mean over folds of each end (folds without maps give none)
                 row[f"{key}_lo"] = float(np.mean([e[0] for e in ends])) if ends else math.nan
                 row[f"{key}_hi"] = float(np.mean([e[1] for e in ends])) if ends else math.nan
+                if calibration is not None:
+                    lo, hi = calibration.interval(key, x) if seg == "ML" else (math.nan, math.nan)
+                    row[f"{key}_conf_lo"], row[f"{key}_conf_hi"] = lo, hi
             rows.append(row)
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    if calibration is not None:
+        df.attrs["calibration"] = calibration.describe()
+    return df
 
 
 def ml_source(v: tp.Mapping[str, tp.Any]) -> str:
@@ -220,16 +229,22 @@ def ml_source(v: tp.Mapping[str, tp.Any]) -> str:
     return ENSEMBLE if v.get("ensemble") else "folds"
 
 
-def _t3_cell(x: float, rel: float, fmt: str, lo: float = math.nan, hi: float = math.nan) -> str:
+def _t3_cell(x: float, rel: float, fmt: str, lo: float = math.nan, hi: float = math.nan,
+             conf_lo: float = math.nan, conf_hi: float = math.nan) -> str:
     if math.isnan(x):
         return "–"
     cell = f"{x:{fmt}}" if math.isnan(rel) else f"{x:{fmt}} ({rel:+.1f}%)"
-    return cell if math.isnan(lo) or math.isnan(hi) else f"{cell} [{lo:{fmt}}, {hi:{fmt}}]"
+    cell = cell if math.isnan(lo) or math.isnan(hi) else f"{cell} [{lo:{fmt}}, {hi:{fmt}}]"
+    if math.isnan(conf_lo) or math.isnan(conf_hi):
+        return cell
+    conf = "unbounded" if math.isinf(conf_hi - conf_lo) else f"{conf_lo:{fmt}}–{conf_hi:{fmt}}"
+    return f"{cell} ⟨{conf}⟩"
 
 
 def _t3_cells(r, fmt_of=lambda c: c) -> list[str]:
     return [fmt_of(_t3_cell(getattr(r, k), getattr(r, f"{k}_rel_percent"), f, getattr(r, f"{k}_lo", math.nan),
-                            getattr(r, f"{k}_hi", math.nan))) for k, _h, f in MEASURES]
+                            getattr(r, f"{k}_hi", math.nan), getattr(r, f"{k}_conf_lo", math.nan),
+                            getattr(r, f"{k}_conf_hi", math.nan))) for k, _h, f in MEASURES]
 
 
 def _t3_notes(df: pd.DataFrame, roi_um: float, method: str, config: str, n_expected: int) -> list[str]:
@@ -248,6 +263,10 @@ def _t3_notes(df: pd.DataFrame, roi_um: float, method: str, config: str, n_expec
                      "uncertain voxels of its class (RM for DR, bone for BIC and BV/TV) removed where any plane "
                      "disagrees, and added where any plane assigns the class"
                      + ("." if ensemble else "; mean over folds."))
+    if df.attrs.get("calibration"):
+        notes[0] += (f" ML ⟨lo–hi⟩: the conformal interval ({df.attrs['calibration']}): the ML value corrected by the "
+                     "calibration's median error, ± the error that bounds the HQ value in that share of new scans "
+                     "(docs/measures.md, measured coverage).")
     for r in ml.itertuples():
         if not r.complete:
             what = "the ensemble of" if getattr(r, "ml_source", "") == ENSEMBLE else "mean over"

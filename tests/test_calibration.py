@@ -113,3 +113,22 @@ def test_calibrate_fits_the_errors_of_each_scan_and_segment_centres_its_interval
     assert "conformal interval" in (seg / "report.md").read_text()
     # the table's first error is synth01's ML − HQ: the same ensemble segments the same scan to the same labels
     assert bic.errors[0] == pytest.approx(ml - hq["bic_percent"], abs=1e-9)
+
+
+def test_table3_shows_the_conformal_interval_of_the_ml_rows_and_names_its_calibration(tmp_path):
+    from analysis.table3 import table3, table3_latex, table3_markdown, write_table3
+
+    recs = [{"id": f"c{i}", "digest": "x", "hq": {m: 50.0 for m in MEASURES},
+             "ml": {m: 50.0 + 10.0 + d for m in MEASURES}} for i, d in enumerate(np.linspace(-2, 2, 9))]
+    cal = fit_calibration(recs, alpha=0.1)  # bias +10, errors ±2 around it: q = 2 (the 9th of 9 scores)
+    values = {"s1": {"HQ": {"dr_mm_per_year": 0.2, "bic_percent": 50.0, "bv_tv_percent": 40.0}, "WF": None,
+                     "ML": [{"dr_mm_per_year": 0.3, "bic_percent": 61.0, "bv_tv_percent": 52.0}],
+                     "folds": [0, 1, 2, 3], "days": 28.0, "methods": {"avr_9"}, "ensemble": [0, 1, 2, 3]}}
+    df = table3(values, calibration=cal)
+    md = table3_markdown(df)
+    assert "61.0 (+22.0%) ⟨49.0–53.0⟩" in md and "52.0 (+30.0%) ⟨40.0–44.0⟩" in md
+    assert "conformal interval (split conformal, α = 0.1 (90 % intervals), calibrated on 9 scans)" in md
+    assert r"61.0 (+22.0\%) $\langle$49.0--53.0$\rangle$" in table3_latex(df)
+    written = write_table3(df, tmp_path)
+    csv = next(p for p in written if p.suffix == ".csv").read_text()
+    assert "bic_percent_conf_lo" in csv.splitlines()[0]
