@@ -14,11 +14,19 @@ from data.synth_bone import bone_around_implant
 from data.synth_geometry import Box, ScrewGeometry, ball, place_screw, rasterise_screw, smooth_field
 from data.synth_imaging import ALLOYS, BEAMLINES, attenuation, detector, optics
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 BACKGROUND, BONE, DL, RM = 0, 1, 2, 3
 
-# Mean degradation depth in units of the screw's major radius after 28/56/84 days (interpolated).
-DEGRADATION_BY_DAYS = ((0.0, 0.0), (28.0, 0.08), (56.0, 0.12), (84.0, 0.16), (365.0, 0.4))
+# Mean degradation depth in units of the screw's major radius after 28/56/84 days (interpolated): fast at first,
+# slower once the degradation layer covers the implant (the rate, DR = depth / time, falls with time).
+DEGRADATION_BY_DAYS = ((0.0, 0.0), (28.0, 0.10), (56.0, 0.13), (84.0, 0.15), (365.0, 0.3))
+# Alloy factor of the depth: Mg-10Gd degrades slower than Mg-5Gd; and the spread between samples.
+ALLOY_DEGRADATION = {"Mg-5Gd": 1.1, "Mg-10Gd": 0.9}
+DEGRADATION_SPREAD = (0.8, 1.2)
+# Cracks run through the DL where a smooth field over it exceeds CRACKED (a quarter of it; v1: two thirds, whose
+# faces were half the implant surface at 64³ and kept BIC below 30 %); the DL detaches from the RM (a thin
+# interface gap) where another exceeds DETACHED.
+CRACKED, DETACHED = 0.7, 0.9
 # ------------------------------------------------------------------------------------------ result
 @dataclasses.dataclass
 class SyntheticExplant:
@@ -75,7 +83,7 @@ def degrade(rng: np.random.Generator, init: np.ndarray, d_in: np.ndarray, sd: np
     """Residual material (the initial screw eroded by a smooth, pitted depth) and the degradation layer from it
     to about the original surface, fragmented and cracked."""
     bshape = init.shape
-    deg = degradation_fraction(days) * (1.1 if alloy == "Mg-10Gd" else 1.0) * rng.uniform(0.85, 1.15)
+    deg = degradation_fraction(days) * ALLOY_DEGRADATION[alloy] * rng.uniform(*DEGRADATION_SPREAD)
     deg *= degradation_scale
     mean_depth = max(deg * r_major, 1.0)
     depth = 1.0 + 0.4 * smooth_field(rng, bshape, 0.30 * L) + 0.15 * smooth_field(rng, bshape, 0.08 * L)
@@ -91,10 +99,10 @@ def degrade(rng: np.random.Generator, init: np.ndarray, d_in: np.ndarray, sd: np
     dl &= ~missing
     g = smooth_field(rng, bshape, 0.09 * L, order=3)  # cracks: thin sheets around g = 0
     grad = np.sqrt(sum(np.square(np.gradient(g, axis=a)) for a in range(3)))
-    crack = dl & (np.abs(g) < max(0.5, 0.5 * s) * grad) & (smooth_field(rng, bshape, 0.2 * L) > -0.5)
+    crack = dl & (np.abs(g) < max(0.5, 0.5 * s) * grad) & (smooth_field(rng, bshape, 0.2 * L) > CRACKED)
     del g, grad
     touching_rm = ndimage.binary_dilation(rm) & dl  # DL detaching from the RM: thin interface gap
-    crack |= touching_rm & (smooth_field(rng, bshape, 0.15 * L) > 0.6)
+    crack |= touching_rm & (smooth_field(rng, bshape, 0.15 * L) > DETACHED)
     dl &= ~crack
     dl_tone = 0.5 + 0.25 * smooth_field(rng, bshape, 0.12 * L) + 0.06 * smooth_field(rng, bshape, 0.03 * L + 1)
     np.clip(dl_tone, 0.1, 1.1, out=dl_tone)  # grey of the DL: 0 = bone's, 1 = RM's
@@ -159,7 +167,8 @@ def generate_explant(shape: tp.Union[int, tp.Sequence[int]] = 128, seed: tp.Unio
     box, init, d_in, sd = rasterise_screw(screw, shape, L)
     implant = degrade(rng, init, d_in, sd, L, s, screw.r_major, days=days, alloy=alloy,
                       degradation_scale=degradation_scale)
-    bone, bubbles = bone_around_implant(rng, shape, L, box, init, sd, implant.swell)
+    bone, bubbles = bone_around_implant(rng, shape, L, box, init, sd, implant.swell, screw,
+                                         implant.rm | implant.dl | implant.crack)
     del d_in, sd
     label_hq, label_wf = labels(shape, box, bone, implant, s)
     mu = attenuation(rng, style, alloy, shape, L, s, box.slices, bone, bubbles, implant.crack, implant.dl,
