@@ -116,12 +116,8 @@ def _sync_outage_endings(rec, checkpoints: Path, uri: str) -> None:
 
 def _close_sweep_run(uri: str, rec, code: int) -> None:
     """The sweep's MLflow run ends FINISHED or FAILED once nothing is alive (once)."""
-    from mlflow.tracking import MlflowClient
-
-    want = "FINISHED" if code == EXIT_FINISHED else "FAILED"
     try:
-        if MlflowClient(uri).get_run(rec.mlflow_run_id).info.status != want:
-            tracking.end_run(uri, rec.mlflow_run_id, want)
+        sweep_record.close_mlflow(uri, rec, "FINISHED" if code == EXIT_FINISHED else "FAILED")
     except Exception as exc:  # the status itself is printed; the sweep run is bookkeeping
         print(f"warning: could not close the sweep's MLflow run: {exc}", file=sys.stderr)
 

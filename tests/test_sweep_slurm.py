@@ -83,6 +83,9 @@ def test_compound_subset_is_one_array_of_4_gpu_jobs_and_resumes_only_what_is_mis
     assert len(parents) == 2 and {p.data.tags["n_folds"] for p in parents} == {"4"}
     assert all("mean_iou" in p.data.metrics and "mean_iou_se" in p.data.metrics for p in parents)
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {p.info.run_id for p in parents}
+    # A sweep that waited for its runs ends its own MLflow run (it stayed RUNNING until sweep.status: issue 29's chaos run)
+    sweeps = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("is_sweep") == "true"]
+    assert [r.info.status for r in sweeps] == ["FINISHED"]
 
     # The grid grows by one input size: only its 4 runs are queued. Where a run trains (train.cpu_replicas) is not
     # part of its config key: one replica here, so the 8 FINISHED runs still count and the new 4 train faster.

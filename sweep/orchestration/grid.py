@@ -249,7 +249,12 @@ def _on_slurm(launcher: SlurmArrayLauncher, config: DictConfig, prepared: Prepar
             results[dup.idx] = (dup, _not_waited(dup, "duplicate"))
         return [results[i][1] for i in sorted(results)]
     _wait_for_live(left, prepared, rec.experiment, results, failed, launcher.poll_interval_s)
-    return _finish(prepared, results, failed, parent_runs)
+    returns = _finish(prepared, results, failed, parent_runs)
+    try:  # it waited for every run: its MLflow run ends here, as sweep.status would end it (it stayed RUNNING)
+        sweep_record.close_mlflow(prepared.tracking_uri, state["rec"], "FAILED" if failed else "FINISHED")
+    except Exception as exc:  # bookkeeping: the runs themselves are recorded
+        log.warning("could not close the sweep's MLflow run: %s", exc)
+    return returns
 
 
 def _not_waited(job: Job, note: str) -> JobReturn:

@@ -167,6 +167,14 @@ def sync_mlflow(uri: str, rec: SweepRecord, *, status: tp.Optional[str] = None) 
     return run_id
 
 
+def close_mlflow(uri: str, rec: SweepRecord, status: str) -> None:
+    """End the sweep's MLflow run with ``status`` once nothing of it is alive (a no-op when it already has it)."""
+    from mlflow.tracking import MlflowClient
+
+    if rec.mlflow_run_id and MlflowClient(uri).get_run(rec.mlflow_run_id).info.status != status:
+        tracking.end_run(uri, rec.mlflow_run_id, status)
+
+
 def live_pairs(work: tp.Union[str, Path], experiment: str, ckpt_dirs: tp.Mapping[Pair, Path], *,
                leases: bool = True) -> dict[Pair, str]:
     """Pairs among ``ckpt_dirs`` that a live SLURM job holds: a pending/running/requeued task of any array
