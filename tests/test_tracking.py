@@ -41,6 +41,12 @@ def test_ensure_experiment_idempotent_and_race_free(mlflow_server):
     client = MlflowClient(uri)
     assert client.get_experiment(ids[0]).name == raced
     assert [e.name for e in client.search_experiments(filter_string=f"name = '{raced}'")] == [raced]
+    # MLflow 3's UI opens the runs table (not its GenAI view) for experiments of this kind; an older one gets the tag
+    assert client.get_experiment(ids[0]).tags["mlflow.experimentKind"] == "custom_model_development"
+    old = client.create_experiment(unique("old"))
+    assert "mlflow.experimentKind" not in client.get_experiment(old).tags
+    tracking.ensure_experiment(uri, client.get_experiment(old).name)
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_ensure_experiment_lost_creation_race_rereads(mlflow_server, monkeypatch):

@@ -128,6 +128,10 @@ def _default_artifact_location(uri: str) -> str | None:
     return None
 
 
+# MLflow 3's UI opens an experiment by this tag: without it, on its GenAI view (traces), not on the runs table.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def check_store_exists(uri: str, field: str = "mlflow.tracking_uri") -> None:
     """A store that is read (never written) must exist: MLflow would create an empty sqlite file and find nothing.
     Raises TrackingError naming ``field``; a server must answer (:func:`check_tracking_uri`)."""
@@ -161,7 +165,7 @@ def ensure_experiment(uri: str, name: str, *, artifact_location: str | None = No
         exp = client.get_experiment_by_name(name)
         if exp is None:
             try:
-                return client.create_experiment(name, artifact_location=location)
+                return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
             except MlflowException as e:
                 if getattr(e, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
                     raise
@@ -172,6 +176,9 @@ def ensure_experiment(uri: str, name: str, *, artifact_location: str | None = No
         if exp.lifecycle_stage != "active":
             raise TrackingError(f"MLflow at {red}: experiment {name!r} (id {exp.experiment_id}) is "
                                 f"{exp.lifecycle_stage}; restore it or choose another name")
+        for k, v in EXPERIMENT_TAGS.items():  # experiments made before the tag existed
+            if exp.tags.get(k) != v:
+                client.set_experiment_tag(exp.experiment_id, k, v)
         return exp.experiment_id
 
     return _retry(get_or_create, f"get-or-create experiment {name!r}", uri, retries, backoff_s)
