@@ -13,6 +13,10 @@ from __future__ import annotations
 import importlib
 import typing as tp
 
+from model.quiet import quiet_tensorflow_logs
+
+quiet_tensorflow_logs()  # before any submodule imports TensorFlow
+
 from model.complexity import count_flops, count_params, paper_receptive_field, receptive_field
 from model.validation import check_input_size
 

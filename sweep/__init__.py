@@ -4,6 +4,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from model.quiet import quiet_tensorflow_logs
+
+quiet_tensorflow_logs()  # before a job imports TensorFlow: no CUDA error lines on a machine without GPUs
+
 # conf/ uses ${abspath:...} so every process of a sweep (local workers, SLURM jobs) sees the same folders.
 if not OmegaConf.has_resolver("abspath"):
     OmegaConf.register_new_resolver("abspath", lambda p: str(Path(str(p)).expanduser().resolve()))

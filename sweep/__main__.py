@@ -7,7 +7,6 @@ import os
 import sys
 import typing as tp
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # MLflow's HTTP layer retries for minutes on its own; ours (sweep.tracking) retries and then fails loudly.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")

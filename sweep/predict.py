@@ -23,7 +23,6 @@ import time
 import typing as tp
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import hydra
 from hydra.core.hydra_config import HydraConfig

@@ -6,7 +6,9 @@ import os
 import typing as tp
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from model.quiet import quiet_tensorflow_logs  # noqa: E402
+
+quiet_tensorflow_logs()  # as every entry point: no CUDA error lines on this GPU-less machine
 
 import h5py
 import numpy as np
@@ -77,3 +79,11 @@ def tree_snapshot(root: Path) -> dict[str, tuple[int, int]]:
 
 
 from tests.mlflow_server import mlflow_server  # noqa: E402,F401  (a real server, started once per session)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test`: -n 2 --dist loadgroup) every test on the one local SLURM cluster runs in one
+    worker, one after another: they cancel leftover jobs and count the node's CPUs as their own."""
+    for item in items:
+        if "slurm_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
