@@ -206,6 +206,11 @@ def report_markdown(report: dict) -> str:
                    "docs/measures.md." if cal else
                    "No calibration table: the plane-disagreement interval is a worst case with no stated coverage "
                    "(python -m analysis calibrate makes one).")]
+    sg, mg = report.get("segmentation"), report.get("measures_grid")
+    if sg and mg:
+        lines += ["", f"Labels on the scan's grid: {sg['shape']} at {sg['voxel_size_um']} µm"
+                  + (" (resampled from the model's grid, nearest neighbour)" if sg["resampled_from_model_grid"] else "")
+                  + f"; measures computed on the model's grid, {mg['shape']} at {mg['voxel_size_um']} µm."]
     lines += ["", "| phase | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in report["seconds"].items()]
     t = report["seconds"]["total"]
@@ -216,6 +221,41 @@ def report_markdown(report: dict) -> str:
               f"{report['prepared']['voxel_size_um']} µm, clipped to [{report['prepared']['clip_low']:.4g}, "
               f"{report['prepared']['clip_high']:.4g}].", ""]
     return "\n".join(lines)
+
+
+def to_scan_grid(model_grid: Path, out: Path, scan_shape: tp.Sequence[int], model_vs: float, scan_vs: float,
+                slab_mb: int = 256) -> list[str]:
+    """Every 3D map of ``model_grid`` (labels, confidence, disagreement, plane and fold maps) written to ``out`` at the
+    scan's own shape and voxel size: nearest neighbour (labels keep their classes; voxel centres aligned as
+    data.prepare aligns them), slab by slab, so memory stays within about ``slab_mb`` whatever the scan. Returns the
+    names written."""
+    import h5py
+
+    from data.prepare import axis_map, resampled_slabs
+    from data.volume import VolumeRef, default_chunks
+
+    scan_shape = tuple(int(n) for n in scan_shape)
+    written = []
+    with h5py.File(model_grid, "r") as src, h5py.File(out, "w") as dst:
+        for k, v in src.attrs.items():
+            dst.attrs[k] = v
+        dst.attrs["voxel_size_um"] = float(scan_vs)
+        dst.attrs["grid"] = "scan"
+        for name, ds in src.items():
+            if not isinstance(ds, h5py.Dataset) or ds.ndim != 3:
+                continue
+            maps = [axis_map(m, n, model_vs, scan_vs) for m, n in zip(ds.shape, scan_shape)]
+            depth = max(1, min(scan_shape[0], (int(slab_mb) << 20) // max(1, 2 * ds.dtype.itemsize *
+                                                                                 scan_shape[1] * scan_shape[2])))
+            o = dst.create_dataset(name, shape=scan_shape, dtype=ds.dtype, chunks=default_chunks(scan_shape),
+                                   compression=ds.compression, compression_opts=ds.compression_opts)
+            for k, v in ds.attrs.items():
+                o.attrs[k] = v
+            ref = VolumeRef(Path(model_grid), f"/{name}")
+            for zs, block in resampled_slabs(ds, ref, maps, depth, nearest=True, field=name):
+                o[zs] = block
+            written.append(name)
+    return written
 
 
 def calibration_table(choice: str, specs: tp.Sequence[str], tracking_uri: tp.Optional[str]
@@ -267,7 +307,8 @@ def segment_scan(scan: VolumeRef, specs: tp.Sequence[str], out: Path, *, voxel_s
                  tracking_uri: tp.Optional[str] = None, overwrite: bool = False,
                  batch_size: tp.Union[int, str] = "auto", workers: tp.Optional[int] = None,
                  keep_prepared: bool = False, progress: bool = True, slab_mb: int = 256, ome_zarr: bool = False,
-                 fuse_on: str = "auto", precision: str = "auto", calibration: str = "auto") -> dict:
+                 fuse_on: str = "auto", precision: str = "auto", calibration: str = "auto",
+                 keep_model_grid: bool = False) -> dict:
     """The whole command as a function; returns the report (also ``out/report.json``).
 
     ``calibration``: a calibration table (``python -m analysis calibrate``) for conformal measure intervals: a
@@ -305,7 +346,8 @@ def segment_scan(scan: VolumeRef, specs: tp.Sequence[str], out: Path, *, voxel_s
         seconds["prepare"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         times = PhaseTimes()
-        seg = tmp / "segmentation.h5"
+        on_scan_grid = tuple(prepared.shape_out) != tuple(prepared.shape_in) or model_vs != scan_vs
+        seg = tmp / ("segmentation_model_grid.h5" if on_scan_grid else "segmentation.h5")
         plan: dict = {}
         # The OME-Zarr store (the scan and its labels for napari / Fiji) is a second output of the same fused volume.
         run_prediction(list(specs), prepared.sample.image, seg, model=(models, model_id), planes=planes, vote=vote,
@@ -329,6 +371,12 @@ def segment_scan(scan: VolumeRef, specs: tp.Sequence[str], out: Path, *, voxel_s
         segmentation_overview(prepared.sample.image, seg, tmp / "overview.png",
                               title=f"{name}: {planes} planes, {len(models)} model(s)")
         seconds["picture"] = time.perf_counter() - t0
+        if on_scan_grid:  # labels and maps back on the scan's own grid: they overlay the user's scan in any viewer
+            t0 = time.perf_counter()
+            to_scan_grid(seg, tmp / "segmentation.h5", prepared.shape_in, model_vs, scan_vs, slab_mb)
+            if not keep_model_grid:
+                seg.unlink()
+            seconds["to scan grid"] = time.perf_counter() - t0
         if not keep_prepared:
             (tmp / f"{name}.h5").unlink()
         else:
@@ -344,6 +392,10 @@ def segment_scan(scan: VolumeRef, specs: tp.Sequence[str], out: Path, *, voxel_s
             "models": {"specs": [_home_free(s) for s in specs], "identity": _home_free(model_id)},
             "prediction": {"planes": planes, "vote": vote, "fold_vote": fold_vote, **plan,
                            "phase_seconds": {k: round(v, 3) for k, v in times.seconds.items()}},
+            "segmentation": {"file": "segmentation.h5", "grid": "scan", "shape": list(prepared.shape_in),
+                             "voxel_size_um": scan_vs, "resampled_from_model_grid": bool(on_scan_grid),
+                             "model_grid_kept": bool(on_scan_grid and keep_model_grid)},
+            "measures_grid": {"grid": "model", "shape": list(prepared.shape_out), "voxel_size_um": model_vs},
             "measures": {k: _finite(v) for k, v in measures.items()},
             "intervals": {k: [_finite(lo), _finite(hi)] for k, (lo, hi) in intervals.items()},
             "interval_kind": "plane_disagreement",
@@ -380,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"), help="for runs:/ and models:/")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out folder")
     ap.add_argument("--keep-prepared", action="store_true", help="keep the preprocessed scan (prepared.h5)")
+    ap.add_argument("--keep-model-grid", action="store_true",
+                    help="also keep the labels on the model's grid (segmentation_model_grid.h5); segmentation.h5 is "
+                         "always on the scan's own shape and voxel size")
     ap.add_argument("--ome-zarr", action="store_true",
                     help="also write segmentation.zarr: the prepared scan with labels/, probabilities, uncertainty "
                          "(OME-Zarr for napari, Fiji)")
@@ -411,7 +466,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
                               tracking_uri=args.tracking_uri, overwrite=args.overwrite, batch_size=args.batch_size,
                               workers=args.workers, keep_prepared=args.keep_prepared, progress=not args.no_progress,
                               ome_zarr=args.ome_zarr, fuse_on=args.fuse_on, precision=args.precision,
-                              calibration=args.calibration)
+                              calibration=args.calibration, keep_model_grid=args.keep_model_grid)
     except (SegmentError, PredictError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -41,18 +41,22 @@ def test_a_raw_scan_becomes_labels_measures_a_picture_and_a_report(raw, tmp_path
     out = tmp_path / "scan1"
     rc, text = run(capsys, raw / "scan.h5", "--model", raw / "oracle.keras", "--model-voxel-size", 5, "--out", out,
                    "--roi-um", 20, "--initial-volume-mm3", 1e-4, "--initial-surface-mm2", 1e-2, "--days", 30,
-                   "--ome-zarr")
+                   "--ome-zarr", "--keep-model-grid")
     assert rc == 0, text
     assert sorted(p.name for p in out.iterdir()) == ["overview.png", "report.json", "report.md", "segmentation.h5",
-                                                     "segmentation.zarr"]
+                                                     "segmentation.zarr", "segmentation_model_grid.h5"]
     report = json.loads((out / "report.json").read_text())
     assert report["scan"]["voxel_size_um"] == 2.5 and report["scan"]["voxel_size_from"] == "scan metadata"
     assert len(report["scan"]["digest"]) == 12 and "keras" in report["environment"]
     assert report["prepared"]["shape"] == [16, 14, 18] and report["prepared"]["voxel_size_um"] == 5.0
     assert (report["prepared"]["clip_low"], report["prepared"]["clip_high"]) == pytest.approx((500, 3500), abs=1)
-    with h5py.File(out / "segmentation.h5", "r") as f:
+    with h5py.File(out / "segmentation_model_grid.h5", "r") as f:
         labels = f["labels"][...]
         assert {"disagreement", "plane_classes", "confidence"} <= set(f)
+    with h5py.File(out / "segmentation.h5", "r") as f:  # the labels and maps back on the scan's own grid
+        assert f.attrs["voxel_size_um"] == 2.5 and f.attrs["grid"] == "scan"
+        assert all(f[k].shape == RAW_SHAPE for k in ("labels", "disagreement", "plane_classes", "confidence"))
+        assert (f["labels"][...] == phantom(RAW_SHAPE)).mean() > 0.85
     # The prepared grid's voxel centres fall on source voxels 2o + 0.5: the label there (nearest) is the truth.
     truth = phantom(RAW_SHAPE)[1::2, 1::2, 1::2]
     assert labels.shape == truth.shape and (labels == truth).mean() > 0.95
@@ -61,7 +65,9 @@ def test_a_raw_scan_becomes_labels_measures_a_picture_and_a_report(raw, tmp_path
     for key in ("dr_mm_per_year", "bic_percent", "bv_tv_percent"):
         lo, hi = report["intervals"][key]
         assert lo <= m[key] <= hi
-    assert set(report["seconds"]) == {"check and load", "prepare", "predict", "measures", "picture", "total"}
+    assert set(report["seconds"]) == {"check and load", "prepare", "predict", "measures", "picture", "to scan grid",
+                                      "total"}
+    assert report["segmentation"]["shape"] == list(RAW_SHAPE) and report["measures_grid"]["voxel_size_um"] == 5.0
     # Fused in RAM (this CPU has no accelerator): the plan before the first slice is in the report.
     assert report["prediction"]["fuse_on"] == "host" and report["prediction"]["estimate_bytes"]["total"] > 0
     assert "Fused on host: needs ~" in (out / "report.md").read_text()
@@ -133,3 +139,26 @@ def test_the_voxel_size_is_read_from_tiff_hdf5_and_ome_zarr_metadata(tmp_path):
             {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [scale] * 3}]}]}]
         got = scan_voxel_size_um(VolumeRef(store, "0"))
         assert got == (None if want is None else pytest.approx(want))
+
+
+def test_a_scan_at_4_um_comes_back_at_4_um_in_its_own_shape(tmp_path, raw, capsys):
+    """Issue 32: an 80³-like scan at 4 µm was segmented into a 5 µm label volume of another shape, which overlays
+    nothing in a viewer; now segmentation.h5 has the scan's shape and voxel size and overlaps its exact labels."""
+    shape = (40, 35, 45)  # at 4 µm: 32 × 28 × 36 at the model's 5 µm
+    lab = phantom(shape)
+    with h5py.File(tmp_path / "scan4.h5", "w") as f:
+        f["image"] = (500 + 1000 * lab.astype(np.uint16)).astype(np.uint16)
+        f["image"].attrs["voxel_size_um"] = 4.0
+    out = tmp_path / "seg4"
+    rc, text = run(capsys, tmp_path / "scan4.h5", "--model", raw / "oracle.keras", "--model-voxel-size", 5,
+                   "--out", out, "--planes", "3")
+    assert rc == 0, text
+    assert not (out / "segmentation_model_grid.h5").exists()  # kept only on request
+    with h5py.File(out / "segmentation.h5", "r") as f:
+        assert f["labels"].shape == shape and f.attrs["voxel_size_um"] == 4.0
+        labels = f["labels"][...]
+    agree = (labels == lab).mean()
+    assert agree > 0.85, agree  # the phantom's edges move by up to half a model voxel (2.5 µm) through 5 µm
+    report = json.loads((out / "report.json").read_text())
+    assert report["prepared"]["shape"] == [32, 28, 36] and report["segmentation"]["voxel_size_um"] == 4.0
+    assert "Labels on the scan's grid: [40, 35, 45] at 4.0 µm" in (out / "report.md").read_text()
