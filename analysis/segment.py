@@ -50,6 +50,8 @@ from model.streaming import PhaseTimes
 log = logging.getLogger(__name__)
 
 MODEL_VOXEL_PARAM = "data.prepare.voxel_size_um"  # the training run's param (conf/data/*.yaml)
+PREPROCESSING_VOXEL_PARAM = "preprocessing.voxel_size_um"  # what data.prepare wrote in the training data
+CLIP_PARAMS = ("preprocessing.clip_low_percentile", "preprocessing.clip_high_percentile")
 PAPER_MINUTES_PER_SAMPLE = 20.0  # paper: a new scan segmented in ~20 min instead of days by hand
 MEASURES = (("dr_mm_per_year", "DR (mm/year)"), ("bic_percent", "BIC (%)"), ("bv_tv_percent", "BV/TV (%)"))
 
@@ -73,24 +75,48 @@ def scan_voxel_size(ref: VolumeRef, given: tp.Optional[float]) -> tuple[float, s
 
 def model_voxel_size(specs: tp.Sequence[str], given: tp.Optional[float], tracking_uri: tp.Optional[str]
                      ) -> tuple[float, str]:
-    """The voxel size the models were trained at: ``--model-voxel-size`` or their MLflow training runs' param."""
+    """The voxel size the models were trained at: ``--model-voxel-size`` or their MLflow training runs' params (what
+    data.prepare recorded in the training data, ``preprocessing.voxel_size_um``; older runs: the config's)."""
     if given is not None:
         if not (given > 0 and math.isfinite(given)):
             raise SegmentError(f"--model-voxel-size: must be a positive number of µm, got {given}")
         return float(given), "--model-voxel-size"
     found: set[float] = set()
+    used = MODEL_VOXEL_PARAM
     for spec in specs:
         if not spec.startswith(("runs:/", "models:/")):
             raise SegmentError(f"--model-voxel-size: {spec} does not say the voxel size it was trained at; give the "
                                "voxel size of its training data (the paper's: 5.0)")
         for params in _training_params(spec, tracking_uri):
-            if MODEL_VOXEL_PARAM not in params:
+            key = next((k for k in (PREPROCESSING_VOXEL_PARAM, MODEL_VOXEL_PARAM) if k in params), None)
+            if key is None:
                 raise SegmentError(f"--model-voxel-size: the training run of {spec} has no param {MODEL_VOXEL_PARAM}; "
                                    "give the voxel size of its training data")
-            found.add(float(params[MODEL_VOXEL_PARAM]))
+            found.add(float(params[key]))
+            used = key
     if len(found) != 1:
         raise SegmentError(f"--model: the models were trained at different voxel sizes {sorted(found)} µm")
-    return found.pop(), f"MLflow param {MODEL_VOXEL_PARAM}"
+    return found.pop(), f"MLflow param {used}"
+
+
+def training_clip_percentiles(specs: tp.Sequence[str], given: tp.Optional[tp.Sequence[float]],
+                              tracking_uri: tp.Optional[str]) -> tuple[tuple[float, float], str]:
+    """The grey-value clip percentiles to apply: ``--clip-percentiles``, else those data.prepare used on the models'
+    training data (MLflow params ``preprocessing.clip_*_percentile``), else the paper's 0.5 / 99.9."""
+    if given is not None:
+        return (float(given[0]), float(given[1])), "--clip-percentiles"
+    found: set[tuple[float, float]] = set()
+    for spec in specs:
+        if not spec.startswith(("runs:/", "models:/")):
+            return tuple(PAPER_CLIP_PERCENTILES), "the paper's default (a .keras file does not record its preprocessing)"
+        for params in _training_params(spec, tracking_uri):
+            if CLIP_PARAMS[0] not in params or CLIP_PARAMS[1] not in params:
+                return tuple(PAPER_CLIP_PERCENTILES), "the paper's default (the training run did not record them)"
+            found.add((float(params[CLIP_PARAMS[0]]), float(params[CLIP_PARAMS[1]])))
+    if len(found) != 1:
+        raise SegmentError(f"--clip-percentiles: the models' training data were clipped differently {sorted(found)}; "
+                           "give the percentiles")
+    return found.pop(), "the training run's preprocessing (MLflow params preprocessing.clip_*_percentile)"
 
 
 def _training_params(spec: str, tracking_uri: tp.Optional[str]) -> list[dict]:
@@ -127,12 +153,13 @@ def check_out_dir(out: Path, scan: VolumeRef, overwrite: bool) -> None:
         raise SegmentError(f"--out: {out} holds the scan {scan.path}; give another folder")
 
 
-def check_options(*, clip_percentiles: tp.Sequence[float], roi_um: float, initial_volume_mm3: tp.Optional[float],
+def check_options(*, clip_percentiles: tp.Optional[tp.Sequence[float]], roi_um: float,
+                  initial_volume_mm3: tp.Optional[float],
                   initial_surface_mm2: tp.Optional[float], days: tp.Optional[float], batch_size, workers) -> None:
     """Every number option, before the scan is read (they were checked only after 9 planes were predicted)."""
     from model.predict import parse_batch_size
 
-    lo, hi = (float(v) for v in clip_percentiles)
+    lo, hi = (float(v) for v in (clip_percentiles if clip_percentiles is not None else PAPER_CLIP_PERCENTILES))
     if not 0 <= lo < hi <= 100:
         raise SegmentError(f"--clip-percentiles: need 0 <= LOW < HIGH <= 100, got {lo:g} {hi:g}")
     if not (math.isfinite(roi_um) and roi_um > 0):
@@ -218,8 +245,10 @@ def report_markdown(report: dict) -> str:
                   "its GPUs).", "",
               f"Scan: shape {report['scan']['shape']} at {report['scan']['voxel_size_um']} µm "
               f"({report['scan']['voxel_size_from']}), resampled to {report['prepared']['shape']} at "
-              f"{report['prepared']['voxel_size_um']} µm, clipped to [{report['prepared']['clip_low']:.4g}, "
-              f"{report['prepared']['clip_high']:.4g}].", ""]
+              f"{report['prepared']['voxel_size_um']} µm ({report['prepared']['voxel_size_from']}), clipped to the "
+              f"{' / '.join(f'{p:g}' for p in report['prepared']['clip_percentiles'])} % percentiles, "
+              f"[{report['prepared']['clip_low']:.4g}, {report['prepared']['clip_high']:.4g}] "
+              f"({report['prepared'].get('clip_percentiles_from', '')}), scaled to [0, 1].", ""]
     return "\n".join(lines)
 
 
@@ -301,7 +330,7 @@ def conformal_report(cal, source: str, measures: tp.Mapping[str, float]) -> dict
 
 def segment_scan(scan: VolumeRef, specs: tp.Sequence[str], out: Path, *, voxel_size_um: tp.Optional[float] = None,
                  model_voxel_size_um: tp.Optional[float] = None, planes: str = "9", vote: str = "soft",
-                 fold_vote: str = "soft", clip_percentiles: tp.Sequence[float] = PAPER_CLIP_PERCENTILES,
+                 fold_vote: str = "soft", clip_percentiles: tp.Optional[tp.Sequence[float]] = None,
                  roi_um: float = 100.0, initial_volume_mm3: tp.Optional[float] = None,
                  initial_surface_mm2: tp.Optional[float] = None, days: tp.Optional[float] = None,
                  tracking_uri: tp.Optional[str] = None, overwrite: bool = False,
@@ -328,6 +357,7 @@ def segment_scan(scan: VolumeRef, specs: tp.Sequence[str], out: Path, *, voxel_s
     scan_vs, scan_vs_from = scan_voxel_size(scan, voxel_size_um)
     check_model_store(specs, tracking_uri)
     model_vs, model_vs_from = model_voxel_size(specs, model_voxel_size_um, tracking_uri)
+    clip_percentiles, clip_from = training_clip_percentiles(specs, clip_percentiles, tracking_uri)
     cal, cal_from = calibration_table(calibration, specs, tracking_uri)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -387,7 +417,8 @@ def segment_scan(scan: VolumeRef, specs: tp.Sequence[str], out: Path, *, voxel_s
                      "shape": list(prepared.shape_in),
                      "voxel_size_um": scan_vs, "voxel_size_from": scan_vs_from, "dtype": str(stats.dtype)},
             "prepared": {"shape": list(prepared.shape_out), "voxel_size_um": model_vs, "voxel_size_from": model_vs_from,
-                         "clip_percentiles": list(clip_percentiles), "clip_low": prepared.clip_low,
+                         "clip_percentiles": list(clip_percentiles), "clip_percentiles_from": clip_from,
+                         "clip_low": prepared.clip_low,
                          "clip_high": prepared.clip_high, "kept": bool(keep_prepared)},
             "models": {"specs": [_home_free(s) for s in specs], "identity": _home_free(model_id)},
             "prediction": {"planes": planes, "vote": vote, "fold_vote": fold_vote, **plan,
@@ -423,8 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--planes", default="9", choices=list(PLANE_SETS), help="slicing planes (default: 9)")
     ap.add_argument("--vote", default="soft", choices=VOTES, help="over planes: soft (Eq. 4) or majority (Eq. 5)")
     ap.add_argument("--fold-vote", default="soft", choices=FOLD_VOTES, help="over the models of an ensemble")
-    ap.add_argument("--clip-percentiles", type=float, nargs=2, default=list(PAPER_CLIP_PERCENTILES),
-                    metavar=("LOW", "HIGH"), help="grey-value clip percentiles (default: the paper's 0.5 99.9)")
+    ap.add_argument("--clip-percentiles", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                    help="grey-value clip percentiles (default: those of the models' training data, recorded in their "
+                         "MLflow runs; else the paper's 0.5 99.9)")
     ap.add_argument("--roi-um", type=float, default=100.0, help="BV/TV region's reach from the implant in µm")
     ap.add_argument("--initial-volume-mm3", type=float, help="DR: initial screw volume v_i")
     ap.add_argument("--initial-surface-mm2", type=float, help="DR: initial screw surface a_i")

@@ -165,6 +165,31 @@ def clip_and_scale(block: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
 
 
+PREPROCESSING_PARAMS = ("preprocessing.voxel_size_um", "preprocessing.clip_low_percentile",
+                        "preprocessing.clip_high_percentile", "preprocessing.scaling")
+
+
+def dataset_preprocessing(samples: tp.Sequence[Sample]) -> dict[str, tp.Any]:
+    """What data.prepare did to these samples, read from their images' attributes (not from a config that may
+    describe another dataset): voxel size, clip percentiles, scaling; {} for a dataset data.prepare did not write.
+    The training run records it (MLflow params ``preprocessing.*``) and analysis.segment applies it to a new scan."""
+    found: set[tuple] = set()
+    for s in samples:
+        try:
+            with h5py.File(s.image.path, "r") as f:
+                a = f.attrs
+                if PREPARED_MARKER not in a or "clip_percentiles" not in a:
+                    return {}
+                lo, hi = (float(x) for x in a["clip_percentiles"])
+                found.add((float(a["voxel_size_um"]), lo, hi))
+        except (OSError, KeyError, ValueError, TypeError):
+            return {}
+    if len(found) != 1:
+        return {}
+    vs, lo, hi = found.pop()
+    return dict(zip(PREPROCESSING_PARAMS, (vs, lo, hi, "clip to the percentiles, then linear to [0, 1]")))
+
+
 def slab_depth_for(shape_in: tp.Sequence[int], shape_out: tp.Sequence[int], slab_bytes: int) -> int:
     """Output slices per slab so that the source slices it reads and the float32 copies fit ``slab_bytes``."""
     src_per_out = max(1.0, shape_in[0] / shape_out[0]) + 1.0

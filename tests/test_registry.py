@@ -57,6 +57,8 @@ def make_fold_runs(uri: str, experiment: str, models: tp.Sequence[Path]) -> dict
             client.log_metric(rid, "params", 123456)
             client.log_param(rid, "model.width", 32)
             client.log_param(rid, "data.prepare.voxel_size_um", 5.0)
+            client.log_param(rid, "preprocessing.clip_low_percentile", 2.0)  # what data.prepare recorded (train.py)
+            client.log_param(rid, "preprocessing.clip_high_percentile", 98.0)
             client.log_artifact(rid, str(models[fold]), "model")
             client.set_terminated(rid, status or ("FINISHED" if fold < 3 else "FAILED"))
             ids.setdefault(key, []).append(rid)
@@ -246,6 +248,9 @@ def test_a_raw_scan_is_segmented_by_the_registered_ensemble_at_its_training_voxe
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["prepared"]["voxel_size_um"] == 5.0 and report["prepared"]["shape"] == [12, 16, 16]
     assert report["prepared"]["voxel_size_from"] == "MLflow param data.prepare.voxel_size_um"
+    # the training data's clip percentiles, not the command line's default (issue 32)
+    assert report["prepared"]["clip_percentiles"] == [2.0, 98.0]
+    assert "training run's preprocessing" in report["prepared"]["clip_percentiles_from"]
     assert report["models"]["identity"].count("fold") == 4 and report["prediction"]["fold_vote"] == "soft"
     with h5py.File(tmp_path / "out" / "segmentation.h5", "r") as f:
         assert "fold_disagreement" in f and f["fold_disagreement"][...].any()

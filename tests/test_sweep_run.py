@@ -43,7 +43,7 @@ def _runs(uri: str, experiment: str) -> list:
 def test_tiny_run_is_one_finished_mlflow_run_with_the_schema(tmp_path, mlflow_server):
     work = tmp_path / "work"
     proc = _sweep(work, f"mlflow.tracking_uri={mlflow_server.uri}", "mlflow.experiment=schema",
-                  "train.max_iters=4", "train.checkpoint_every=2", "fold=1")
+                  "train.max_iters=4", "train.checkpoint_every=2", "fold=1", "data.prepare.clip_percentiles=[1.0,99.0]")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     (run,) = _runs(mlflow_server.uri, "schema")
@@ -56,6 +56,9 @@ def test_tiny_run_is_one_finished_mlflow_run_with_the_schema(tmp_path, mlflow_se
     assert m["iterations"] == 4 and m["params"] > 0 and m["receptive_field"] == 44
     assert p["model.width"] == "32" and p["effective.width"] == "2" and p["fold"] == "1" and p["train.max_iters"] == "4"
     assert not any(str(Path.home()) in v for v in p.values() if str(Path.home()) != "/")
+    # What data.prepare did to the training data, read from the data (analysis.segment applies it to a new scan)
+    assert (p["preprocessing.voxel_size_um"], p["preprocessing.clip_low_percentile"],
+            p["preprocessing.clip_high_percentile"]) == ("5.0", "1.0", "99.0")
     assert t["fold"] == "1" and len(t["config_key"]) == 12 and t["git_commit"] and t["compute_dtype"] == "float32"
     assert t["replicas"] == "1" and t["device_kind"] == "CPU"  # read from the trained model's strategy
     client = MlflowClient(mlflow_server.uri)
@@ -90,7 +93,7 @@ def test_tiny_run_is_one_finished_mlflow_run_with_the_schema(tmp_path, mlflow_se
     assert len(models) == 1 and identity.startswith(f"models:/{logged.model_id}:")
     # The same command again finds the FINISHED run and trains nothing.
     again = _sweep(work, f"mlflow.tracking_uri={mlflow_server.uri}", "mlflow.experiment=schema",
-                   "train.max_iters=4", "train.checkpoint_every=2", "fold=1")
+                   "train.max_iters=4", "train.checkpoint_every=2", "fold=1", "data.prepare.clip_percentiles=[1.0,99.0]")
     out, _ = again.communicate(timeout=300)
     assert again.returncode == 0 and "already FINISHED" in out, out
     assert len(_runs(mlflow_server.uri, "schema")) == 1

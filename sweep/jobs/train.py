@@ -22,6 +22,7 @@ from data.errors import DataError
 from data.fingerprint import dataset_digest, samples_digest
 from data.folds import split_fold
 from data.manifest import MANIFEST_NAMES, load_dataset
+from data.prepare import dataset_preprocessing
 from model.complexity import (
     count_flops,
     count_params,
@@ -339,7 +340,7 @@ def _train(cfg: DictConfig, plan: RunPlan, experiment_id: str, train_samples, va
         run_id = recorder.start()
         plan.ckpt_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_id_file, run_id)
-        recorder.log_params(_params(cfg, plan))
+        recorder.log_params({**_params(cfg, plan), **dataset_preprocessing(dataset.samples)})
         recorder.log_dataset_inputs(dataset_inputs(dataset, plan, train_samples, val_samples))
         static = {"flops": plan.flops, "params": plan.params, "receptive_field": receptive_field(plan.depth),
                   "paper_receptive_field": paper_receptive_field(plan.depth),
