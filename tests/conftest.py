@@ -82,8 +82,9 @@ from tests.mlflow_server import mlflow_server  # noqa: E402,F401  (a real server
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`make test`: -n 2 --dist loadgroup) every test on the one local SLURM cluster runs in one
-    worker, one after another: they cancel leftover jobs and count the node's CPUs as their own."""
+    """Every test on the one local SLURM cluster is marked ``slurm``: `make test` runs them in their own pytest process,
+    one after another, beside a second process with the rest (tests/run_suites.py); they cancel leftover jobs and
+    count the node's CPUs as their own, so two of them must never run at once."""
     for item in items:
         if "slurm_cluster" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("slurm"))
+            item.add_marker(pytest.mark.slurm)

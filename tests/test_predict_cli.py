@@ -235,7 +235,7 @@ def test_sweep_predict_best_is_the_fold_ensemble_of_the_best_config(files, tmp_p
     none = subprocess.run([sys.executable, "-m", "sweep.predict", "model_uri=cccccccccccc",
                            f"volumes=[{files / 'vol.h5'}]", f"out_dir={tmp_path / 'x'}"], cwd=tmp_path,
                           env=dict(os.environ, SCALING_UNET_WORK=str(work)), capture_output=True, text=True, timeout=300)
-    assert none.returncode == 2 and "model_uri=cccccccccccc: no FINISHED fold run of config cccccccccccc" in none.stderr
+    assert none.returncode == 2 and "model_uri=cccccccccccc: no training run of config cccccccccccc" in none.stderr
 
 
 def test_a_plane_file_of_an_ensemble_keeps_the_fold_disagreement_on_the_original_grid(tmp_path):

@@ -20,7 +20,6 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
 from hydra_plugins.scaling_unet.hints import JobGroup, take_hints
-from model.quiet import quiet_tensorflow_logs
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +50,7 @@ def die_with_parent() -> None:
 
 def init_worker(threads: tp.Optional[int]) -> None:
     die_with_parent()
-    quiet_tensorflow_logs()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if threads:  # several TensorFlow processes on few cores: don't oversubscribe
         os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
         os.environ["TF_NUM_INTEROP_THREADS"] = "1"
