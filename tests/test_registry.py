@@ -254,3 +254,38 @@ def test_a_raw_scan_is_segmented_by_the_registered_ensemble_at_its_training_voxe
     assert report["models"]["identity"].count("fold") == 4 and report["prediction"]["fold_vote"] == "soft"
     with h5py.File(tmp_path / "out" / "segmentation.h5", "r") as f:
         assert "fold_disagreement" in f and f["fold_disagreement"][...].any()
+
+
+def test_a_calibration_logged_with_the_version_gives_segment_its_conformal_intervals(trained, registered, tmp_path,
+                                                                                    capsys):
+    """Issue 30: analysis calibrate logs calibration.json to the registered version's run; analysis.segment with
+    ``--calibration auto`` (the default) finds it there and reports its intervals and where they came from."""
+    import json
+
+    from analysis.__main__ import main as analysis_main
+    from analysis.calibration import Calibration
+    from analysis.segment import main as segment_main
+    from data.prepare import prepare_dataset
+    from tests.conftest import write_raw_dataset
+
+    write_raw_dataset(tmp_path / "raw", n_train=0, n_test=3, shape=(12, 16, 16))
+    prepare_dataset(tmp_path / "raw", tmp_path / "hq", voxel_size_um=5.0)
+    spec = f"models:/{registered}@best"
+    assert analysis_main(["calibrate", "--model", spec, "--tracking-uri", trained["uri"], "--scans",
+                          str(tmp_path / "hq"), "--alpha", "0.25", "--no-members",
+                          "--out", str(tmp_path / "cal.json")]) == 0
+    assert "logged calibration.json to run" in capsys.readouterr().out
+    cal = Calibration.read(tmp_path / "cal.json")
+    lab = phantom((12, 16, 16))
+    with h5py.File(tmp_path / "scan.h5", "w") as f:
+        f["image"] = (100 + 300 * lab.astype(np.uint16)).astype(np.uint16)
+        f["image"].attrs["voxel_size_um"] = 5.0
+    assert segment_main([str(tmp_path / "scan.h5"), "--model", spec, "--out", str(tmp_path / "out"),
+                         "--tracking-uri", trained["uri"], "--planes", "3", "--no-progress"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["calibration"]["source"] == f"the artifact calibration.json of {spec}"
+    assert report["calibration"]["scans"] == cal.n == 3 and report["calibration"]["alpha"] == 0.25
+    bic = report["measures"]["bic_percent"]
+    lo, hi = report["conformal_intervals"]["bic_percent"]
+    c = cal.measures["bic_percent"]
+    assert lo == pytest.approx(bic - c.bias - c.q_absolute) and hi == pytest.approx(bic - c.bias + c.q_absolute)
