@@ -241,8 +241,11 @@ def check_command(cmd: Command, env: dict[str, Path]) -> None:
         ns = parse_cli(main, cmd.args)
         if not getattr(ns, "sweep_id", None):  # the sweep's overrides: they must name a sweep that runs
             _check_sweep_cached(_substitute(ns.overrides, env))
-    elif cmd.module == "sweep.trials":
-        from sweep.trials import main
+    elif cmd.module in ("sweep.trials", "sweep.dashboard"):
+        if cmd.module == "sweep.trials":
+            from sweep.trials import main
+        else:
+            from sweep.dashboard import main
 
         ns = parse_cli(main, cmd.args)
         optuna = [c for c in cmd.previous if c.module == "sweep" and "+experiment=optuna" in c.args]
@@ -250,7 +253,7 @@ def check_command(cmd: Command, env: dict[str, Path]) -> None:
             jobs = _check_sweep_cached(_substitute(_sweep_args(optuna[-1].args), env))
             study = str(jobs[0].cfg.hydra.sweeper.study_name)
             assert Path(ns.folder).name == study, (
-                f"{cmd.where}: sweep.trials {ns.folder} but the Optuna command before it ({optuna[-1].where}) "
+                f"{cmd.where}: {cmd.module} {ns.folder} but the Optuna command before it ({optuna[-1].where}) "
                 f"names its study {study!r}")
     elif cmd.module == "sweep.predict":
         from hydra import compose, initialize_config_dir
