@@ -73,8 +73,7 @@ test: $(STAMP)
 	bash slurm/install.sh
 	bash slurm/start.sh > /dev/null
 	# SLURM tests fail (never skip) when the cluster cannot run: it was started just above.
-	# The SLURM tests (one after another) and the rest run as two pytest processes side by side: tests/run_suites.py.
-	SCALING_UNET_REQUIRE_SLURM=1 $(PY) tests/run_suites.py
+	SCALING_UNET_REQUIRE_SLURM=1 $(PY) -m pytest -q -p no:cacheprovider --durations=30 -rs
 
 bench: $(STAMP)
 	$(PY) benchmarks/input_pipeline.py

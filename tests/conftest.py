@@ -82,9 +82,9 @@ from tests.mlflow_server import mlflow_server  # noqa: E402,F401  (a real server
 
 
 def pytest_collection_modifyitems(config, items):
-    """Every test on the one local SLURM cluster is marked ``slurm``: `make test` runs them in their own pytest process,
-    one after another, beside a second process with the rest (tests/run_suites.py); they cancel leftover jobs and
-    count the node's CPUs as their own, so two of them must never run at once."""
+    """Every test on the one local SLURM cluster is marked ``slurm`` (``-m "not slurm"`` for a quick local run). They
+    cancel leftover jobs and count the node's CPUs as their own: two of them must never run at once (two pytest
+    processes side by side, or pytest-xdist, would break that; on 2 cores it gained nothing either, 2026-12-07)."""
     for item in items:
         if "slurm_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slurm)

@@ -41,6 +41,15 @@ def test_local_sweep_records_folds_and_parents_and_resumes(tmp_path):
         assert len(kids) == 2 and p.data.params["model.width"] == kids[0].data.params["model.width"]
         assert abs(p.data.metrics["mean_iou"] - sum(k.data.metrics["mean_iou"] for k in kids) / 2) < 1e-9
         assert p.info.start_time == min(k.info.start_time for k in kids)
+        # The collapsed runs table shows the best fold's Dataset and Models on the parent row (issue 32)
+        best = max(kids, key=lambda r: r.data.metrics["mean_iou"])
+        full = MlflowClient(f"sqlite:///{work}/mlflow.db").get_run(p.info.run_id)
+        assert p.data.tags["best_fold_run_id"] == best.info.run_id
+        assert {d.dataset.name for d in full.inputs.dataset_inputs} == \
+            {d.dataset.name for d in best.inputs.dataset_inputs} != set()
+        assert [o.model_id for o in full.outputs.model_outputs] == [o.model_id for o in
+                                                                   MlflowClient(f"sqlite:///{work}/mlflow.db")
+                                                                   .get_run(best.info.run_id).outputs.model_outputs]
     # Again with all 4 folds: only the 4 missing runs are trained; the parents are updated, not duplicated.
     res = _sweep(work, "+experiment=compound", "model.width=32,64", "model.input_size=384", "fold=0,1,2,3")
     assert res.returncode == 0, res.stderr[-3000:]

@@ -31,6 +31,23 @@ def parent_name(child_name: str) -> str:
     return re.sub(r"-fold\d+$", "", child_name or "config")
 
 
+def show_best_fold(uri: str, parent_id: str, kids: tp.Sequence[tp.Any]) -> None:
+    """The parent row of the runs table shows the best fold's Dataset and Models (its dataset inputs and its logged
+    model, linked as the parent's output), so a collapsed table is not a column of "-"; tag ``best_fold``."""
+    best = max(kids, key=lambda r: r.data.metrics.get("mean_iou", float("-inf")))
+    try:
+        client = tracking._client(uri)
+        full = client.get_run(best.info.run_id)
+        if full.inputs is not None and full.inputs.dataset_inputs:
+            client.log_inputs(parent_id, datasets=list(full.inputs.dataset_inputs))
+        if full.outputs is not None and full.outputs.model_outputs:
+            client.log_outputs(parent_id, models=list(full.outputs.model_outputs))
+        tracking.set_run_tags(uri, parent_id, {"best_fold": best.data.tags[tracking.TAG_FOLD],
+                                               "best_fold_run_id": best.info.run_id})
+    except Exception as exc:  # noqa: BLE001 - the UI's columns: the parent's metrics are what matters
+        log.warning("parent run %s: could not show the best fold's dataset and model: %s", parent_id, exc)
+
+
 def link_parent_runs(uri: str, experiment_id: str, config_keys: tp.Optional[tp.Iterable[str]] = None,
                      num_folds: int = 4) -> dict[str, str]:
     """Create or update the parent run of each config (all, or those in ``config_keys``); returns key → parent id."""
@@ -77,6 +94,7 @@ def link_parent_runs(uri: str, experiment_id: str, config_keys: tp.Optional[tp.I
                 metrics[m] = kids[0].data.metrics[m]
         metrics["n_folds"] = len(kids)
         rec.log_metrics(metrics)
+        show_best_fold(uri, parent_id, kids)
         for c in kids:
             if c.data.tags.get(PARENT_TAG) != parent_id:
                 tracking.set_run_tags(uri, c.info.run_id, {PARENT_TAG: parent_id})
