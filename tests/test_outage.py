@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import typing as tp
 from pathlib import Path
 
 import pytest
@@ -237,20 +238,28 @@ def _history(*iterations: int) -> list[dict]:
              "images_per_s": 5.0, "mean_iou": it / 1000} for it in iterations]
 
 
-def test_a_backfill_the_server_was_away_for_is_done_once_it_answers(tmp_path, sqlite_server):
-    """The requeued job resumes while the server is away: the points its killed attempt held in memory only reach the
-    server run at the first flush after the restart, not never."""
+def _resumed_during_outage(sqlite_server) -> tuple[str, tp.Any, Outbox]:
+    """A run whose killed attempt logged its first point only (stamped when it was made, as on_chunk does), resumed
+    while the server is away: its outbox owes the checkpoint's history (points 100, 200, 300)."""
     from sweep.jobs.train import _chunk_metrics
 
     uri = sqlite_server["handle"].uri
     rec = tracking.RunRecorder(uri, tracking.ensure_experiment(uri, "backfill"), run_name="r")
     rec.start()
     history = _history(100, 200, 300)
-    # The killed attempt logged its first point only, stamped when it was made (on_chunk does).
     rec.log_metrics(_chunk_metrics(history[0]), step=100, timestamp_ms=1_100_000)
     sqlite_server["handle"].stop()
     box = Outbox(rec, tolerance_s=3600, probe_every_s=0.0)
-    box.backfill_when_up(history, _chunk_metrics)  # the resume, during the outage
+    box.backfill_when_up(history, _chunk_metrics)
+    return uri, rec, box
+
+
+def test_a_backfill_the_server_was_away_for_is_done_once_it_answers(tmp_path, sqlite_server):
+    """The requeued job resumes while the server is away: the points its killed attempt held in memory only reach the
+    server run at the first flush after the restart, not never."""
+    from sweep.jobs.train import _chunk_metrics
+
+    uri, rec, box = _resumed_during_outage(sqlite_server)
     assert box.down and box.owed is not None
     (later,) = _history(400)
     box.log_metrics(_chunk_metrics(later), step=400, timestamp_ms=1_400_000)
@@ -264,18 +273,10 @@ def test_a_backfill_the_server_was_away_for_is_done_once_it_answers(tmp_path, sq
 def test_a_run_that_ends_before_its_backfill_brings_the_points_through_its_offline_store(tmp_path, sqlite_server):
     """The server stays away until the run ends: the offline store carries the whole history and the sync adds what
     the server run lacks, each point once."""
-    from sweep.jobs.train import _chunk_metrics
     from sweep.tracking.offline import SyncCounts, offline_uri, sync_store
     from sweep.tracking.outbox import OfflineEnding, end_offline
 
-    uri = sqlite_server["handle"].uri
-    rec = tracking.RunRecorder(uri, tracking.ensure_experiment(uri, "backfill"), run_name="r")
-    rec.start()
-    history = _history(100, 200, 300)
-    rec.log_metrics(_chunk_metrics(history[0]), step=100, timestamp_ms=1_100_000)
-    sqlite_server["handle"].stop()
-    box = Outbox(rec, tolerance_s=3600, probe_every_s=0.0)
-    box.backfill_when_up(history, _chunk_metrics)
+    uri, rec, box = _resumed_during_outage(sqlite_server)
     end_offline(box, offline_uri(tmp_path / "ck"), "backfill", "r", OfflineEnding({}, {}, [], []))
     _restart(sqlite_server, tmp_path)
     sync_store(tmp_path / "ck" / "mlflow" / "mlflow.db", uri, "backfill", SyncCounts())
