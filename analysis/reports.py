@@ -103,7 +103,8 @@ def table3_part(runs: Runs, out: tp.Union[str, Path], config_key: tp.Optional[st
     """Table 3 (CSV, Markdown, LaTeX) from the ``predictions.json`` artifacts of the config's fusing runs: ML from
     the fold-ensemble run when there is one (``ml_from``: auto, ensemble, folds), else from the per-fold runs."""
     from analysis.table2 import choose_config, describe_config
-    from analysis.table3 import ENSEMBLE, default_measures, ml_predictions, table3, table3_values, write_table3
+    from analysis.table3 import (ENSEMBLE, MEASURES_ARTIFACT, default_measures, log_measures_to_runs, ml_predictions,
+                                 table3, table3_values, write_table3)
 
     part = Part("Table 3")
     if runs.fusing is None:
@@ -139,6 +140,11 @@ def table3_part(runs: Runs, out: tp.Union[str, Path], config_key: tp.Optional[st
         part.notes += notes
         return part
     df = table3(values, calibration=calibration)
+    try:
+        logged = log_measures_to_runs(tracking_client(runs.tracking_uri), preds, df)
+        part.notes.append(f"measures with their intervals logged to {len(logged)} fusing run(s) as {MEASURES_ARTIFACT}")
+    except Exception as e:  # noqa: BLE001 - a read-only store still gets its tables
+        part.notes.append(f"could not log the measures to the fusing runs: {e}")
     methods = sorted({m for v in values.values() for m in v["methods"]} - {""}) or ["?"]
     desc = describe_config(runs.fusing, key)
     part.written += write_table3(df, out, roi_um=roi_um, method="/".join(methods), config=f"config {key}" + (f", {desc}" if desc else ""),

@@ -224,6 +224,49 @@ def table3(values: tp.Mapping[str, dict], *, expected_folds: tp.Sequence[int] = 
     return df
 
 
+MEASURES_ARTIFACT = "table3/measures.json"
+
+
+def run_measures(df: pd.DataFrame, samples: tp.Iterable[str]) -> dict[str, tp.Any]:
+    """Table 3's rows of ``samples`` as a JSON document: per sample and segmentation each measure with its
+    plane-disagreement interval (``plane``) and, with a calibration, its conformal interval (``conformal``)."""
+    keep = set(samples)
+    out: dict[str, tp.Any] = {"calibration": df.attrs.get("calibration"), "samples": {}}
+    for r in df[df["sample"].isin(keep)].to_dict("records"):
+        seg: dict[str, tp.Any] = {"ml_source": r["ml_source"] or None}
+        for key, _h, _f in MEASURES:
+            m = {"value": _finite(r[key]), "relative_to_hq_percent": _finite(r[f"{key}_rel_percent"])}
+            if r["segmentation"] == "ML":
+                m["plane"] = [_finite(r[f"{key}_lo"]), _finite(r[f"{key}_hi"])]
+                if f"{key}_conf_lo" in r:
+                    m["conformal"] = [_finite(r[f"{key}_conf_lo"]), _finite(r[f"{key}_conf_hi"])]
+            seg[key] = m
+        out["samples"].setdefault(r["sample"], {})[r["segmentation"]] = seg
+    return out
+
+
+def _finite(x: tp.Any) -> tp.Optional[float]:
+    return float(x) if x is not None and math.isfinite(float(x)) else None
+
+
+def log_measures_to_runs(client, predictions: tp.Mapping[tp.Union[int, str], dict], df: pd.DataFrame) -> list[str]:
+    """Item 4 of the measures' intervals: each fusing run whose prediction Table 3 measured gets its rows
+    (values, plane and conformal intervals, the calibration) as the artifact ``table3/measures.json``,
+    so the numbers and their intervals travel with the run. Returns the run ids written."""
+    written = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for doc in predictions.values():
+            run_id = doc.get("run_id")
+            if not run_id:
+                continue
+            path = Path(tmp) / run_id / "measures.json"
+            path.parent.mkdir()
+            path.write_text(json.dumps(run_measures(df, doc.get("samples", {})), indent=1) + "\n")
+            client.log_artifact(run_id, str(path), artifact_path=str(Path(MEASURES_ARTIFACT).parent))
+            written.append(run_id)
+    return written
+
+
 def ml_source(v: tp.Mapping[str, tp.Any]) -> str:
     """``ensemble`` if a sample's ML values are the fold ensemble's prediction, else ``folds``."""
     return ENSEMBLE if v.get("ensemble") else "folds"

@@ -27,6 +27,8 @@ DEGRADATION_SPREAD = (0.8, 1.2)
 # faces were half the implant surface at 64³ and kept BIC below 30 %); the DL detaches from the RM (a thin
 # interface gap) where another exceeds DETACHED.
 CRACKED, DETACHED = 0.7, 0.9
+# Grey of the DL between bone's (0) and the RM's (1): mean, spread of a smooth field, lowest value.
+DL_TONE = (0.5, 0.25, 0.1)
 # ------------------------------------------------------------------------------------------ result
 @dataclasses.dataclass
 class SyntheticExplant:
@@ -104,8 +106,9 @@ def degrade(rng: np.random.Generator, init: np.ndarray, d_in: np.ndarray, sd: np
     touching_rm = ndimage.binary_dilation(rm) & dl  # DL detaching from the RM: thin interface gap
     crack |= touching_rm & (smooth_field(rng, bshape, 0.15 * L) > DETACHED)
     dl &= ~crack
-    dl_tone = 0.5 + 0.25 * smooth_field(rng, bshape, 0.12 * L) + 0.06 * smooth_field(rng, bshape, 0.03 * L + 1)
-    np.clip(dl_tone, 0.1, 1.1, out=dl_tone)  # grey of the DL: 0 = bone's, 1 = RM's
+    tone, spread, lowest = DL_TONE
+    dl_tone = tone + spread * smooth_field(rng, bshape, 0.12 * L) + 0.06 * smooth_field(rng, bshape, 0.03 * L + 1)
+    np.clip(dl_tone, lowest, 1.1, out=dl_tone)  # grey of the DL: 0 = bone's, 1 = RM's
     return Implant(rm, dl, crack, dl_tone, swell)
 
 

@@ -403,6 +403,20 @@ def test_table3_real_measures_end_to_end(store, runs, tmp_path):
     for key in ("dr_mm_per_year", "bic_percent", "bv_tv_percent"):
         if hq[key]:
             assert wf[f"{key}_rel_percent"] == pytest.approx((wf[key] - hq[key]) / hq[key] * 100)
+    # the fusing runs it measured carry their rows, intervals included (issue 30 item 4)
+    import mlflow
+
+    client = mlflow.MlflowClient(store[0])
+    logged = [r for r in client.search_runs([client.get_experiment_by_name(runs.fusing_experiment).experiment_id])
+              if "table3" in {a.path for a in client.list_artifacts(r.info.run_id)}]
+    assert logged and any("logged to" in n for n in part.notes)
+    doc = json.loads(Path(client.download_artifacts(logged[0].info.run_id, "table3/measures.json",
+                                                    str(tmp_path))).read_text())
+    ml = csv[(csv["sample"] == "t01") & (csv.segmentation == "ML")].iloc[0]
+    got = doc["samples"]["t01"]
+    assert got["HQ"]["bic_percent"]["value"] == pytest.approx(hq["bic_percent"])
+    assert got["ML"]["bic_percent"]["value"] == pytest.approx(ml["bic_percent"])
+    assert len(got["ML"]["bic_percent"]["plane"]) == 2 and "conformal" not in got["ML"]["bic_percent"]
 
 
 # ----------------------------------------------------------------------------------------------- Pareto

@@ -116,7 +116,7 @@ def test_calibrate_fits_the_errors_of_each_scan_and_segment_centres_its_interval
 
 
 def test_table3_shows_the_conformal_interval_of_the_ml_rows_and_names_its_calibration(tmp_path):
-    from analysis.table3 import table3, table3_latex, table3_markdown, write_table3
+    from analysis.table3 import run_measures, table3, table3_latex, table3_markdown, write_table3
 
     recs = [{"id": f"c{i}", "digest": "x", "hq": {m: 50.0 for m in MEASURES},
              "ml": {m: 50.0 + 10.0 + d for m in MEASURES}} for i, d in enumerate(np.linspace(-2, 2, 9))]
@@ -132,3 +132,8 @@ def test_table3_shows_the_conformal_interval_of_the_ml_rows_and_names_its_calibr
     written = write_table3(df, tmp_path)
     csv = next(p for p in written if p.suffix == ".csv").read_text()
     assert "bic_percent_conf_lo" in csv.splitlines()[0]
+    # the same rows as a fusing run's artifact (analysis.table3.log_measures_to_runs)
+    doc = run_measures(df, ["s1"])
+    assert doc["samples"]["s1"]["ML"]["bic_percent"]["conformal"] == pytest.approx([49.0, 53.0])
+    assert doc["samples"]["s1"]["HQ"]["bic_percent"] == {"value": 50.0, "relative_to_hq_percent": None}
+    assert "calibrated on 9 scans" in doc["calibration"]
