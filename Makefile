@@ -21,6 +21,8 @@ SAMPLE := $(WORK)/data/synthetic-64-seed0-dl2.5-n14-3/prepared
 # Table 3's conformal intervals (docs/measures.md): a small calibration set of held-out synthetic explants with exact
 # labels (10 scans: the fewest for a finite 90 % interval is 9; benchmarks/calibration.py measures 5, 10 and 30).
 CALIB  := $(WORK)/data/calibration-64-seed1000-dl2.5-n10
+# One demo phase, timed into $(WORK)/phases.jsonl; `python docs/demo_story.py keep` + `readme` put one run in README.
+PHASE  := SCALING_UNET_WORK=$(WORK) $(PY) docs/demo_story.py time --log $(WORK)/phases.jsonl --phase
 
 .PHONY: demo test venv venv-gpu bench clean
 
@@ -45,26 +47,26 @@ demo: $(STAMP)
 	# The main job on the embedded default: the full 192-run compound grid at laptop scale on synthetic
 	# data, local launcher, local MLflow store; then Table 2's seven fusing methods on the test samples
 	# (one config trained longer, 4 folds) and its 4-fold ensemble; then Fig. 3, Table 2, Table 3, Fig. 4/5
-	# in $(DEMO)/reports.
+	# in $(DEMO)/reports. Each phase's wall time goes to $(WORK)/phases.jsonl (docs/demo_story.py).
 	# Run again: finished runs are skipped.
-	SCALING_UNET_WORK=$(WORK) $(PY) -m sweep +experiment=compound -m
-	SCALING_UNET_WORK=$(WORK) $(PY) -m sweep $(TABLE2) 'fold=range(4)' -m
-	SCALING_UNET_WORK=$(WORK) $(PY) -m sweep +experiment=fusing $(TABLE2) -m
+	$(PHASE) grid -- $(PY) -m sweep +experiment=compound -m
+	$(PHASE) table2 -- $(PY) -m sweep $(TABLE2) 'fold=range(4)' -m
+	$(PHASE) fusing -- $(PY) -m sweep +experiment=fusing $(TABLE2) -m
 	# One job (no -m): the 4 fold models as one ensemble (softmax averaged) → Table 2's "4-fold ensemble" rows,
 	# and Table 3's ML row from its labels.
-	SCALING_UNET_WORK=$(WORK) $(PY) -m sweep +experiment=fusing fusing.ensemble=true $(TABLE2)
+	$(PHASE) ensemble -- $(PY) -m sweep +experiment=fusing fusing.ensemble=true $(TABLE2)
 	# The fold ensemble registered (models:/scaling-unet-table2@best), calibrated on 10 synthetic HQ scans; the table
 	# is logged with the version (analysis.segment --calibration auto finds it) and Table 3 shows its intervals.
-	SCALING_UNET_WORK=$(WORK) $(PY) -m sweep.register $(TABLE2)
-	test -f $(CALIB)/prepared/manifest.yaml || { $(PY) -m data.synth --out $(CALIB)/raw --n-train 0 --n-test 10 \
+	$(PHASE) calibration -- sh -c '$(PY) -m sweep.register $(TABLE2) && \
+	    { test -f $(CALIB)/prepared/manifest.yaml || { $(PY) -m data.synth --out $(CALIB)/raw --n-train 0 --n-test 10 \
 	    --size 64 --seed 1000 --degradation-scale 2.5 --overwrite && \
-	    $(PY) -m data.prepare $(CALIB)/raw --out $(CALIB)/prepared --overwrite; }
-	test -f $(WORK)/calibration.json || $(PY) -m analysis calibrate --model models:/scaling-unet-table2@best \
-	    --tracking-uri sqlite:///$(WORK)/mlflow.db --scans $(CALIB)/prepared --no-members --out $(WORK)/calibration.json
-	$(PY) -m data.show $(SAMPLE) --sample synth01 --out $(DEMO)/synthetic_sample.png
-	$(PY) -m analysis reports --tracking-uri sqlite:///$(WORK)/mlflow.db --experiment scaling-unet \
-	    --fusing-experiment scaling-unet-table2-fusing --out $(DEMO)/reports --calibration $(WORK)/calibration.json
-	cp $(WORK)/fusing/*/fold0/fig4.png $(WORK)/fusing/*/fold0/fig5.png $(DEMO)/reports/
+	    $(PY) -m data.prepare $(CALIB)/raw --out $(CALIB)/prepared --overwrite; }; } && \
+	    { test -f $(WORK)/calibration.json || $(PY) -m analysis calibrate --model models:/scaling-unet-table2@best \
+	    --tracking-uri sqlite:///$(WORK)/mlflow.db --scans $(CALIB)/prepared --no-members --out $(WORK)/calibration.json; }'
+	$(PHASE) reports -- sh -c '$(PY) -m data.show $(SAMPLE) --sample synth01 --out $(DEMO)/synthetic_sample.png && \
+	    $(PY) -m analysis reports --tracking-uri sqlite:///$(WORK)/mlflow.db --experiment scaling-unet \
+	    --fusing-experiment scaling-unet-table2-fusing --out $(DEMO)/reports --calibration $(WORK)/calibration.json && \
+	    cp $(WORK)/fusing/*/fold0/fig4.png $(WORK)/fusing/*/fold0/fig5.png $(DEMO)/reports/'
 	@echo "demo: MLflow store $(WORK)/mlflow.db (view: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(WORK)/mlflow.db),"
 	@echo "      Fig. 3, Table 2, Table 3, Fig. 4/5 in $(DEMO)/reports/, a synthetic sample in $(DEMO)/synthetic_sample.png"
 

@@ -14,7 +14,7 @@ from data.synth_bone import bone_around_implant
 from data.synth_geometry import Box, ScrewGeometry, ball, place_screw, rasterise_screw, smooth_field
 from data.synth_imaging import ALLOYS, BEAMLINES, attenuation, detector, optics
 
-GENERATOR_VERSION = "2"
+GENERATOR_VERSION = "3"
 BACKGROUND, BONE, DL, RM = 0, 1, 2, 3
 
 # Mean degradation depth in units of the screw's major radius after 28/56/84 days (interpolated): fast at first,
@@ -27,8 +27,9 @@ DEGRADATION_SPREAD = (0.8, 1.2)
 # faces were half the implant surface at 64³ and kept BIC below 30 %); the DL detaches from the RM (a thin
 # interface gap) where another exceeds DETACHED.
 CRACKED, DETACHED = 0.7, 0.9
-# Grey of the DL between bone's (0) and the RM's (1): mean, spread of a smooth field, lowest value.
-DL_TONE = (0.5, 0.25, 0.1)
+# Grey of the DL between bone's (0) and the RM's (1): mean, spread of a smooth field, lowest value. v3 (was 0.5,
+# 0.25, 0.1): no DL as dark as bone, fewer bright patches the WF labels call RM; the demo's DL 59 → 64 IoU.
+DL_TONE = (0.55, 0.18, 0.25)
 # ------------------------------------------------------------------------------------------ result
 @dataclasses.dataclass
 class SyntheticExplant:

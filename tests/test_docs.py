@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -45,3 +46,34 @@ def test_every_docs_page_is_linked_from_the_readme():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     for page in PAGES[1:]:
         assert f"docs/{page.name}" in readme, page.name
+
+
+def _demo_story(*args: str, cwd: Path = REPO) -> "subprocess.CompletedProcess[str]":
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, str(REPO / "docs" / "demo_story.py"), *args], cwd=cwd, text=True,
+                          capture_output=True, timeout=120)
+
+
+def test_readme_demo_block_is_one_kept_demo_run():
+    """README's Table 2, ensemble and Table 3 figures are rendered from docs/demo_run/ (one `make demo`)."""
+    res = _demo_story("readme", "--check")
+    assert res.returncode == 0, res.stderr
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    kept = (REPO / "docs" / "demo_run" / "table2.md").read_text(encoding="utf-8")
+    rows = [line for line in kept.splitlines() if line.startswith("| Avr 9-planes")]
+    assert rows and all(r in readme for r in rows)
+
+
+def test_demo_phase_times_are_logged_and_a_failed_phase_is_refused(tmp_path):
+    log = tmp_path / "phases.jsonl"
+    assert _demo_story("time", "--log", str(log), "--phase", "grid", "--", "true").returncode == 0
+    assert _demo_story("time", "--log", str(log), "--phase", "fusing", "--", "sh", "-c", "exit 3").returncode == 3
+    recs = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["phase"], r["rc"]) for r in recs] == [("grid", 0), ("fusing", 3)]
+    assert "core" in recs[0]["machine"] and recs[0]["seconds"] >= 0
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    res = _demo_story("keep", "--reports", str(reports), "--phases", str(log))
+    assert res.returncode != 0 and "fusing" in res.stderr and "failed" in res.stderr
