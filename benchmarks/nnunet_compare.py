@@ -314,7 +314,8 @@ def plan_and_preprocess(work: Path, dataset_id: int, record: dict, n_proc_da: in
     else:
         cmd = [nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", CONFIGURATION,
                "-np", "1", "-npfp", "1", "--verify_dataset_integrity"]
-        seconds = run_logged(cmd, nnunet_env(work, n_proc_da), work / "logs" / "plan_and_preprocess.log")
+        # the planner sets torch's threads to nnUNet_n_proc_DA: 0 (in-process augmentation) is refused there
+        seconds = run_logged(cmd, nnunet_env(work, max(1, n_proc_da)), work / "logs" / "plan_and_preprocess.log")
         log(f"plan and preprocess: {seconds:.1f} s")
     on_disk = json.loads((dirs["pre_ds"] / "splits_final.json").read_text())
     if on_disk[:len(record["splits"])] != record["splits"]:
