@@ -340,7 +340,7 @@ def fold_dir(work: Path, dataset_id: int, fold: int) -> Path:
 
 
 def train_fold(work: Path, dataset_id: int, fold: int, budget: dict[str, tp.Any], n_proc_da: int,
-               log: tp.Callable[[str], None], final_validation: bool = False) -> dict:
+               log: tp.Callable[[str], None], final_validation: bool = False, device: str = "cpu") -> dict:
     """Stage 3 for one fold: nnUNetv2_train with the budget trainer, unless its final checkpoint and stats exist
     (then they must be of the same budget). Returns the trainer's stats plus the command's wall seconds."""
     out = fold_dir(work, dataset_id, fold)
@@ -361,7 +361,7 @@ def train_fold(work: Path, dataset_id: int, fold: int, budget: dict[str, tp.Any]
              "NNC_FINAL_VALIDATION": "1" if final_validation else "0",
              "NNC_ITERATIONS_PER_EPOCH": str(budget["iterations_per_epoch"])}
     cmd = [nnunet_command("nnUNetv2_train"), str(dataset_id), CONFIGURATION, str(fold), "-tr", TRAINER,
-           "-device", "cpu"]
+           "-device", device]
     log(f"fold {fold}: training ({want['mode']} {budget.get('budget_s') or budget.get('epochs')}) ...")
     wall = run_logged(cmd, nnunet_env(work, n_proc_da, extra), work / "logs" / f"train_fold{fold}.log")
     stats = json.loads(stats_file.read_text())
@@ -374,7 +374,7 @@ def train_fold(work: Path, dataset_id: int, fold: int, budget: dict[str, tp.Any]
 
 # ---------------------------------------------------------------------------------------- prediction, scores
 def predict_and_score(work: Path, dataset_id: int, folds: tp.Sequence[int], dataset: Dataset, test_ids: tp.Sequence[str],
-                      log: tp.Callable[[str], None]) -> dict:
+                      log: tp.Callable[[str], None], device: str = "cpu") -> dict:
     """Stage 4/5 for one fold set: nnU-Net's predictor over the test scans, scored like Table 2 (confusion matrices
     summed over the scans, IoU ×100). Returns IoUs, per-scan IoUs and seconds."""
     import torch
@@ -382,7 +382,7 @@ def predict_and_score(work: Path, dataset_id: int, folds: tp.Sequence[int], data
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # all cores, as nnUNetv2_predict -device cpu
-    predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False, verbose=False,
+    predictor = nnUNetPredictor(device=torch.device(device), perform_everything_on_device=device == "cuda", verbose=False,
                                 allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(nnunet_dirs(work, dataset_id)["res_ds"]), use_folds=tuple(folds),
                                                    checkpoint_name="checkpoint_final.pth")
@@ -462,6 +462,8 @@ def parse_args(argv: tp.Optional[tp.Sequence[str]]) -> argparse.Namespace:
                     help="nnU-Net's training iterations per epoch (validation: 1/5 of it); smoke tests only (default 250)")
     ap.add_argument("--final-validation", action="store_true",
                     help="run nnU-Net's validation of each fold's validation cases after training (not scored here)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where nnU-Net trains and predicts (cuda: a GPU node with a CUDA build of torch)")
     ap.add_argument("--convert-only", action="store_true", help="stage 1 only (needs neither torch nor nnunetv2)")
     args = ap.parse_args(argv)
     if not set(args.folds) <= set(range(PAPER_NUM_FOLDS)) or len(set(args.folds)) != len(args.folds):
@@ -498,12 +500,13 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     log(f"nnU-Net 2d plan: patch {plans['patch_size']}, batch {plans['batch_size']}, {plans['n_stages']} stages "
         f"{plans['features_per_stage']}, normalisation {plans['normalization']}")
     budget = {"budget_s": args.budget_s, "epochs": args.epochs, "iterations_per_epoch": args.iterations_per_epoch}
-    training = {str(f): train_fold(work, args.dataset_id, f, budget, args.n_proc_da, log, args.final_validation)
-                for f in args.folds}
-    predictions = {f"fold{f}": predict_and_score(work, args.dataset_id, [f], dataset, record["test_ids"], log)
-                   for f in args.folds}
+    training = {str(f): train_fold(work, args.dataset_id, f, budget, args.n_proc_da, log, args.final_validation,
+                                   args.device) for f in args.folds}
+    predictions = {f"fold{f}": predict_and_score(work, args.dataset_id, [f], dataset, record["test_ids"], log,
+                                                 args.device) for f in args.folds}
     if len(args.folds) > 1:
-        predictions["ensemble"] = predict_and_score(work, args.dataset_id, args.folds, dataset, record["test_ids"], log)
+        predictions["ensemble"] = predict_and_score(work, args.dataset_id, args.folds, dataset, record["test_ids"], log,
+                                                    args.device)
     doc = {
         "what": "2D nnU-Net v2 on the project's folds and test scans, IoU ×100 (model.evaluation) as in Table 2",
         "versions": {"nnunetv2": nnunetv2.__version__ if hasattr(nnunetv2, "__version__") else _dist_version("nnunetv2"),
@@ -519,7 +522,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         "training": training, "predictions": predictions,
         "single_folds_mean_se": fold_summary(predictions, args.folds),
         "prediction_settings": {"checkpoint": "checkpoint_final.pth", "tile_step_size": 0.5, "gaussian": True,
-                                "mirroring": True, "device": "cpu"},
+                                "mirroring": True, "device": args.device},
     }
     atomic_write_json(args.out, doc, indent=1)
     print(table(doc))
