@@ -1,12 +1,12 @@
 """docs/mlflow_runs.png: the MLflow UI on one demo run's Table 2 experiment, in a real (headless) browser.
 
-    /tmp/shot/bin/python docs/mlflow_runs_screenshot.py --store demo/work/mlflow.db \\
+    apt-get install chromium && .venv/bin/pip install playwright==1.65.3     # once; nothing else needs them
+    .venv/bin/python docs/mlflow_runs_screenshot.py --store demo/work/mlflow.db \\
         --experiment scaling-unet-table2 --out docs/mlflow_runs.png
 
-Needs Debian's chromium (``apt-get install chromium``) and the ``playwright`` package in any venv (not the
-project's: only this script uses it). Starts ``.venv/bin/mlflow ui`` on 127.0.0.1 on the store, opens the
-experiment's page (the project tags its experiments as model training, so the UI opens the runs table, not
-the GenAI view), shows the Dataset and Models columns and the metrics of Table 2, expands the parent runs so
+Needs Debian's chromium and the ``playwright`` package beside the project (only this script uses them). Starts ``.venv/bin/mlflow ui`` on 127.0.0.1 on the store, opens the
+experiment's page by the link a sweep prints (``sweep.tracking.client.ui_url``: MLflow 3.17's UI opens the GenAI
+view unless the link or the browser's remembered switch says model training), shows the Dataset and Models columns and the metrics of Table 2, expands the parent runs so
 their folds show nested under them, and saves the screenshot. Prints the page's text, so a missing column fails
 loudly in the log.
 """
@@ -23,6 +23,8 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from sweep.tracking.client import ui_url  # noqa: E402 - the link the sweep prints, so the picture is what users open
 COLUMNS = ("Dataset", "Models")
 METRICS = ("mean_iou", "iou_bone", "iou_degradation_layer", "iou_residual_material", "flops")
 
@@ -52,7 +54,7 @@ def wait_up(url: str, timeout_s: float = 120.0) -> None:
     raise SystemExit(f"error: mlflow ui at {url} did not answer within {timeout_s:.0f} s")
 
 
-def shoot(url: str, out: Path, chromium: str) -> str:
+def shoot(url: str, out: Path, chromium: str) -> tuple[str, list[str]]:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -69,8 +71,9 @@ def shoot(url: str, out: Path, chromium: str) -> str:
         pg.wait_for_timeout(800)
         dlg = pg.get_by_role("dialog")
         for name in COLUMNS:
-            dlg.get_by_text(name, exact=True).first.click()
-            pg.wait_for_timeout(200)
+            if not shown(pg, name):  # the dialog toggles: a click on a shown column would hide it
+                dlg.get_by_text(name, exact=True).first.click()
+                pg.wait_for_timeout(200)
         search = pg.get_by_placeholder("Search columns")
         for col in METRICS:
             search.fill(col)
@@ -87,8 +90,14 @@ def shoot(url: str, out: Path, chromium: str) -> str:
         out.parent.mkdir(parents=True, exist_ok=True)
         pg.screenshot(path=str(out))
         text = pg.locator("body").inner_text()
+        missing = [c for c in COLUMNS if not shown(pg, c)]
         b.close()
-    return text
+    return text, missing
+
+
+def shown(page, column: str) -> bool:
+    """A column header of the runs table (the toolbar's "Datasets" filter does not count)."""
+    return page.get_by_role("columnheader", name=column, exact=True).count() > 0
 
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
@@ -107,12 +116,11 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     try:
         base = f"http://127.0.0.1:{port}"
         wait_up(base)
-        text = shoot(f"{base}/#/experiments/{exp}", args.out, args.chromium)
+        text, missing = shoot(ui_url(base, exp), args.out, args.chromium)
     finally:
         server.terminate()
         server.wait(timeout=30)
     print(text[:2000])
-    missing = [c for c in COLUMNS if c not in text]
     if missing:
         print(f"error: the runs table shows no {', '.join(missing)} column", file=sys.stderr)
         return 1

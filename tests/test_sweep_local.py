@@ -26,7 +26,7 @@ def _runs(work: Path) -> list:
     return c.search_runs([c.get_experiment_by_name("scaling-unet").experiment_id], max_results=1000)
 
 
-def test_local_sweep_records_folds_and_parents_and_resumes(tmp_path):
+def test_local_sweep_records_folds_and_parents_and_resumes(tmp_path, monkeypatch):
     work = tmp_path / "work"
     res = _sweep(work, "+experiment=compound", "model.width=32,64", "model.input_size=384", "fold=0,1")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -50,6 +50,12 @@ def test_local_sweep_records_folds_and_parents_and_resumes(tmp_path):
         assert [o.model_id for o in full.outputs.model_outputs] == [o.model_id for o in
                                                                    MlflowClient(f"sqlite:///{work}/mlflow.db")
                                                                    .get_run(best.info.run_id).outputs.model_outputs]
+        # ... through a files-less logged model of the parent's own: the UI lists models by their source run
+        client = MlflowClient(f"sqlite:///{work}/mlflow.db")
+        own = client.search_logged_models(experiment_ids=[p.info.experiment_id],
+                                          filter_string=f"source_run_id = '{p.info.run_id}'")
+        assert [(m.name, m.tags["fold_model_id"]) for m in own] == \
+            [("best-fold", client.get_run(best.info.run_id).outputs.model_outputs[-1].model_id)]
     # Again with all 4 folds: only the 4 missing runs are trained; the parents are updated, not duplicated.
     res = _sweep(work, "+experiment=compound", "model.width=32,64", "model.input_size=384", "fold=0,1,2,3")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -59,6 +65,23 @@ def test_local_sweep_records_folds_and_parents_and_resumes(tmp_path):
     parents = [r for r in runs if r.data.tags.get("is_parent") == "true"]
     assert len(parents) == 2 and {p.data.tags["complete"] for p in parents} == {"true"}
     assert all("mean_iou_se" in p.data.metrics for p in parents)
+    client = MlflowClient(f"sqlite:///{work}/mlflow.db")
+    for p in parents:  # one best-fold model per parent, pointing at the best of its 4 folds now
+        own = client.search_logged_models(experiment_ids=[p.info.experiment_id],
+                                          filter_string=f"source_run_id = '{p.info.run_id}'")
+        assert len(own) == 1 and own[0].tags["best_fold"] == p.data.tags["best_fold"]
+    # parents linked again (a resumed sweep with nothing new): no duplicate link, no second best-fold model
+    from sweep.tracking import parents as parents_mod
+
+    warned = []
+    monkeypatch.setattr(parents_mod.log, "warning", lambda *a: warned.append(a))
+    parents_mod.link_parent_runs(f"sqlite:///{work}/mlflow.db", parents[0].info.experiment_id)
+    assert warned == []
+    for p in parents:
+        assert len(client.search_logged_models(experiment_ids=[p.info.experiment_id],
+                                               filter_string=f"source_run_id = '{p.info.run_id}'")) == 1
+    # the sweep says where its runs are in the UI, on the model-training view (not MLflow's GenAI default)
+    assert "/runs?workflowType=machine_learning" in res.stderr + res.stdout
 
 
 def test_bad_config_in_a_sweep_stops_everything_before_training(tmp_path):

@@ -49,6 +49,17 @@ def test_ensure_experiment_idempotent_and_race_free(mlflow_server):
     assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
+def test_ui_url_opens_the_runs_table_and_never_prints_credentials():
+    from sweep.tracking.client import ui_url
+
+    # MLflow 3.17's UI picks GenAI or model training from the link (or the browser's remembered switch)
+    assert ui_url("http://alice:s3cret@mlflow.lab:5000/", "7") == \
+        "http://mlflow.lab:5000/#/experiments/7/runs?workflowType=machine_learning"
+    assert ui_url("http://mlflow.lab:5000", "7") == "http://mlflow.lab:5000/#/experiments/7/runs?workflowType=machine_learning"
+    assert ui_url("sqlite:////data/work/mlflow.db", "3") == \
+        "http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning"
+
+
 def test_ensure_experiment_lost_creation_race_rereads(mlflow_server, monkeypatch):
     """Another job creates the experiment between our lookup and our create: its id is returned."""
     uri = mlflow_server.uri

@@ -130,6 +130,17 @@ def _default_artifact_location(uri: str) -> str | None:
 
 # MLflow 3's UI opens an experiment by this tag: without it, on its GenAI view (traces), not on the runs table.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+# MLflow 3.17's UI obeys the tag only with its GenAI / Model training switch off: with it (the default) each browser
+# remembers its own choice, GenAI at first, whatever the tag says; a link with this query opens the runs table.
+UI_VIEW = "workflowType=machine_learning"
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store by default
+
+
+def ui_url(uri: str, experiment_id: str) -> str:
+    """The experiment's runs table in the MLflow UI: on the tracking server, or where ``mlflow ui
+    --backend-store-uri <uri>`` serves a local store (credentials never printed)."""
+    base = redact_uri(uri).rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    return f"{base}/#/experiments/{experiment_id}/runs?{UI_VIEW}"
 
 
 def check_store_exists(uri: str, field: str = "mlflow.tracking_uri") -> None:

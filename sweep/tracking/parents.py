@@ -40,12 +40,35 @@ def show_best_fold(uri: str, parent_id: str, kids: tp.Sequence[tp.Any]) -> None:
         full = client.get_run(best.info.run_id)
         if full.inputs is not None and full.inputs.dataset_inputs:
             client.log_inputs(parent_id, datasets=list(full.inputs.dataset_inputs))
+        fold = best.data.tags[tracking.TAG_FOLD]
         if full.outputs is not None and full.outputs.model_outputs:
-            client.log_outputs(parent_id, models=list(full.outputs.model_outputs))
-        tracking.set_run_tags(uri, parent_id, {"best_fold": best.data.tags[tracking.TAG_FOLD],
-                                               "best_fold_run_id": best.info.run_id})
+            best_fold_model(client, best.info.experiment_id, parent_id, fold, full.outputs.model_outputs[-1].model_id)
+            parent = client.get_run(parent_id)
+            have = {o.model_id for o in parent.outputs.model_outputs} if parent.outputs is not None else set()
+            new = [o for o in full.outputs.model_outputs if o.model_id not in have]  # a link twice: IntegrityError
+            if new:
+                client.log_outputs(parent_id, models=new)
+        tracking.set_run_tags(uri, parent_id, {"best_fold": fold, "best_fold_run_id": best.info.run_id})
     except Exception as exc:  # noqa: BLE001 - the UI's columns: the parent's metrics are what matters
         log.warning("parent run %s: could not show the best fold's dataset and model: %s", parent_id, exc)
+
+
+BEST_FOLD_MODEL = "best-fold"
+
+
+def best_fold_model(client, experiment_id: str, parent_id: str, fold: str, model_id: str) -> str:
+    """MLflow 3.17's Models column lists the logged models whose source run is the row's run (not its linked
+    outputs): the parent gets one named ``best-fold``, no files, tagged with the fold model it points to
+    (``fold_model_uri``); kept once per parent, its tags follow a new best fold. Returns its model id."""
+    tags = {"best_fold": str(fold), "fold_model_id": model_id, "fold_model_uri": f"models:/{model_id}"}
+    found = client.search_logged_models(experiment_ids=[experiment_id],
+                                        filter_string=f"source_run_id = '{parent_id}' AND name = '{BEST_FOLD_MODEL}'")
+    if found:
+        ref = found[0].model_id
+        client.set_logged_model_tags(ref, tags)
+        return ref
+    return client.create_logged_model(experiment_id=experiment_id, name=BEST_FOLD_MODEL, source_run_id=parent_id,
+                                      tags=tags).model_id
 
 
 def link_parent_runs(uri: str, experiment_id: str, config_keys: tp.Optional[tp.Iterable[str]] = None,
