@@ -68,7 +68,7 @@ demo: $(STAMP)
 	    --fusing-experiment scaling-unet-table2-fusing --out $(DEMO)/reports --calibration $(WORK)/calibration.json && \
 	    cp $(WORK)/fusing/*/fold0/fig4.png $(WORK)/fusing/*/fold0/fig5.png $(DEMO)/reports/'
 	@echo "demo: MLflow store $(WORK)/mlflow.db (view: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(WORK)/mlflow.db,"
-	@echo "      then http://127.0.0.1:5000/#/experiments?workflowType=machine_learning: Model training, not GenAI),"
+	@echo "      then the links the sweeps printed, or switch the UI to Model training, top left: it starts on GenAI),"
 	@echo "      Fig. 3, Table 2, Table 3, Fig. 4/5 in $(DEMO)/reports/, a synthetic sample in $(DEMO)/synthetic_sample.png"
 
 test: $(STAMP)
