@@ -19,15 +19,17 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis import formatting
+
 CLASSES = ("iou_bone", "iou_degradation_layer", "iou_residual_material", "mean_iou")
 OUR_ROWS = {("baseline_rc", False): "scaled U-net, Baseline S_rc (one plane set, as nnU-Net 2d)",
             ("avr_9", False): "scaled U-net, Avr 9-planes", ("avr_9", True): "scaled U-net, Avr 9-planes, 4-fold ensemble"}
 
 
-def cell(mean: float, se: float = math.nan) -> str:
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return "–"
-    return f"{mean:.2f}" + (f" ± {se:.2f}" if se is not None and not math.isnan(se) else "")
+def cell(mean: tp.Optional[float], se: tp.Optional[float] = math.nan) -> str:
+    """Table 2's cell format (analysis.formatting.cell); the JSON writes a missing value as null."""
+    return formatting.cell(math.nan if mean is None else float(mean), math.nan if se is None else float(se),
+                           ".2f", " ± ")
 
 
 def our_costs(store: Path, experiment: str) -> dict[str, float]:

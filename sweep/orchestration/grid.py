@@ -37,7 +37,7 @@ from sweep.resources.memory import halved_reason
 from sweep.slurm import record as sweep_record
 from sweep.slurm.lease import LeaseHeld, live_holders
 from sweep.slurm.queue import SlurmQueryError
-from sweep.tracking.client import finished_fold_runs, redact_uri, ui_url
+from sweep.tracking.client import finished_fold_runs, is_server_uri, redact_uri, ui_url
 from sweep.tracking.offline import sync_pairs
 from sweep.tracking.parents import link_parent_runs
 
@@ -98,7 +98,7 @@ def _finish(prepared: PreparedSweep, results: Results, failed: list, parent_runs
         results[dup.idx] = (dup, first)
     summarize(failed, len(prepared.todo))
     if prepared.experiment_id is not None:
-        local = "" if prepared.tracking_uri.startswith(("http://", "https://")) else \
+        local = "" if is_server_uri(prepared.tracking_uri) else \
             f" (after: mlflow ui --backend-store-uri {redact_uri(prepared.tracking_uri)})"
         log.info("the runs in the MLflow UI: %s%s", ui_url(prepared.tracking_uri, prepared.experiment_id), local)
     return [results[i][1] for i in sorted(results)]

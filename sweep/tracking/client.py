@@ -136,10 +136,15 @@ UI_VIEW = "workflowType=machine_learning"
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store by default
 
 
+def is_server_uri(uri: str) -> bool:
+    """A tracking server (its own UI), not a local store that ``mlflow ui`` has to serve."""
+    return uri.startswith(("http://", "https://"))
+
+
 def ui_url(uri: str, experiment_id: str) -> str:
     """The experiment's runs table in the MLflow UI: on the tracking server, or where ``mlflow ui
     --backend-store-uri <uri>`` serves a local store (credentials never printed)."""
-    base = redact_uri(uri).rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    base = redact_uri(uri).rstrip("/") if is_server_uri(uri) else LOCAL_UI
     return f"{base}/#/experiments/{experiment_id}/runs?{UI_VIEW}"
 
 
