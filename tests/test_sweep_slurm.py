@@ -62,12 +62,13 @@ def _array_ids(cluster, name: str) -> list[str]:
 def test_compound_subset_is_one_array_of_4_gpu_jobs_and_resumes_only_what_is_missing(
         tmp_path, slurm_cluster, mlflow_server):
     work = tmp_path / "work"
-    proc, log = _launch(work, mlflow_server.uri, "slurm-array", "array", "model.input_size=384,512")
+    # One config (4 folds) first: the array's subject is its shape, not its size (each 4-replica job traces ~10 s).
+    proc, log = _launch(work, mlflow_server.uri, "slurm-array", "array", "model.input_size=384")
     out = _wait(proc, log, 600)
     assert proc.returncode == 0, out[-4000:]
-    assert "submitted 8 runs as ONE SLURM job array" in out
+    assert "submitted 4 runs as ONE SLURM job array" in out
     runs = _fold_runs(mlflow_server.uri, "slurm-array", "FINISHED")
-    assert len(runs) == 8 and len({(r.data.tags["config_key"], r.data.tags["fold"]) for r in runs}) == 8
+    assert len(runs) == 4 and len({(r.data.tags["config_key"], r.data.tags["fold"]) for r in runs}) == 4
     # Each 4-GPU job trained on 4 replicas (CPU stand-ins for the fake GPUs), read from the trained model.
     assert {(r.data.tags["replicas"], r.data.tags["device_kind"]) for r in runs} == {("4", "CPU stand-in")}
     array_ids = {r.data.tags["slurm_array_job_id"] for r in runs}
@@ -75,12 +76,12 @@ def test_compound_subset_is_one_array_of_4_gpu_jobs_and_resumes_only_what_is_mis
     array_id = array_ids.pop()
     tres = slurm_cluster.run("sacct", "-j", array_id, "-X", "-n", "-P", "--format=JobID,AllocTRES%80").stdout
     lines = [line for line in tres.splitlines() if line.strip()]
-    assert len(lines) == 8 and all("gres/gpu=4" in line for line in lines), tres
+    assert len(lines) == 4 and all("gres/gpu=4" in line for line in lines), tres
     # Parent runs: one per config with its 4 folds nested and mean ± SE.
     client = MlflowClient(mlflow_server.uri)
     exp = client.get_experiment_by_name("slurm-array")
     parents = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("is_parent") == "true"]
-    assert len(parents) == 2 and {p.data.tags["n_folds"] for p in parents} == {"4"}
+    assert len(parents) == 1 and {p.data.tags["n_folds"] for p in parents} == {"4"}
     assert all("mean_iou" in p.data.metrics and "mean_iou_se" in p.data.metrics for p in parents)
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {p.info.run_id for p in parents}
     # A sweep that waited for its runs ends its own MLflow run (it stayed RUNNING until sweep.status: issue 29's chaos run)
@@ -88,14 +89,14 @@ def test_compound_subset_is_one_array_of_4_gpu_jobs_and_resumes_only_what_is_mis
     assert [r.info.status for r in sweeps] == ["FINISHED"]
 
     # The grid grows by one input size: only its 4 runs are queued. Where a run trains (train.cpu_replicas) is not
-    # part of its config key: one replica here, so the 8 FINISHED runs still count and the new 4 train faster.
-    proc, log = _launch(work, mlflow_server.uri, "slurm-array", "array2", "model.input_size=384,512,640",
+    # part of its config key: one replica here, so the 4 FINISHED runs still count and the new 4 train faster.
+    proc, log = _launch(work, mlflow_server.uri, "slurm-array", "array2", "model.input_size=384,512",
                         "train.cpu_replicas=1")
     out = _wait(proc, log, 600)
     assert proc.returncode == 0, out[-4000:]
-    assert "8 already FINISHED in MLflow (skipped)" in out and "submitted 4 runs as ONE SLURM job array" in out
+    assert "4 already FINISHED in MLflow (skipped)" in out and "submitted 4 runs as ONE SLURM job array" in out
     runs = _fold_runs(mlflow_server.uri, "slurm-array", "FINISHED")
-    assert len(runs) == 12 and len({(r.data.tags["config_key"], r.data.tags["fold"]) for r in runs}) == 12
+    assert len(runs) == 8 and len({(r.data.tags["config_key"], r.data.tags["fold"]) for r in runs}) == 8
 
 
 def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path, slurm_cluster, mlflow_server):
