@@ -8,6 +8,9 @@ GPU    ?=
 COMMA  := ,
 IS_GPU := $(filter 1 yes true,$(GPU))
 EXTRAS := test$(if $(IS_GPU),$(COMMA)gpu)
+# make test: two pytest-xdist workers (the suite alone keeps 1.1 of 2 cores busy); the SLURM tests are one group
+# (tests/conftest.py). XDIST= runs one process.
+XDIST  ?= -n 2 --dist loadgroup --no-loadscope-reorder
 STAMP  := $(VENV)/.installed-stamp$(if $(IS_GPU),-gpu)
 DEMO   ?= demo
 WORK   := $(abspath $(DEMO))/work
@@ -77,7 +80,7 @@ test: $(STAMP)
 	bash slurm/install.sh
 	bash slurm/start.sh > /dev/null
 	# SLURM tests fail (never skip) when the cluster cannot run: it was started just above.
-	SCALING_UNET_REQUIRE_SLURM=1 $(PY) -m pytest -q -p no:cacheprovider --durations=30 -rs
+	SCALING_UNET_REQUIRE_SLURM=1 $(PY) -m pytest -q -p no:cacheprovider --durations=30 -rs $(XDIST)
 
 bench: $(STAMP)
 	$(PY) benchmarks/input_pipeline.py

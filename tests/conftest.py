@@ -81,10 +81,42 @@ def tree_snapshot(root: Path) -> dict[str, tuple[int, int]]:
 from tests.mlflow_server import mlflow_server  # noqa: E402,F401  (a real server, started once per session)
 
 
+# Scopes pytest-xdist hands out first (make test: two workers, --dist loadgroup, scopes in collection order): the
+# SLURM group, then the modules measured slowest alone on 2026-12-07 (seconds: 588, 183, 152, 125, 83, 66, 63, 63,
+# 60): a long scope started last would leave one worker alone at the end.
+SCOPES_FIRST = ("slurm", "test_sweep_local", "test_outage", "test_bad_inputs", "test_fusing", "test_sweep_run",
+                "test_training", "test_pruning", "test_distributed")
+
+
+def _group_in_node_id(item) -> None:
+    """What pytest-xdist 3.8 does for an xdist_group (``<node id>@<group>``, the scope its scheduler splits off), for
+    pytest 9.2: xdist sets ``item._nodeid``, which pytest 9 no longer reads (its node ids live in ``_id``), so without
+    this every group silently falls back to one scope per test and two SLURM tests run at once (seen 2026-12-07)."""
+    from _pytest.nodes import coerce_node_id
+
+    group = xdist_scope(item)
+    if not item.nodeid.endswith(f"@{group}"):
+        item._id = coerce_node_id(f"{item.nodeid}@{group}")
+    assert item.nodeid.endswith(f"@{group}"), f"pytest no longer takes a node id this way: {item.nodeid}"
+
+
+def xdist_scope(item) -> str:
+    """The xdist group of a test: ``slurm`` for every test on the cluster, else its module."""
+    return "slurm" if item.get_closest_marker("slurm") else item.module.__name__.rsplit(".", 1)[-1]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks into the node ids
 def pytest_collection_modifyitems(config, items):
     """Every test on the one local SLURM cluster is marked ``slurm`` (``-m "not slurm"`` for a quick local run). They
-    cancel leftover jobs and count the node's CPUs as their own: two of them must never run at once (two pytest
-    processes side by side, or pytest-xdist, would break that; on 2 cores it gained nothing either, 2026-12-07)."""
+    cancel leftover jobs and count the node's CPUs as their own: two of them must never run at once, so under
+    pytest-xdist they are one group that one worker runs in order. Every other module is a group of its own (its
+    module fixtures are built once), and the longest groups are queued first."""
     for item in items:
         if "slurm_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slurm)
+        item.add_marker(pytest.mark.xdist_group(xdist_scope(item)))
+        if getattr(config.option, "loadgroup", False):
+            _group_in_node_id(item)
+    rank = {name: k for k, name in enumerate(SCOPES_FIRST)}
+    items.sort(key=lambda item: rank.get(xdist_scope(item), len(rank)))  # stable: the rest keep their order
+
