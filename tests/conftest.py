@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import typing as tp
 from pathlib import Path
 
@@ -80,6 +81,11 @@ def tree_snapshot(root: Path) -> dict[str, tuple[int, int]]:
 
 from tests.mlflow_server import mlflow_server  # noqa: E402,F401  (a real server, started once per session)
 
+# The conv biases a BatchNorm follows (build_unet's ``<block>_conv<i>/bias``, and Adam's ``<block>_conv<i>_bias_*``
+# for them): BN subtracts the channel mean, so their gradient is zero up to rounding and Adam's m/sqrt(v) steers
+# that rounding; two trainings differ there as soon as one reduction sums in another order.
+PRE_BN_CONV_BIAS = re.compile(r"_conv\d[/_]bias")
+
 
 # Scopes pytest-xdist hands out first (make test: two workers, --dist loadgroup, scopes in collection order): the
 # SLURM group, then the modules measured slowest alone on 2026-12-07 (seconds: 588, 183, 152, 125, 83, 66, 63, 63,
@@ -88,13 +94,12 @@ SCOPES_FIRST = ("slurm", "test_sweep_local", "test_outage", "test_bad_inputs", "
                 "test_training", "test_pruning", "test_distributed")
 
 
-def _group_in_node_id(item) -> None:
+def _group_in_node_id(item, group: str) -> None:
     """What pytest-xdist 3.8 does for an xdist_group (``<node id>@<group>``, the scope its scheduler splits off), for
     pytest 9.2: xdist sets ``item._nodeid``, which pytest 9 no longer reads (its node ids live in ``_id``), so without
     this every group silently falls back to one scope per test and two SLURM tests run at once (seen 2026-12-07)."""
     from _pytest.nodes import coerce_node_id
 
-    group = xdist_scope(item)
     if not item.nodeid.endswith(f"@{group}"):
         item._id = coerce_node_id(f"{item.nodeid}@{group}")
     assert item.nodeid.endswith(f"@{group}"), f"pytest no longer takes a node id this way: {item.nodeid}"
@@ -111,12 +116,15 @@ def pytest_collection_modifyitems(config, items):
     cancel leftover jobs and count the node's CPUs as their own: two of them must never run at once, so under
     pytest-xdist they are one group that one worker runs in order. Every other module is a group of its own (its
     module fixtures are built once), and the longest groups are queued first."""
+    rank = {name: k for k, name in enumerate(SCOPES_FIRST)}
+    order = {}
     for item in items:
         if "slurm_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slurm)
-        item.add_marker(pytest.mark.xdist_group(xdist_scope(item)))
+        group = xdist_scope(item)
+        item.add_marker(pytest.mark.xdist_group(group))
         if getattr(config.option, "loadgroup", False):
-            _group_in_node_id(item)
-    rank = {name: k for k, name in enumerate(SCOPES_FIRST)}
-    items.sort(key=lambda item: rank.get(xdist_scope(item), len(rank)))  # stable: the rest keep their order
+            _group_in_node_id(item, group)
+        order[item.nodeid] = rank.get(group, len(rank))
+    items.sort(key=lambda item: order[item.nodeid])  # stable: the rest keep their order
 
