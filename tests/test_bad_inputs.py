@@ -1,8 +1,11 @@
 """Bad inputs a user can produce, table-driven, through the real CLIs on real files.
 
-Every case runs the command as a user would (a subprocess from the repository root) and asserts: exit
-status 2, exactly one ``error:`` line on stderr that names the file or field, no traceback, and nothing
-written or changed under the case's folder. README "Refused inputs" lists the same cases.
+Every case runs the command as a user would, ``python -m <module> ...`` in a process of its own from the
+repository root, and asserts: exit status 2, exactly one ``error:`` line on stderr that names the file or
+field, no traceback, and nothing written or changed under the case's folder. README "Refused inputs" lists
+the same cases. The processes are forks of one that imported the commands' libraries once
+(tests/forked_cli.py: 1.5-2.5 s of imports per case otherwise); the case that saves a Keras model runs a
+fresh interpreter.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import tree_snapshot, write_raw_dataset
+from tests.forked_cli import ForkedCli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,10 +36,28 @@ class Case:
     in_case_folder: bool = False  # run from the case folder: a store MLflow creates in the cwd would show
 
 
-def run_cli(args: list[str], cwd: Path = REPO, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
+# What the commands import before they look at their input; never TensorFlow (tests/forked_cli.py).
+PRELOAD = ("numpy", "h5py", "scipy.ndimage", "pandas", "matplotlib", "omegaconf", "hydra", "mlflow",
+           "data.prepare", "data.synth", "data.show", "model.predict", "model.summary", "analysis.__main__",
+           "analysis.segment", "analysis.measures", "analysis.calibrate", "sweep.__main__", "sweep.plan",
+           "sweep.status", "sweep.predict")
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3", **extra}
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return env
+
+
+@pytest.fixture(scope="module")
+def forked() -> tp.Iterator[ForkedCli]:
+    with ForkedCli(PRELOAD, cwd=REPO, env=cli_env()) as cli:
+        yield cli
+
+
+def run_cli(args: list[str], cwd: Path = REPO, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=cli_env(), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def assert_one_clear_error(proc: subprocess.CompletedProcess, names: str, exit_code: int = 2) -> None:
@@ -399,11 +421,11 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_bad_input_gives_one_clear_error_and_writes_nothing(case: Case, tmp_path: Path):
+def test_bad_input_gives_one_clear_error_and_writes_nothing(case: Case, tmp_path: Path, forked: ForkedCli):
     args = case.setup(tmp_path)
     before = tree_snapshot(tmp_path)
     dirs_before = sorted(p for p in tmp_path.rglob("*") if p.is_dir())
-    proc = run_cli(args, cwd=tmp_path if case.in_case_folder else REPO)
+    proc = forked.run(args, cwd=tmp_path if case.in_case_folder else REPO, env=cli_env(), timeout=120)
     assert_one_clear_error(proc, case.names, case.exit_code)
     assert tree_snapshot(tmp_path) == before, "files were written or changed"
     assert sorted(p for p in tmp_path.rglob("*") if p.is_dir()) == dirs_before, "folders were created"
@@ -434,34 +456,33 @@ SWEEP_TINY = ["model.depth=2", "data.synth.size=32", "data.synth.n_train=4", "da
     (lambda raw: ["model.input_size=390"], "model.input_size"),
     (lambda raw: ["data=prepared", f"data.dataset={raw.parent / 'nonexistent'}"], "data.dataset"),
 ], ids=["raw dataset as prepared", "input size not divisible", "missing dataset"])
-def test_sweep_refuses_bad_input_alike_with_and_without_multirun(tmp_path: Path, bad, names, multirun):
+def test_sweep_refuses_bad_input_alike_with_and_without_multirun(tmp_path: Path, bad, names, multirun,
+                                                                forked: ForkedCli):
     # Issue 13, 2 and 12: a raw dataset would train on grey values and record a FINISHED run that later
     # sweeps skip; under -m each check failed inside Hydra's traceback with status 1.
     raw = _raw(tmp_path)
     before = tree_snapshot(tmp_path)
     env_work = tmp_path / "work"
     args = ["-m", "sweep", *bad(raw), *SWEEP_TINY, f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"]
-    proc = subprocess.run([sys.executable, *args, *(["-m"] if multirun else [])], cwd=tmp_path,
-                          env={**os.environ, "SCALING_UNET_WORK": str(env_work), "TF_CPP_MIN_LOG_LEVEL": "3"},
-                          capture_output=True, text=True, timeout=300)
+    proc = forked.run([*args, *(["-m"] if multirun else [])], cwd=tmp_path,
+                      env=cli_env(SCALING_UNET_WORK=str(env_work)), timeout=300)
     assert_one_clear_error(proc, names)
     after = tree_snapshot(tmp_path)
     hydra_logs = {p for p in after if p.startswith(("work/hydra/", "work/multirun/"))}  # Hydra's own run folder
     assert {p: after[p] for p in set(after) - hydra_logs} == before
 
 
-def test_plan_runs_the_sweeps_dataset_checks_and_plans_a_single_run(tmp_path: Path):
+def test_plan_runs_the_sweeps_dataset_checks_and_plans_a_single_run(tmp_path: Path, forked: ForkedCli):
     # Issue 13, 10 and 11: the plan said "to queue: 16" for a dataset the sweep refuses; a plan of a
     # single run (no experiment) failed with "Input cfg is not an OmegaConf config object".
-    env = {**os.environ, "SCALING_UNET_WORK": str(tmp_path / "work"), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    plan = [sys.executable, "-m", "sweep.plan"]
-    proc = subprocess.run(plan + ["+experiment=depth", "data=prepared", f"data.dataset={tmp_path / 'nonexistent'}"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    env = cli_env(SCALING_UNET_WORK=str(tmp_path / "work"))
+    plan = ["-m", "sweep.plan"]
+    proc = forked.run(plan + ["+experiment=depth", "data=prepared", f"data.dataset={tmp_path / 'nonexistent'}"],
+                      cwd=tmp_path, env=env, timeout=300)
     assert_one_clear_error(proc, "data.dataset")
     raw = _raw(tmp_path)
-    proc = subprocess.run(plan + ["data=prepared", f"data.dataset={raw}"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = forked.run(plan + ["data=prepared", f"data.dataset={raw}"], cwd=tmp_path, env=env, timeout=300)
     assert_one_clear_error(proc, "not prepared data")
-    proc = subprocess.run(plan, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = forked.run(plan, cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == 0 and "runs: 1" in proc.stdout, proc.stderr[-3000:]
     assert not (tmp_path / "work").exists()
