@@ -99,10 +99,10 @@ def test_a_worker_resumes_its_own_trial_and_adopts_a_dead_workers_trial(tmp_path
 TINY = ["model.width=32", "model.depth=1", "model.input_size=384", "data.synth.size=32", "data.synth.n_train=4",
         "data.synth.n_test=1", "train.batch_size=2", "train.val_crop=32", "train.val_slice_step=8",
         "train.final_slice_step=8", "train.open_slabs=2", "train.early_stop_patience_iters=100000"]
-# The test cluster's 4 fake V100s train the laptop profile on synthetic data: a stand-in, allowed explicitly,
-# on 4 logical CPU devices (train.cpu_replicas) under the same MirroredStrategy as 4 GPUs; the global batch
-# (TINY's 2, overridden) splits evenly over the 4 replicas.
-STAND_IN = ["allow_stand_in=true", "train.cpu_replicas=4", "train.batch_size=4"]
+# The test cluster's 4 fake V100s train the laptop profile on synthetic data: a stand-in, allowed explicitly.
+# The slots are the subject here, not multi-replica training (test_sweep_slurm.py's compound test, test_distributed):
+# one replica, ~10 CPU-s less per job than 4 logical CPU devices; each job still asks SLURM for 4 GPUs.
+STAND_IN = ["allow_stand_in=true", "train.cpu_replicas=1", "train.batch_size=4"]
 
 
 def test_async_optuna_on_slurm_one_array_of_slots_a_preempted_worker_resumes_its_trial(

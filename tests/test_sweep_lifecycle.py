@@ -20,10 +20,10 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.width=32", "model.depth=1", "model.input_size=384", "data.synth.size=32", "data.synth.n_train=4",
         "data.synth.n_test=1", "train.batch_size=2", "train.val_crop=32", "train.val_slice_step=8",
         "train.final_slice_step=8", "train.open_slabs=2"]
-# The test cluster's 4 fake V100s train the laptop profile on synthetic data: a stand-in, allowed explicitly,
-# on 4 logical CPU devices (train.cpu_replicas) under the same MirroredStrategy as 4 GPUs; the global batch
-# (TINY's 2, overridden) splits evenly over the 4 replicas.
-STAND_IN = ["allow_stand_in=true", "train.cpu_replicas=4", "train.batch_size=4"]
+# The test cluster's 4 fake V100s train the laptop profile on synthetic data: a stand-in, allowed explicitly.
+# The login node's lifecycle is the subject here, not multi-replica training (test_sweep_slurm.py's compound test,
+# test_distributed): one replica, ~10 CPU-s less per job than 4 logical CPU devices; each job still asks for 4 GPUs.
+STAND_IN = ["allow_stand_in=true", "train.cpu_replicas=1", "train.batch_size=4"]
 
 
 def _env(work: Path) -> dict:
@@ -63,9 +63,8 @@ def _runs(uri: str, experiment: str) -> list:
 def test_killed_sweep_rerun_queues_nothing_for_live_pairs_and_status_builds_the_parent(
         tmp_path, slurm_cluster, mlflow_server):
     work = tmp_path / "work"
-    # The login node's lifecycle is the subject here, not multi-replica training (test_sweep_slurm.py): one replica.
     args = _sweep_args(mlflow_server.uri, "lifecycle", "life", "fold=range(4)", "train.max_iters=60",
-                       "train.checkpoint_every=30", "train.early_stop_patience_iters=1000", "train.cpu_replicas=1")
+                       "train.checkpoint_every=30", "train.early_stop_patience_iters=1000")
     log = tmp_path / "first.log"
     work.mkdir(parents=True)
     first = subprocess.Popen([sys.executable, "-m", "sweep", *args, "-m"], cwd=tmp_path, env=_env(work),

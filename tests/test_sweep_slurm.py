@@ -101,8 +101,10 @@ def test_compound_subset_is_one_array_of_4_gpu_jobs_and_resumes_only_what_is_mis
 
 def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path, slurm_cluster, mlflow_server):
     work = tmp_path / "work"
+    # One replica: requeue and resume through SLURM are the subject; resuming on 4 replicas exactly is test_distributed's.
     proc, log = _launch(work, mlflow_server.uri, "slurm-preempt", "preempt", "model.input_size=384", "fold=0",
-                        "train.max_iters=600", "train.checkpoint_every=100", "train.early_stop_patience_iters=100000")
+                        "train.max_iters=600", "train.checkpoint_every=100", "train.early_stop_patience_iters=100000",
+                        "train.cpu_replicas=1")
     state = slurm_cluster.wait_for("the first checkpoint", checkpoint_at(work, 100), timeout=240, interval=0.5)
     (job_id, job_state), = _array_ids(slurm_cluster, "preempt")
     assert job_state == "RUNNING"
@@ -122,7 +124,8 @@ def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path, slurm_cluster,
 def test_cancelled_job_is_reported_as_failed_promptly(tmp_path, slurm_cluster, mlflow_server):
     work = tmp_path / "work"
     proc, log = _launch(work, mlflow_server.uri, "slurm-cancel", "cancel", "model.input_size=384", "fold=0,1",
-                        "train.max_iters=300", "train.checkpoint_every=100", "train.early_stop_patience_iters=100000")
+                        "train.max_iters=300", "train.checkpoint_every=100", "train.early_stop_patience_iters=100000",
+                        "train.cpu_replicas=1")  # one replica: the report is the subject
     tasks = slurm_cluster.wait_for("both tasks running", lambda: (
         lambda t: t if len(t) == 2 and all(s == "RUNNING" for _, s in t) else None)(_array_ids(slurm_cluster, "cancel")),
         timeout=240, interval=0.5)
