@@ -105,7 +105,10 @@ class ForkedCli:
         self._proc.stdin.write(json.dumps({"args": args[1:], "cwd": str(cwd), "env": env, "out": str(out),
                                            "err": str(err)}) + "\n")
         self._proc.stdin.flush()
-        pid = self._answer(60)["pid"]
+        forked = self._answer(60)
+        if forked is None:
+            raise RuntimeError("the zygote did not fork within 60 s")
+        pid = forked["pid"]
         answer = self._answer(timeout)
         if answer is None:
             os.kill(pid, signal.SIGKILL)
