@@ -299,7 +299,8 @@ _LAST_MODEL: dict[tuple, tuple[tp.Any, list, list]] = {}
 def set_precision(precision: str) -> None:
     """Paper: automatic mixed precision. ``float32``, ``mixed_float16`` (V100) or ``mixed_bfloat16`` (A100/H100).
 
-    Must run after ``keras.backend.clear_session()``, which resets the global policy to float32.
+    Must run after ``keras.backend.clear_session()``, which resets the global policy to float32; the model's
+    build (:func:`_fresh_model`) sets it back to the caller's policy afterwards.
     """
     import keras
 
@@ -350,18 +351,23 @@ def _fresh_model(width: int, depth: int, settings: TrainSettings, devices):
         model.optimizer.learning_rate.assign(settings.learning_rate)
         return model
     _LAST_MODEL.clear()  # keep one model: memory stays that of one run
+    callers_policy = keras.mixed_precision.global_policy()
     # Before the strategy's scope, never inside it: clear_session resets the graph that holds the scope stack.
     keras.backend.clear_session()  # drop graphs of earlier models, or a long-lived worker keeps growing
     set_precision(settings.precision)
-    # Only for a new build: setting TF's global seed invalidates traced functions (the next step of a
-    # reused model would retrace, ~1.7 s). The data pipeline is seeded on its own (stateless ops).
-    keras.utils.set_random_seed(settings.seed)
-    with devices.strategy.scope():
-        model = build_unet(width, depth, synchronized_bn=global_batch_statistics(devices))
-        model.compile(optimizer=keras.optimizers.Adam(settings.learning_rate, settings.beta_1, settings.beta_2),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                      jit_compile=settings.jit_compile)
-        model.optimizer.build(model.trainable_variables)
+    try:
+        # Only for a new build: setting TF's global seed invalidates traced functions (the next step of a
+        # reused model would retrace, ~1.7 s). The data pipeline is seeded on its own (stateless ops).
+        keras.utils.set_random_seed(settings.seed)
+        with devices.strategy.scope():
+            model = build_unet(width, depth, synchronized_bn=global_batch_statistics(devices))
+            model.compile(optimizer=keras.optimizers.Adam(settings.learning_rate, settings.beta_1, settings.beta_2),
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                          jit_compile=settings.jit_compile)
+            model.optimizer.build(model.trainable_variables)
+    finally:
+        # The layers keep the precision they were built with; the caller's later models get its own policy.
+        keras.mixed_precision.set_global_policy(callers_policy)
     if model.distribute_strategy.num_replicas_in_sync != devices.replicas:  # the silent single-device failure
         raise RuntimeError(f"the model was built for {model.distribute_strategy.num_replicas_in_sync} replica(s), "
                            f"not the {devices.replicas} of {devices.kind}")

@@ -162,7 +162,7 @@ def _twin_models(seed: int = 3):
     from model.unet import build_unet
 
     devices = training_devices(4)
-    keras.mixed_precision.set_global_policy("float32")  # an earlier in-process mixed-precision training leaves its policy
+    keras.mixed_precision.set_global_policy("float32")  # whatever an earlier test in this process set
     keras.utils.set_random_seed(seed)
     one = build_unet(2, 2)
     with devices.strategy.scope():

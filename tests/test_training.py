@@ -103,6 +103,7 @@ def test_mixed_precision_reaches_the_trained_model_and_survives_model_reuse(prep
 
     from model.training import compute_dtype
 
+    keras.mixed_precision.set_global_policy("float32")  # the caller's policy, which training must leave as it was
     ds = load_dataset(prepared_dataset)
     s = TrainSettings(max_iters=2, checkpoint_every=2, batch_size=2, val_crop=16, val_slice_step=12,
                       final_slice_step=12, open_slabs=2, precision=precision, learning_rate=1e-2)
@@ -130,8 +131,9 @@ def test_mixed_precision_reaches_the_trained_model_and_survives_model_reuse(prep
     if precision == "mixed_float16":
         assert float(keras.ops.convert_to_numpy(model.optimizer.dynamic_scale)) > 0
     assert all(np.isfinite(keras.ops.convert_to_numpy(v)).all() for v in model.optimizer.variables)
+    # Training in this process left the global policy as it was (float32), whatever the run's precision.
+    assert keras.mixed_precision.global_policy().name == "float32"
     # What lands on disk computes in the asked precision too (read the file, not the config).
-    keras.mixed_precision.set_global_policy("float32")
     loaded = keras.models.load_model(results[1].model_path, compile=False)
     assert compute_dtype(loaded) == dtype
 
